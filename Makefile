@@ -1,0 +1,47 @@
+# mriaudit: `make demo` and `make test` work on a fresh clone; each builds .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_INPUT := results/demo-input
+DEMO_LABELS := results/demo-labels.tsv
+DEMO_OUT := results/demo
+DEMO_SUBJECTS ?= 30
+
+.PHONY: venv demo test lint format bench clean
+
+venv: $(STAMP)
+
+# Exact pins; torch==2.13.0 is the CPU build on these machines (an unpinned torch pulls CUDA).
+$(STAMP): requirements.lock pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
+	$(BIN)/python -m pip install --quiet -r requirements.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	touch $@
+
+# The demo cohort is generated once; delete results/demo-input to regenerate it.
+$(DEMO_LABELS): | $(STAMP)
+	rm -rf $(DEMO_INPUT)
+	$(BIN)/python -m mriaudit.demo $(DEMO_INPUT) --subjects $(DEMO_SUBJECTS) --labels $(DEMO_LABELS)
+
+demo: venv $(DEMO_LABELS)
+	$(BIN)/snakemake --cores all --config input_dir=$(DEMO_INPUT) output_dir=$(DEMO_OUT) labels=$(DEMO_LABELS)
+	@echo "report: $(abspath $(DEMO_OUT))/cohort/report.html"
+
+lint: venv
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+	$(BIN)/snakefmt --check Snakefile rules/
+
+format: venv
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+	$(BIN)/snakefmt Snakefile rules/
+
+test: venv lint
+	$(BIN)/python -m pytest -ra
+
+clean:
+	rm -rf results .snakemake

@@ -1,0 +1,74 @@
+rule aggregate:
+    input:
+        records=[each_subject(paths.record, stage) for stage in paths.STAGES],
+        labels=labels_input,
+    output:
+        scores=str(paths.scores_table(OUT)),
+        exclusions=str(paths.exclusions_table(OUT)),
+        subjects=str(paths.cohort_table(OUT)),
+        subject_scores=each_subject(paths.subject_scores),
+    log:
+        str(paths.log(OUT, "aggregate")),
+    benchmark:
+        str(paths.benchmark(OUT, "aggregate"))
+    params:
+        input_dir=config["input_dir"],
+        output_dir=output_root,
+        labels=LABELS,
+        flag=config["flag"],
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/mriaudit.yaml"
+    script:
+        "../scripts/aggregate.py"
+
+
+rule evaluate:
+    input:
+        scores=str(paths.scores_table(OUT)),
+        labels=labels_input,
+    output:
+        metrics=str(paths.metrics(OUT)),
+    log:
+        str(paths.log(OUT, "evaluate")),
+    benchmark:
+        str(paths.benchmark(OUT, "evaluate"))
+    params:
+        flag=config["flag"],
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    conda:
+        "../envs/mriaudit.yaml"
+    script:
+        "../scripts/evaluate.py"
+
+
+rule report:
+    input:
+        scores=str(paths.scores_table(OUT)),
+        exclusions=str(paths.exclusions_table(OUT)),
+        metrics=metrics_input,
+        images=each_subject(paths.preproc),
+        anomaly_maps=each_subject(paths.anomaly_map),
+    output:
+        html=str(paths.report(OUT)),
+    log:
+        str(paths.log(OUT, "report")),
+    benchmark:
+        str(paths.benchmark(OUT, "report"))
+    params:
+        output_dir=output_root,
+        config=config,
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime=30,
+    conda:
+        "../envs/mriaudit.yaml"
+    script:
+        "../scripts/report.py"

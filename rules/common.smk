@@ -1,0 +1,70 @@
+# Cohort listing and named input functions; everything else lives in src/mriaudit.
+from pathlib import Path
+
+from mriaudit import cohort, paths
+
+OUT = config["output_dir"]
+INPUT_DIR = Path(config["input_dir"])
+LABELS = config["labels"]
+TRAIN_MODEL = config["model"] == "train"
+
+# Subjects are known from a directory listing, so the DAG is fixed before the run.
+# A missing input_dir leaves the cohort empty here (lint and --help still work)
+# and fails with a message naming the key as soon as targets are needed.
+COHORT = cohort.list_subjects(INPUT_DIR) if INPUT_DIR.is_dir() else []
+SUBJECTS = cohort.processed_labels(COHORT)
+FOLDERS = {s.label: s.folder for s in COHORT if s.processed}
+
+
+wildcard_constraints:
+    subject="[A-Za-z0-9]+",
+
+
+def each_subject(path_function, *args):
+    """The path ``path_function(OUT, label, *args)`` of every processed subject."""
+    return [str(path_function(OUT, label, *args)) for label in SUBJECTS]
+
+
+def cohort_outputs():
+    targets = [paths.scores_table(OUT), paths.exclusions_table(OUT), paths.report(OUT)]
+    if LABELS:
+        targets.append(paths.metrics(OUT))
+    return [str(t) for t in targets]
+
+
+def all_targets(wildcards):
+    if not INPUT_DIR.is_dir():
+        raise WorkflowError(
+            f"config key input_dir: {str(INPUT_DIR)!r} is not a folder; "
+            "run with --config input_dir=/path/to/cohort"
+        )
+    return cohort_outputs()
+
+
+def subject_folder(wildcards):
+    return str(INPUT_DIR / FOLDERS[wildcards.subject])
+
+
+def labels_input(wildcards):
+    return [LABELS] if LABELS else []
+
+
+def model_checkpoint(wildcards):
+    return str(paths.model_checkpoint(OUT)) if TRAIN_MODEL else config["model"]
+
+
+def metrics_input(wildcards):
+    return [str(paths.metrics(OUT))] if LABELS else []
+
+
+def reference_labels(wildcards):
+    return cohort.resolve_reference(config["reference"], subjects=COHORT, labels_path=LABELS)
+
+
+def model_gpus(wildcards):
+    return 0 if config["device"] == "cpu" else 1
+
+
+def output_root(wildcards, output):
+    """output_dir, derived from a cohort output so it follows the files (lint-clean)."""
+    return str(Path(output[0]).parent.parent)

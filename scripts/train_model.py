@@ -1,0 +1,25 @@
+"""Snakemake wrapper: train the normative model(s) on the reference subjects."""
+
+from pathlib import Path
+
+from mriaudit.model.train import train_cohort
+from mriaudit.records import setup_logging
+
+setup_logging(snakemake.log[0])
+training = dict(snakemake.params.training)
+train_cohort(
+    [Path(p) for p in snakemake.input.images],
+    [Path(p) for p in snakemake.input.records],
+    list(snakemake.params.subjects),
+    reference=list(snakemake.params.reference),
+    out_checkpoint=Path(snakemake.output.checkpoint),
+    out_sidecar=Path(snakemake.output.sidecar),
+    folds=training["folds"],
+    epochs=training["epochs"],
+    batch_size=training["batch_size"],
+    learning_rate=training["learning_rate"],
+    seed=training["seed"],
+    device=snakemake.params.device,
+    threads=snakemake.threads,
+    resolution=snakemake.params.resolution,
+)

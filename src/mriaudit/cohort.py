@@ -1,0 +1,154 @@
+"""The cohort: which subjects ``input_dir`` holds, and their BIDS labels.
+
+Subjects are the first-level folders of ``input_dir`` (or its ``sub-*`` folders
+when it is a BIDS root, recognised by ``dataset_description.json``). The label
+is the folder name without a leading ``sub-`` and with every character outside
+``[A-Za-z0-9]`` removed. Folders whose labels collide, or are empty, are kept
+in the listing with a problem so the report can name them, but get no label in
+the DAG: they are never merged.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+_NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One first-level folder of ``input_dir``.
+
+    ``label`` is the BIDS label used in output names; ``problem`` is empty for
+    subjects that are processed, else the reason they are not.
+    """
+
+    folder: str
+    label: str
+    problem: str = ""
+
+    @property
+    def processed(self) -> bool:
+        return not self.problem
+
+
+def bids_label(folder_name: str) -> str:
+    """``sub-01`` -> ``01``; ``Patient 7 (ü)`` -> ``Patient7``."""
+    name = folder_name[4:] if folder_name.startswith("sub-") else folder_name
+    return _NOT_ALNUM.sub("", name)
+
+
+def is_bids_root(input_dir: str | Path) -> bool:
+    return (Path(input_dir) / "dataset_description.json").is_file()
+
+
+def list_subjects(input_dir: str | Path) -> list[Subject]:
+    """Subjects of ``input_dir``, sorted by folder name.
+
+    Hidden folders (``.git``, ``.DS_Store`` folders) are skipped; in a BIDS root
+    only ``sub-*`` folders count. Raises ``FileNotFoundError`` with the path when
+    ``input_dir`` is not a folder, since that is a configuration error.
+    """
+    root = Path(input_dir)
+    if not root.is_dir():
+        message = f"input_dir {str(root)!r} is not a folder (set config key input_dir)"
+        raise FileNotFoundError(message)
+    bids = is_bids_root(root)
+    folders = sorted(
+        entry.name
+        for entry in root.iterdir()
+        if entry.is_dir()
+        and not entry.name.startswith(".")
+        and (not bids or entry.name.startswith("sub-"))
+    )
+    by_label: dict[str, list[str]] = {}
+    for folder in folders:
+        by_label.setdefault(bids_label(folder), []).append(folder)
+    subjects = []
+    for folder in folders:
+        label = bids_label(folder)
+        if not label:
+            problem = "folder name has no letters or digits to build a BIDS label from"
+        elif len(by_label[label]) > 1:
+            others = ", ".join(repr(f) for f in by_label[label] if f != folder)
+            problem = f"label collision: {folder!r} and {others} both map to sub-{label}"
+        else:
+            problem = ""
+        subjects.append(Subject(folder=folder, label=label, problem=problem))
+    return subjects
+
+
+def processed_labels(subjects: list[Subject]) -> list[str]:
+    return [s.label for s in subjects if s.processed]
+
+
+def read_labels(path: str | Path) -> dict[str, int]:
+    """Labels TSV (columns ``subject`` = folder name, ``label`` 0/1) as {folder: label}.
+
+    Blank lines and rows with an empty label are skipped; any other label than
+    0 or 1 is a configuration error and raises ``ValueError`` naming the row.
+    """
+    lines = Path(path).read_text().splitlines()
+    if not lines:
+        message = f"labels file {str(path)!r} is empty (expected columns subject, label)"
+        raise ValueError(message)
+    header = lines[0].split("\t")
+    if "subject" not in header or "label" not in header:
+        message = f"labels file {str(path)!r} needs tab-separated columns 'subject' and 'label', found {header}"
+        raise ValueError(message)
+    col_subject, col_label = header.index("subject"), header.index("label")
+    labels: dict[str, int] = {}
+    for number, line in enumerate(lines[1:], start=2):
+        fields = line.split("\t")
+        if not line.strip() or len(fields) <= max(col_subject, col_label):
+            continue
+        value = fields[col_label].strip()
+        if value == "":
+            continue
+        if value not in ("0", "1"):
+            message = f"labels file {str(path)!r} line {number}: label must be 0 or 1, got {value!r}"
+            raise ValueError(message)
+        labels[fields[col_subject]] = int(value)
+    return labels
+
+
+def resolve_reference(
+    spec: str | list[str],
+    *,
+    subjects: list[Subject],
+    labels_path: str | Path | None = None,
+) -> list[str]:
+    """BIDS labels of the subjects allowed to train the normative model.
+
+    ``spec`` is ``"all"`` (every processed subject), ``"labels"`` (label-0
+    subjects of ``labels_path``), a path to a TSV with a ``subject`` column, or
+    a list of folder names. Unknown folder names raise ``ValueError``.
+    """
+    processed = {s.folder: s.label for s in subjects if s.processed}
+    if spec == "all":
+        return sorted(processed.values())
+    if spec == "labels":
+        if not labels_path:
+            message = "reference: labels needs the config key labels (a TSV with subject, label)"
+            raise ValueError(message)
+        folders = [folder for folder, label in read_labels(labels_path).items() if label == 0]
+    elif isinstance(spec, str):
+        table = Path(spec)
+        if not table.is_file():
+            message = f"reference {spec!r} is neither all, labels nor an existing TSV file"
+            raise ValueError(message)
+        rows = [line.split("\t") for line in table.read_text().splitlines() if line.strip()]
+        column = rows[0].index("subject") if rows and "subject" in rows[0] else None
+        if column is None:
+            message = f"reference table {spec!r} needs a 'subject' column"
+            raise ValueError(message)
+        folders = [row[column] for row in rows[1:] if len(row) > column]
+    else:
+        folders = list(spec)
+    unknown = sorted(set(folders) - {s.folder for s in subjects})
+    if unknown and spec != "labels":
+        message = f"reference names subjects not found in input_dir: {unknown[:5]}"
+        raise ValueError(message)
+    return sorted({processed[f] for f in folders if f in processed})

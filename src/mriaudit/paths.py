@@ -1,0 +1,120 @@
+"""Output names of the workflow, BIDS-derivatives style, built in one place.
+
+Every rule, script and test that needs an output path asks this module; no
+path is concatenated anywhere else. ``out`` is the workflow's ``output_dir``
+and ``sub`` the subject's BIDS label (without ``sub-``). Passing the literal
+string ``"{subject}"`` as ``sub`` yields Snakemake wildcard patterns.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+#: Per-subject stages that write a status record (``*_qc.json``), in DAG order.
+STAGES: tuple[str, ...] = ("inventory", "convert", "n4", "register", "iqm", "score")
+
+
+def subject_dir(out: str | Path, sub: str) -> Path:
+    return Path(out) / f"sub-{sub}"
+
+
+def _anat(out: str | Path, sub: str, suffix: str) -> Path:
+    return subject_dir(out, sub) / "anat" / f"sub-{sub}_{suffix}"
+
+
+def record(out: str | Path, sub: str, stage: str) -> Path:
+    """Status record of one per-subject stage: ``sub-<id>_desc-<stage>_qc.json``."""
+    if stage not in STAGES:
+        message = f"unknown stage {stage!r}; expected one of {STAGES}"
+        raise ValueError(message)
+    return subject_dir(out, sub) / f"sub-{sub}_desc-{stage}_qc.json"
+
+
+def series_table(out: str | Path, sub: str) -> Path:
+    """Every series (or NIfTI file) found for the subject, with the selection verdict."""
+    return subject_dir(out, sub) / f"sub-{sub}_series.tsv"
+
+
+def t1w(out: str | Path, sub: str) -> Path:
+    """Converted series, dcm2niix's voxel order and affine."""
+    return _anat(out, sub, "T1w.nii.gz")
+
+
+def t1w_sidecar(out: str | Path, sub: str) -> Path:
+    return _anat(out, sub, "T1w.json")
+
+
+def n4(out: str | Path, sub: str) -> Path:
+    return _anat(out, sub, "desc-n4_T1w.nii.gz")
+
+
+def head_mask(out: str | Path, sub: str) -> Path:
+    """Head mask on the native grid (uint8)."""
+    return _anat(out, sub, "desc-head_mask.nii.gz")
+
+
+def preproc(out: str | Path, sub: str) -> Path:
+    """Bias-corrected image resampled to the MNI152 template grid."""
+    return _anat(out, sub, "space-MNI152_desc-preproc_T1w.nii.gz")
+
+
+def brain_mask(out: str | Path, sub: str) -> Path:
+    """Template brain mask on the template grid (what the model and scores use)."""
+    return _anat(out, sub, "space-MNI152_desc-brain_mask.nii.gz")
+
+
+def transform(out: str | Path, sub: str) -> Path:
+    """Affine from native T1w to MNI152 (ITK/ANTs ``.mat``)."""
+    return _anat(out, sub, "from-T1w_to-MNI152_mode-image_xfm.mat")
+
+
+def anomaly_map(out: str | Path, sub: str) -> Path:
+    return _anat(out, sub, "space-MNI152_desc-anomaly_map.nii.gz")
+
+
+def subject_scores(out: str | Path, sub: str) -> Path:
+    """Everything known about the subject, one JSON."""
+    return subject_dir(out, sub) / f"sub-{sub}_scores.json"
+
+
+def model_checkpoint(out: str | Path) -> Path:
+    return Path(out) / "model" / "model.pt"
+
+
+def model_sidecar(out: str | Path) -> Path:
+    return Path(out) / "model" / "model.json"
+
+
+def cohort_dir(out: str | Path) -> Path:
+    return Path(out) / "cohort"
+
+
+def scores_table(out: str | Path) -> Path:
+    return cohort_dir(out) / "scores.tsv"
+
+
+def exclusions_table(out: str | Path) -> Path:
+    return cohort_dir(out) / "exclusions.tsv"
+
+
+def metrics(out: str | Path) -> Path:
+    return cohort_dir(out) / "metrics.json"
+
+
+def report(out: str | Path) -> Path:
+    return cohort_dir(out) / "report.html"
+
+
+def cohort_table(out: str | Path) -> Path:
+    """Subjects found in input_dir (folder, label, collision or naming problems)."""
+    return cohort_dir(out) / "subjects.tsv"
+
+
+def log(out: str | Path, rule: str, sub: str | None = None) -> Path:
+    name = f"sub-{sub}.log" if sub is not None else f"{rule}.log"
+    return Path(out) / "logs" / rule / name
+
+
+def benchmark(out: str | Path, rule: str, sub: str | None = None) -> Path:
+    name = f"sub-{sub}.tsv" if sub is not None else f"{rule}.tsv"
+    return Path(out) / "benchmarks" / rule / name

@@ -1,0 +1,181 @@
+"""Per-subject status records: how a broken scan becomes a finding, not a crash.
+
+Each per-subject stage writes one JSON record next to its outputs::
+
+    {"stage": "register", "status": "ok", "reason": "", "findings": [],
+     "metrics": {...}, "warnings": [...], "elapsed_s": 3.2}
+
+``status`` is ``ok``, ``failed`` or ``no_series``. A stage whose upstream
+record is not ``ok`` does not run: it copies the upstream status and reason and
+writes empty placeholder files for the images it would have made, so the DAG
+stays complete and the report lists the subject with its reason. An exception
+inside a stage is caught, its traceback logged, and recorded as ``failed``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+OK = "ok"
+FAILED = "failed"
+NO_SERIES = "no_series"
+STATUSES = (OK, FAILED, NO_SERIES)
+
+
+class StageError(Exception):
+    """A data problem that ends a stage with a status and a short reason."""
+
+    def __init__(self, reason: str, *, status: str = FAILED) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.status = status
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(path: str | Path, data: dict[str, Any]) -> None:
+    """Write JSON atomically (temporary file in the same folder, then rename)."""
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as handle:
+        json.dump(_jsonable(data), handle, indent=2, sort_keys=False)
+        handle.write("\n")
+    os.replace(tmp, target)
+
+
+def read_record(path: str | Path) -> dict[str, Any]:
+    return json.loads(Path(path).read_text())
+
+
+def make_record(
+    stage: str,
+    *,
+    status: str = OK,
+    reason: str = "",
+    findings: Iterable[str] = (),
+    metrics: dict[str, Any] | None = None,
+    warnings: Iterable[str] = (),
+    **extra: Any,
+) -> dict[str, Any]:
+    if status not in STATUSES:
+        message = f"status must be one of {STATUSES}, got {status!r}"
+        raise ValueError(message)
+    record: dict[str, Any] = {
+        "stage": stage,
+        "status": status,
+        "reason": reason,
+        "findings": list(findings),
+        "metrics": dict(metrics or {}),
+        "warnings": list(warnings),
+    }
+    record.update(extra)
+    return record
+
+
+def write_placeholders(paths: Iterable[str | Path]) -> None:
+    """Empty files for images a stage could not make (their record says why)."""
+    for path in paths:
+        target = Path(path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(b"")
+
+
+def upstream_problem(records: Iterable[str | Path]) -> dict[str, Any] | None:
+    """The first upstream record that is not ``ok``, or None."""
+    for path in records:
+        record = read_record(path)
+        if record.get("status") != OK:
+            return record
+    return None
+
+
+def run_stage(
+    stage: str,
+    work: Callable[[], dict[str, Any]],
+    *,
+    record_path: str | Path,
+    image_outputs: Iterable[str | Path] = (),
+    upstream: Iterable[str | Path] = (),
+) -> dict[str, Any]:
+    """Run one per-subject stage with fault isolation and write its record.
+
+    ``work`` does the stage and returns ``make_record(stage, ...)``; it must
+    write ``image_outputs`` itself. When an upstream record is not ``ok`` the
+    work is skipped. When ``work`` raises, the error becomes a ``failed`` record
+    (``StageError`` carries its own status and reason) and its traceback goes to
+    the log. Missing image outputs are written as empty placeholders, so the
+    step never fails the run for a data problem.
+    """
+    image_outputs = [Path(p) for p in image_outputs]
+    for path in image_outputs:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    problem = upstream_problem(upstream)
+    succeeded = False
+    if problem is not None:
+        record = make_record(
+            stage,
+            status=problem["status"],
+            reason=problem.get("reason", ""),
+            skipped=True,
+        )
+        log.info("%s skipped: upstream %s (%s)", stage, problem["status"], record["reason"])
+    else:
+        try:
+            record = work()
+            succeeded = record["status"] == OK
+        except StageError as error:
+            log.error("%s: %s", stage, error.reason)
+            record = make_record(stage, status=error.status, reason=error.reason)
+        except Exception as error:
+            log.error("%s failed:\n%s", stage, traceback.format_exc())
+            reason = f"{stage}: {type(error).__name__}: {error}"
+            record = make_record(stage, status=FAILED, reason=reason[:300])
+    # A failed stage may have left a partial image: replace it, so no half-written
+    # file is ever mistaken for a result.
+    write_placeholders(p for p in image_outputs if not (succeeded and p.exists()))
+    record["elapsed_s"] = round(time.perf_counter() - start, 3)
+    write_json(record_path, record)
+    return record
+
+
+def setup_logging(log_file: str | Path | None) -> None:
+    """Log to the rule's log file (and stderr), as every script does first."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file, mode="w"))
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        handlers=handlers,
+        force=True,
+    )

@@ -1,0 +1,152 @@
+"""paths, cohort, records, template and intensity: the shared core of every stage."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mriaudit import cohort, paths, records, template
+from mriaudit.intensity import normalize_intensity
+
+
+def test_paths_follow_bids_derivatives():
+    assert paths.t1w("/o", "01") == Path("/o/sub-01/anat/sub-01_T1w.nii.gz")
+    assert paths.preproc("/o", "01").name == "sub-01_space-MNI152_desc-preproc_T1w.nii.gz"
+    assert paths.anomaly_map("/o", "01").name == "sub-01_space-MNI152_desc-anomaly_map.nii.gz"
+    assert paths.subject_scores("/o", "01") == Path("/o/sub-01/sub-01_scores.json")
+    assert paths.record("o", "{subject}", "n4") == Path(
+        "o/sub-{subject}/sub-{subject}_desc-n4_qc.json"
+    )
+    with pytest.raises(ValueError, match="unknown stage"):
+        paths.record("o", "01", "nope")
+
+
+@pytest.mark.parametrize(
+    ("folder", "label"),
+    [("sub-01", "01"), ("Patient 7 (ü)", "Patient7"), ("sub-a_b.c", "abc"), ("ü", "")],
+)
+def test_bids_label(folder, label):
+    assert cohort.bids_label(folder) == label
+
+
+def test_list_subjects_reports_collisions_and_ignores_files(tmp_path):
+    for name in ["sub-01", "a-b", "ab", "Patient 7 (ü)", "ü", ".hidden"]:
+        (tmp_path / name).mkdir()
+    (tmp_path / "README").write_text("top-level files are not subjects")
+    subjects = {s.folder: s for s in cohort.list_subjects(tmp_path)}
+    assert set(subjects) == {"sub-01", "a-b", "ab", "Patient 7 (ü)", "ü"}
+    assert subjects["sub-01"].processed and subjects["Patient 7 (ü)"].label == "Patient7"
+    assert "collision" in subjects["a-b"].problem and "collision" in subjects["ab"].problem
+    assert not subjects["ü"].processed
+    assert sorted(cohort.processed_labels(list(subjects.values()))) == ["01", "Patient7"]
+
+
+def test_bids_root_lists_only_sub_folders(tmp_path):
+    (tmp_path / "dataset_description.json").write_text("{}")
+    for name in ["sub-01", "sub-02", "derivatives", "code"]:
+        (tmp_path / name).mkdir()
+    assert [s.folder for s in cohort.list_subjects(tmp_path)] == ["sub-01", "sub-02"]
+
+
+def test_missing_input_dir_names_the_key(tmp_path):
+    with pytest.raises(FileNotFoundError, match="input_dir"):
+        cohort.list_subjects(tmp_path / "absent")
+
+
+def test_labels_and_reference(tmp_path):
+    for name in ["sub-01", "sub-02", "sub-03"]:
+        (tmp_path / name).mkdir()
+    subjects = cohort.list_subjects(tmp_path)
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("subject\tlabel\nsub-01\t0\nsub-02\t1\nsub-03\t0\n\n")
+    assert cohort.read_labels(labels) == {"sub-01": 0, "sub-02": 1, "sub-03": 0}
+    assert cohort.resolve_reference("all", subjects=subjects) == ["01", "02", "03"]
+    assert cohort.resolve_reference("labels", subjects=subjects, labels_path=labels) == [
+        "01",
+        "03",
+    ]
+    assert cohort.resolve_reference(["sub-02"], subjects=subjects) == ["02"]
+    with pytest.raises(ValueError, match="not found"):
+        cohort.resolve_reference(["sub-99"], subjects=subjects)
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("subject\tlabel\nsub-01\tyes\n")
+    with pytest.raises(ValueError, match="line 2"):
+        cohort.read_labels(bad)
+
+
+def test_run_stage_turns_errors_into_records(tmp_path, caplog):
+    image = tmp_path / "img.nii.gz"
+    record_path = tmp_path / "rec.json"
+
+    def broken():
+        image.write_bytes(b"half-written")
+        raise RuntimeError("boom")
+
+    with caplog.at_level(logging.ERROR):
+        record = records.run_stage("n4", broken, record_path=record_path, image_outputs=[image])
+    assert record["status"] == "failed" and "RuntimeError: boom" in record["reason"]
+    assert "Traceback" in caplog.text
+    assert image.read_bytes() == b"", "a partial image must be replaced by an empty placeholder"
+    assert json.loads(record_path.read_text())["status"] == "failed"
+
+
+def test_run_stage_skips_after_failed_upstream(tmp_path):
+    upstream = tmp_path / "up.json"
+    records.write_json(upstream, records.make_record("inventory", status="no_series", reason="x"))
+    calls = []
+    record = records.run_stage(
+        "convert",
+        lambda: calls.append(1) or records.make_record("convert"),
+        record_path=tmp_path / "rec.json",
+        image_outputs=[tmp_path / "a.nii.gz"],
+        upstream=[upstream],
+    )
+    assert not calls
+    assert record["status"] == "no_series" and record["reason"] == "x" and record["skipped"]
+    assert (tmp_path / "a.nii.gz").stat().st_size == 0
+
+
+def test_run_stage_keeps_stage_error_status_and_json_safety(tmp_path):
+    def no_series():
+        raise records.StageError("only a localizer", status="no_series")
+
+    record = records.run_stage("inventory", no_series, record_path=tmp_path / "r.json")
+    assert record["status"] == "no_series" and record["reason"] == "only a localizer"
+    records.write_json(tmp_path / "m.json", {"a": np.float32(1.5), "b": float("nan")})
+    assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1.5, "b": None}
+
+
+def test_template_grid_and_priors():
+    t1 = template.load_template(resolution=2)
+    mask = template.load_brain_mask(resolution=2)
+    priors = template.load_tissue_priors(resolution=2)
+    assert t1.shape == mask.shape == priors["wm"].shape == (99, 117, 95)
+    np.testing.assert_allclose(np.diag(t1.affine)[:3], [2, 2, 2])
+    brain = mask.get_fdata() > 0
+    total = sum(p.get_fdata() for p in priors.values())
+    np.testing.assert_allclose(total[brain], 1.0, atol=1e-5)
+    assert total[~brain].max() == 0
+    # White matter is brighter than grey matter on the T1 template.
+    data = t1.get_fdata()
+    assert data[priors["wm"].get_fdata() > 0.9].mean() > data[priors["gm"].get_fdata() > 0.9].mean()
+    with pytest.raises(ValueError, match="resolution"):
+        template.load_template(resolution=3)
+
+
+def test_normalize_intensity_maps_percentiles():
+    rng = np.random.default_rng(0)
+    data = rng.uniform(100, 200, size=(10, 10, 10)).astype(np.float32)
+    mask = np.zeros_like(data, dtype=bool)
+    mask[2:8, 2:8, 2:8] = True
+    out = normalize_intensity(data, mask, lower_percentile=0, upper_percentile=100)
+    assert out.dtype == np.float32
+    assert out[mask].min() == pytest.approx(0) and out[mask].max() == pytest.approx(1)
+    assert np.all(out[~mask] == 0)
+    with pytest.raises(ValueError, match="flat"):
+        normalize_intensity(np.ones((4, 4, 4)), np.ones((4, 4, 4)))
+    with pytest.raises(ValueError, match="no finite"):
+        normalize_intensity(np.ones((4, 4, 4)), np.zeros((4, 4, 4)))

@@ -1,0 +1,107 @@
+"""End-to-end: the whole DAG on a tiny generated cohort, checked against DESIGN.md's contract."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from mriaudit import cohort, paths
+
+from .conftest import snakemake
+
+pytestmark = pytest.mark.workflow
+
+
+def _scores(run):
+    return pd.read_csv(paths.scores_table(run.output_dir), sep="\t", dtype={"subject": str})
+
+
+def test_run_succeeds(workflow_run):
+    result = workflow_run.result
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_scores_table_has_every_subject_with_a_valid_status(workflow_run):
+    scores = _scores(workflow_run)
+    folders = sorted(s.folder for s in cohort.list_subjects(workflow_run.input_dir))
+    assert sorted(scores["subject"]) == folders
+    assert set(scores["status"]) <= {"ok", "failed", "no_series"}
+    assert set(scores["flagged"].astype(str).str.lower()) <= {"true", "false"}
+    for column in ["reason", "anomaly_score", "flag_reasons"]:
+        assert column in scores.columns
+    assert any(c.startswith("iqm_") for c in scores.columns)
+    assert any(c.startswith("hdr_") for c in scores.columns)
+
+
+def test_broken_inputs_are_findings_with_reasons(workflow_run):
+    labels = pd.read_csv(workflow_run.labels, sep="\t", dtype={"subject": str})
+    broken = labels[labels["kind"].isin(["empty_folder", "localizer_only"])]["subject"]
+    assert len(broken) >= 2
+    scores = _scores(workflow_run).set_index("subject")
+    for folder in broken:
+        row = scores.loc[folder]
+        assert row["status"] == "no_series", row.to_dict()
+        assert isinstance(row["reason"], str) and row["reason"]
+        assert str(row["flagged"]).lower() == "true"
+
+
+def test_contract_images_exist_with_consistent_geometry(workflow_run):
+    scores = _scores(workflow_run)
+    ok = scores[scores["status"] == "ok"]
+    assert len(ok) >= 5
+    grids = set()
+    for label in (cohort.bids_label(folder) for folder in ok["subject"]):
+        out = workflow_run.output_dir
+        native = nib.load(paths.t1w(out, label))
+        corrected = nib.load(paths.n4(out, label))
+        assert native.shape == corrected.shape
+        np.testing.assert_allclose(native.affine, corrected.affine, atol=1e-4)
+        assert json.loads(paths.t1w_sidecar(out, label).read_text())
+        registered = nib.load(paths.preproc(out, label))
+        anomaly = nib.load(paths.anomaly_map(out, label))
+        assert registered.shape == anomaly.shape
+        np.testing.assert_allclose(registered.affine, anomaly.affine, atol=1e-4)
+        grids.add((registered.shape, tuple(np.round(registered.affine, 3).ravel())))
+        assert np.isfinite(anomaly.get_fdata()).all()
+        summary = json.loads(paths.subject_scores(out, label).read_text())
+        assert summary
+    assert len(grids) == 1, "registered images of all subjects must share one template grid"
+
+
+def test_no_phi_in_outputs(workflow_run):
+    # The generator fills PatientName with DEMO^SUBJECT.. and InstitutionName with Demo Hospital.
+    markers = [b"DEMO^SUBJECT", b"Demo Hospital"]
+    for path in workflow_run.output_dir.rglob("*"):
+        if path.is_file() and path.suffix in {".tsv", ".json", ".html", ".log"}:
+            content = path.read_bytes()
+            for marker in markers:
+                assert marker not in content, f"{marker!r} leaked into {path}"
+
+
+def test_report_lists_every_subject_and_has_the_hooks(workflow_run):
+    html = paths.report(workflow_run.output_dir).read_text()
+    assert re.search(r"<table[^>]*id=\"subjects\"", html)
+    assert 'id="filter"' in html and 'id="export-decisions"' in html and 'id="roc"' in html
+    rows = re.findall(r"<tr[^>]*data-subject=\"([^\"]*)\"", html)
+    folders = {s.folder for s in cohort.list_subjects(workflow_run.input_dir)}
+    import html as html_lib
+
+    assert {html_lib.unescape(r) for r in rows} == folders
+    assert not re.search(r"(src|href)=\"(https?:)?//", html), "the report must not load anything"
+
+
+def test_metrics_from_labels(workflow_run):
+    metrics = json.loads(paths.metrics(workflow_run.output_dir).read_text())
+    assert metrics["n_pos"] >= 1 and metrics["n_neg"] >= 1
+    assert 0.0 <= metrics["auroc"] <= 1.0 and 0.0 <= metrics["auprc"] <= 1.0
+
+
+def test_second_run_has_nothing_to_do(workflow_run):
+    result = snakemake("-n", "--cores", "2", "--configfile", str(workflow_run.configfile))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Nothing to be done" in result.stdout + result.stderr
