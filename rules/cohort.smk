@@ -18,7 +18,7 @@ rule aggregate:
         flag=config["flag"],
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=mem_per_attempt(4000),
         runtime=30,
     conda:
         "../envs/mriaudit.yaml"
@@ -40,7 +40,7 @@ rule evaluate:
         flag=config["flag"],
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=mem_per_attempt(2000),
         runtime=10,
     conda:
         "../envs/mriaudit.yaml"
@@ -66,7 +66,7 @@ rule report:
         config=config,
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=mem_per_attempt(4000),
         runtime=30,
     conda:
         "../envs/mriaudit.yaml"

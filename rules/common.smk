@@ -61,6 +61,15 @@ def reference_labels(wildcards):
     return cohort.resolve_reference(config["reference"], subjects=COHORT, labels_path=LABELS)
 
 
+def mem_per_attempt(first_mb):
+    """``mem_mb`` that grows with each retry (x1, x2, x3): a job killed for memory comes back with more."""
+
+    def mem_mb(wildcards, attempt):
+        return first_mb * attempt
+
+    return mem_mb
+
+
 def model_gpus(wildcards):
     return 0 if config["device"] == "cpu" else 1
 

@@ -12,7 +12,7 @@ rule inventory:
         rules=config["series"],
     threads: 1
     resources:
-        mem_mb=1000,
+        mem_mb=mem_per_attempt(1000),
         runtime=10,
     conda:
         "../envs/mriaudit.yaml"
@@ -34,7 +34,7 @@ rule convert:
         str(paths.benchmark(OUT, "convert", "{subject}"))
     threads: 1
     resources:
-        mem_mb=2000,
+        mem_mb=mem_per_attempt(2000),
         runtime=15,
     conda:
         "../envs/mriaudit.yaml"

@@ -19,7 +19,7 @@ if TRAIN_MODEL:
             resolution=config["template_resolution"],
         threads: 2
         resources:
-            mem_mb=8000,
+            mem_mb=mem_per_attempt(8000),
             runtime=240,
             gpu=model_gpus,
         conda:
@@ -44,7 +44,7 @@ rule score:
         device=config["device"],
     threads: 1
     resources:
-        mem_mb=3000,
+        mem_mb=mem_per_attempt(3000),
         runtime=20,
         gpu=model_gpus,
     conda:

@@ -12,7 +12,7 @@ rule bias_correct:
         str(paths.benchmark(OUT, "bias_correct", "{subject}"))
     threads: 2
     resources:
-        mem_mb=2500,
+        mem_mb=mem_per_attempt(2500),
         runtime=20,
     conda:
         "../envs/mriaudit.yaml"
@@ -37,7 +37,7 @@ rule register:
         resolution=config["template_resolution"],
     threads: 2
     resources:
-        mem_mb=2500,
+        mem_mb=mem_per_attempt(2500),
         runtime=20,
     conda:
         "../envs/mriaudit.yaml"

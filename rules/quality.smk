@@ -15,7 +15,7 @@ rule iqm:
         resolution=config["template_resolution"],
     threads: 2
     resources:
-        mem_mb=2500,
+        mem_mb=mem_per_attempt(2500),
         runtime=20,
     conda:
         "../envs/mriaudit.yaml"

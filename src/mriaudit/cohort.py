@@ -108,7 +108,9 @@ def read_labels(path: str | Path) -> dict[str, int]:
         if value == "":
             continue
         if value not in ("0", "1"):
-            message = f"labels file {str(path)!r} line {number}: label must be 0 or 1, got {value!r}"
+            message = (
+                f"labels file {str(path)!r} line {number}: label must be 0 or 1, got {value!r}"
+            )
             raise ValueError(message)
         labels[fields[col_subject]] = int(value)
     return labels

@@ -30,7 +30,9 @@ def normalize_intensity(
         raise ValueError(message)
     low, high = np.percentile(inside, [lower_percentile, upper_percentile])
     if not high > low:
-        message = f"flat image inside the mask (p{lower_percentile}={low}, p{upper_percentile}={high})"
+        message = (
+            f"flat image inside the mask (p{lower_percentile}={low}, p{upper_percentile}={high})"
+        )
         raise ValueError(message)
     scaled = (np.nan_to_num(np.asarray(data, dtype=np.float32)) - low) / (high - low)
     scaled = np.clip(scaled, 0.0, 1.5)

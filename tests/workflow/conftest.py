@@ -41,8 +41,20 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("cohort")
     input_dir, labels = base / "input", base / "labels.tsv"
     subprocess.run(
-        [sys.executable, "-m", "mriaudit.demo", str(input_dir), "--subjects", "10", "--seed", "3",
-         "--voxel-size", "3", "--labels", str(labels)],
+        [
+            sys.executable,
+            "-m",
+            "mriaudit.demo",
+            str(input_dir),
+            "--subjects",
+            "10",
+            "--seed",
+            "3",
+            "--voxel-size",
+            "3",
+            "--labels",
+            str(labels),
+        ],
         check=True,
     )
     return input_dir, labels

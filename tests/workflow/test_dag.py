@@ -50,8 +50,9 @@ def test_dry_run_builds_one_chain_per_subject(placeholder_cohort, tmp_path):
 def test_contract_paths_are_targets_with_absolute_output_dir(placeholder_cohort, tmp_path):
     out = (tmp_path / "out").resolve()
     target = paths.anomaly_map(out, "Patient7")
-    result = snakemake("-n", str(target), "--config", f"input_dir={placeholder_cohort}",
-                       f"output_dir={out}")
+    result = snakemake(
+        "-n", str(target), "--config", f"input_dir={placeholder_cohort}", f"output_dir={out}"
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "score" in _jobs(result.stdout)
 
@@ -59,8 +60,13 @@ def test_contract_paths_are_targets_with_absolute_output_dir(placeholder_cohort,
 def test_reused_checkpoint_skips_training(placeholder_cohort, tmp_path):
     checkpoint = tmp_path / "model.pt"
     checkpoint.write_bytes(b"trained elsewhere")
-    result = snakemake("-n", "--config", f"input_dir={placeholder_cohort}",
-                       f"output_dir={tmp_path / 'out'}", f"model={checkpoint}")
+    result = snakemake(
+        "-n",
+        "--config",
+        f"input_dir={placeholder_cohort}",
+        f"output_dir={tmp_path / 'out'}",
+        f"model={checkpoint}",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = _jobs(result.stdout)
     assert "train_model" not in jobs and jobs["score"] == 3
@@ -79,7 +85,8 @@ def test_unknown_config_key_is_rejected(placeholder_cohort):
 
 
 def test_lint_is_clean(placeholder_cohort, tmp_path):
-    result = snakemake("--lint", "--config", f"input_dir={placeholder_cohort}",
-                       f"output_dir={tmp_path / 'out'}")
+    result = snakemake(
+        "--lint", "--config", f"input_dir={placeholder_cohort}", f"output_dir={tmp_path / 'out'}"
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Lints for" not in result.stdout + result.stderr

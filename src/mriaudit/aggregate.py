@@ -1,0 +1,809 @@
+"""Cohort aggregation: one row per subject folder, robust z-scores, flags and reasons.
+
+Reads the status records of every per-subject stage (``paths.record``), merges
+them into one row per first-level folder of ``input_dir`` and judges each
+subject against the cohort:
+
+- ``anomaly_score`` is the robust z of the model's ``anomaly_raw`` against the
+  reference subjects: ``(raw - median_ref) / (1.4826 * MAD_ref)`` over subjects
+  that are ``ok`` and ``in_reference`` (higher = more anomalous; NaN when not scored).
+- IQMs get a robust z against the ``ok`` subjects of the cohort, signed so that
+  the report can say "below" or "above" the cohort.
+
+Flag rules (config ``flag``; defaults in ``DEFAULT_FLAG``):
+
+- status ``failed`` / ``no_series``: flagged with the stage's reason;
+- ``anomaly_score >= max(anomaly_z, (1 - fp_budget) quantile of the reference scores)``;
+- an IQM whose robust z in its bad direction is ``>= iqm_z`` (``ok`` subjects only);
+- header findings that make the series unreliable (missing or duplicate slices,
+  mixed orientation or dimensions, non-uniform spacing, inconsistent rescale,
+  unreadable files) and ``registration_failed``.
+
+Reported but not flagged (column ``notes``, and ``findings``):
+
+- ``2d_only``: the audited series is the 2D fallback; it is usable and the
+  IQMs and the anomaly model still judge it, so it is a note for the curator;
+- ``not_scored``: the anomaly model gave no score; the other checks still ran;
+- protocol deviations from the cohort mode (field strength, manufacturer,
+  TR/TE/TI, flip angle, voxel size): multi-site cohorts mix protocols on purpose,
+  and whether the image itself is fine is judged by the IQMs and the model.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from mriaudit import cohort, paths
+from mriaudit.records import FAILED, NO_SERIES, OK, STATUSES, write_json
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FLAG: dict[str, float] = {"anomaly_z": 3.0, "iqm_z": 4.0, "fp_budget": 0.05}
+
+#: Metric columns copied from the records into scores.tsv, in this order.
+METRIC_PREFIXES: tuple[str, ...] = ("iqm_", "hdr_", "reg_", "conv_", "n4_")
+
+#: Threads reading records and writing subject JSONs (file-system bound).
+IO_THREADS = 8
+
+#: Fewest subjects a robust z (or a cohort mode) is computed over.
+MIN_COHORT = 5
+
+MAD_TO_SD = 1.4826
+# Mean absolute deviation to SD for a normal distribution (sqrt(pi / 2)); used
+# when more than half the values are identical and the MAD is zero.
+MEAN_AD_TO_SD = 1.2533
+
+#: Relative tolerance around the cohort mode for protocol parameters.
+PROTOCOL_TOLERANCE = 0.10
+#: A protocol value shared by at least this fraction of the cohort is a protocol
+#: of its own (multi-site cohort), not a deviation.
+RARE_SHARE = 0.2
+
+#: Findings that flag the subject, with their plain reason.
+FLAGGING_FINDINGS: dict[str, str] = {
+    "missing_slices": "missing slices in the series",
+    "duplicate_slices": "duplicate slices in the series",
+    "nonuniform_spacing": "non-uniform slice spacing",
+    "mixed_orientation": "slices with mixed orientations",
+    "mixed_dimensions": "slices with mixed matrix sizes",
+    "inconsistent_rescale": "inconsistent intensity rescaling across slices",
+    "unreadable_files": "unreadable files in the subject folder",
+    "registration_failed": "registration to the MNI152 template failed",
+}
+#: Findings reported as notes only (see the module docstring for why).
+NOTE_FINDINGS: dict[str, str] = {
+    "2d_only": "only a 2D T1-weighted series was available (thick slices); it was audited instead",
+    "not_scored": "not scored by the anomaly model",
+}
+
+# Counts that make a finding's reason concrete.
+_FINDING_COUNTS: dict[str, str] = {
+    "missing_slices": "hdr_missing_slices",
+    "duplicate_slices": "hdr_duplicate_slices",
+    "unreadable_files": "hdr_n_unreadable",
+}
+
+_STATUS_PREFIX = {FAILED: "failed", NO_SERIES: "no usable T1-weighted series"}
+
+# Used when mriaudit.iqm is not importable: +1 higher is better, -1 lower is better.
+_FALLBACK_DIRECTIONS: dict[str, int] = {
+    "cjv": -1,
+    "cnr": 1,
+    "snr_total": 1,
+    "snr_csf": 1,
+    "snr_gm": 1,
+    "snr_wm": 1,
+    "snrd_total": 1,
+    "snrd_csf": 1,
+    "snrd_gm": 1,
+    "snrd_wm": 1,
+    "efc": -1,
+    "fber": 1,
+    "fwhm_avg": -1,
+    "inu_range": -1,
+    "inu_med": 0,
+    "qi_1": -1,
+    "qi_2": -1,
+    "wm2max": 0,
+}
+_FALLBACK_LABELS: dict[str, str] = {
+    "cjv": "CJV",
+    "cnr": "CNR",
+    "snr_total": "SNR (total)",
+    "snr_csf": "SNR (CSF)",
+    "snr_gm": "SNR (GM)",
+    "snr_wm": "SNR (WM)",
+    "snrd_total": "SNR Dietrich (total)",
+    "efc": "EFC",
+    "fber": "FBER",
+    "fwhm_avg": "FWHM (mean)",
+    "inu_range": "INU range",
+    "inu_med": "INU median",
+    "qi_1": "QI1 (artefacts in air)",
+    "qi_2": "QI2 (noise fit in air)",
+    "wm2max": "WM to max intensity",
+}
+
+_STRING_COLUMNS = (
+    "subject",
+    "label",
+    "status",
+    "reason",
+    "failed_stage",
+    "flag_reasons",
+    "findings",
+    "notes",
+)
+_BOOL_COLUMNS = ("flagged", "in_reference")
+_BASE_COLUMNS = (
+    "subject",
+    "label",
+    "status",
+    "reason",
+    "anomaly_score",
+    "anomaly_raw",
+    "flagged",
+    "flag_reasons",
+    "findings",
+    "notes",
+    "failed_stage",
+    "in_reference",
+    "fold",
+)
+_LINE_BREAKS = re.compile(r"[\t\r\n]+")
+
+
+def flag_settings(flag: dict[str, Any] | None) -> dict[str, float]:
+    """The ``flag`` config with defaults filled in (anomaly_z, iqm_z, fp_budget)."""
+    settings = dict(DEFAULT_FLAG)
+    for key, value in (flag or {}).items():
+        if key in settings and value is not None:
+            settings[key] = float(value)
+    return settings
+
+
+def iqm_tables() -> tuple[dict[str, int], dict[str, str]]:
+    """IQM directions (+1 higher is better, -1 lower is better, 0 descriptive) and labels.
+
+    Keys are MRIQC names without the ``iqm_`` prefix. Taken from
+    ``mriaudit.iqm`` when it is importable, else from a built-in table.
+    """
+    try:
+        from mriaudit.iqm import IQM_DIRECTIONS, IQM_LABELS
+    except ImportError:
+        log.warning("mriaudit.iqm not importable; using the built-in IQM directions")
+        return dict(_FALLBACK_DIRECTIONS), dict(_FALLBACK_LABELS)
+    directions = {_strip_iqm(k): int(v) for k, v in IQM_DIRECTIONS.items()}
+    labels = {_strip_iqm(k): str(v) for k, v in IQM_LABELS.items()}
+    return directions, labels
+
+
+def _strip_iqm(name: str) -> str:
+    return name[4:] if name.startswith("iqm_") else name
+
+
+def iqm_label(column: str, labels: dict[str, str]) -> str:
+    """Human-readable name of an ``iqm_*`` column (``iqm_snr_wm`` -> ``SNR (WM)``)."""
+    return labels.get(_strip_iqm(column), _strip_iqm(column))
+
+
+def robust_z(values: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, float, float]:
+    """Robust z of ``values`` (n,) against the entries selected by ``reference`` (n,) bool.
+
+    ``z = (x - median_ref) / scale`` with ``scale = 1.4826 * MAD_ref`` (an SD for
+    normal data); when the MAD is zero (more than half the reference values
+    tie) the mean absolute deviation is used instead. Returns ``(z, median,
+    scale)``; z is NaN everywhere when the reference has fewer than
+    ``MIN_COHORT`` finite values or no spread, and NaN where ``values`` is.
+    """
+    x = np.asarray(values, dtype=float)
+    ref = x[np.asarray(reference, dtype=bool) & np.isfinite(x)]
+    if ref.size < MIN_COHORT:
+        return np.full(x.shape, np.nan), math.nan, math.nan
+    median = float(np.median(ref))
+    deviation = np.abs(ref - median)
+    scale = MAD_TO_SD * float(np.median(deviation))
+    if scale <= 0:
+        scale = MEAN_AD_TO_SD * float(np.mean(deviation))
+    if scale <= 0:
+        return np.full(x.shape, np.nan), median, 0.0
+    return (x - median) / scale, median, scale
+
+
+def reference_mask(status: np.ndarray, in_reference: np.ndarray, scored: np.ndarray) -> np.ndarray:
+    """Subjects the anomaly score is standardised against, (n,) bool.
+
+    The ``ok``, scored, ``in_reference`` subjects; when there are fewer than
+    ``MIN_COHORT`` of them (e.g. a reused checkpoint whose reference is not in
+    this cohort) every ``ok`` scored subject, so the cohort is its own reference.
+    """
+    usable = (np.asarray(status) == OK) & np.asarray(scored, dtype=bool)
+    reference = usable & np.asarray(in_reference, dtype=bool)
+    if reference.sum() < MIN_COHORT:
+        if usable.sum() >= MIN_COHORT:
+            log.warning(
+                "only %d reference subjects are scored; standardising against all %d scored subjects",
+                int(reference.sum()),
+                int(usable.sum()),
+            )
+        return usable
+    return reference
+
+
+def anomaly_threshold(scores: np.ndarray, reference: np.ndarray, *, flag: dict[str, Any]) -> float:
+    """Anomaly-score threshold: ``max(anomaly_z, (1 - fp_budget) quantile of the reference)``.
+
+    ``scores`` (n,) robust z, ``reference`` (n,) bool. The quantile raises the
+    threshold so that at most about ``fp_budget`` of the reference subjects are flagged.
+    """
+    settings = flag_settings(flag)
+    values = np.asarray(scores, dtype=float)[np.asarray(reference, dtype=bool)]
+    values = values[np.isfinite(values)]
+    threshold = settings["anomaly_z"]
+    if values.size:
+        threshold = max(threshold, float(np.quantile(values, 1.0 - settings["fp_budget"])))
+    return threshold
+
+
+def _read_record(path: Path, stage: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as error:
+        return {"stage": stage, "status": FAILED, "reason": f"unreadable {stage} record: {error}"}
+    if not isinstance(record, dict):
+        return {"stage": stage, "status": FAILED, "reason": f"{stage} record is not a JSON object"}
+    return record
+
+
+def read_subject_records(out_dir: Path, label: str) -> dict[str, dict[str, Any] | None]:
+    """The record of every stage in ``paths.STAGES`` order (None where absent)."""
+    return {
+        stage: _read_record(paths.record(out_dir, label, stage), stage) for stage in paths.STAGES
+    }
+
+
+def _first_problem(records: dict[str, dict[str, Any] | None]) -> tuple[str, str, str]:
+    """``(status, reason, stage)`` of the first record that is not ok, else ``(ok, "", "")``."""
+    for stage, record in records.items():
+        if record is None:
+            return FAILED, f"no {stage} record (the stage did not run)", stage
+        status = record.get("status", FAILED)
+        if status != OK:
+            status = status if status in STATUSES else FAILED
+            reason = str(record.get("reason") or f"{stage} ended {status}")
+            return status, reason, stage
+    return OK, "", ""
+
+
+def _plain(value: Any) -> Any:
+    """A record value as a table cell: scalars stay, lists and dicts become JSON."""
+    if isinstance(value, (list, tuple, dict)):
+        return json.dumps(value, default=str)
+    return value
+
+
+def _subject_row(
+    subject: cohort.Subject, records: dict[str, dict[str, Any] | None]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One scores.tsv row (before cohort statistics) and the extras for the subject JSON."""
+    status, reason, failed_stage = _first_problem(records)
+    metrics: dict[str, Any] = {}
+    findings: list[str] = []
+    for record in records.values():
+        if not record:
+            continue
+        if isinstance(record.get("metrics"), dict):
+            metrics.update(record["metrics"])
+        for code in record.get("findings") or []:
+            if code not in findings:
+                findings.append(str(code))
+    score = records.get("score") or {}
+    raw = metrics.get("anomaly_raw") if score.get("status") == OK else None
+    row: dict[str, Any] = {
+        "subject": subject.folder,
+        "label": subject.label,
+        "status": status,
+        "reason": reason,
+        "anomaly_raw": _as_float(raw),
+        "failed_stage": failed_stage,
+        "in_reference": bool(score.get("in_reference", False)),
+        "fold": score.get("fold"),
+    }
+    for key, value in metrics.items():
+        if key.startswith(METRIC_PREFIXES):
+            row[key] = _plain(value)
+    top_regions = score.get("top_regions") if isinstance(score.get("top_regions"), list) else []
+    extra = {
+        "records": records,
+        "metrics": metrics,
+        "findings": findings,
+        "top_regions": top_regions,
+    }
+    return row, extra
+
+
+def _as_float(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return math.nan
+    return number
+
+
+def _numeric(frame: pd.DataFrame, column: str) -> np.ndarray:
+    if column not in frame:
+        return np.full(len(frame), np.nan)
+    return pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float)
+
+
+def _fmt(value: float) -> str:
+    return f"{value:.4g}"
+
+
+def _numeric_deviation(values: np.ndarray) -> tuple[np.ndarray, float]:
+    """Which entries of ``values`` (n,) deviate from the cohort mode, and the mode.
+
+    The mode is the value with the most neighbours within ``PROTOCOL_TOLERANCE``
+    (relative); a value deviates when it is outside that tolerance of the mode
+    and shared (within tolerance) by less than ``RARE_SHARE`` of the cohort.
+    NaN never deviates. O(n log n).
+    """
+    deviates = np.zeros(values.shape, dtype=bool)
+    finite = np.isfinite(values)
+    x = values[finite]
+    if x.size < MIN_COHORT:
+        return deviates, math.nan
+    ordered = np.sort(x)
+    width = PROTOCOL_TOLERANCE * np.abs(x)
+    counts = np.searchsorted(ordered, x + width, "right") - np.searchsorted(
+        ordered, x - width, "left"
+    )
+    # Most neighbours wins; ties go to the smallest value, so the mode is deterministic.
+    mode = float(x[np.lexsort((x, -counts))[0]])
+    far = np.abs(x - mode) > PROTOCOL_TOLERANCE * abs(mode) + 1e-9
+    deviates[finite] = far & (counts / x.size < RARE_SHARE)
+    return deviates, mode
+
+
+def _vendor_key(value: Any) -> str:
+    words = re.findall(r"[A-Za-z0-9]+", str(value)) if isinstance(value, str) else []
+    return words[0].upper() if words else ""
+
+
+def protocol_deviations(frame: pd.DataFrame) -> list[list[str]]:
+    """``protocol_deviation: ...`` findings of every row of ``frame`` (hdr_* columns).
+
+    Compares field strength (T), manufacturer, TR/TE/TI (ms), flip angle (deg)
+    and the sorted voxel size (mm) with the cohort mode (see ``_numeric_deviation``).
+    """
+    found: list[list[str]] = [[] for _ in range(len(frame))]
+    numeric = (
+        ("hdr_field_strength", "field strength", "T"),
+        ("hdr_tr", "TR", "ms"),
+        ("hdr_te", "TE", "ms"),
+        ("hdr_ti", "TI", "ms"),
+        ("hdr_flip_angle", "flip angle", "deg"),
+    )
+    for column, name, unit in numeric:
+        values = _numeric(frame, column)
+        deviates, mode = _numeric_deviation(values)
+        for i in np.flatnonzero(deviates):
+            text = f"protocol_deviation: {name} {_fmt(values[i])} vs cohort {_fmt(mode)} {unit}"
+            found[i].append(text)
+    # Sorted voxel sizes: dcm2niix keeps the acquisition's voxel order, so the same
+    # protocol acquired sagittally or axially permutes x, y, z.
+    voxels = np.sort(
+        np.stack([_numeric(frame, f"hdr_voxel_{axis}") for axis in "xyz"], axis=1), axis=1
+    )
+    results = [_numeric_deviation(voxels[:, k]) for k in range(3)]
+    voxel_deviates = np.any([deviates for deviates, _ in results], axis=0)
+    voxel_mode = "x".join(_fmt(mode) for _, mode in results)
+    for i in np.flatnonzero(voxel_deviates):
+        size = "x".join(_fmt(v) for v in voxels[i])
+        found[i].append(f"protocol_deviation: voxel {size} vs cohort {voxel_mode} mm")
+    if "hdr_manufacturer" in frame:
+        vendors = frame["hdr_manufacturer"].tolist()
+        keys = [_vendor_key(v) for v in vendors]
+        present = [k for k in keys if k]
+        if len(present) >= MIN_COHORT:
+            counts = pd.Series(present).value_counts()
+            mode_key = str(counts.index[0])
+            mode_name = next(str(v) for v, k in zip(vendors, keys, strict=True) if k == mode_key)
+            for i, key in enumerate(keys):
+                if key and key != mode_key and counts[key] / len(present) < RARE_SHARE:
+                    found[i].append(
+                        f"protocol_deviation: manufacturer {vendors[i]} vs cohort {mode_name}"
+                    )
+    return found
+
+
+def _finding_reason(code: str, metrics: dict[str, Any]) -> str:
+    reason = FLAGGING_FINDINGS[code]
+    count = _as_float(metrics.get(_FINDING_COUNTS.get(code, "")))
+    if math.isfinite(count) and count > 0:
+        reason = f"{reason} ({int(count)})"
+    if code == "registration_failed":
+        similarity = _as_float(metrics.get("reg_similarity"))
+        if math.isfinite(similarity):
+            reason = f"{reason} (similarity {similarity:.2f})"
+    return reason
+
+
+def _iqm_outliers(
+    frame: pd.DataFrame, ok: np.ndarray, *, iqm_z: float
+) -> tuple[list[str], np.ndarray, dict[int, list[tuple[str, float]]]]:
+    """Robust z of every IQM column against the ok subjects, and the outliers.
+
+    Returns the ``iqm_*`` columns, their z-scores (n, columns) (NaN for subjects
+    that are not ok, missing values, or a metric without spread), and per row
+    the ``(column, z)`` beyond ``iqm_z`` in the metric's bad direction.
+    """
+    directions, _ = iqm_tables()
+    columns = [c for c in frame.columns if c.startswith("iqm_")]
+    scores = np.full((len(frame), len(columns)), np.nan)
+    bad_by_row: dict[int, list[tuple[str, float]]] = {}
+    for index, column in enumerate(columns):
+        values = _numeric(frame, column)
+        if not np.isfinite(values).any():
+            continue
+        z, _, _ = robust_z(values, ok)
+        z[~ok] = np.nan
+        scores[:, index] = z
+        direction = directions.get(_strip_iqm(column), 0)
+        if direction == 0:
+            continue
+        bad = np.isfinite(z) & (-direction * np.nan_to_num(z) >= iqm_z)
+        for i in np.flatnonzero(bad):
+            bad_by_row.setdefault(int(i), []).append((column, float(z[i])))
+    return columns, scores, bad_by_row
+
+
+def _iqm_reason(column: str, z: float, labels: dict[str, str]) -> str:
+    side = "below" if z < 0 else "above"
+    return f"{iqm_label(column, labels)} {abs(z):.1f} robust SD {side} the cohort"
+
+
+def _top_region_text(regions: list[Any]) -> str:
+    if not regions or not isinstance(regions[0], dict):
+        return ""
+    region = regions[0]
+    centre = region.get("centroid_mm")
+    text = ""
+    if isinstance(centre, (list, tuple)) and len(centre) == 3:
+        text = "(" + ", ".join(f"{_as_float(c):.0f}" for c in centre) + ") mm"
+    volume = _as_float(region.get("volume_ml"))
+    if math.isfinite(volume):
+        text = f"{text}, {volume:.2g} ml" if text else f"{volume:.2g} ml"
+    return text
+
+
+def _ordered_columns(frame: pd.DataFrame, *, with_labels: bool) -> list[str]:
+    columns = list(_BASE_COLUMNS)
+    for prefix in METRIC_PREFIXES:
+        columns += [c for c in frame.columns if c.startswith(prefix) and c not in columns]
+    if with_labels:
+        columns.append("true_label")
+    return columns
+
+
+def _cell(value: Any) -> str:
+    if value is None or value is pd.NA:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return "true" if value else "false"
+    if isinstance(value, (float, np.floating)):
+        return "" if not math.isfinite(value) else f"{value:.10g}"
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, str):
+        return _LINE_BREAKS.sub(" ", value)
+    return _LINE_BREAKS.sub(" ", str(value))
+
+
+def write_tsv(frame: pd.DataFrame, path: Path) -> None:
+    """Tab-separated, NaN as empty, booleans as ``true``/``false``, no quoting.
+
+    Tabs and line breaks inside strings become spaces, so every line is one row
+    and the file splits on tabs without a CSV parser.
+    """
+    lines = ["\t".join(frame.columns)]
+    columns = [frame[c].tolist() for c in frame.columns]
+    lines += ["\t".join(_cell(v) for v in row) for row in zip(*columns, strict=True)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tmp.replace(path)
+
+
+def read_scores(path: Path) -> pd.DataFrame:
+    """scores.tsv as written by ``aggregate_cohort``: text columns as str, booleans as bool."""
+    frame = pd.read_csv(
+        path,
+        sep="\t",
+        quoting=3,  # csv.QUOTE_NONE: the writer never quotes
+        keep_default_na=False,
+        na_values=[""],
+        dtype={c: str for c in _STRING_COLUMNS},
+        encoding="utf-8",
+    )
+    for column in _STRING_COLUMNS:
+        if column in frame:
+            frame[column] = frame[column].fillna("")
+    for column in _BOOL_COLUMNS:
+        if column in frame:
+            frame[column] = frame[column].astype(str).str.lower().eq("true")
+    return frame
+
+
+def aggregate_cohort(
+    input_dir: Path,
+    out_dir: Path,
+    *,
+    labels_path: str | None,
+    flag: dict[str, Any],
+    out_scores: Path,
+    out_exclusions: Path,
+    out_subjects: Path,
+) -> pd.DataFrame:
+    """Merge every subject's records into scores.tsv, exclusions.tsv and subjects.tsv.
+
+    One row per first-level folder of ``input_dir`` (folders with a naming
+    problem included, as ``failed``), sorted flagged first then by
+    ``anomaly_score`` descending. Also writes ``paths.subject_scores(out_dir,
+    label)`` for every processed subject. Returns the table (``flagged`` and
+    ``in_reference`` as bool; the files write ``true``/``false``).
+    """
+    settings = flag_settings(flag)
+    subjects = cohort.list_subjects(input_dir)
+    labels = cohort.read_labels(labels_path) if labels_path else None
+    rows: list[dict[str, Any]] = []
+    extras: list[dict[str, Any]] = []
+    # Tens of thousands of small files: threads overlap the file system's latency.
+    with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+        loaded = list(
+            pool.map(
+                lambda s: read_subject_records(out_dir, s.label) if s.processed else {}, subjects
+            )
+        )
+    for subject, subject_records in zip(subjects, loaded, strict=True):
+        if subject.problem:
+            rows.append(
+                {
+                    "subject": subject.folder,
+                    "label": subject.label,
+                    "status": FAILED,
+                    "reason": subject.problem,
+                    "failed_stage": "cohort",
+                    "anomaly_raw": math.nan,
+                    "in_reference": False,
+                }
+            )
+            extras.append({"records": {}, "metrics": {}, "findings": [], "top_regions": []})
+            continue
+        row, extra = _subject_row(subject, subject_records)
+        rows.append(row)
+        extras.append(extra)
+    frame = pd.DataFrame(rows, columns=None if rows else list(_BASE_COLUMNS))
+    if labels is not None:
+        unknown = sorted(set(labels) - {s.folder for s in subjects})
+        if unknown:
+            log.warning(
+                "%d labelled subjects are not in input_dir, e.g. %s", len(unknown), unknown[:3]
+            )
+        frame["true_label"] = pd.array([labels.get(s.folder) for s in subjects], dtype="Int64")
+    frame, summary = _judge(frame, extras, settings)
+    frame = frame.reindex(columns=_ordered_columns(frame, with_labels=labels is not None))
+    order = np.lexsort(
+        (
+            frame["subject"].to_numpy(dtype=str),
+            -np.nan_to_num(frame["anomaly_score"].to_numpy(dtype=float), nan=-np.inf),
+            ~frame["flagged"].to_numpy(dtype=bool),
+        )
+    )
+    frame = frame.iloc[order].reset_index(drop=True)
+    extras = [extras[i] for i in order]
+    write_tsv(frame, out_scores)
+    write_tsv(_exclusions(frame, extras), out_exclusions)
+    write_tsv(
+        pd.DataFrame(
+            {
+                "folder": [s.folder for s in subjects],
+                "label": [s.label for s in subjects],
+                "problem": [s.problem for s in subjects],
+            }
+        ),
+        out_subjects,
+    )
+    processed = {s.folder for s in subjects if s.processed}
+
+    def write_subject(item: tuple[dict[str, Any], dict[str, Any]]) -> None:
+        row, extra = item
+        if row["subject"] in processed:
+            path = paths.subject_scores(out_dir, row["label"])
+            _write_compact_json(path, _subject_json(row, extra, summary))
+
+    with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+        list(pool.map(write_subject, zip(frame.to_dict("records"), extras, strict=True)))
+    n_flagged = int(frame["flagged"].sum())
+    log.info(
+        "aggregated %d subjects: %d ok, %d flagged (anomaly threshold %.2f)",
+        len(frame),
+        int((frame["status"] == OK).sum()),
+        n_flagged,
+        summary["anomaly_threshold"],
+    )
+    return frame
+
+
+def _judge(
+    frame: pd.DataFrame, extras: list[dict[str, Any]], settings: dict[str, float]
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """Add anomaly_score, flagged, flag_reasons, findings and notes (cohort statistics)."""
+    status = frame["status"].to_numpy(dtype=str)
+    ok = status == OK
+    raw = _numeric(frame, "anomaly_raw")
+    scored = ok & np.isfinite(raw)
+    in_reference = frame["in_reference"].fillna(False).to_numpy(dtype=bool)
+    reference = reference_mask(status, in_reference, scored)
+    z, median, scale = robust_z(raw, reference)
+    score = np.where(scored, z, np.nan)
+    threshold = anomaly_threshold(score, reference, flag=settings)
+    iqm_columns, iqm_z, iqm_bad = _iqm_outliers(frame, ok, iqm_z=settings["iqm_z"])
+    deviations = protocol_deviations(frame)
+    _, labels = iqm_tables()
+    flagged, reasons_col, findings_col, notes_col = [], [], [], []
+    for i, extra in enumerate(extras):
+        reasons: list[str] = []
+        notes: list[str] = []
+        if status[i] != OK:
+            stage = frame.at[i, "failed_stage"]
+            if stage == "cohort":
+                prefix = "not processed"
+            else:
+                prefix = _STATUS_PREFIX.get(status[i], status[i])
+                prefix += f" at {stage}" if stage and status[i] == FAILED else ""
+            reasons.append(f"{prefix}: {frame.at[i, 'reason']}")
+        if np.isfinite(score[i]) and score[i] >= threshold:
+            reasons.append(f"anomaly score z={score[i]:.1f} (threshold {threshold:.1f})")
+        outliers = sorted(iqm_bad.get(i, []), key=lambda item: -abs(item[1]))
+        reasons += [_iqm_reason(column, value, labels) for column, value in outliers]
+        for code in extra["findings"]:
+            if code in FLAGGING_FINDINGS:
+                reasons.append(_finding_reason(code, extra["metrics"]))
+            elif code in NOTE_FINDINGS:
+                notes.append(NOTE_FINDINGS[code])
+        findings = extra["findings"] + deviations[i]
+        extra["findings"] = findings
+        extra["notes"] = notes
+        extra["flag_reasons"] = reasons
+        extra["iqm_z"] = {
+            column: value
+            for column, value in zip(iqm_columns, np.round(iqm_z[i], 3).tolist(), strict=True)
+            if math.isfinite(value)
+        }
+        extra["iqm_outliers"] = [f"{c} z={v:.1f}" for c, v in outliers]
+        flagged.append(bool(reasons))
+        reasons_col.append("; ".join(reasons))
+        findings_col.append("; ".join(findings))
+        notes_col.append("; ".join(notes))
+    frame["anomaly_score"] = score
+    frame["flagged"] = np.array(flagged, dtype=bool)
+    frame["flag_reasons"] = reasons_col
+    frame["findings"] = findings_col
+    frame["notes"] = notes_col
+    summary = {
+        "n_subjects": len(frame),
+        "flag": settings,
+        "anomaly_threshold": threshold,
+        "reference_n": int(reference.sum()),
+        "reference_median": median,
+        "reference_scale": scale,
+    }
+    if not np.isfinite(score).any() and scored.any():
+        log.warning(
+            "anomaly scores not standardised: %d reference subjects (need %d with some spread)",
+            int(reference.sum()),
+            MIN_COHORT,
+        )
+    return frame, summary
+
+
+def _exclusions(frame: pd.DataFrame, extras: list[dict[str, Any]]) -> pd.DataFrame:
+    """Flagged subjects with their reasons and the evidence behind them."""
+    flagged = frame["flagged"].to_numpy(dtype=bool)
+    table = pd.DataFrame(
+        {
+            "subject": frame["subject"],
+            "label": frame["label"],
+            "status": frame["status"],
+            "reasons": frame["flag_reasons"],
+            "anomaly_score": frame["anomaly_score"],
+            "findings": frame["findings"],
+            "iqm_outliers": ["; ".join(e["iqm_outliers"]) for e in extras],
+            "top_region": [_top_region_text(e["top_regions"]) for e in extras],
+        }
+    )
+    if "true_label" in frame:
+        table["true_label"] = frame["true_label"]
+    return table[flagged].reset_index(drop=True)
+
+
+def _write_compact_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomic one-line JSON via the C encoder (records.write_json indents, ~10x slower).
+
+    Values strict JSON cannot hold (NaN from a hand-edited record, numpy
+    scalars) fall back to ``records.write_json``, which converts them.
+    """
+    try:
+        text = json.dumps(data, allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError):
+        write_json(path, data)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _finite(value: Any) -> float | None:
+    number = _as_float(value)
+    return number if math.isfinite(number) else None
+
+
+def _subject_json(
+    row: dict[str, Any], extra: dict[str, Any], summary: dict[str, Any]
+) -> dict[str, Any]:
+    """Everything known about one subject: its row, lists, IQM z-scores and all records.
+
+    ``metrics`` merges every stage's metrics (later stages win on a shared
+    name); ``records`` keeps each stage's status, reason, findings, warnings,
+    timing and extras.
+    """
+    data = {
+        "subject": row["subject"],
+        "label": row["label"],
+        "status": row["status"],
+        "reason": row["reason"],
+        "failed_stage": row["failed_stage"],
+        "flagged": bool(row["flagged"]),
+        "flag_reasons": extra["flag_reasons"],
+        "findings": extra["findings"],
+        "notes": extra["notes"],
+        "anomaly_raw": _finite(row["anomaly_raw"]),
+        "anomaly_score": _finite(row["anomaly_score"]),
+        "in_reference": bool(row["in_reference"]),
+        "fold": None if _finite(row.get("fold")) is None else int(row["fold"]),
+        "top_regions": extra["top_regions"],
+        "iqm_z": extra["iqm_z"],
+        "iqm_outliers": extra["iqm_outliers"],
+        "metrics": extra["metrics"],
+        "warnings": {
+            stage: record.get("warnings", [])
+            for stage, record in extra["records"].items()
+            if record and record.get("warnings")
+        },
+        "cohort": {k: _finite(v) if isinstance(v, float) else v for k, v in summary.items()},
+        # Each stage's record without its metrics: they are merged above, and
+        # repeating them would double the file for nothing.
+        "records": {
+            stage: None if record is None else {k: v for k, v in record.items() if k != "metrics"}
+            for stage, record in extra["records"].items()
+        },
+    }
+    if "true_label" in row:
+        value = row["true_label"]
+        data["true_label"] = None if pd.isna(value) else int(value)
+    return data

@@ -1,0 +1,1515 @@
+"""Inventory and conversion of one subject folder: DICOM series, or NIfTI files.
+
+``inventory_subject`` reads DICOM headers only (pydicom; pixel data stay on disk),
+groups the files by SeriesInstanceUID, writes one TSV row per series with its
+selection verdict, chooses the audited series with the config rules (the best
+3D T1-weighted series, else the best 2D T1 series with the finding
+``2d_only``) and audits the chosen series' headers: missing or duplicated
+slices, non-uniform spacing, mixed orientations or sizes, inconsistent
+rescaling, unreadable files, and which identifying tags are filled. A folder
+with NIfTI files and no DICOM is a NIfTI subject.
+
+``convert_subject`` converts the chosen series with the dcm2niix binary of the
+PyPI package (or copies the chosen NIfTI) into the contract's
+``sub-<id>_T1w.nii.gz`` and JSON sidecar, keeping dcm2niix's voxel order and
+affine, and strips identifying keys from the sidecar.
+
+PHI: only tag *names* ever leave this module; identifying values are never
+logged, stored or returned. Header strings (descriptions, protocols) are stored
+as plain data with control characters removed; they are never interpreted.
+The subject folder is only read: conversion works on links to the chosen files
+in a private temporary folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import warnings
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dcm2niix
+import nibabel as nib
+import numpy as np
+import pydicom
+from pydicom import config as pydicom_config
+from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
+from pydicom.tag import Tag
+
+from mriaudit.records import (
+    NO_SERIES,
+    OK,
+    StageError,
+    make_record,
+    read_record,
+    run_stage,
+    write_json,
+)
+
+log = logging.getLogger(__name__)
+
+#: Series rules when a key is missing from the ``series`` config (schema defaults).
+#: ``_mpr(?![a-z])`` excludes Siemens reformats (``t1_mpr_cor``) without also
+#: excluding every MPRAGE (``T1_mprage_...``), which a bare ``_mpr`` would.
+DEFAULT_RULES: dict[str, Any] = {
+    "include": "t1|mprage|mp-rage|mp2rage|spgr|bravo|tfl|fl3d|flash|ffe|tfe|fspgr",
+    "exclude": (
+        "localizer|scout|survey|loc\\b|aahead|3-plane|3plane|mip|_mpr(?![a-z])|mpr_|"
+        "reformat|flair|t2|dwi|diff|bold|fmri|asl|pd\\b"
+    ),
+    "min_slices": 16,
+    "max_slice_thickness_3d": 2.0,
+}
+
+#: Header-audit findings, in the order they are reported.
+FINDINGS: tuple[str, ...] = (
+    "2d_only",
+    "missing_slices",
+    "duplicate_slices",
+    "nonuniform_spacing",
+    "mixed_orientation",
+    "mixed_dimensions",
+    "inconsistent_rescale",
+    "unreadable_files",
+)
+
+#: Identifying DICOM attributes whose presence (never value) is reported.
+PHI_TAGS: tuple[str, ...] = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientBirthTime",
+    "PatientAddress",
+    "PatientTelephoneNumbers",
+    "OtherPatientIDs",
+    "OtherPatientNames",
+    "PatientMotherBirthName",
+    "MedicalRecordLocator",
+    "InstitutionName",
+    "InstitutionAddress",
+    "InstitutionalDepartmentName",
+    "ReferringPhysicianName",
+    "ReferringPhysicianAddress",
+    "PerformingPhysicianName",
+    "PhysiciansOfRecord",
+    "NameOfPhysiciansReadingStudy",
+    "RequestingPhysician",
+    "OperatorsName",
+    "AccessionNumber",
+    "StationName",
+    "DeviceSerialNumber",
+)
+
+#: Sidecar keys removed after dcm2niix (which writes institution and device keys
+#: even with ``-ba y``); keys starting with ``Patient`` (except PatientPosition)
+#: and every date are removed as well.
+SIDECAR_PHI_KEYS: frozenset[str] = frozenset(
+    {
+        "InstitutionName",
+        "InstitutionAddress",
+        "InstitutionalDepartmentName",
+        "StationName",
+        "DeviceSerialNumber",
+        "ReferringPhysicianName",
+        "PerformingPhysicianName",
+        "OperatorsName",
+        "PhysiciansOfRecord",
+        "RequestingPhysician",
+        "AccessionNumber",
+        "StudyID",
+    }
+)
+
+#: Columns of the series table (``sub-<id>_series.tsv``), one row per series or NIfTI file.
+SERIES_COLUMNS: tuple[str, ...] = (
+    "kind",
+    "series_uid",
+    "series_number",
+    "path",
+    "modality",
+    "description",
+    "protocol",
+    "sequence_name",
+    "scanning_sequence",
+    "sequence_variant",
+    "image_type",
+    "original",
+    "localizer",
+    "acquisition",
+    "rows",
+    "cols",
+    "n_slices",
+    "pixel_spacing_row",
+    "pixel_spacing_col",
+    "slice_thickness",
+    "slice_spacing",
+    "orientation",
+    "n_files",
+    "n_unreadable",
+    "transfer_syntax",
+    "manufacturer",
+    "model",
+    "field_strength",
+    "tr",
+    "te",
+    "ti",
+    "flip_angle",
+    "missing_slices",
+    "duplicate_slices",
+    "verdict",
+    "reason",
+)
+
+METRIC_KEYS: tuple[str, ...] = (
+    "hdr_manufacturer",
+    "hdr_model",
+    "hdr_field_strength",
+    "hdr_tr",
+    "hdr_te",
+    "hdr_ti",
+    "hdr_flip_angle",
+    "hdr_voxel_x",
+    "hdr_voxel_y",
+    "hdr_voxel_z",
+    "hdr_dim_x",
+    "hdr_dim_y",
+    "hdr_dim_z",
+    "hdr_acquisition",
+    "hdr_orientation",
+    "hdr_series_description",
+    "hdr_n_series",
+    "hdr_n_files",
+    "hdr_n_unreadable",
+    "hdr_n_non_dicom",
+    "hdr_missing_slices",
+    "hdr_duplicate_slices",
+    "hdr_phi_tags",
+)
+
+_LOCALIZER = re.compile(
+    r"localizer|localiser|scout|survey|3.?plane|aahead|(?<![a-z])loc(?![a-z])", re.IGNORECASE
+)
+_NIFTI_T1 = re.compile(r"(?<![a-z0-9])t1w?(?![a-z0-9])", re.IGNORECASE)
+_NIFTI_NOT_IMAGE = re.compile(r"mask|seg|label|lesion|roi|probseg|dseg", re.IGNORECASE)
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+# Pixel data and large private elements (Siemens CSA headers) stay on disk, unread.
+_DEFER_SIZE = "1 KB"
+_POSITION_TOLERANCE_MM = 0.01
+_ORIENTATION_TOLERANCE = 1e-3
+# A slice normal more than 25 degrees from every axis is called oblique.
+_OBLIQUE_COS = float(np.cos(np.radians(25.0)))
+_DCM2NIIX_TIMEOUT_S = 900
+_OUTPUT_NAME = "series"
+
+
+# --------------------------------------------------------------------------- values
+
+
+def _text(value: Any) -> str:
+    """A header value as one clean line: multi-values joined with ``\\``, no control characters."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = "\\".join(str(v) for v in value)
+    return _CONTROL.sub(" ", str(value)).strip()
+
+
+def _number(value: Any) -> float | None:
+    """A finite float from a header value (first of a multi-value), else None."""
+    if isinstance(value, (list, tuple, MultiValue)):
+        value = value[0] if len(value) else None
+    if value is None or value == "":
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return number if np.isfinite(number) else None
+
+
+def _numbers(value: Any, count: int) -> tuple[float, ...] | None:
+    """``count`` finite floats from a multi-valued header element, else None."""
+    if value is None:
+        return None
+    try:
+        numbers = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    if len(numbers) != count or not all(np.isfinite(numbers)):
+        return None
+    return numbers
+
+
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+    """Read headers without validation warnings: pydicom's messages can quote values (PHI)."""
+    previous = pydicom_config.settings.reading_validation_mode
+    pydicom_config.settings.reading_validation_mode = pydicom_config.IGNORE
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        pydicom_config.settings.reading_validation_mode = previous
+
+
+# ------------------------------------------------------------------------ geometry
+
+
+@dataclass(frozen=True)
+class SliceGaps:
+    """Slice positions along the normal, summarised.
+
+    ``spacing`` is the median step between distinct positions (mm, None with
+    fewer than two); ``missing`` counts the positions absent from gaps that are
+    whole multiples of it; ``duplicates`` counts positions seen more than once
+    (extra copies); ``nonuniform`` is True when some step is not a whole
+    multiple of the median spacing within tolerance.
+    """
+
+    n_unique: int
+    spacing: float | None
+    missing: int
+    duplicates: int
+    nonuniform: bool
+
+
+def slice_gaps(distances: Sequence[float] | np.ndarray, *, tolerance_mm: float = 0.01) -> SliceGaps:
+    """Audit slice positions (mm along the slice normal, any order).
+
+    Positions closer than ``tolerance_mm`` are the same slice. A step of about
+    k times the median spacing means k - 1 missing slices; a step that is not
+    within max(0.02 mm, 2 %) of a whole multiple of the median makes the
+    spacing non-uniform. Slices missing at either end cannot be seen.
+    """
+    ordered = np.sort(np.asarray(distances, dtype=float))
+    if ordered.size == 0:
+        return SliceGaps(0, None, 0, 0, False)
+    steps = np.diff(ordered)
+    duplicates = int(np.sum(steps <= tolerance_mm))
+    steps = steps[steps > tolerance_mm]
+    if steps.size == 0:
+        return SliceGaps(1, None, 0, duplicates, False)
+    spacing = round(float(np.median(steps)), 5)  # positions carry float noise
+    multiples = np.maximum(np.rint(steps / spacing), 1.0)
+    missing = int(np.sum(multiples - 1.0))
+    residual = np.abs(steps - multiples * spacing)
+    nonuniform = bool(np.any(residual > max(0.02, 0.02 * spacing)))
+    return SliceGaps(int(steps.size + 1), spacing, missing, duplicates, nonuniform)
+
+
+def orientation_label(normal: Sequence[float] | np.ndarray) -> str:
+    """``axial``, ``sagittal`` or ``coronal`` after the axis nearest the slice normal.
+
+    ``oblique`` when the normal is more than 25 degrees from every axis. The
+    normal may be in LPS (DICOM) or RAS (NIfTI): only absolute components count.
+    """
+    vector = np.abs(np.asarray(normal, dtype=float))
+    norm = float(np.linalg.norm(vector))
+    if norm == 0 or not np.isfinite(norm):
+        return ""
+    vector /= norm
+    axis = int(np.argmax(vector))
+    if vector[axis] < _OBLIQUE_COS:
+        return "oblique"
+    return ("sagittal", "coronal", "axial")[axis]
+
+
+# ------------------------------------------------------------------------ scanning
+
+
+@dataclass
+class _Slice:
+    """One image frame: a single-frame file or one frame of a multi-frame file."""
+
+    file: str
+    position: tuple[float, ...] | None
+    orientation: tuple[float, ...] | None
+    shape: tuple[int, int] | None
+    pixel_spacing: tuple[float, ...] | None
+    rescale: tuple[float, float]
+    volume: str
+
+
+@dataclass
+class _Series:
+    uid: str
+    header: dict[str, Any]
+    slices: list[_Slice] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+    unusable: list[str] = field(default_factory=list)  # header read, pixel data not usable
+
+
+@dataclass
+class _Scan:
+    """Everything found in one subject folder (paths relative to it, POSIX style)."""
+
+    n_files: int = 0
+    non_dicom: list[str] = field(default_factory=list)
+    unreadable: list[str] = field(default_factory=list)
+    nifti: list[str] = field(default_factory=list)
+    series: dict[str, _Series] = field(default_factory=dict)
+    phi_tags: set[str] = field(default_factory=set)
+    problems: list[str] = field(default_factory=list)
+
+
+def _is_nifti(name: str) -> bool:
+    lower = name.lower()
+    return lower.endswith(".nii") or lower.endswith(".nii.gz")
+
+
+def _read_header(path: Path) -> tuple[str, Dataset | None]:
+    """Classify a file as ``dicom`` (with its header), ``non_dicom`` or ``unreadable``.
+
+    A file is DICOM when it carries the ``DICM`` prefix (``force=False``
+    semantics); an empty file, one that cannot be opened, or a DICOM file whose
+    header does not parse is unreadable. Pixel data are never loaded: every
+    value over ``_DEFER_SIZE`` (pixel data included) stays on disk, and only its
+    offset and length are read, which is what reveals a truncated file. Error
+    messages are not kept: pydicom's can quote header values.
+    """
+    try:
+        with path.open("rb") as handle:
+            prefix = handle.read(132)
+    except OSError:
+        return "unreadable", None
+    if not prefix:
+        return "unreadable", None
+    if len(prefix) < 132 or prefix[128:132] != b"DICM":
+        return "non_dicom", None
+    try:
+        dataset = pydicom.dcmread(path, defer_size=_DEFER_SIZE, force=False)
+    except Exception as error:
+        log.warning("unreadable DICOM header: %s (%s)", path.name, type(error).__name__)
+        return "unreadable", None
+    return "dicom", dataset
+
+
+def _sop_class(dataset: Dataset) -> str:
+    meta = dataset.file_meta if dataset.file_meta else {}
+    return _text(meta.get("MediaStorageSOPClassUID") or dataset.get("SOPClassUID"))
+
+
+_PIXEL_DATA = Tag(0x7FE0, 0x0010)
+_FLOAT_PIXEL_DATA = (Tag(0x7FE0, 0x0008), Tag(0x7FE0, 0x0009))
+
+
+def _pixel_problem(dataset: Dataset, size: int) -> str:
+    """Why an image file's pixel data cannot be used ("" when they look complete).
+
+    Checks, without reading them, that an image (one with ``Rows``) has pixel
+    data and that a defined-length pixel element ends within the file (``size``
+    in bytes).
+    """
+    if "Rows" not in dataset:
+        return ""
+    if _PIXEL_DATA not in dataset:
+        return "" if any(t in dataset for t in _FLOAT_PIXEL_DATA) else "no pixel data"
+    raw = dataset.get_item(_PIXEL_DATA, keep_deferred=True)
+    length = getattr(raw, "length", None)
+    offset = getattr(raw, "value_tell", None)
+    if length is None or offset is None or length == 0xFFFFFFFF:
+        return ""  # encapsulated (compressed) pixel data: dcm2niix judges those
+    return "truncated pixel data" if offset + length > size else ""
+
+
+def _header_fields(dataset: Dataset) -> dict[str, Any]:
+    """Descriptive, non-identifying header fields of one file."""
+    image_type = [_text(v).upper() for v in dataset.get("ImageType", []) or []]
+    syntax = dataset.file_meta.get("TransferSyntaxUID") if dataset.file_meta else None
+    field_strength = _number(dataset.get("MagneticFieldStrength"))
+    if field_strength is not None and field_strength > 20:
+        field_strength /= 10000.0  # some exports store gauss
+    series_number = _number(dataset.get("SeriesNumber"))
+    return {
+        "modality": _text(dataset.get("Modality")),
+        "description": _text(dataset.get("SeriesDescription")),
+        "protocol": _text(dataset.get("ProtocolName")),
+        "sequence_name": _text(dataset.get("SequenceName")),
+        "scanning_sequence": _text(dataset.get("ScanningSequence")),
+        "sequence_variant": _text(dataset.get("SequenceVariant")),
+        "image_type": image_type,
+        "acquisition": _text(dataset.get("MRAcquisitionType")).upper(),
+        "manufacturer": _text(dataset.get("Manufacturer")),
+        "model": _text(dataset.get("ManufacturerModelName")),
+        "field_strength": field_strength,
+        "tr": _number(dataset.get("RepetitionTime")),
+        "te": _number(dataset.get("EchoTime")),
+        "ti": _number(dataset.get("InversionTime")),
+        "flip_angle": _number(dataset.get("FlipAngle")),
+        "series_number": None if series_number is None else int(series_number),
+        "slice_thickness": _number(dataset.get("SliceThickness")),
+        "spacing_between_slices": _number(dataset.get("SpacingBetweenSlices")),
+        "transfer_syntax": "" if syntax is None else _text(syntax.name),
+    }
+
+
+def _first_item(container: Any, keyword: str) -> Dataset | None:
+    sequence = container.get(keyword) if container is not None else None
+    return sequence[0] if sequence else None
+
+
+def _functional(groups: Sequence[Dataset | None], sequence: str, keyword: str) -> Any:
+    """A value from the first functional group (per-frame, then shared) that has it."""
+    for group in groups:
+        item = _first_item(group, sequence)
+        if item is not None and keyword in item:
+            return item.get(keyword)
+    return None
+
+
+def _slices(dataset: Dataset, rel: str) -> list[_Slice]:
+    """The frames of one file; enhanced multi-frame files give one entry per frame."""
+    shape = None
+    if "Rows" in dataset and "Columns" in dataset:
+        with contextlib.suppress(TypeError, ValueError):
+            shape = (int(dataset.Rows), int(dataset.Columns))
+    n_frames = int(_number(dataset.get("NumberOfFrames")) or 1)
+    per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
+    shared = _first_item(dataset, "SharedFunctionalGroupsSequence")
+    if n_frames > 1 and per_frame is not None and len(per_frame) == n_frames:
+        frames = []
+        for item in per_frame:
+            groups = (item, shared)
+            slope = _number(_functional(groups, "PixelValueTransformationSequence", "RescaleSlope"))
+            intercept = _number(
+                _functional(groups, "PixelValueTransformationSequence", "RescaleIntercept")
+            )
+            echo = _number(_functional(groups, "MREchoSequence", "EffectiveEchoTime"))
+            temporal = _functional(groups, "FrameContentSequence", "TemporalPositionIndex")
+            frames.append(
+                _Slice(
+                    file=rel,
+                    position=_numbers(
+                        _functional(groups, "PlanePositionSequence", "ImagePositionPatient"), 3
+                    ),
+                    orientation=_numbers(
+                        _functional(groups, "PlaneOrientationSequence", "ImageOrientationPatient"),
+                        6,
+                    ),
+                    shape=shape,
+                    pixel_spacing=_numbers(
+                        _functional(groups, "PixelMeasuresSequence", "PixelSpacing"), 2
+                    ),
+                    rescale=(1.0 if slope is None else slope, intercept or 0.0),
+                    volume=f"{'' if echo is None else f'{echo:g}'}|{_text(temporal)}",
+                )
+            )
+        return frames
+    slope = _number(dataset.get("RescaleSlope"))
+    intercept = _number(dataset.get("RescaleIntercept"))
+    # Echoes, time points and repeated acquisitions are separate volumes, not duplicates.
+    volume = "|".join(
+        _text(dataset.get(keyword))
+        for keyword in (
+            "EchoNumbers",
+            "EchoTime",
+            "TemporalPositionIdentifier",
+            "AcquisitionNumber",
+        )
+    )
+    position = _numbers(dataset.get("ImagePositionPatient"), 3) if n_frames == 1 else None
+    return [
+        _Slice(
+            file=rel,
+            position=position,
+            orientation=_numbers(dataset.get("ImageOrientationPatient"), 6),
+            shape=shape,
+            pixel_spacing=_numbers(dataset.get("PixelSpacing"), 2),
+            rescale=(1.0 if slope is None else slope, intercept or 0.0),
+            volume=volume,
+        )
+        for _ in range(n_frames)
+    ]
+
+
+def _filled_phi_tags(dataset: Dataset) -> set[str]:
+    """Names of identifying attributes holding a non-empty value (values are not kept)."""
+    return {keyword for keyword in PHI_TAGS if _text(dataset.get(keyword))}
+
+
+def _scan_folder(subject_dir: Path) -> _Scan:
+    """Walk ``subject_dir`` (any depth, symlinked folders not followed) and read DICOM headers."""
+    scan = _Scan()
+
+    def walk_error(error: OSError) -> None:
+        scan.problems.append(f"a folder could not be listed ({type(error).__name__})")
+
+    with _quiet_pydicom():
+        for dirpath, dirnames, filenames in os.walk(
+            subject_dir, followlinks=False, onerror=walk_error
+        ):
+            dirnames.sort()
+            for name in sorted(filenames):
+                path = Path(dirpath) / name
+                rel = path.relative_to(subject_dir).as_posix()
+                scan.n_files += 1
+                if _is_nifti(name):
+                    scan.nifti.append(rel)
+                    continue
+                kind, dataset = _read_header(path)
+                if kind == "non_dicom":
+                    scan.non_dicom.append(rel)
+                    continue
+                if kind == "unreadable" or dataset is None:
+                    scan.unreadable.append(rel)
+                    continue
+                uid = _text(dataset.get("SeriesInstanceUID"))
+                if not uid:
+                    # DICOMDIR and other objects with a SOP class but no series are not
+                    # images; a "DICM" file without even a SOP class is damaged.
+                    (scan.non_dicom if _sop_class(dataset) else scan.unreadable).append(rel)
+                    continue
+                scan.phi_tags |= _filled_phi_tags(dataset)
+                series = scan.series.setdefault(uid, _Series(uid, _header_fields(dataset)))
+                series.files.append(rel)
+                try:
+                    size = path.stat().st_size
+                except OSError:
+                    size = 0
+                problem = _pixel_problem(dataset, size)
+                if problem:
+                    log.warning("unusable DICOM file: %s (%s)", rel, problem)
+                    series.unusable.append(rel)
+                    scan.unreadable.append(rel)
+                    continue
+                series.slices.extend(_slices(dataset, rel))
+    return scan
+
+
+# ------------------------------------------------------------------ series summary
+
+
+@dataclass(frozen=True)
+class _Geometry:
+    orientation: tuple[float, ...] | None
+    normal: np.ndarray | None
+    shape: tuple[int, int] | None
+    pixel_spacing: tuple[float, ...] | None
+    n_slices: int
+    gaps: SliceGaps
+    mixed_orientation: bool
+    mixed_dimensions: bool
+    inconsistent_rescale: bool
+
+
+def _most_common(values: list[Any]) -> Any:
+    known = [v for v in values if v is not None]
+    return Counter(known).most_common(1)[0][0] if known else None
+
+
+def _series_geometry(series: _Series) -> _Geometry:
+    """Slice grid of a series: main orientation, in-plane size, and the slice-position audit."""
+    slices = series.slices
+    rounded = [None if s.orientation is None else tuple(np.round(s.orientation, 3)) for s in slices]
+    main_key = _most_common(rounded)
+    main = next(
+        (s.orientation for s, r in zip(slices, rounded, strict=True) if r == main_key), None
+    )
+    mixed_orientation = main is not None and any(
+        s.orientation is not None
+        and float(np.max(np.abs(np.subtract(s.orientation, main)))) > _ORIENTATION_TOLERANCE
+        for s in slices
+    )
+    shapes = {s.shape for s in slices if s.shape is not None}
+    spacings = {tuple(np.round(s.pixel_spacing, 3)) for s in slices if s.pixel_spacing}
+    rescales = {(round(a, 6), round(b, 6)) for a, b in (s.rescale for s in slices)}
+    normal = None
+    gaps = SliceGaps(0, None, 0, 0, False)
+    if main is not None:
+        normal = np.cross(main[:3], main[3:])
+        normal = normal / (np.linalg.norm(normal) or 1.0)
+        on_grid = [
+            s
+            for s, r in zip(slices, rounded, strict=True)
+            if r == main_key and s.position is not None
+        ]
+        gaps = _volume_aware_gaps(on_grid, normal)
+    n_slices = gaps.n_unique if gaps.n_unique else len(slices)
+    return _Geometry(
+        orientation=main,
+        normal=normal,
+        shape=_most_common([s.shape for s in slices]),
+        pixel_spacing=_most_common([s.pixel_spacing for s in slices]),
+        n_slices=n_slices,
+        gaps=gaps,
+        mixed_orientation=mixed_orientation,
+        mixed_dimensions=len(shapes) > 1 or len(spacings) > 1,
+        inconsistent_rescale=len(rescales) > 1,
+    )
+
+
+def _volume_aware_gaps(slices: list[_Slice], normal: np.ndarray) -> SliceGaps:
+    """``slice_gaps`` where each echo, time point or acquisition is its own volume.
+
+    Positions repeated across volumes are not duplicates; repeated within one are.
+    """
+    distances = np.array([float(np.dot(s.position, normal)) for s in slices])
+    if distances.size == 0:
+        return SliceGaps(0, None, 0, 0, False)
+    overall = slice_gaps(distances, tolerance_mm=_POSITION_TOLERANCE_MM)
+    volumes = sorted({s.volume for s in slices})
+    if len(volumes) < 2:
+        return overall
+    duplicates = 0
+    for volume in volumes:
+        group = distances[[s.volume == volume for s in slices]]
+        duplicates += slice_gaps(group, tolerance_mm=_POSITION_TOLERANCE_MM).duplicates
+    return SliceGaps(
+        overall.n_unique, overall.spacing, overall.missing, duplicates, overall.nonuniform
+    )
+
+
+def _common_folder(files: list[str]) -> str:
+    folders = [str(Path(f).parent) for f in files]
+    if not folders:
+        return ""
+    common = os.path.commonpath(folders)
+    return "" if common == "." else common
+
+
+def _series_row(series: _Series, geometry: _Geometry, rules: dict[str, Any]) -> dict[str, Any]:
+    """One row of the series table (selection verdict filled in later)."""
+    header = series.header
+    image_type = header["image_type"]
+    original = image_type[0] if image_type and image_type[0] in ("ORIGINAL", "DERIVED") else ""
+    names = " ".join([header["description"], header["protocol"]])
+    localizer = "LOCALIZER" in image_type or bool(_LOCALIZER.search(names))
+    spacing = geometry.gaps.spacing or header["spacing_between_slices"] or header["slice_thickness"]
+    thickness = header["slice_thickness"]
+    acquisition = header["acquisition"] if header["acquisition"] in ("2D", "3D") else ""
+    if not acquisition and (thickness or spacing):
+        thin = max(thickness or 0.0, spacing or 0.0) <= rules["max_slice_thickness_3d"]
+        acquisition = "3D" if thin else "2D"
+    pixel_spacing = geometry.pixel_spacing
+    return {
+        "kind": "dicom",
+        "series_uid": series.uid,
+        "series_number": header["series_number"],
+        "path": _common_folder(series.files),
+        "modality": header["modality"],
+        "description": header["description"],
+        "protocol": header["protocol"],
+        "sequence_name": header["sequence_name"],
+        "scanning_sequence": header["scanning_sequence"],
+        "sequence_variant": header["sequence_variant"],
+        "image_type": "\\".join(image_type),
+        "original": original,
+        "localizer": localizer,
+        "acquisition": acquisition,
+        "rows": None if geometry.shape is None else geometry.shape[0],
+        "cols": None if geometry.shape is None else geometry.shape[1],
+        "n_slices": geometry.n_slices,
+        "pixel_spacing_row": None if pixel_spacing is None else pixel_spacing[0],
+        "pixel_spacing_col": None if pixel_spacing is None else pixel_spacing[1],
+        "slice_thickness": thickness,
+        "slice_spacing": spacing,
+        "orientation": "" if geometry.normal is None else orientation_label(geometry.normal),
+        "n_files": len(series.files),
+        "n_unreadable": len(series.unusable),
+        "transfer_syntax": header["transfer_syntax"],
+        "manufacturer": header["manufacturer"],
+        "model": header["model"],
+        "field_strength": header["field_strength"],
+        "tr": header["tr"],
+        "te": header["te"],
+        "ti": header["ti"],
+        "flip_angle": header["flip_angle"],
+        "missing_slices": geometry.gaps.missing,
+        "duplicate_slices": geometry.gaps.duplicates,
+        "verdict": "",
+        "reason": "",
+    }
+
+
+# ----------------------------------------------------------------------- selection
+
+
+def resolve_rules(rules: dict[str, Any] | None) -> dict[str, Any]:
+    """The series rules with defaults for missing keys; regexes compiled (case-insensitive)."""
+    merged = {**DEFAULT_RULES, **{k: v for k, v in (rules or {}).items() if v is not None}}
+    for key in ("include", "exclude"):
+        try:
+            merged[f"{key}_re"] = re.compile(str(merged[key]), re.IGNORECASE)
+        except re.error as error:
+            message = f"config series.{key} is not a valid regular expression: {error}"
+            raise StageError(message) from error
+    merged["min_slices"] = int(merged["min_slices"])
+    merged["max_slice_thickness_3d"] = float(merged["max_slice_thickness_3d"])
+    return merged
+
+
+def _is_volumetric(row: dict[str, Any], rules: dict[str, Any]) -> bool:
+    """3D acquisition, or 2D slices thin and close enough to count as a volume."""
+    if row["acquisition"] == "3D":
+        return True
+    sizes = [v for v in (row["slice_thickness"], row["slice_spacing"]) if v is not None]
+    return bool(sizes) and max(sizes) <= rules["max_slice_thickness_3d"]
+
+
+def _rejection(row: dict[str, Any], rules: dict[str, Any]) -> str:
+    """Why a series cannot be audited, or "" when it is a T1 candidate."""
+    if row["modality"] and row["modality"] != "MR":
+        return f"not MR ({row['modality']})"
+    if row["original"] == "DERIVED":
+        return "derived image"
+    if row["localizer"]:
+        return "localizer"
+    if row["rows"] is None or row["cols"] is None:
+        return "no image geometry"
+    names = [row["description"], row["protocol"], row["sequence_name"]]
+    excluded = next((m for n in names if (m := rules["exclude_re"].search(n))), None)
+    if excluded:
+        return f"excluded by rule (matches {excluded.group(0)!r})"
+    if not any(rules["include_re"].search(n) for n in names):
+        return "not T1-weighted (no include match)"
+    if row["n_slices"] < rules["min_slices"]:
+        return f"too few slices ({row['n_slices']} < {rules['min_slices']})"
+    return ""
+
+
+def _rank_key(row: dict[str, Any]) -> tuple[Any, ...]:
+    """Most slices first, then the smallest voxel; series number and UID break ties."""
+    sizes = (row["pixel_spacing_row"], row["pixel_spacing_col"], row["slice_spacing"])
+    volume = float(np.prod(sizes)) if all(v is not None for v in sizes) else float("inf")
+    return (-row["n_slices"], volume, row["series_number"] or 0, row["series_uid"])
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The chosen series (``uid`` None when none is usable) and each series' verdict."""
+
+    uid: str | None
+    two_d_only: bool
+    verdicts: dict[str, tuple[str, str]]
+
+
+def select_series(rows: list[dict[str, Any]], rules: dict[str, Any]) -> Selection:
+    """Choose the audited series from series-table rows.
+
+    Candidates are MR, not derived, not localizers, match ``include`` and not
+    ``exclude`` (on description, protocol and sequence name) and have at least
+    ``min_slices`` slices. Volumetric candidates (3D, or slices at most
+    ``max_slice_thickness_3d`` mm) win; otherwise the best 2D candidate is
+    chosen with ``two_d_only``. Within a tier: most slices, then smallest voxel.
+    ``rules`` comes from ``resolve_rules``.
+    """
+    verdicts: dict[str, tuple[str, str]] = {}
+    candidates = []
+    for row in rows:
+        reason = _rejection(row, rules)
+        if reason:
+            verdicts[row["series_uid"]] = ("rejected", reason)
+        else:
+            candidates.append(row)
+    volumetric = sorted((r for r in candidates if _is_volumetric(r, rules)), key=_rank_key)
+    flat = sorted((r for r in candidates if not _is_volumetric(r, rules)), key=_rank_key)
+    ranked = volumetric + flat
+    if not ranked:
+        return Selection(None, False, verdicts)
+    best = ranked[0]
+    two_d_only = not volumetric
+    verdicts[best["series_uid"]] = (
+        "selected",
+        "best 2D T1 series (no 3D T1)" if two_d_only else "best 3D T1 series",
+    )
+    label = best["description"] or best["series_uid"]
+    flat_uids = {r["series_uid"] for r in flat}
+    for row in ranked[1:]:
+        two_d = row["series_uid"] in flat_uids and volumetric
+        tier = "2D" if two_d else "fewer slices or coarser voxels"
+        verdicts[row["series_uid"]] = ("rejected", f"T1 candidate, ranked below {label!r} ({tier})")
+    return Selection(best["series_uid"], two_d_only, verdicts)
+
+
+def _no_series_reason(scan: _Scan, rows: list[dict[str, Any]]) -> str:
+    """A short, human-readable reason why a subject has no usable T1 series."""
+    if scan.n_files == 0:
+        return "folder is empty"
+    if not rows:
+        parts = []
+        if scan.non_dicom:
+            parts.append(_plural(len(scan.non_dicom), "non-DICOM file"))
+        if scan.unreadable:
+            parts.append(_plural(len(scan.unreadable), "unreadable file"))
+        detail = f" ({', '.join(parts)})" if parts else ""
+        readable = "readable " if scan.unreadable else ""
+        return f"no {readable}DICOM or NIfTI files{detail}"
+    if all(r["localizer"] for r in rows):
+        return (
+            "only a localizer series" if len(rows) == 1 else f"only localizer series ({len(rows)})"
+        )
+    reasons = Counter(r["reason"].split(" (")[0] for r in rows)
+    summary = ", ".join(f"{reason}: {count}" for reason, count in reasons.most_common())
+    reason = f"no usable T1-weighted series among {len(rows)} series ({summary})"
+    return reason[:300]
+
+
+# ------------------------------------------------------------------------ NIfTI
+
+
+def _bids_sidecar(path: Path) -> dict[str, Any]:
+    """Non-identifying acquisition fields of a BIDS sidecar next to a NIfTI file, if any."""
+    name = path.name[: -len(".nii.gz")] if path.name.lower().endswith(".gz") else path.stem
+    sidecar = path.with_name(name + ".json")
+    if not sidecar.is_file():
+        return {}
+    try:
+        data = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(data, dict):
+        return {}
+
+    def ms(key: str) -> float | None:
+        seconds = _number(data.get(key))
+        return None if seconds is None else seconds * 1000.0  # BIDS times are in seconds
+
+    return {
+        "manufacturer": _text(data.get("Manufacturer")),
+        "model": _text(data.get("ManufacturersModelName")),
+        "field_strength": _number(data.get("MagneticFieldStrength")),
+        "tr": ms("RepetitionTime"),
+        "te": ms("EchoTime"),
+        "ti": ms("InversionTime"),
+        "flip_angle": _number(data.get("FlipAngle")),
+        "description": _text(data.get("SeriesDescription")),
+        "acquisition": _text(data.get("MRAcquisitionType")).upper(),
+    }
+
+
+def _nifti_row(subject_dir: Path, rel: str, rules: dict[str, Any]) -> dict[str, Any]:
+    """Series-table row of one NIfTI file (header only; the data are not loaded)."""
+    row = dict.fromkeys(SERIES_COLUMNS)
+    row.update(kind="nifti", path=rel, n_files=1, n_unreadable=0, verdict="", reason="")
+    path = subject_dir / rel
+    try:
+        image = nib.load(path)
+        shape = tuple(int(n) for n in image.shape)
+        zooms = tuple(float(z) for z in image.header.get_zooms())
+        affine = image.affine
+    except Exception as error:
+        log.warning("unreadable NIfTI: %s (%s)", rel, type(error).__name__)
+        row.update(n_unreadable=1, verdict="rejected", reason="unreadable NIfTI")
+        return row
+    sidecar = _bids_sidecar(path)
+    row.update({k: v for k, v in sidecar.items() if v not in ("", None)})
+    if len(shape) >= 3:
+        thickness = zooms[2]
+        row.update(
+            cols=shape[0],
+            rows=shape[1],
+            n_slices=shape[2],
+            pixel_spacing_col=zooms[0],
+            pixel_spacing_row=zooms[1],
+            slice_thickness=thickness,
+            slice_spacing=thickness,
+            orientation=orientation_label(affine[:3, 2]),
+        )
+        if row["acquisition"] not in ("2D", "3D"):
+            thin = max(zooms[:3]) <= rules["max_slice_thickness_3d"]
+            row["acquisition"] = "3D" if thin else "2D"
+    row["shape"] = shape
+    return row
+
+
+def choose_nifti(rows: list[dict[str, Any]]) -> tuple[int | None, str]:
+    """Index of the NIfTI row to audit and why.
+
+    A 3D (or 4D) image with at least 2 voxels per axis is eligible. With one
+    eligible file, it is chosen. With several, files whose name says T1w/T1
+    (``sub-01_T1w``, ``t1``; not ``t1c``) win over the others, names that look
+    like masks or labels lose, then the largest image wins.
+    """
+    eligible = [
+        i
+        for i, row in enumerate(rows)
+        if row.get("shape") and len(row["shape"]) >= 3 and min(row["shape"][:3]) >= 2
+    ]
+    for i, row in enumerate(rows):
+        if i not in eligible and not row["verdict"]:
+            row.update(verdict="rejected", reason="not a 3D image")
+    if not eligible:
+        return None, ""
+    if len(eligible) == 1:
+        return eligible[0], f"only NIfTI image ({rows[eligible[0]]['path']})"
+
+    def name(i: int) -> str:
+        return Path(rows[i]["path"]).name
+
+    def key(i: int) -> tuple[Any, ...]:
+        says_t1 = bool(_NIFTI_T1.search(name(i)))
+        not_image = bool(_NIFTI_NOT_IMAGE.search(name(i)))
+        return (not says_t1, not_image, -int(np.prod(rows[i]["shape"][:3])), rows[i]["path"])
+
+    ordered = sorted(eligible, key=key)
+    best = ordered[0]
+    named = [i for i in eligible if _NIFTI_T1.search(name(i))]
+    if len(named) == 1:
+        why = f"name says T1 ({name(best)}) among {len(eligible)} NIfTI images"
+    elif named:
+        why = f"{len(named)} NIfTI names say T1; chose the largest ({name(best)})"
+    else:
+        why = f"no NIfTI name says T1w/T1; chose the largest image ({name(best)})"
+    for i in ordered[1:]:
+        rows[i].update(verdict="rejected", reason=f"ranked below {name(best)}")
+    return best, why
+
+
+# ----------------------------------------------------------------------- outputs
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return _text(value)
+
+
+def write_series_table(rows: list[dict[str, Any]], path: Path) -> None:
+    """Write the series table atomically: tab-separated, header line, one line per series.
+
+    Cells never hold tabs or newlines (header strings are cleaned), so every
+    row is one line; quotes are CSV-escaped.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        # backslashreplace: folder names that are not valid UTF-8 still write.
+        with os.fdopen(fd, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
+            writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
+            writer.writerow(SERIES_COLUMNS)
+            for row in rows:
+                writer.writerow([_cell(row.get(column)) for column in SERIES_COLUMNS])
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _base_metrics(scan: _Scan, n_series: int) -> dict[str, Any]:
+    metrics: dict[str, Any] = dict.fromkeys(METRIC_KEYS)
+    metrics.update(
+        hdr_n_series=n_series,
+        hdr_n_files=scan.n_files,
+        hdr_n_unreadable=len(scan.unreadable),
+        hdr_n_non_dicom=len(scan.non_dicom),
+        hdr_phi_tags=",".join(sorted(scan.phi_tags)),
+    )
+    return metrics
+
+
+def _row_metrics(row: dict[str, Any]) -> dict[str, Any]:
+    """The ``hdr_*`` acquisition metrics of the audited row (mm, ms, degrees, tesla)."""
+    return {
+        "hdr_manufacturer": row.get("manufacturer") or None,
+        "hdr_model": row.get("model") or None,
+        "hdr_field_strength": row.get("field_strength"),
+        "hdr_tr": row.get("tr"),
+        "hdr_te": row.get("te"),
+        "hdr_ti": row.get("ti"),
+        "hdr_flip_angle": row.get("flip_angle"),
+        "hdr_voxel_x": row.get("pixel_spacing_col"),
+        "hdr_voxel_y": row.get("pixel_spacing_row"),
+        "hdr_voxel_z": row.get("slice_spacing"),
+        "hdr_dim_x": row.get("cols"),
+        "hdr_dim_y": row.get("rows"),
+        "hdr_dim_z": row.get("n_slices"),
+        "hdr_acquisition": row.get("acquisition") or None,
+        "hdr_orientation": row.get("orientation") or None,
+        "hdr_series_description": row.get("description") or None,
+    }
+
+
+def _series_findings(
+    scan: _Scan, series: _Series, geometry: _Geometry, *, two_d_only: bool
+) -> tuple[list[str], int]:
+    """Header-audit findings of the chosen series and its count of unreadable files.
+
+    Files that could not be read at all have no known series: they count for the
+    chosen series when they sit in one of its folders.
+    """
+    folders = {str(Path(f).parent) for f in series.files}
+    unreadable = set(series.unusable) | {
+        f for f in scan.unreadable if str(Path(f).parent) in folders
+    }
+    present = {
+        "2d_only": two_d_only,
+        "missing_slices": geometry.gaps.missing > 0,
+        "duplicate_slices": geometry.gaps.duplicates > 0,
+        "nonuniform_spacing": geometry.gaps.nonuniform,
+        "mixed_orientation": geometry.mixed_orientation,
+        "mixed_dimensions": geometry.mixed_dimensions,
+        "inconsistent_rescale": geometry.inconsistent_rescale,
+        "unreadable_files": bool(unreadable),
+    }
+    return [name for name in FINDINGS if present[name]], len(unreadable)
+
+
+def _dicom_record(
+    scan: _Scan,
+    rows: list[dict[str, Any]],
+    geometries: dict[str, _Geometry],
+    selection: Selection,
+    warnings_: list[str],
+) -> dict[str, Any]:
+    uid = str(selection.uid)
+    series = scan.series[uid]
+    row = next(r for r in rows if r["series_uid"] == uid)
+    findings, n_unreadable = _series_findings(
+        scan, series, geometries[uid], two_d_only=selection.two_d_only
+    )
+    metrics = _base_metrics(scan, len(rows))
+    metrics.update(_row_metrics(row))
+    metrics.update(
+        hdr_missing_slices=row["missing_slices"], hdr_duplicate_slices=row["duplicate_slices"]
+    )
+    if n_unreadable:
+        warnings_.append(f"{_plural(n_unreadable, 'unreadable file')} next to the audited series")
+    truncated = set(series.unusable)
+    why = selection.verdicts[uid][1]
+    log.info(
+        "selected series %s (%s): %s, %d slices; findings: %s",
+        row["series_number"],
+        row["description"],
+        why,
+        row["n_slices"],
+        ", ".join(findings) or "none",
+    )
+    selected = {
+        "kind": "dicom",
+        "series_uid": uid,
+        "files": sorted(f for f in series.files if f not in truncated),
+        "description": row["description"],
+        "why": why,
+    }
+    return make_record(
+        "inventory",
+        status=OK,
+        findings=findings,
+        metrics=metrics,
+        warnings=warnings_,
+        selected=selected,
+    )
+
+
+def _nifti_record(
+    subject_dir: Path,
+    scan: _Scan,
+    rules: dict[str, Any],
+    warnings_: list[str],
+    dicom_rows: list[dict[str, Any]],
+    series_table: Path,
+) -> dict[str, Any]:
+    rows = [_nifti_row(subject_dir, rel, rules) for rel in scan.nifti]
+    unreadable = [r["path"] for r in rows if r["n_unreadable"]]
+    scan.unreadable.extend(unreadable)
+    index, why = choose_nifti(rows)
+    metrics = _base_metrics(scan, len(dicom_rows) + len(rows))
+    if index is None:
+        write_series_table(dicom_rows + rows, series_table)
+        reason = f"no readable 3D NIfTI image among {_plural(len(rows), 'file')}"
+        return make_record(
+            "inventory", status=NO_SERIES, reason=reason, metrics=metrics, warnings=warnings_
+        )
+    row = rows[index]
+    row.update(verdict="selected", reason=why)
+    write_series_table(dicom_rows + rows, series_table)
+    metrics.update(_row_metrics(row))
+    metrics.update(hdr_missing_slices=0, hdr_duplicate_slices=0)
+    if not metrics["hdr_series_description"]:
+        metrics["hdr_series_description"] = Path(row["path"]).name
+    findings = []
+    if (
+        max(row["pixel_spacing_col"], row["pixel_spacing_row"], row["slice_thickness"])
+        > rules["max_slice_thickness_3d"]
+    ):
+        findings.append("2d_only")
+    if unreadable:
+        findings.append("unreadable_files")
+    log.info("NIfTI subject: %s", why)
+    selected = {"kind": "nifti", "files": [row["path"]], "description": why}
+    return make_record(
+        "inventory",
+        status=OK,
+        findings=findings,
+        metrics=metrics,
+        warnings=warnings_,
+        selected=selected,
+    )
+
+
+def _inventory(subject_dir: Path, series_table: Path, rules: dict[str, Any]) -> dict[str, Any]:
+    if not subject_dir.is_dir():
+        message = f"subject folder not found: {subject_dir.name}"
+        raise StageError(message)
+    rules = resolve_rules(rules)
+    scan = _scan_folder(subject_dir)
+    warnings_ = list(scan.problems)
+    log.info(
+        "%d files: %d DICOM series, %d NIfTI, %d non-DICOM, %d unreadable",
+        scan.n_files,
+        len(scan.series),
+        len(scan.nifti),
+        len(scan.non_dicom),
+        len(scan.unreadable),
+    )
+    geometries = {uid: _series_geometry(s) for uid, s in scan.series.items()}
+    rows = [_series_row(scan.series[uid], geometries[uid], rules) for uid in scan.series]
+    rows.sort(key=lambda r: (r["series_number"] is None, r["series_number"] or 0, r["series_uid"]))
+    selection = select_series(rows, rules)
+    for row in rows:
+        row["verdict"], row["reason"] = selection.verdicts[row["series_uid"]]
+    if selection.uid is not None:
+        if scan.nifti:
+            warnings_.append(f"{_plural(len(scan.nifti), 'NIfTI file')} ignored: DICOM audited")
+        write_series_table(rows, series_table)
+        return _dicom_record(scan, rows, geometries, selection, warnings_)
+    if scan.nifti:
+        if rows:
+            warnings_.append("no usable DICOM T1 series: audited a NIfTI file instead")
+        return _nifti_record(subject_dir, scan, rules, warnings_, rows, series_table)
+    write_series_table(rows, series_table)
+    reason = _no_series_reason(scan, rows)
+    log.warning("no series: %s", reason)
+    return make_record(
+        "inventory",
+        status=NO_SERIES,
+        reason=reason,
+        metrics=_base_metrics(scan, len(rows)),
+        warnings=warnings_,
+    )
+
+
+def inventory_subject(
+    subject_dir: Path, *, series_table: Path, record_path: Path, rules: dict
+) -> dict:
+    """List the subject's series, choose the audited one and audit its headers.
+
+    Writes ``series_table`` (TSV, ``SERIES_COLUMNS``) and the ``inventory``
+    record, whose ``metrics`` hold the ``hdr_*`` columns (voxel sizes in mm,
+    dims in voxels as columns x rows x slices, TR/TE/TI in ms, flip angle in
+    degrees, field strength in T; None when unknown), whose ``findings`` are
+    codes from ``FINDINGS`` (each one is a reason to flag the subject), and
+    whose ``selected`` names the files to convert (paths relative to
+    ``subject_dir``). ``rules`` is the ``series`` config (missing keys take
+    ``DEFAULT_RULES``). Status ``no_series`` when nothing usable is found.
+    """
+    subject_dir, series_table = Path(subject_dir), Path(series_table)
+    record = run_stage(
+        "inventory",
+        lambda: _inventory(subject_dir, series_table, rules),
+        record_path=record_path,
+    )
+    if not series_table.exists():
+        write_series_table([], series_table)
+    return record
+
+
+# ---------------------------------------------------------------------- conversion
+
+
+def _link_files(subject_dir: Path, files: list[str], folder: Path) -> None:
+    """Link (or copy, where links fail) the chosen files into ``folder`` under neutral names."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for index, rel in enumerate(files):
+        source = (subject_dir / rel).absolute()
+        if not source.is_file():
+            message = f"selected file disappeared since the inventory: {rel}"
+            raise StageError(message)
+        target = folder / f"{index:06d}.dcm"
+        try:
+            os.symlink(source, target)
+        except OSError:
+            shutil.copyfile(source, target)
+
+
+def _run_dcm2niix(in_dir: Path, out_dir: Path) -> tuple[int, list[str], list[str]]:
+    """Run the packaged dcm2niix; returns (exit code, warning lines, other output lines)."""
+    command = [
+        str(dcm2niix.bin),  # the PyPI package's own binary, never one found on PATH
+        "-g", "i",  # ignore a user's ~/.dcm2nii.ini: same flags on every machine
+        "-ba", "y",
+        "-b", "y",
+        "-z", "y",
+        "-f", _OUTPUT_NAME,
+        "-o", str(out_dir),
+        str(in_dir),
+    ]  # fmt: skip
+    try:
+        result = subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=_DCM2NIIX_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired as error:
+        message = f"dcm2niix did not finish within {_DCM2NIIX_TIMEOUT_S} s"
+        raise StageError(message) from error
+    lines = [
+        line.replace(str(in_dir), "<in>").replace(str(out_dir), "<out>").strip()
+        for line in (result.stdout + "\n" + result.stderr).splitlines()
+        if line.strip()
+    ]
+    warning_lines = [line for line in lines if line.lower().startswith("warning")]
+    other = [line for line in lines if not line.lower().startswith("warning")]
+    for line in other:
+        log.info("dcm2niix: %s", line)  # warnings are logged by the caller, with the record's
+    return result.returncode, warning_lines, other
+
+
+def _nifti_outputs(out_dir: Path) -> list[tuple[Path, tuple[int, ...]]]:
+    outputs = []
+    for path in sorted(out_dir.glob("*.nii.gz")) + sorted(out_dir.glob("*.nii")):
+        try:
+            outputs.append((path, tuple(int(n) for n in nib.load(path).shape)))
+        except Exception as error:
+            log.warning("dcm2niix output unreadable: %s (%s)", path.name, type(error).__name__)
+    return outputs
+
+
+def _pick_output(out_dir: Path) -> tuple[Path, bool, list[str]]:
+    """The image to keep among dcm2niix's outputs: the largest 3D one.
+
+    Returns (path, take_first_volume, warnings). A 4D image is used (first
+    volume) only when no 3D image was written.
+    """
+    outputs = _nifti_outputs(out_dir)
+    if not outputs:
+        message = "dcm2niix wrote no image"
+        raise StageError(message)
+
+    def is_3d(shape: tuple[int, ...]) -> bool:
+        return len(shape) == 3 or (len(shape) == 4 and shape[3] == 1)
+
+    three_d = [o for o in outputs if is_3d(o[1])]
+    pool = three_d or outputs
+    path, shape = max(pool, key=lambda o: (int(np.prod(o[1][:3])), o[0].name))
+    notes = []
+    if len(outputs) > 1:
+        names = ", ".join(f"{p.name} {'x'.join(map(str, s))}" for p, s in outputs)
+        notes.append(
+            f"dcm2niix split the series into {len(outputs)} images ({names}); kept {path.name}"
+        )
+    first_volume = not is_3d(shape)
+    if first_volume:
+        notes.append(
+            f"dcm2niix wrote a 4D image ({'x'.join(map(str, shape))}); kept the first volume"
+        )
+    return path, first_volume, notes
+
+
+def clean_sidecar(sidecar: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a dcm2niix sidecar without identifying keys.
+
+    Removes ``SIDECAR_PHI_KEYS``, every ``Patient*`` key except
+    ``PatientPosition``, and every date (``*Date``, ``*DateTime``).
+    """
+    return {
+        key: value
+        for key, value in sidecar.items()
+        if key not in SIDECAR_PHI_KEYS
+        and not (key.startswith("Patient") and key != "PatientPosition")
+        and not key.endswith(("Date", "DateTime"))
+    }
+
+
+def _atomic_copy(source: Path, target: Path) -> None:
+    """Copy ``source`` to ``target`` through a temporary name in the target folder."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        shutil.copyfile(source, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _first_volume(source: Path, target: Path) -> None:
+    """Write the first volume of a 4D NIfTI (same affine and header otherwise) to ``target``."""
+    image = nib.load(source)
+    nib.save(image.slicer[..., 0], target)
+
+
+def check_image(path: Path) -> dict[str, Any]:
+    """Sanity of a converted image and its ``conv_*`` metrics.
+
+    The image must be 3D, with at least 2 voxels along each axis and only finite
+    values; otherwise ``StageError``. Metrics: ``conv_dim_x/y/z`` (voxels) and
+    ``conv_voxel_x/y/z`` (mm), in the file's own voxel order.
+    """
+    image = nib.load(path)
+    shape = tuple(int(n) for n in image.shape)
+    if len(shape) != 3 or min(shape) < 2:
+        message = (
+            f"converted image is not a 3D volume of at least 2 voxels per axis (shape {shape})"
+        )
+        raise StageError(message)
+    data = image.get_fdata(dtype=np.float32)
+    n_bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
+    if n_bad:
+        message = f"converted image has {n_bad} non-finite voxels"
+        raise StageError(message)
+    zooms = [float(z) for z in image.header.get_zooms()[:3]]
+    return {
+        "conv_dim_x": shape[0],
+        "conv_dim_y": shape[1],
+        "conv_dim_z": shape[2],
+        "conv_voxel_x": zooms[0],
+        "conv_voxel_y": zooms[1],
+        "conv_voxel_z": zooms[2],
+    }
+
+
+def _convert_dicom(
+    subject_dir: Path, selected: dict[str, Any], out_image: Path, out_sidecar: Path
+) -> dict[str, Any]:
+    files = list(selected.get("files") or [])
+    if not files:
+        message = "the inventory selected no files to convert"
+        raise StageError(message)
+    with tempfile.TemporaryDirectory(prefix="mriaudit-dcm2niix-") as tmp:
+        in_dir, out_dir = Path(tmp) / "in", Path(tmp) / "out"
+        out_dir.mkdir()
+        _link_files(subject_dir, files, in_dir)
+        code, dcm_warnings, other = _run_dcm2niix(in_dir, out_dir)
+        if not _nifti_outputs(out_dir):
+            last = next((line for line in reversed(other) if "error" in line.lower()), "")
+            detail = last or (dcm_warnings[-1] if dcm_warnings else "no output")
+            message = f"dcm2niix failed (exit code {code}): {detail}"[:300]
+            raise StageError(message)
+        notes = list(dcm_warnings)
+        if code != 0:
+            notes.append(f"dcm2niix exited with code {code} but wrote an image")
+        path, first_volume, pick_notes = _pick_output(out_dir)
+        notes += pick_notes
+        if first_volume:
+            single = out_dir / "first_volume.nii.gz"
+            _first_volume(path, single)
+            metrics = check_image(single)
+            _atomic_copy(single, out_image)
+        else:
+            metrics = check_image(path)
+            _atomic_copy(path, out_image)
+        name = path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
+        json_path = out_dir / f"{name}.json"
+        if json_path.is_file():
+            sidecar = clean_sidecar(json.loads(json_path.read_text(errors="replace")))
+        else:
+            notes.append("dcm2niix wrote no JSON sidecar; wrote a minimal one")
+            sidecar = {"ConversionSoftware": "dcm2niix"}
+        version = next(
+            (m.group(1) for line in other if (m := re.search(r"version (v\S+)", line))), ""
+        )
+    write_json(out_sidecar, sidecar)
+    metrics["convert_n_warnings"] = len(notes)
+    for note in notes:
+        log.warning("%s", note)
+    return make_record(
+        "convert",
+        status=OK,
+        metrics=metrics,
+        warnings=notes,
+        source="dicom",
+        converter=f"dcm2niix {version}".strip(),
+    )
+
+
+def _convert_nifti(
+    subject_dir: Path, selected: dict[str, Any], out_image: Path, out_sidecar: Path
+) -> dict[str, Any]:
+    files = list(selected.get("files") or [])
+    if len(files) != 1:
+        message = f"the inventory selected {len(files)} NIfTI files; expected 1"
+        raise StageError(message)
+    rel = files[0]
+    source = subject_dir / rel
+    notes: list[str] = []
+    try:
+        image = nib.load(source)
+    except Exception as error:
+        message = f"cannot read NIfTI {rel}: {type(error).__name__}"
+        raise StageError(message) from error
+    with tempfile.TemporaryDirectory(prefix="mriaudit-nifti-") as tmp:
+        staged = Path(tmp) / "image.nii.gz"
+        if len(image.shape) == 4:
+            notes.append(f"4D NIfTI ({'x'.join(map(str, image.shape))}): kept the first volume")
+            _first_volume(source, staged)
+        elif len(image.shape) == 3 and source.name.lower().endswith(".nii.gz"):
+            shutil.copyfile(source, staged)  # byte-identical copy: nothing to change
+        else:
+            nib.save(image, staged)  # compress (.nii -> .nii.gz); header and affine kept
+        metrics = check_image(staged)
+        _atomic_copy(staged, out_image)
+    write_json(out_sidecar, {"SourceFile": Path(rel).name})
+    metrics["convert_n_warnings"] = len(notes)
+    for note in notes:
+        log.warning("%s", note)
+    return make_record("convert", status=OK, metrics=metrics, warnings=notes, source="nifti")
+
+
+def _convert(
+    subject_dir: Path, inventory_record: Path, out_image: Path, out_sidecar: Path
+) -> dict[str, Any]:
+    selected = read_record(inventory_record).get("selected") or {}
+    kind = selected.get("kind")
+    if kind == "dicom":
+        return _convert_dicom(subject_dir, selected, out_image, out_sidecar)
+    if kind == "nifti":
+        return _convert_nifti(subject_dir, selected, out_image, out_sidecar)
+    message = f"the inventory record selects nothing to convert (kind {kind!r})"
+    raise StageError(message)
+
+
+def convert_subject(
+    subject_dir: Path,
+    *,
+    inventory_record: Path,
+    out_image: Path,
+    out_sidecar: Path,
+    record_path: Path,
+) -> dict:
+    """Convert the inventory's chosen series (or NIfTI file) to ``out_image`` + ``out_sidecar``.
+
+    DICOM: links to the chosen files in a private temporary folder, the
+    packaged dcm2niix (``-ba y -b y -z y``), the largest 3D output kept with
+    dcm2niix's own voxel order and affine, the sidecar stripped of identifying
+    keys; dcm2niix's warnings go to the log and the record (metric
+    ``convert_n_warnings``). NIfTI: the chosen file copied unchanged in
+    geometry (first volume of a 4D image). The result must be 3D, at least 2
+    voxels per axis, finite; metrics ``conv_dim_*`` (voxels), ``conv_voxel_*`` (mm).
+    Skipped (with the inventory's status) when the inventory is not ``ok``.
+    """
+    subject_dir = Path(subject_dir)
+    return run_stage(
+        "convert",
+        lambda: _convert(subject_dir, Path(inventory_record), Path(out_image), Path(out_sidecar)),
+        record_path=record_path,
+        image_outputs=[out_image, out_sidecar],
+        upstream=[inventory_record],
+    )

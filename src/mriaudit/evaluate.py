@@ -1,0 +1,237 @@
+"""Detection metrics of the audit against known labels (1 = anomalous, 0 = normal).
+
+Two views of the same cohort:
+
+- the continuous ``anomaly_score`` over labelled subjects that have one
+  (AUROC, AUPRC with stratified bootstrap 95 % CIs, ROC and PR curves, and the
+  operating point at the anomaly threshold the flags use);
+- the final ``flagged`` column over every labelled subject, where a failed or
+  ``no_series`` subject counts as flagged (it is excluded either way).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from scipy import stats
+from sklearn.metrics import (
+    average_precision_score,
+    precision_recall_curve,
+    roc_auc_score,
+    roc_curve,
+)
+
+from mriaudit import cohort
+from mriaudit.aggregate import anomaly_threshold, flag_settings, read_scores, reference_mask
+from mriaudit.records import OK, write_json
+
+log = logging.getLogger(__name__)
+
+#: Curves are thinned to at most this many points (enough for a figure).
+MAX_CURVE_POINTS = 500
+
+
+def confusion(labels: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
+    """Counts and rates of binary predictions (n,) bool against labels (n,) 0/1.
+
+    tpr (sensitivity), fpr, precision and f1 are NaN where undefined.
+    """
+    y = np.asarray(labels).astype(bool)
+    p = np.asarray(predicted).astype(bool)
+    tp, fp = int(np.sum(p & y)), int(np.sum(p & ~y))
+    fn, tn = int(np.sum(~p & y)), int(np.sum(~p & ~y))
+
+    def ratio(a: int, b: int) -> float:
+        return a / b if b else math.nan
+
+    precision, tpr = ratio(tp, tp + fp), ratio(tp, tp + fn)
+    f1 = ratio(2 * tp, 2 * tp + fp + fn)
+    return {
+        "tp": tp,
+        "fp": fp,
+        "tn": tn,
+        "fn": fn,
+        "tpr": tpr,
+        "fpr": ratio(fp, fp + tn),
+        "precision": precision,
+        "f1": f1,
+    }
+
+
+def rank_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """AUROC as the Mann-Whitney U statistic with midranks for ties (equals sklearn's).
+
+    ``labels`` (n,) 0/1 with both classes present, ``scores`` (n,) float.
+    Several times faster than ``roc_auc_score``, which matters inside a bootstrap.
+    """
+    y = np.asarray(labels).astype(bool)
+    ranks = stats.rankdata(scores)
+    n_pos = int(y.sum())
+    n_neg = y.size - n_pos
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def step_average_precision(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Average precision, the step-wise sum sklearn's ``average_precision_score`` computes.
+
+    ``AP = sum_k (R_k - R_{k-1}) P_k`` over the distinct score thresholds,
+    highest first; ``labels`` (n,) 0/1 with at least one positive.
+    """
+    order = np.argsort(-np.asarray(scores, dtype=float), kind="mergesort")
+    s = np.asarray(scores, dtype=float)[order]
+    y = np.asarray(labels)[order].astype(float)
+    # Last index of every run of equal scores: one operating point per threshold.
+    last = np.r_[np.flatnonzero(np.diff(s)), y.size - 1]
+    tps = np.cumsum(y)[last]
+    precision = tps / (last + 1)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def bootstrap_ci(
+    labels: np.ndarray, scores: np.ndarray, *, n_bootstrap: int, seed: int
+) -> dict[str, list[float] | None]:
+    """95 % percentile CIs of AUROC and AUPRC by stratified bootstrap.
+
+    Positives and negatives are resampled separately (with replacement), so
+    every resample keeps the class counts and both metrics stay defined.
+    """
+    y = np.asarray(labels).astype(int)
+    s = np.asarray(scores, dtype=float)
+    positives, negatives = np.flatnonzero(y == 1), np.flatnonzero(y == 0)
+    if n_bootstrap < 1 or positives.size == 0 or negatives.size == 0:
+        return {"auroc": None, "auprc": None}
+    rng = np.random.default_rng(seed)
+    aurocs, auprcs = np.empty(n_bootstrap), np.empty(n_bootstrap)
+    for b in range(n_bootstrap):
+        sample = np.concatenate(
+            [rng.choice(positives, positives.size), rng.choice(negatives, negatives.size)]
+        )
+        aurocs[b] = rank_auroc(y[sample], s[sample])
+        auprcs[b] = step_average_precision(y[sample], s[sample])
+    return {
+        "auroc": np.percentile(aurocs, [2.5, 97.5]).tolist(),
+        "auprc": np.percentile(auprcs, [2.5, 97.5]).tolist(),
+    }
+
+
+def _thin(points: dict[str, np.ndarray]) -> dict[str, list[float]]:
+    """Keep at most MAX_CURVE_POINTS evenly spaced points (first and last kept)."""
+    n = len(next(iter(points.values())))
+    keep = np.arange(n)
+    if n > MAX_CURVE_POINTS:
+        keep = np.unique(np.linspace(0, n - 1, MAX_CURVE_POINTS).round().astype(int))
+    return {name: np.asarray(values, dtype=float)[keep].tolist() for name, values in points.items()}
+
+
+def evaluate_cohort(
+    scores_tsv: Path,
+    labels_path: Path,
+    *,
+    out_metrics: Path,
+    flag: dict[str, Any],
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Compute detection metrics from scores.tsv and the labels TSV; write metrics.json.
+
+    Positive class: label 1 (anomalous); score: ``anomaly_score`` (higher = more
+    anomalous). AUROC/AUPRC are None when the scored subjects hold one class
+    only. Returns the metrics dict that is written.
+    """
+    frame = read_scores(scores_tsv)
+    labels = cohort.read_labels(labels_path)
+    subjects = frame["subject"].tolist()
+    known = set(subjects)
+    unmatched = sorted(set(labels) - known)
+    if unmatched:
+        log.warning(
+            "%d labelled subjects are not in scores.tsv, e.g. %s", len(unmatched), unmatched[:3]
+        )
+    label = np.array([labels.get(s, -1) for s in subjects])
+    labelled = label >= 0
+    score = frame["anomaly_score"].to_numpy(dtype=float)
+    status = frame["status"].to_numpy(dtype=str)
+    scored = labelled & np.isfinite(score)
+    y, s = label[scored], score[scored]
+
+    reference = reference_mask(
+        status, frame["in_reference"].to_numpy(dtype=bool), np.isfinite(score)
+    )
+    threshold = anomaly_threshold(score, reference, flag=flag)
+    unscored = [
+        {"subject": subjects[i], "label": int(label[i]), "status": status[i]}
+        for i in np.flatnonzero(labelled & ~scored)
+    ]
+    metrics: dict[str, Any] = {
+        "n_subjects": len(frame),
+        "n_labelled": int(labelled.sum()),
+        "n_labels_not_in_cohort": len(unmatched),
+        "n_pos": int((y == 1).sum()),
+        "n_neg": int((y == 0).sum()),
+        "n_unscored": len(unscored),
+        "n_unscored_pos": sum(u["label"] == 1 for u in unscored),
+        "n_unscored_neg": sum(u["label"] == 0 for u in unscored),
+        "unscored": unscored,
+        "flag": flag_settings(flag),
+        "anomaly_threshold": threshold,
+        "auroc": None,
+        "auroc_ci": None,
+        "auprc": None,
+        "auprc_ci": None,
+        "n_bootstrap": n_bootstrap,
+        "seed": seed,
+        "roc_curve": None,
+        "pr_curve": None,
+    }
+    if metrics["n_pos"] and metrics["n_neg"]:
+        metrics["auroc"] = float(roc_auc_score(y, s))
+        metrics["auprc"] = float(average_precision_score(y, s))
+        intervals = bootstrap_ci(y, s, n_bootstrap=n_bootstrap, seed=seed)
+        metrics["auroc_ci"], metrics["auprc_ci"] = intervals["auroc"], intervals["auprc"]
+        fpr, tpr, roc_thresholds = roc_curve(y, s)
+        metrics["roc_curve"] = _thin({"fpr": fpr, "tpr": tpr, "threshold": roc_thresholds})
+        precision, recall, pr_thresholds = precision_recall_curve(y, s)
+        # precision_recall_curve has one threshold fewer than points (the last point has none).
+        metrics["pr_curve"] = _thin(
+            {
+                "precision": precision,
+                "recall": recall,
+                "threshold": np.append(pr_thresholds, np.nan),
+            }
+        )
+    else:
+        log.warning(
+            "AUROC/AUPRC undefined: %d positive and %d negative scored subjects",
+            metrics["n_pos"],
+            metrics["n_neg"],
+        )
+    metrics["operating_point"] = {
+        "threshold": threshold,
+        "n": int(scored.sum()),
+        **confusion(y, s >= threshold),
+    }
+    # A subject that is not ok is flagged by aggregate; enforce it for edited tables too.
+    flagged = frame["flagged"].to_numpy(dtype=bool) | (status != OK)
+    metrics["flagged"] = {
+        "n": int(labelled.sum()),
+        **confusion(label[labelled], flagged[labelled]),
+    }
+    write_json(out_metrics, metrics)
+    log.info(
+        "AUROC %s, AUPRC %s over %d positive / %d negative subjects (%d unscored)",
+        _fmt(metrics["auroc"]),
+        _fmt(metrics["auprc"]),
+        metrics["n_pos"],
+        metrics["n_neg"],
+        metrics["n_unscored"],
+    )
+    return metrics
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"

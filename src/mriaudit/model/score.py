@@ -1,0 +1,378 @@
+"""Scoring: voxel anomaly maps and subject anomaly scores.
+
+A subject's normalised, cropped volume is reconstructed slice by slice by the
+fold model that did not train on it (reference subjects) or by each of the K
+fold models (everyone else). The raw voxel map combines
+
+- the intensity residual ``|x - x_hat|`` (normalised intensity units) and
+- a structural term ``1 - SSIM(x, x_hat)`` (local 3D SSIM, Gaussian window),
+
+is calibrated against the out-of-fold maps of reference subjects (voxelwise
+median subtracted, divided by a smoothed robust spread, so edges that every
+subject reconstructs poorly do not dominate), median filtered and kept inside
+the eroded template brain mask. Higher map values and scores are more
+anomalous.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import torch
+from scipy import ndimage
+
+from mriaudit.model.data import BrainGrid, ImageError, brain_grid, load_normalised, slice_inputs
+from mriaudit.model.device import resolve_device
+from mriaudit.model.network import AtlasWarpNet, build_network
+from mriaudit.records import OK, StageError, make_record, run_stage
+
+log = logging.getLogger(__name__)
+
+STAGE = "score"
+
+DEFAULT_SCORING: dict[str, Any] = {
+    # Misregistration tolerance in voxels: the intensity residual is the distance
+    # of x(p) to the range of x_hat over p's (2t+1)^3 neighbourhood, so an edge
+    # displaced by up to t voxels leaves no residual but a lesion's interior does.
+    "tolerance": 1,
+    # Weight of 1 - SSIM against the absolute intensity residual.
+    "ssim_weight": 0.5,
+    # Gaussian window of the local SSIM, in voxels.
+    "ssim_sigma": 1.0,
+    # Side of the cubic median filter, in voxels.
+    "median_size": 3,
+    # Erosion of the template brain mask, in voxels: the brain edge after an
+    # affine registration differs between subjects by a few mm.
+    "erode_voxels": 2,
+    # Focal summary: peak of the map smoothed with this Gaussian, in voxels.
+    "focal_sigma": 1.5,
+    # Regions: connected voxels above this percentile of the map inside the mask.
+    "region_percentile": 99.5,
+    # Floor of the calibration spread, as a fraction of its median in the mask.
+    "spread_floor": 0.5,
+}
+
+
+def reconstruct(
+    model: AtlasWarpNet,
+    volume: np.ndarray,
+    *,
+    device: torch.device,
+    batch_size: int = 32,
+) -> np.ndarray:
+    """The model's normal-anatomy reconstruction of a cropped volume (X, Y, Z), float32."""
+    model.eval()
+    n_z = volume.shape[2]
+    out = np.empty(volume.shape, dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, n_z, batch_size):
+            z = np.arange(start, min(n_z, start + batch_size))
+            x = torch.from_numpy(slice_inputs(volume, z, context=model.context)).to(device)
+            y = model(x, torch.from_numpy(z).to(device))[:, 0].float().cpu().numpy()
+            out[:, :, start : start + len(z)] = np.moveaxis(y, 0, 2)
+    return out
+
+
+def local_ssim(a: np.ndarray, b: np.ndarray, *, sigma: float) -> np.ndarray:
+    """Local SSIM of two volumes in [0, ~1.5] intensity units, Gaussian window ``sigma`` voxels."""
+    c1, c2 = 0.01**2, 0.03**2
+    a = a.astype(np.float32)
+    b = b.astype(np.float32)
+
+    def blur(v: np.ndarray) -> np.ndarray:
+        return ndimage.gaussian_filter(v, sigma, truncate=2.5)
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a * mu_a
+    var_b = blur(b * b) - mu_b * mu_b
+    cov = blur(a * b) - mu_a * mu_b
+    numerator = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
+    denominator = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
+    return numerator / denominator
+
+
+def tolerant_residual(volume: np.ndarray, recon: np.ndarray, *, tolerance: int) -> np.ndarray:
+    """Distance (X, Y, Z) of each voxel of ``volume`` to the range of ``recon`` around it.
+
+    With ``tolerance`` 0 this is ``|x - x_hat|``.
+    """
+    if tolerance <= 0:
+        return np.abs(volume - recon)
+    size = 2 * tolerance + 1
+    high = ndimage.maximum_filter(recon, size=size)
+    low = ndimage.minimum_filter(recon, size=size)
+    return np.maximum(volume - high, 0.0) + np.maximum(low - volume, 0.0)
+
+
+def raw_map(volume: np.ndarray, recon: np.ndarray, *, scoring: dict[str, Any]) -> np.ndarray:
+    """Uncalibrated anomaly terms (2, X, Y, Z), float32, >= 0: the tolerant
+    intensity residual and the structural term ``1 - SSIM``."""
+    residual = tolerant_residual(volume, recon, tolerance=int(scoring.get("tolerance", 0)))
+    structure = np.clip(1.0 - local_ssim(volume, recon, sigma=scoring["ssim_sigma"]), 0.0, 2.0)
+    return np.stack([residual, structure]).astype(np.float32)
+
+
+def scoring_mask(grid: BrainGrid, *, erode_voxels: int) -> np.ndarray:
+    """Eroded template brain mask on the crop (bool, X, Y, Z)."""
+    mask = grid.crop_mask
+    if erode_voxels > 0:
+        mask = ndimage.binary_erosion(mask, iterations=erode_voxels, border_value=1)
+    return mask
+
+
+def calibration_stats(maps: Sequence[np.ndarray], mask: np.ndarray, *, floor: float) -> dict:
+    """Voxelwise median and robust spread of the raw terms of reference subjects.
+
+    ``maps`` are (2, X, Y, Z) each. The spread (1.4826 * MAD) is smoothed
+    (sigma 1.5 voxels: few subjects make it noisy) and floored, per term, at
+    ``floor`` times the term's standard deviation over all subjects and voxels
+    inside ``mask``. Returns ``{"median", "spread"}``,
+    float16 tensors (2, X, Y, Z).
+    """
+    stack = np.stack(maps, axis=0).astype(np.float32)
+    median = np.median(stack, axis=0)
+    spread = 1.4826 * np.median(np.abs(stack - median[None]), axis=0)
+    spread = ndimage.gaussian_filter(spread, (0, 1.5, 1.5, 1.5))
+    median = ndimage.gaussian_filter(median, (0, 0.5, 0.5, 0.5))
+    for term in range(spread.shape[0]):
+        # The tolerant residual is zero at most voxels, so a voxel's own spread can
+        # be ~0; the floor is a fraction of the term's spread over the whole brain.
+        values = stack[:, term][:, mask]
+        base = float(np.std(values)) if values.size else 1.0
+        spread[term] = np.maximum(spread[term], max(floor * base, 1e-3))
+    return {
+        "median": torch.from_numpy(median.astype(np.float16)),
+        "spread": torch.from_numpy(spread.astype(np.float16)),
+    }
+
+
+def calibrated_map(
+    raw: np.ndarray,
+    calibration: dict,
+    mask: np.ndarray,
+    *,
+    scoring: dict[str, Any],
+) -> np.ndarray:
+    """Anomaly map (X, Y, Z), >= 0, zero outside ``mask``.
+
+    Each term becomes a robust z against the reference at that voxel (only the
+    excess counts), then ``z_residual + ssim_weight * z_structure`` is median
+    filtered. Units: robust standard deviations.
+    """
+    median = calibration["median"].float().numpy()
+    spread = calibration["spread"].float().numpy()
+    z = np.maximum((raw - median) / spread, 0.0)
+    value = z[0] + float(scoring["ssim_weight"]) * z[1]
+    value = np.where(mask, value, 0.0).astype(np.float32)
+    size = int(scoring["median_size"])
+    if size > 1:
+        value = ndimage.median_filter(value, size=size, mode="constant")
+    value[~mask] = 0.0
+    return value
+
+
+def focal_and_diffuse(
+    anomaly: np.ndarray, mask: np.ndarray, *, sigma: float
+) -> tuple[float, float]:
+    """Two summaries of a map inside ``mask`` (higher = more anomalous).
+
+    ``focal``: the peak of the map smoothed with a Gaussian of ``sigma`` voxels,
+    the upper tail that a lesion of a few mm raises. ``diffuse``: the mean of
+    the map, which noise, ghosting or a wrong contrast raise everywhere while
+    their peaks stay ordinary.
+    """
+    if not mask.any():
+        message = "the scoring mask is empty"
+        raise ValueError(message)
+    smooth = ndimage.gaussian_filter(anomaly, sigma) if sigma > 0 else anomaly
+    return float(smooth[mask].max()), float(anomaly[mask].mean())
+
+
+def robust_scale(values: Sequence[float]) -> list[float]:
+    """``[median, scale]`` of reference values; the scale (1.4826 * MAD) is floored
+    at 10 % of the median so a handful of similar subjects cannot make it ~0."""
+    values = np.asarray(values, dtype=float)
+    median = float(np.median(values))
+    mad = 1.4826 * float(np.median(np.abs(values - median)))
+    return [median, max(mad, 0.1 * abs(median), 1e-6)]
+
+
+def subject_score(focal: float, diffuse: float, calibration: dict[str, Any]) -> float:
+    """``anomaly_raw``: the larger of the focal and diffuse summaries as robust z
+    against the out-of-fold reference subjects of the model's calibration."""
+    z_focal = (focal - calibration["focal"][0]) / calibration["focal"][1]
+    z_diffuse = (diffuse - calibration["diffuse"][0]) / calibration["diffuse"][1]
+    return float(max(z_focal, z_diffuse))
+
+
+def top_regions(
+    anomaly: np.ndarray,
+    mask: np.ndarray,
+    *,
+    affine: np.ndarray,
+    offset: Sequence[int],
+    percentile: float,
+    count: int = 3,
+) -> list[dict[str, Any]]:
+    """The ``count`` connected regions of highest summed anomaly.
+
+    Regions are 26-connected voxels inside ``mask`` above the ``percentile`` of
+    the map inside the mask (and above 0). Each has ``centroid_mm`` (anomaly-
+    weighted, MNI mm [x, y, z]), ``volume_ml``, ``peak`` (map units) and
+    ``mass`` (sum of the map over the region, voxels x map units). ``offset``
+    is the crop origin on the template grid (voxels).
+    """
+    inside = anomaly[mask]
+    if inside.size == 0:
+        return []
+    threshold = max(float(np.percentile(inside, percentile)), 1e-6)
+    labels, n = ndimage.label((anomaly > threshold) & mask, structure=np.ones((3, 3, 3)))
+    if n == 0:
+        return []
+    index = np.arange(1, n + 1)
+    mass = ndimage.sum_labels(anomaly, labels, index)
+    sizes = ndimage.sum_labels(np.ones_like(anomaly), labels, index)
+    peaks = ndimage.maximum(anomaly, labels, index)
+    centres = ndimage.center_of_mass(anomaly, labels, index)
+    voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
+    regions = []
+    for i in np.argsort(-np.asarray(mass))[:count]:
+        voxel = np.asarray(centres[i], dtype=float) + np.asarray(offset, dtype=float)
+        centre = affine[:3, :3] @ voxel + affine[:3, 3]
+        regions.append(
+            {
+                "centroid_mm": [round(float(c), 1) for c in centre],
+                "volume_ml": round(float(sizes[i]) * voxel_ml, 3),
+                "peak": round(float(peaks[i]), 4),
+                "mass": round(float(mass[i]), 3),
+            }
+        )
+    return regions
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """The checkpoint dict (tensors, numbers and strings only, loaded with ``weights_only``)."""
+    return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+def score_volume(
+    volume: np.ndarray,
+    checkpoint: dict[str, Any],
+    *,
+    folds: Sequence[int],
+    device: torch.device,
+    grid: BrainGrid,
+) -> tuple[np.ndarray, dict[str, float]]:
+    """Anomaly map on the crop and subject metrics, averaged over the fold models ``folds``.
+
+    Metrics: ``anomaly_raw`` (see :func:`subject_score`), ``anomaly_focal`` and
+    ``anomaly_diffuse`` (see :func:`focal_and_diffuse`). Scores are the means
+    of the per-model scores (each model's score of an unseen subject is
+    distributed like an out-of-fold score, so reference and non-reference
+    subjects stay comparable); the map is the mean of the maps.
+    """
+    scoring = checkpoint["scoring"]
+    architecture = checkpoint["architecture"]
+    mask = scoring_mask(grid, erode_voxels=int(scoring["erode_voxels"]))
+    maps, metrics = [], []
+    for fold in folds:
+        model = build_network(architecture, shape=volume.shape)
+        model.load_state_dict(checkpoint["state_dicts"][fold])
+        recon = reconstruct(model.to(device), volume, device=device)
+        raw = raw_map(volume, recon, scoring=scoring)
+        calibration = checkpoint["calibration"][fold]
+        anomaly = calibrated_map(raw, calibration, mask, scoring=scoring)
+        focal, diffuse = focal_and_diffuse(anomaly, mask, sigma=float(scoring["focal_sigma"]))
+        maps.append(anomaly)
+        metrics.append((subject_score(focal, diffuse, calibration), focal, diffuse))
+    raw_score, focal, diffuse = (float(v) for v in np.mean(metrics, axis=0))
+    summary = {"anomaly_raw": raw_score, "anomaly_focal": focal, "anomaly_diffuse": diffuse}
+    return np.mean(maps, axis=0).astype(np.float32), summary
+
+
+def _write_map(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
+    img = nib.Nifti1Image(data.astype(np.float32), affine)
+    img.header.set_xyzt_units("mm")
+    img.header.set_intent("estimate", name="anomaly")
+    nib.save(img, str(path))
+
+
+def score_subject(
+    image: Path,
+    *,
+    checkpoint: Path,
+    subject: str,
+    out_map: Path,
+    record_path: Path,
+    upstream: Sequence[Path],
+    device: str = "auto",
+    threads: int = 1,
+) -> dict:
+    """Stage ``score``: write the voxel anomaly map and the subject's record.
+
+    ``image`` is the registered image on the template grid; ``subject`` the
+    BIDS label that the checkpoint's fold assignment uses. The map (float32,
+    template grid and affine) is 0 outside the eroded brain mask. Record
+    metrics: ``anomaly_raw`` (higher = more anomalous; None when the model
+    could not be trained); extras ``fold``, ``in_reference`` and
+    ``top_regions`` (see :func:`top_regions`).
+    """
+    image, out_map = Path(image), Path(out_map)
+
+    def work() -> dict:
+        state = load_checkpoint(checkpoint)
+        grid = brain_grid(int(state.get("resolution", 2)))
+        if state.get("status") != OK:
+            reason = state.get("reason", "the model was not trained")
+            _write_map(out_map, np.zeros(grid.shape, np.float32), grid.affine)
+            return make_record(
+                STAGE,
+                findings=["not_scored"],
+                metrics={"anomaly_raw": None},
+                warnings=[f"not scored: {reason}"],
+                fold=None,
+                in_reference=False,
+                top_regions=[],
+            )
+        try:
+            volume = load_normalised(image, grid=grid)
+        except ImageError as error:
+            raise StageError(str(error)) from error
+        torch_device = resolve_device(device, threads=threads)
+        assignment = state["fold_assignment"]
+        fold = assignment.get(subject)
+        folds = [int(fold)] if fold is not None else list(range(len(state["state_dicts"])))
+        anomaly, metrics = score_volume(volume, state, folds=folds, device=torch_device, grid=grid)
+        full = np.zeros(grid.shape, np.float32)
+        full[grid.index] = anomaly
+        _write_map(out_map, full, grid.affine)
+        mask = scoring_mask(grid, erode_voxels=int(state["scoring"]["erode_voxels"]))
+        regions = top_regions(
+            anomaly,
+            mask,
+            affine=grid.affine,
+            offset=[a for a, _ in grid.crop],
+            percentile=float(state["scoring"]["region_percentile"]),
+        )
+        log.info(
+            "%s: anomaly_raw %.3f (%s)",
+            subject,
+            metrics["anomaly_raw"],
+            f"fold {fold}" if fold is not None else f"mean of {len(folds)} models",
+        )
+        return make_record(
+            STAGE,
+            metrics=metrics,
+            fold=None if fold is None else int(fold),
+            in_reference=fold is not None,
+            top_regions=regions,
+        )
+
+    return run_stage(
+        STAGE, work, record_path=record_path, image_outputs=[out_map], upstream=upstream
+    )

@@ -1,0 +1,603 @@
+"""Training the normative model: K out-of-fold deformable-atlas autoencoders.
+
+Usable reference subjects are split into K folds; model k trains on the other
+folds, so every reference subject is later scored by a model that never saw
+it. Each model (:mod:`mriaudit.model.network`) reconstructs a slice by warping
+its fold's atlas (the voxelwise median of its training subjects). Training
+inputs are augmented (intensity gamma and scale, small shifts against the atlas,
+fine noise) and corrupted (coarse noise blobs, elliptical patches of random
+intensity) while the target stays the clean slice, so the encoder learns to
+estimate anatomy while ignoring anomalies instead of bending the atlas towards
+them. The loss is an L1 inside the brain mask that ignores the worst ``trim``
+fraction of pixels of each batch (a cohort-wide reference may hold a few
+anomalous scans), plus a smoothness penalty on the displacement.
+
+After training, the out-of-fold maps of up to ``calibration_subjects`` per fold
+give each fold model a voxelwise median and spread built from subjects of the
+other folds only (see :mod:`mriaudit.model.score`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from mriaudit.model.data import (
+    NORMALISATION,
+    BrainGrid,
+    ImageError,
+    assign_folds,
+    brain_grid,
+    data_hash,
+    fold_count,
+    load_normalised,
+    reference_problem,
+    slice_inputs,
+)
+from mriaudit.model.device import resolve_device, seed_everything
+from mriaudit.model.network import DEFAULT_ARCHITECTURE, AtlasWarpNet, build_network
+from mriaudit.model.score import (
+    DEFAULT_SCORING,
+    calibrated_map,
+    calibration_stats,
+    focal_and_diffuse,
+    raw_map,
+    reconstruct,
+    robust_scale,
+    scoring_mask,
+)
+from mriaudit.records import FAILED, OK, write_json
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainOptions:
+    """Training settings beyond the config keys (stored in the checkpoint)."""
+
+    #: Random axial slices drawn per training subject and epoch (all when larger).
+    slices_per_subject: int = 32
+    #: Probability that a training slice gets coarse noise, and its standard
+    #: deviation (normalised intensity), drawn in [0, max].
+    noise_probability: float = 0.5
+    noise_std: float = 0.25
+    #: Coarse noise grid: the slice is divided by one of these factors, then upsampled.
+    noise_scales: tuple[int, ...] = (4, 8, 16)
+    #: Probability that a slice gets 1-2 elliptical patches of random uniform
+    #: intensity, and their radii in voxels: the network learns to repaint anatomy.
+    patch_probability: float = 0.5
+    patch_radius: tuple[float, float] = (2.0, 10.0)
+    #: Fine Gaussian noise added to the input, standard deviation drawn in [0, max].
+    fine_noise_std: float = 0.03
+    #: Intensity jitter: gamma in [1 - g, 1 + g] and scale in [1 - s, 1 + s].
+    gamma_jitter: float = 0.15
+    scale_jitter: float = 0.1
+    #: Integer shift of the subject slices against the atlas in x and y, voxels
+    #: (residual misregistration).
+    max_shift: int = 2
+    #: Weight of the displacement smoothness penalty (mean squared gradient, voxels/voxel).
+    smoothness: float = 0.1
+    #: Extra L1 terms on 2x and 4x downsampled slices: their wider basin lets the
+    #: displacement learn faster than full-resolution edges alone allow.
+    coarse_loss: float = 1.0
+    #: Fraction of the highest-loss brain pixels of each batch left out of the loss.
+    trim: float = 0.01
+    #: Linear warm-up, as a fraction of all steps, before the cosine decay.
+    warmup: float = 0.1
+    #: Times the atlas is rebuilt during training from the training subjects
+    #: brought into atlas space by the current model (sharper than a plain median).
+    atlas_updates: int = 1
+    #: Reference subjects per fold whose out-of-fold maps calibrate the others.
+    calibration_subjects: int = 32
+    architecture: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ARCHITECTURE))
+    scoring: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCORING))
+
+
+def _uniform(rng: np.random.Generator, low: float, high: float, n: int) -> torch.Tensor:
+    """(n, 1, 1, 1) float32 draws from NumPy's generator (the one source of randomness)."""
+    return torch.from_numpy(rng.uniform(low, high, (n, 1, 1, 1)).astype(np.float32))
+
+
+def _coarse_noise(
+    n: int, size: tuple[int, int], *, rng: np.random.Generator, options: TrainOptions
+) -> torch.Tensor:
+    """Smooth noise (n, 1, X, Y): Gaussian on a coarse grid, bilinearly upsampled."""
+    noise = torch.zeros((n, 1, *size))
+    chosen = rng.random(n) < options.noise_probability
+    factors = rng.choice(options.noise_scales, n)
+    std = _uniform(rng, 0.0, options.noise_std, n)
+    for factor in options.noise_scales:
+        picked = torch.from_numpy(np.flatnonzero(chosen & (factors == factor)))
+        if picked.numel() == 0:
+            continue
+        coarse = rng.standard_normal(
+            (picked.numel(), 1, max(1, size[0] // factor), max(1, size[1] // factor))
+        ).astype(np.float32)
+        upsampled = F.interpolate(
+            torch.from_numpy(coarse), size=size, mode="bilinear", align_corners=False
+        )
+        noise[picked] = upsampled * std[picked]
+    return noise
+
+
+def _patches(
+    n: int, size: tuple[int, int], *, rng: np.random.Generator, options: TrainOptions
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Soft elliptical patches: weights (n, 1, X, Y) in [0, 1] and fill values (n, 1, X, Y).
+
+    A chosen slice gets one or two ellipses (radii in ``options.patch_radius``
+    voxels, random angle) filled with one random intensity in [0, 1.3] plus
+    a little texture.
+    """
+    k = 2
+    shape = (n, k, 1, 1)
+    active = (rng.random(n) < options.patch_probability)[:, None] & (
+        np.arange(k)[None, :] < rng.integers(1, k + 1, n)[:, None]
+    )
+    centre_x = torch.from_numpy(rng.uniform(0.15, 0.85, shape).astype(np.float32)) * size[0]
+    centre_y = torch.from_numpy(rng.uniform(0.15, 0.85, shape).astype(np.float32)) * size[1]
+    radius = torch.from_numpy(
+        rng.uniform(*options.patch_radius, (n, k, 2, 1, 1)).astype(np.float32)
+    )
+    angle = torch.from_numpy(rng.uniform(0, np.pi, shape).astype(np.float32))
+    value = torch.from_numpy(rng.uniform(0.0, 1.3, shape).astype(np.float32))
+    texture = torch.from_numpy(0.05 * rng.standard_normal((n, 1, *size)).astype(np.float32))
+    x = torch.arange(size[0], dtype=torch.float32)[:, None] - centre_x
+    y = torch.arange(size[1], dtype=torch.float32)[None, :] - centre_y
+    u = x * torch.cos(angle) + y * torch.sin(angle)
+    v = -x * torch.sin(angle) + y * torch.cos(angle)
+    distance = torch.sqrt((u / radius[:, :, 0]) ** 2 + (v / radius[:, :, 1]) ** 2)
+    edge = torch.minimum(radius[:, :, 0], radius[:, :, 1])
+    weights = ((1.0 - distance) * edge + 0.5).clamp(0.0, 1.0)
+    weights = weights * torch.from_numpy(active.astype(np.float32))[:, :, None, None]
+    weight, which = weights.max(dim=1, keepdim=True)
+    fill = torch.gather(value.expand(-1, -1, *size), 1, which) + texture
+    return weight, fill
+
+
+def _augment(
+    batch: np.ndarray,
+    masks: np.ndarray,
+    *,
+    context: int,
+    rng: np.random.Generator,
+    options: TrainOptions,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Corrupted inputs, clean targets and loss masks for a batch of subject slices.
+
+    ``batch`` is (N, 2 * context + 1, X, Y) from :func:`slice_inputs` and
+    ``masks`` (N, X, Y) the brain mask of each centre slice. Returns float32
+    CPU tensors: inputs of the same shape, targets (N, 1, X, Y) and loss masks
+    (N, 1, X, Y). All randomness comes from ``rng``.
+    """
+    n, _, size_x, size_y = batch.shape
+    mask = torch.from_numpy(masks[:, None].astype(np.float32))
+    gamma = _uniform(rng, 1 - options.gamma_jitter, 1 + options.gamma_jitter, n)
+    scale = _uniform(rng, 1 - options.scale_jitter, 1 + options.scale_jitter, n)
+    image = torch.from_numpy(batch).clamp_min(0.0).pow(gamma) * scale
+    if options.max_shift > 0:
+        shifts = rng.integers(-options.max_shift, options.max_shift + 1, (n, 2))
+        for i, (dx, dy) in enumerate(shifts.tolist()):
+            if dx or dy:
+                image[i] = torch.roll(image[i], (dx, dy), dims=(1, 2))
+                mask[i] = torch.roll(mask[i], (dx, dy), dims=(1, 2))
+    target = image[:, context : context + 1].clone()
+    # Corruptions are shared by the neighbouring slices: anomalies are 3D.
+    size = (size_x, size_y)
+    noise = _coarse_noise(n, size, rng=rng, options=options)
+    weight, fill = _patches(n, size, rng=rng, options=options)
+    # Bulk Gaussian noise from torch (faster), seeded from the NumPy generator.
+    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
+    fine = torch.randn(image.shape, generator=generator)
+    fine = fine * _uniform(rng, 0.0, options.fine_noise_std, n)
+    corrupted = (image + noise) * (1.0 - weight) + fill * weight + fine
+    inputs = torch.where(image > 0, corrupted.clamp(0.0, 1.5), torch.zeros(()))
+    return inputs, target, mask
+
+
+def _smoothness(flow: torch.Tensor) -> torch.Tensor:
+    """Mean squared spatial gradient of a displacement field (N, 3, X, Y)."""
+    dx = flow[:, :, 1:, :] - flow[:, :, :-1, :]
+    dy = flow[:, :, :, 1:] - flow[:, :, :, :-1]
+    return dx.pow(2).mean() + dy.pow(2).mean()
+
+
+def _trimmed_l1(
+    output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, trim: float
+) -> torch.Tensor:
+    """Mean absolute error where ``mask`` (0/1) is set, without the ``trim`` fraction
+    of largest errors (pixels that the reference's few anomalies make unlearnable)."""
+    errors = (output - target).abs()
+    weight = mask
+    if trim > 0:
+        # The cut-off from a strided subsample of the masked pixels: sorting
+        # every pixel would cost more than the training step.
+        flat_errors = errors.detach().flatten()
+        stride = max(1, flat_errors.numel() // 40000)
+        sample = flat_errors[::stride][mask.flatten()[::stride] > 0.5]
+        if sample.numel() > 0:
+            cutoff = torch.quantile(sample, 1.0 - trim)
+            weight = mask * (errors.detach() <= cutoff)
+    return (errors * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def _multiscale_l1(
+    output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, trim: float, coarse: float
+) -> torch.Tensor:
+    """Trimmed L1 at full resolution plus ``coarse`` times the mean of the L1 at 1/2 and 1/4."""
+    loss = _trimmed_l1(output, target, mask, trim)
+    if coarse > 0:
+        extra = []
+        for _ in range(2):
+            output, target = F.avg_pool2d(output, 2), F.avg_pool2d(target, 2)
+            # Only blocks entirely inside the brain.
+            mask = (F.avg_pool2d(mask, 2) > 0.99).float()
+            extra.append(_trimmed_l1(output, target, mask, trim))
+        loss = loss + coarse * (extra[0] + extra[1]) / 2
+    return loss
+
+
+def _lr_factor(step: int, total: int, warmup: float) -> float:
+    warm = max(1, int(total * warmup))
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, total - warm)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def train_fold(
+    volumes: Sequence[np.ndarray],
+    *,
+    grid: BrainGrid,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    seed: int,
+    device: torch.device,
+    options: TrainOptions,
+    label: str = "",
+) -> tuple[dict[str, torch.Tensor], float]:
+    """Train one model on cropped, normalised volumes (X, Y, Z each).
+
+    The model's atlas is the voxelwise median of ``volumes``. Returns the CPU
+    state dict (atlas included) and the mean loss of the last epoch.
+    """
+    architecture = options.architecture
+    context = int(architecture["context"])
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    model = build_network(architecture, shape=volumes[0].shape)
+    model.set_atlas(_median_volume(volumes))
+    model = model.to(device)
+    optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
+    n_z = volumes[0].shape[2]
+    per_subject = min(options.slices_per_subject, n_z)
+    steps_per_epoch = math.ceil(len(volumes) * per_subject / batch_size)
+    total = steps_per_epoch * epochs
+    slice_masks = np.moveaxis(grid.crop_mask, 2, 0)
+    step, loss_value = 0, float("nan")
+    updates = {
+        round(epochs * (i + 1) / (options.atlas_updates + 1)) for i in range(options.atlas_updates)
+    }
+    for epoch in range(epochs):
+        if epoch in updates - {0}:
+            model.set_atlas(_sharpened_atlas(model, volumes, device=device))
+        start = time.perf_counter()
+        pairs = np.array(
+            [
+                (s, z)
+                for s in range(len(volumes))
+                for z in rng.choice(n_z, per_subject, replace=False)
+            ]
+        )
+        pairs = pairs[rng.permutation(len(pairs))]
+        losses = []
+        model.train()
+        for first in range(0, len(pairs), batch_size):
+            chunk = pairs[first : first + batch_size]
+            batch = np.concatenate(
+                [slice_inputs(volumes[s], np.array([z]), context=context) for s, z in chunk]
+            )
+            inputs, target, mask = _augment(
+                batch, slice_masks[chunk[:, 1]], context=context, rng=rng, options=options
+            )
+            for group in optimiser.param_groups:
+                group["lr"] = learning_rate * _lr_factor(step, total, options.warmup)
+            output, flow = model(
+                inputs.to(device), torch.from_numpy(chunk[:, 1]).to(device), with_flow=True
+            )
+            loss = _multiscale_l1(
+                output,
+                target.to(device),
+                mask.to(device),
+                trim=options.trim,
+                coarse=options.coarse_loss,
+            )
+            loss = loss + options.smoothness * _smoothness(flow)
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.detach()))
+            step += 1
+        loss_value = float(np.mean(losses))
+        log.info(
+            "%sepoch %d/%d loss %.4f (%.1f s)",
+            label,
+            epoch + 1,
+            epochs,
+            loss_value,
+            time.perf_counter() - start,
+        )
+    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return state, loss_value
+
+
+def _calibrate(
+    volumes: dict[str, np.ndarray],
+    assignment: dict[str, int],
+    states: list[dict[str, torch.Tensor]],
+    *,
+    grid: BrainGrid,
+    device: torch.device,
+    options: TrainOptions,
+    seed: int,
+) -> list[dict[str, torch.Tensor]]:
+    """Per fold k, statistics of out-of-fold maps of subjects outside fold k.
+
+    Voxelwise median and spread of the raw terms, and the median and scale of
+    the focal and diffuse subject summaries. Each subject's map comes from its
+    own fold's model (which never saw it), so no statistic of fold k includes a
+    subject of fold k.
+    """
+    folds = len(states)
+    rng = np.random.default_rng([seed, 0xCA1])
+    models = []
+    for state in states:
+        model = build_network(options.architecture, shape=next(iter(volumes.values())).shape)
+        model.load_state_dict(state)
+        models.append(model.to(device))
+    chosen: dict[int, list[str]] = {}
+    for k in range(folds):
+        members = sorted(s for s, f in assignment.items() if f == k)
+        limit = max(1, options.calibration_subjects // max(1, folds - 1))
+        chosen[k] = [members[i] for i in sorted(rng.permutation(len(members))[:limit])]
+    raw: dict[str, np.ndarray] = {}
+    for k, members in chosen.items():
+        for subject in members:
+            recon = reconstruct(models[k], volumes[subject], device=device)
+            raw[subject] = raw_map(volumes[subject], recon, scoring=options.scoring).astype(
+                np.float16
+            )
+    mask = scoring_mask(grid, erode_voxels=int(options.scoring["erode_voxels"]))
+    calibration = []
+    for k in range(folds):
+        others = [
+            raw[s].astype(np.float32) for f, members in chosen.items() if f != k for s in members
+        ]
+        calibration.append(
+            calibration_stats(others, mask, floor=float(options.scoring["spread_floor"]))
+        )
+    # Subject summaries of the calibration subjects, each from its own fold's model
+    # and calibration, exactly as score_subject will compute them.
+    summaries: dict[str, tuple[float, float]] = {}
+    for f, members in chosen.items():
+        for subject in members:
+            anomaly = calibrated_map(
+                raw[subject].astype(np.float32), calibration[f], mask, scoring=options.scoring
+            )
+            summaries[subject] = focal_and_diffuse(
+                anomaly, mask, sigma=float(options.scoring["focal_sigma"])
+            )
+    for k in range(folds):
+        others = [summaries[s] for f, members in chosen.items() if f != k for s in members]
+        calibration[k]["focal"] = robust_scale([focal for focal, _ in others])
+        calibration[k]["diffuse"] = robust_scale([diffuse for _, diffuse in others])
+    return calibration
+
+
+def _to_atlas_space(
+    model: AtlasWarpNet, volume: np.ndarray, *, device: torch.device, batch_size: int = 32
+) -> np.ndarray:
+    """A training volume (X, Y, Z) resampled into the atlas frame by the model's fields.
+
+    The model says ``x(p) ~ gain(p) * atlas(p + u(p)) + offset(p)``; for small,
+    smooth ``u`` the atlas-frame image is ``(x(q - u(q)) - offset(q)) / gain(q)``.
+    """
+    model.eval()
+    n_z = volume.shape[2]
+    flow = np.empty((3, *volume.shape), dtype=np.float32)
+    gain = np.empty(volume.shape, dtype=np.float32)
+    offset = np.empty(volume.shape, dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, n_z, batch_size):
+            z = np.arange(start, min(n_z, start + batch_size))
+            x = torch.from_numpy(slice_inputs(volume, z, context=model.context)).to(device)
+            u, g, o = (
+                t.float().cpu().numpy() for t in model.fields(x, torch.from_numpy(z).to(device))
+            )
+            flow[:, :, :, start : start + len(z)] = np.moveaxis(u, 0, 3)
+            gain[:, :, start : start + len(z)] = np.moveaxis(g[:, 0], 0, 2)
+            offset[:, :, start : start + len(z)] = np.moveaxis(o[:, 0], 0, 2)
+    model.train()
+    coords = np.indices(volume.shape, dtype=np.float32) - flow
+    moved = ndimage.map_coordinates(volume.astype(np.float32), coords, order=1, mode="nearest")
+    return ((moved - offset) / gain).astype(np.float32)
+
+
+def _sharpened_atlas(
+    model: AtlasWarpNet, volumes: Sequence[np.ndarray], *, device: torch.device
+) -> np.ndarray:
+    """Voxelwise median (X, Y, Z) of the training volumes brought into the atlas frame."""
+    moved = [_to_atlas_space(model, v, device=device).astype(np.float16) for v in volumes]
+    return _median_volume(moved)
+
+
+def _median_volume(volumes: Sequence[np.ndarray]) -> np.ndarray:
+    """Voxelwise median (X, Y, Z) of the training volumes, float32: the fold's atlas."""
+    out = np.empty(volumes[0].shape, dtype=np.float32)
+    # Slab by slab, so a large reference set never needs a second full copy.
+    for z in range(out.shape[2]):
+        out[:, :, z] = np.median(np.stack([v[:, :, z] for v in volumes]).astype(np.float32), axis=0)
+    return out
+
+
+def _failed(out_checkpoint: Path, out_sidecar: Path, reason: str, sidecar: dict[str, Any]) -> dict:
+    log.error("model training not possible: %s", reason)
+    out_checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"status": FAILED, "reason": reason, "format": FORMAT_VERSION}, str(out_checkpoint))
+    sidecar.update(status=FAILED, reason=reason)
+    write_json(out_sidecar, sidecar)
+    return sidecar
+
+
+def train_cohort(
+    images: Sequence[Path],
+    records: Sequence[Path],
+    subjects: Sequence[str],
+    *,
+    reference: Sequence[str],
+    out_checkpoint: Path,
+    out_sidecar: Path,
+    folds: int = 3,
+    epochs: int = 12,
+    batch_size: int = 32,
+    learning_rate: float = 2e-3,
+    seed: int = 0,
+    device: str = "auto",
+    threads: int = 1,
+    resolution: int = 2,
+    options: TrainOptions | None = None,
+) -> dict:
+    """Train the K out-of-fold models on the usable reference subjects.
+
+    ``images`` (registered, template grid), ``records`` (register stage) and
+    ``subjects`` (BIDS labels) are aligned; ``reference`` holds the labels
+    allowed to train. Writes the checkpoint (``torch.save`` dict) and a JSON
+    sidecar and returns the sidecar dict. When fewer than 3 reference subjects
+    are usable, the checkpoint says ``{"status": "failed", "reason": ...}`` and
+    nothing is raised, so scoring records ``not_scored`` and the run goes on.
+    """
+    if not len(images) == len(records) == len(subjects):
+        message = f"images ({len(images)}), records ({len(records)}) and subjects ({len(subjects)}) must align"
+        raise ValueError(message)
+    options = options or TrainOptions()
+    out_checkpoint, out_sidecar = Path(out_checkpoint), Path(out_sidecar)
+    started = time.perf_counter()
+    seed_everything(seed)
+    torch_device = resolve_device(device, threads=threads)
+    grid = brain_grid(resolution)
+    config = {
+        "folds": folds,
+        "epochs": epochs,
+        "batch_size": batch_size,
+        "learning_rate": learning_rate,
+        "seed": seed,
+        "threads": threads,
+        "resolution": resolution,
+        "device_requested": device,
+        "options": asdict(options),
+    }
+    sidecar: dict[str, Any] = {
+        "status": OK,
+        "reason": "",
+        "torch_version": torch.__version__,
+        "device": str(torch_device),
+        "config": config,
+        "seed": seed,
+        "n_reference": 0,
+    }
+    allowed = set(reference)
+    excluded: dict[str, str] = {}
+    volumes: dict[str, np.ndarray] = {}
+    paths: dict[str, Path] = {}
+    for image, record, subject in zip(images, records, subjects, strict=True):
+        if subject not in allowed:
+            continue
+        problem = reference_problem(image, record)
+        if not problem:
+            try:
+                # float16 halves the memory of large reference sets; the model runs in float32.
+                volumes[subject] = load_normalised(image, grid=grid).astype(np.float16)
+                paths[subject] = Path(image)
+            except ImageError as error:
+                problem = str(error)
+        if problem:
+            excluded[subject] = problem
+            log.warning("reference subject %s not used: %s", subject, problem)
+    sidecar["excluded_reference"] = excluded
+    sidecar["n_reference"] = len(volumes)
+    n_folds = fold_count(len(volumes), folds)
+    if n_folds == 0:
+        reason = f"{len(volumes)} usable reference subject(s), at least 3 are needed to train"
+        sidecar["training_time_s"] = round(time.perf_counter() - started, 2)
+        return _failed(out_checkpoint, out_sidecar, reason, sidecar)
+    if n_folds != folds:
+        log.warning(
+            "%d usable reference subjects: %d folds instead of %d", len(volumes), n_folds, folds
+        )
+    config["folds_used"] = n_folds
+    assignment = assign_folds(sorted(volumes), folds=n_folds, seed=seed)
+    log.info(
+        "training %d fold models on %d reference subjects (%s)", n_folds, len(volumes), torch_device
+    )
+    states, final_losses = [], []
+    for k in range(n_folds):
+        members = [volumes[s] for s in sorted(volumes) if assignment[s] != k]
+        state, loss = train_fold(
+            members,
+            grid=grid,
+            epochs=epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            seed=seed * 1000 + k,
+            device=torch_device,
+            options=options,
+            label=f"fold {k + 1}/{n_folds} ",
+        )
+        states.append(state)
+        final_losses.append(loss)
+    calibration = _calibrate(
+        {s: v.astype(np.float32) for s, v in volumes.items()},
+        assignment,
+        states,
+        grid=grid,
+        device=torch_device,
+        options=options,
+        seed=seed,
+    )
+    checkpoint = {
+        "status": OK,
+        "format": FORMAT_VERSION,
+        "resolution": resolution,
+        "crop": [list(span) for span in grid.crop],
+        "architecture": dict(options.architecture),
+        "normalisation": dict(NORMALISATION, mask="mni152_brain"),
+        "scoring": dict(options.scoring),
+        "fold_assignment": assignment,
+        "state_dicts": states,
+        "calibration": calibration,
+        "training": {k: v for k, v in config.items() if k != "options"},
+    }
+    out_checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(checkpoint, str(out_checkpoint))
+    sidecar.update(
+        data_hash=data_hash(paths),
+        training_time_s=round(time.perf_counter() - started, 2),
+        fold_final_loss=[round(v, 6) for v in final_losses],
+        fold_assignment=assignment,
+    )
+    write_json(out_sidecar, sidecar)
+    log.info("model trained in %.1f s: %s", sidecar["training_time_s"], out_checkpoint)
+    return sidecar

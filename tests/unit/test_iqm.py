@@ -1,0 +1,499 @@
+"""MRIQC-style image quality metrics: formulas on phantoms, the subject stage on real anatomy."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import ants
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from mriaudit import iqm, records, template
+
+# Standard deviation of Rayleigh noise whose Gaussian sigma is 1.
+RAYLEIGH_STD = math.sqrt((4 - math.pi) / 2)
+
+
+def _rician(signal: np.ndarray, sigma: float, rng: np.random.Generator) -> np.ndarray:
+    """Magnitude of ``signal`` plus complex Gaussian noise of std ``sigma`` per channel."""
+    real = signal + sigma * rng.standard_normal(signal.shape)
+    imag = sigma * rng.standard_normal(signal.shape)
+    return np.sqrt(real**2 + imag**2).astype(np.float32)
+
+
+def _ball(shape: tuple[int, ...], radius: float, centre: tuple[float, ...] | None = None):
+    centre = centre or tuple((n - 1) / 2 for n in shape)
+    grid = np.indices(shape, dtype=np.float32)
+    dist2 = sum((g - c) ** 2 for g, c in zip(grid, centre, strict=True))
+    return dist2 <= radius**2
+
+
+# --------------------------------------------------------------------------- formulas
+
+
+def test_snr_and_snr_dietrich_match_the_closed_form():
+    rng = np.random.default_rng(1)
+    mu, sigma = 100.0, 5.0
+    wm = mu + sigma * rng.standard_normal(50_000)
+    air = _rician(np.zeros(200_000), sigma, rng)
+    assert iqm.snr(wm) == pytest.approx(mu / sigma, rel=0.05)
+    # Dietrich: the air's Rayleigh spread corrected back to the Gaussian sigma.
+    assert iqm.air_sigma(air) == pytest.approx(sigma * RAYLEIGH_STD, rel=0.05)
+    assert iqm.snr_dietrich(wm, sigma_air=iqm.air_sigma(air)) == pytest.approx(mu / sigma, rel=0.05)
+    # Twice the noise, half the SNR.
+    assert iqm.snr(mu + 2 * sigma * rng.standard_normal(50_000)) == pytest.approx(
+        mu / (2 * sigma), rel=0.05
+    )
+
+
+def test_snr_uses_the_sample_standard_deviation():
+    values = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
+    # median 3, sample std sqrt(2.5)
+    assert iqm.snr(values) == pytest.approx(3.0 / math.sqrt(2.5))
+    assert math.isnan(iqm.snr(np.array([4.0])))
+    assert math.isnan(iqm.snr(np.full(10, 4.0)))
+
+
+def test_cnr_matches_the_closed_form():
+    rng = np.random.default_rng(2)
+    sigma = 4.0
+    wm = 100 + sigma * rng.standard_normal(50_000)
+    gm = 70 + sigma * rng.standard_normal(50_000)
+    air = _rician(np.zeros(200_000), sigma, rng)
+    expected = 30.0 / math.sqrt((sigma * RAYLEIGH_STD) ** 2 + 2 * sigma**2)
+    assert iqm.cnr(wm, gm, air) == pytest.approx(expected, rel=0.05)
+
+
+def test_cjv_formula():
+    wm = np.array([1.0, 2.0, 3.0, 4.0, 5.0])  # median 3, MAD 1
+    gm = np.array([10.0, 12.0, 14.0])  # median 12, MAD 2
+    scale = 1.482602218505602  # MAD -> Gaussian sigma
+    assert iqm.cjv(wm, gm) == pytest.approx((1 + 2) * scale / 9)
+    assert iqm.cjv(gm, wm) == pytest.approx(iqm.cjv(wm, gm))
+    rng = np.random.default_rng(3)
+    noisy = iqm.cjv(100 + 5 * rng.standard_normal(20_000), 70 + 5 * rng.standard_normal(20_000))
+    assert noisy == pytest.approx(10 / 30, rel=0.05)
+    assert iqm.cjv(wm, wm + 0.0) == math.inf
+
+
+def test_summary_stats():
+    values = np.arange(1, 101, dtype=np.float64)
+    result = iqm.summary_stats(values)
+    assert result["n"] == 100
+    assert result["mean"] == pytest.approx(50.5)
+    assert result["median"] == pytest.approx(50.5)
+    assert result["stdv"] == pytest.approx(np.std(values))
+    assert result["p05"] == pytest.approx(np.percentile(values, 5))
+    assert result["p95"] == pytest.approx(np.percentile(values, 95))
+    assert result["mad"] == pytest.approx(25 * 1.482602218505602)
+    assert result["k"] == pytest.approx(-1.2, abs=0.01)  # uniform: excess kurtosis -6/5
+    assert set(result) == set(iqm.SUMMARY_STATS)
+    assert math.isnan(iqm.summary_stats(np.array([1.0]))["mean"])
+
+
+def _textured_head(rng: np.random.Generator) -> np.ndarray:
+    shape = (48, 48, 48)
+    head = _ball(shape, 16)
+    texture = ndi.gaussian_filter(rng.standard_normal(shape), 1.5)
+    return np.where(head, 100 + 40 * texture, 0.0).astype(np.float32)
+
+
+def test_efc_is_higher_for_ghosted_and_blurred_images():
+    rng = np.random.default_rng(4)
+    clean = _textured_head(rng)
+    ghosted = clean + 0.25 * np.roll(clean, 24, axis=1)
+    blurred = ndi.gaussian_filter(clean, 2.0)
+    base = iqm.efc(clean)
+    assert 0 < base < 1
+    assert iqm.efc(ghosted) > base + 0.01
+    assert iqm.efc(blurred) > base + 0.01
+    # The maximum entropy, one for a flat image.
+    assert iqm.efc(np.full((10, 10, 10), 7.0)) == pytest.approx(1.0)
+    # Zero-filled padding outside the frame does not count.
+    padded = np.pad(clean, 8)
+    frame = np.pad(np.zeros(clean.shape, dtype=bool), 8, constant_values=True)
+    assert iqm.efc(padded, frame) == pytest.approx(base)
+
+
+def test_fber_closed_form_and_zero_filled_air():
+    rng = np.random.default_rng(5)
+    shape = (40, 40, 40)
+    head = _ball(shape, 12)
+    data = np.where(head, 100.0, _rician(np.zeros(shape), 2.0, rng))
+    air_median = np.median(data[~head])
+    assert iqm.fber(data, head) == pytest.approx(100.0**2 / air_median**2)
+    assert iqm.fber(data, head) > iqm.fber(data * 1.0 + 5.0 * ~head, head)
+    assert math.isnan(iqm.fber(np.where(head, 100.0, 0.0), head))
+
+
+def test_qi_1_is_zero_for_pure_noise_and_catches_a_ghost():
+    rng = np.random.default_rng(6)
+    shape = (64, 64, 64)
+    spacing = (2.0, 2.0, 2.0)
+    head = _ball(shape, 12)
+    signal = np.where(head, 100.0, 0.0)
+    noisy = _rician(signal, 3.0, rng)
+    distance = iqm.distance_mm(head, spacing)
+    air = distance > iqm.HEAD_MARGIN_MM
+    artifacts = iqm.artifact_mask(noisy, air, distance)
+    assert iqm.qi_1(air & ~artifacts, artifacts) < 1e-3
+
+    # A phase-encoding ghost at 30 % of the head's signal, half a FOV away.
+    ghosted = _rician(signal + 0.3 * np.roll(signal, 32, axis=1), 3.0, rng)
+    artifacts = iqm.artifact_mask(ghosted, air, distance)
+    ghost = np.roll(head, 32, axis=1) & air
+    assert iqm.qi_1(air & ~artifacts, artifacts) > 0.01
+    assert np.count_nonzero(artifacts & ghost) > 0.8 * np.count_nonzero(artifacts)
+    assert math.isnan(iqm.qi_1(np.zeros(3, bool), np.zeros(3, bool)))
+
+
+@pytest.mark.parametrize("kernel_mm", [4.0, 7.0])
+def test_fwhm_recovers_gaussian_smoothing(kernel_mm):
+    rng = np.random.default_rng(7)
+    spacing = (1.0, 1.25, 2.0)
+    noise = rng.standard_normal((80, 72, 48)).astype(np.float32)
+    smooth = ndi.gaussian_filter(noise, [kernel_mm / 2.3548 / s for s in spacing])
+    mask = np.zeros(smooth.shape, dtype=bool)
+    mask[8:-8, 8:-8, 6:-6] = True
+    for value in iqm.fwhm(smooth, mask, spacing):
+        assert value == pytest.approx(kernel_mm, rel=0.10)
+    # Smoothing more raises the estimate on every axis.
+    smoother = ndi.gaussian_filter(smooth, 1.0)
+    assert all(
+        b > a
+        for a, b in zip(
+            iqm.fwhm(smooth, mask, spacing), iqm.fwhm(smoother, mask, spacing), strict=True
+        )
+    )
+
+
+def test_frame_mask_finds_padding_not_noise_zeros():
+    rng = np.random.default_rng(8)
+    data = rng.integers(0, 3, size=(40, 40, 40)).astype(np.float32)  # many isolated zeros
+    assert not iqm.frame_mask(data).any()
+    data[:, :, :6] = 0  # zero-filled slab at the border
+    data[18:22, 18:22, 18:22] = 0  # zero hole inside: not the frame
+    frame = iqm.frame_mask(data)
+    assert frame[:, :, :5].all()
+    assert not frame[19:21, 19:21, 19:21].any()
+    assert not frame[:, :, 10:].any()
+
+
+def test_distance_mm_is_close_to_the_exact_transform():
+    shape = (60, 50, 40)
+    spacing = (1.0, 1.0, 1.5)
+    mask = _ball(shape, 10)
+    exact = ndi.distance_transform_edt(~mask, sampling=spacing)
+    approx = iqm.distance_mm(mask, spacing, step_mm=2.0)
+    assert approx.shape == shape
+    assert np.max(np.abs(approx - exact)) < 2.5
+    assert np.all(approx[mask] == 0)
+
+
+def test_partial_volume_metrics():
+    crisp = np.zeros((10, 10, 10), dtype=np.float32)
+    crisp[:5] = 1.0
+    half = np.full((10, 10, 10), 0.5, dtype=np.float32)
+    assert iqm.rpve(crisp) == 0.0
+    assert iqm.rpve(half) == pytest.approx(1.0)
+    assert iqm.rpve(ndi.gaussian_filter(crisp, 1.0)) > 0.05
+    assert math.isnan(iqm.rpve(np.zeros(5)))
+    assert iqm.fuzzy_jaccard(crisp, crisp) == pytest.approx(1.0)
+    assert iqm.fuzzy_jaccard(crisp, 1 - crisp) == 0.0
+    assert iqm.fuzzy_jaccard(crisp, half) == pytest.approx(250 / 750)
+    fractions = iqm.volume_fractions({"csf": crisp * 0.2, "gm": crisp * 0.3, "wm": crisp * 0.5})
+    assert fractions == pytest.approx({"csf": 0.2, "gm": 0.3, "wm": 0.5})
+
+
+def test_segment_tissues_recovers_classes_under_noise():
+    rng = np.random.default_rng(9)
+    shape = (40, 40, 40)
+    truth = np.zeros(shape, dtype=int)  # 0 csf, 1 gm, 2 wm, as nested shells
+    truth[_ball(shape, 16)] = 1
+    truth[_ball(shape, 10)] = 2
+    truth[_ball(shape, 4)] = 0
+    brain = _ball(shape, 18)
+    means = np.array([30.0, 70.0, 100.0])
+    data = (means[truth] + 6.0 * rng.standard_normal(shape)).astype(np.float32)
+    onehot = np.stack([(truth == k) & brain for k in range(3)]).astype(np.float32)
+    priors = np.stack([ndi.gaussian_filter(p, 2.0) for p in onehot]) + 0.05
+    posteriors, fit = iqm.segment_tissues(data, brain, priors)
+    assert posteriors.shape == (3, *shape)
+    assert np.all(posteriors[:, ~brain] == 0)
+    np.testing.assert_allclose(posteriors[:, brain].sum(axis=0), 1.0, atol=1e-4)
+    labels = posteriors.argmax(axis=0)
+    assert np.mean(labels[brain] == truth[brain]) > 0.95
+    np.testing.assert_allclose(fit["means"], means, rtol=0.05)
+    with pytest.raises(ValueError, match="brain voxels"):
+        iqm.segment_tissues(data, np.zeros(shape, dtype=bool), priors)
+
+
+def test_directions_and_labels_cover_every_metric():
+    assert set(iqm.IQM_DIRECTIONS) == set(iqm.IQM_LABELS)
+    assert set(iqm.IQM_NAMES) | {"iqm_inu_med", "iqm_inu_range"} == set(iqm.IQM_DIRECTIONS)
+    assert set(iqm.IQM_DIRECTIONS.values()) <= {-1, 0, 1}
+    expected = {
+        "iqm_cjv": -1,
+        "iqm_cnr": 1,
+        "iqm_snr_wm": 1,
+        "iqm_snrd_total": 1,
+        "iqm_efc": -1,
+        "iqm_fber": 1,
+        "iqm_qi_1": -1,
+        "iqm_fwhm_avg": -1,
+        "iqm_rpve_gm": -1,
+        "iqm_tpm_overlap_wm": 1,
+        "iqm_inu_range": -1,
+        "iqm_size_x": 0,
+        "iqm_spacing_z": 0,
+        "iqm_summary_wm_mean": 0,
+        "iqm_icvs_csf": 0,
+    }
+    assert {name: iqm.IQM_DIRECTIONS[name] for name in expected} == expected
+    assert iqm.IQM_LABELS["iqm_snr_wm"] == "SNR (WM)"
+    assert iqm.IQM_LABELS["iqm_efc"] == "EFC"
+    singles, snrs, fwhms, tissue_maps, summaries, geometry = 6, 8, 4, 3 * 3, 4 * 8, 6
+    assert len(iqm.IQM_NAMES) == singles + snrs + fwhms + tissue_maps + summaries + geometry
+
+
+# --------------------------------------------------------------------------- subject stage
+
+
+def _to_ants(img: nib.Nifti1Image) -> ants.ANTsImage:
+    """ANTs copy of a (cached, so not to be modified) nibabel image."""
+    copy = nib.Nifti1Image(np.asarray(img.dataobj, dtype=np.float32), img.affine)
+    copy.header.set_xyzt_units("mm", "sec")
+    return ants.from_nibabel_nifti(copy)
+
+
+def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> Path:
+    img = nib.Nifti1Image(data, affine)
+    img.header.set_xyzt_units("mm", "sec")
+    nib.save(img, path)
+    return path
+
+
+def _head_mask(data: np.ndarray, fraction: float) -> np.ndarray:
+    """Largest component above ``fraction`` of the 99th percentile, closed and filled."""
+    mask = data > fraction * np.percentile(data, 99)
+    mask = ndi.binary_closing(mask, iterations=2)
+    labels, count = ndi.label(mask)
+    sizes = ndi.sum(mask, labels, range(1, count + 1))
+    return ndi.binary_fill_holes(labels == 1 + int(np.argmax(sizes)))
+
+
+@pytest.fixture(scope="module")
+def template_subject(tmp_path_factory):
+    """The 2 mm MNI template on a 3 mm native grid in PSL voxel order, shifted by 6 mm.
+
+    Returns (folder, noiseless data, native affine, head mask path, transform path).
+    The transform is the exact ANTs affine (MNI -> native points) of that shift.
+    """
+    folder = tmp_path_factory.mktemp("iqm_template")
+    mni_ants = _to_ants(template.load_template(resolution=2))
+    resampled = ants.resample_image(mni_ants, (3.0, 3.0, 3.0), use_voxels=False, interp_type=0)
+    ras = ants.to_nibabel_nifti(resampled)
+    signal = np.asarray(ras.get_fdata(dtype=np.float32)) * 1000.0
+    shift_ras = np.array([6.0, -4.0, 3.0])
+    affine = ras.affine.copy()
+    affine[:3, 3] += shift_ras
+    # Store in another voxel order (P, S, L): the stage must not depend on it.
+    to_psl = nib.orientations.ornt_transform(
+        nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt(("P", "S", "L"))
+    )
+    native = nib.orientations.apply_orientation(signal, to_psl)
+    native_affine = affine @ nib.orientations.inv_ornt_aff(to_psl, signal.shape)
+    head = _head_mask(native, 0.05).astype(np.uint8)
+    head_path = _save(head, native_affine, folder / "head.nii.gz")
+    transform = ants.create_ants_transform(
+        transform_type="AffineTransform",
+        dimension=3,
+        matrix=np.eye(3),
+        translation=(-shift_ras[0], -shift_ras[1], shift_ras[2]),  # LPS
+    )
+    transform_path = folder / "native_to_mni.mat"
+    ants.write_transform(transform, str(transform_path))
+    return folder, native, native_affine, head_path, transform_path, signal.shape
+
+
+def _noisy_subject(template_subject, sigma: float, name: str) -> Path:
+    folder, native, affine, *_ = template_subject
+    rng = np.random.default_rng(int(sigma))
+    return _save(_rician(native, sigma, rng), affine, folder / f"{name}.nii.gz")
+
+
+def _metrics(record: dict) -> dict:
+    assert record["status"] == records.OK, record
+    return record["metrics"]
+
+
+def test_iqm_subject_on_the_template(template_subject, tmp_path):
+    _, _, _, head_path, transform_path, ras_shape = template_subject
+    image = _noisy_subject(template_subject, 15.0, "noise15")
+    record_path = tmp_path / "sub-01_desc-iqm_qc.json"
+    record = iqm.iqm_subject(
+        image, image, head_path, transform_path, record_path=record_path, upstream=[]
+    )
+    assert json.loads(record_path.read_text())["status"] == records.OK
+    metrics = _metrics(record)
+    assert record["warnings"] == []
+    assert set(metrics) == set(iqm.IQM_NAMES)
+    missing = [name for name, value in metrics.items() if value is None or not math.isfinite(value)]
+    assert missing == []
+    assert [metrics[f"iqm_size_{a}"] for a in "xyz"] == list(ras_shape)
+    assert [metrics[f"iqm_spacing_{a}"] for a in "xyz"] == pytest.approx([3.0, 3.0, 3.0])
+    # An exact transform: the tissue maps agree with the template's.
+    assert metrics["iqm_tpm_overlap_wm"] > 0.5
+    assert metrics["iqm_tpm_overlap_gm"] > 0.4
+    assert metrics["iqm_summary_wm_median"] > metrics["iqm_summary_gm_median"]
+    assert metrics["iqm_summary_gm_median"] > metrics["iqm_summary_csf_median"]
+    assert metrics["iqm_icvs_csf"] + metrics["iqm_icvs_gm"] + metrics["iqm_icvs_wm"] == (
+        pytest.approx(1.0)
+    )
+    assert metrics["iqm_qi_1"] < 0.01
+    # Air of a magnitude image with sigma 15: Rayleigh with std 15 * 0.655.
+    assert metrics["iqm_summary_bg_stdv"] == pytest.approx(15 * RAYLEIGH_STD, rel=0.15)
+
+
+def test_noise_lowers_snr_and_cnr_and_raises_cjv(template_subject, tmp_path):
+    _, _, _, head_path, transform_path, _ = template_subject
+    results = []
+    for sigma in (10.0, 30.0, 60.0):
+        image = _noisy_subject(template_subject, sigma, f"noise{int(sigma)}")
+        record = iqm.iqm_subject(
+            image,
+            image,
+            head_path,
+            transform_path,
+            record_path=tmp_path / f"{int(sigma)}.json",
+            upstream=[],
+        )
+        results.append(_metrics(record))
+    for name in ("iqm_snr_wm", "iqm_snr_gm", "iqm_snr_total", "iqm_snrd_wm", "iqm_cnr", "iqm_fber"):
+        values = [m[name] for m in results]
+        assert values[0] > values[1] > values[2], (name, values)
+    for name in ("iqm_cjv", "iqm_efc", "iqm_summary_bg_stdv"):
+        values = [m[name] for m in results]
+        assert values[0] < values[1] < values[2], (name, values)
+
+
+def test_without_registration_the_other_metrics_remain(template_subject, tmp_path):
+    _, _, _, head_path, _, _ = template_subject
+    image = _noisy_subject(template_subject, 15.0, "noreg")
+    placeholder = tmp_path / "xfm.mat"
+    placeholder.write_bytes(b"")  # what run_stage leaves when registration failed
+    record = iqm.iqm_subject(
+        image, image, head_path, placeholder, record_path=tmp_path / "r.json", upstream=[]
+    )
+    metrics = _metrics(record)
+    assert any("no tissue segmentation" in w for w in record["warnings"])
+    kept = ["iqm_efc", "iqm_fber", "iqm_qi_1", "iqm_fwhm_avg", "iqm_size_x", "iqm_spacing_z"]
+    kept += [f"iqm_summary_bg_{stat}" for stat in iqm.SUMMARY_STATS]
+    assert all(math.isfinite(metrics[name]) for name in kept)
+    undefined = ("iqm_cjv", "iqm_snr_wm", "iqm_cnr", "iqm_rpve_gm", "iqm_summary_wm_mean")
+    assert all(math.isnan(metrics[name]) for name in undefined)
+    # The record on disk is valid JSON with nulls for the undefined metrics.
+    written = json.loads((tmp_path / "r.json").read_text())["metrics"]
+    assert set(written) == set(iqm.IQM_NAMES)
+    assert all(written[name] is None for name in undefined)
+
+
+def test_a_transform_that_misses_the_head_gives_no_segmentation(template_subject, tmp_path):
+    _, _, _, head_path, _, _ = template_subject
+    image = _noisy_subject(template_subject, 15.0, "offset")
+    far = ants.create_ants_transform(
+        transform_type="AffineTransform", dimension=3, matrix=np.eye(3), translation=(0, 0, 400)
+    )
+    far_path = tmp_path / "far.mat"
+    ants.write_transform(far, str(far_path))
+    record = iqm.iqm_subject(
+        image, image, head_path, far_path, record_path=tmp_path / "r.json", upstream=[]
+    )
+    metrics = _metrics(record)
+    assert any("no tissue segmentation" in w for w in record["warnings"])
+    assert math.isnan(metrics["iqm_snr_wm"])
+    assert math.isfinite(metrics["iqm_efc"])
+
+
+def test_unreadable_or_mismatched_images_fail_with_a_reason(template_subject, tmp_path):
+    _, native, affine, head_path, transform_path, _ = template_subject
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a nifti")
+    record = iqm.iqm_subject(
+        broken, broken, head_path, transform_path, record_path=tmp_path / "a.json", upstream=[]
+    )
+    assert record["status"] == records.FAILED
+    assert "cannot read" in record["reason"]
+    small = _save(native[::2, ::2, ::2].copy(), affine, tmp_path / "small.nii.gz")
+    record = iqm.iqm_subject(
+        small, small, head_path, transform_path, record_path=tmp_path / "b.json", upstream=[]
+    )
+    assert record["status"] == records.FAILED
+    assert "grids differ" in record["reason"]
+
+
+def test_upstream_failure_skips_the_stage(template_subject, tmp_path):
+    _, _, _, head_path, transform_path, _ = template_subject
+    upstream = tmp_path / "register.json"
+    records.write_json(upstream, records.make_record("register", status="failed", reason="boom"))
+    record = iqm.iqm_subject(
+        head_path,
+        head_path,
+        head_path,
+        transform_path,
+        record_path=tmp_path / "r.json",
+        upstream=[upstream],
+    )
+    assert record["status"] == records.FAILED
+    assert record["reason"] == "boom"
+    assert record["metrics"] == {}
+
+
+# --------------------------------------------------------------------------- real brain
+
+
+@pytest.mark.shared
+def test_real_brain_noise_is_monotonic(shared_data, tmp_path):
+    """A real 1 mm T1 (with face and neck) at three Rician noise strengths."""
+    source = shared_data / "nifti" / "niivue" / "otsu_T1.nii.gz"
+    img = nib.as_closest_canonical(nib.load(source))
+    data = np.asarray(img.get_fdata(dtype=np.float32))
+    head_path = _save(_head_mask(data, 0.15).astype(np.uint8), img.affine, tmp_path / "head.nii.gz")
+
+    # Affine registration of a 2 mm copy (the transform lives in mm, so it holds for
+    # the 1 mm grid); the template is brain only, so its brain mask guides the metric.
+    mni = _to_ants(template.load_template(resolution=2))
+    brain = _to_ants(template.load_brain_mask(resolution=2))
+    moving = ants.resample_image(ants.image_read(str(source)), (2.0, 2.0, 2.0), interp_type=0)
+    registration = ants.registration(
+        fixed=mni,
+        moving=moving,
+        type_of_transform="Affine",
+        mask=ants.iMath(brain, "MD", 4),
+        random_seed=1,
+    )
+    transform = Path(registration["fwdtransforms"][0])
+
+    results = []
+    for sigma in (0.0, 6.0, 15.0):
+        noisy = _rician(data, sigma, np.random.default_rng(11)) if sigma else data
+        image = _save(noisy, img.affine, tmp_path / f"t1_{int(sigma)}.nii.gz")
+        metrics, warnings, details = iqm.compute_iqms(image, image, head_path, transform)
+        assert warnings == [], warnings
+        assert 900 < details["segmentation"]["brain_volume_ml"] < 2000
+        results.append(metrics)
+    base = results[0]
+    assert base["iqm_tpm_overlap_wm"] > 0.4
+    assert base["iqm_summary_wm_median"] > base["iqm_summary_gm_median"]
+    assert base["iqm_summary_gm_median"] > base["iqm_summary_csf_median"]
+    assert 2 < base["iqm_fwhm_avg"] < 6
+    for name in ("iqm_snr_wm", "iqm_snr_gm", "iqm_snr_total", "iqm_snrd_wm", "iqm_cnr"):
+        values = [m[name] for m in results]
+        assert values[0] > values[1] > values[2], (name, values)
+    for name in ("iqm_cjv", "iqm_summary_bg_stdv", "iqm_rpve_wm"):
+        values = [m[name] for m in results]
+        assert values[0] < values[1] < values[2], (name, values)

@@ -1,0 +1,549 @@
+"""preprocess: head mask, N4 bias correction and affine registration to MNI152.
+
+The images are the nilearn MNI152 template (real anatomy, skull-stripped) on its
+2 mm grid, given a synthetic skull and scalp so that it looks like a head, and
+moved, biased, re-oriented or replaced by noise as each test needs.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import ants
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from mriaudit import preprocess, records, template
+
+PAD = 8  # voxels of background around the template brain (16 mm at 2 mm)
+TO_LPS = np.diag([-1.0, -1.0, 1.0])
+
+
+# ---------------------------------------------------------------------------
+# Synthetic images
+
+
+def _padded_template() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Template T1, brain mask and WM prior on the 2 mm grid grown by PAD voxels; and its affine."""
+    tpl = template.load_template(resolution=2)
+    affine = tpl.affine.copy()
+    affine[:3, 3] -= affine[:3, :3] @ np.full(3, PAD)
+    pad = ((PAD, PAD),) * 3
+    brain = np.pad(template.load_brain_mask(resolution=2).get_fdata() > 0, pad)
+    wm = np.pad(template.load_tissue_priors(resolution=2)["wm"].get_fdata(), pad)
+    return np.pad(tpl.get_fdata(dtype=np.float32), pad), brain, wm, affine
+
+
+@pytest.fixture(scope="module")
+def head() -> dict[str, np.ndarray]:
+    """A T1-like head: template brain, dark skull (2-6 mm) and bright scalp (6-10 mm out).
+
+    Background holds faint Rician-like noise. Keys: data, affine, brain, wm
+    (white-matter probability), head (true head extent).
+    """
+    t1, brain, wm, affine = _padded_template()
+    distance = ndi.distance_transform_edt(~brain, sampling=2.0)
+    skull = (distance > 2) & (distance <= 6)
+    scalp = (distance > 6) & (distance <= 10)
+    data = 1000.0 * t1
+    data[skull] = 60.0
+    data[scalp] = 800.0
+    rng = np.random.default_rng(0)
+    noise = np.hypot(rng.normal(0, 15, data.shape), rng.normal(0, 15, data.shape))
+    data = np.where(distance <= 10, data + rng.normal(0, 10, data.shape), noise)
+    return {
+        "data": data.astype(np.float32),
+        "affine": affine,
+        "brain": brain,
+        "wm": wm,
+        "head": distance <= 10,
+    }
+
+
+def _rigid(
+    angles_deg: tuple[float, float, float], shift_mm: tuple[float, float, float]
+) -> np.ndarray:
+    """4x4 rotation about x, y, z (in that order) followed by a shift, RAS mm."""
+    ax, ay, az = np.deg2rad(angles_deg)
+    rx = np.array([[1, 0, 0], [0, np.cos(ax), -np.sin(ax)], [0, np.sin(ax), np.cos(ax)]])
+    ry = np.array([[np.cos(ay), 0, np.sin(ay)], [0, 1, 0], [-np.sin(ay), 0, np.cos(ay)]])
+    rz = np.array([[np.cos(az), -np.sin(az), 0], [np.sin(az), np.cos(az), 0], [0, 0, 1]])
+    matrix = np.eye(4)
+    matrix[:3, :3] = rz @ ry @ rx
+    matrix[:3, 3] = shift_mm
+    return matrix
+
+
+def _moved(data: np.ndarray, affine: np.ndarray, motion: np.ndarray) -> np.ndarray:
+    """Image on the same grid whose content at world point y is ``data`` at ``motion @ y``."""
+    voxels = np.indices(data.shape).reshape(3, -1)
+    world = affine[:3, :3] @ voxels + affine[:3, 3:4]
+    source = np.linalg.inv(affine) @ motion @ np.vstack([world, np.ones(world.shape[1])])
+    moved = ndi.map_coordinates(data, source[:3], order=1, mode="constant", cval=0.0)
+    return moved.reshape(data.shape).astype(np.float32)
+
+
+def _reoriented(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Same image, voxel axes permuted and flipped, affine adjusted (same world content)."""
+    orientation = np.array(
+        [[2, -1], [0, 1], [1, -1]]
+    )  # axis 0 -> 2 flipped, 1 -> 0, 2 -> 1 flipped
+    new_data = nib.orientations.apply_orientation(data, orientation)
+    new_affine = affine @ nib.orientations.inv_ornt_aff(orientation, data.shape)
+    return np.ascontiguousarray(new_data), new_affine
+
+
+def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> Path:
+    nib.save(nib.Nifti1Image(data, affine), str(path))
+    return path
+
+
+def _ok_record(folder: Path, stage: str = "convert") -> Path:
+    path = folder / f"{stage}.json"
+    records.write_json(path, records.make_record(stage))
+    return path
+
+
+def _register(folder: Path, image: Path, upstream: Path) -> tuple[dict, dict[str, Path]]:
+    outputs = {
+        "out_image": folder / "reg.nii.gz",
+        "out_mask": folder / "brain.nii.gz",
+        "out_transform": folder / "xfm.mat",
+    }
+    record = preprocess.register_subject(
+        image,
+        **outputs,
+        record_path=folder / "register.json",
+        upstream=[upstream],
+        threads=2,
+        resolution=2,
+    )
+    return record, outputs
+
+
+def _landmarks_lps() -> np.ndarray:
+    """Template-space landmarks (LPS mm): brain centre and points 40 mm away on each axis."""
+    brain = template.load_brain_mask(resolution=2)
+    centre = brain.affine[:3, :3] @ np.argwhere(brain.get_fdata() > 0).mean(axis=0)
+    centre += brain.affine[:3, 3]
+    offsets = np.vstack([np.zeros(3), 40 * np.eye(3), -40 * np.eye(3)])
+    return (TO_LPS @ (centre + offsets).T).T
+
+
+def _map(transform: Path, points_lps: np.ndarray) -> np.ndarray:
+    tx = ants.read_transform(str(transform))
+    return np.array([tx.apply_to_point(tuple(p)) for p in points_lps])
+
+
+# ---------------------------------------------------------------------------
+# Pure helpers
+
+
+def test_otsu_threshold_splits_two_modes():
+    rng = np.random.default_rng(1)
+    sample = np.concatenate([rng.normal(10, 2, 5000), rng.normal(100, 10, 2000)])
+    assert 20 < preprocess.otsu_threshold(sample) < 80
+    assert preprocess.otsu_threshold(np.full(10, 3.0)) == 3.0
+    with pytest.raises(ValueError, match="finite"):
+        preprocess.otsu_threshold(np.array([np.nan]))
+
+
+def test_head_mask_covers_head_and_not_background(head):
+    mask = preprocess.head_mask(head["data"], spacing_mm=(2.0, 2.0, 2.0))
+    truth = head["head"]
+    assert mask.dtype == bool and mask.shape == truth.shape
+    # The dark skull between brain and scalp belongs to the head.
+    assert mask[truth].mean() > 0.99
+    far = ndi.distance_transform_edt(~truth, sampling=2.0) > 4
+    assert mask[far].mean() < 0.01
+
+
+def test_head_mask_handles_anisotropic_and_empty_images(head):
+    thick = head["data"][:, :, ::3]  # 6 mm "slices"
+    mask = preprocess.head_mask(thick, spacing_mm=(2.0, 2.0, 6.0))
+    truth = head["head"][:, :, ::3]
+    assert mask[truth].mean() > 0.97 and mask[~truth].mean() < 0.05
+    assert not preprocess.head_mask(np.zeros((20, 20, 20)), spacing_mm=(1, 1, 1)).any()
+    assert not preprocess.head_mask(np.full((20, 20, 20), 7.0), spacing_mm=(1, 1, 1)).any()
+    with pytest.raises(ValueError, match="spacing"):
+        preprocess.head_mask(np.zeros((4, 4, 4)), spacing_mm=(1, 0, 1))
+    with pytest.raises(ValueError, match="3D"):
+        preprocess.head_mask(np.zeros((4, 4)), spacing_mm=(1, 1, 1))
+
+
+def test_block_mean_and_upsample_reproduce_a_linear_field():
+    shape = (31, 20, 17)
+    i, j, k = np.indices(shape)
+    ramp = 0.5 * i - 0.25 * j + 0.1 * k + 3
+    means, fraction = preprocess.block_mean(ramp, (3, 4, 1))
+    assert means.shape == (11, 5, 17) and np.allclose(fraction, 1.0)
+    # Block j is centred on voxel j * factor + (factor - 1) / 2.
+    assert means[0, 0, 0] == pytest.approx(0.5 * 1 - 0.25 * 1.5 + 0.1 * 0 + 3)
+    back = preprocess.block_upsample(means, (3, 4, 1), shape)
+    # Exact between the outermost block centres (the last block is padded by repetition).
+    assert np.allclose(back[1:28, 2:18], ramp[1:28, 2:18])
+
+
+def test_block_mean_weights_ignore_masked_voxels():
+    data = np.array([[[1.0, 100.0], [1.0, 100.0]]])
+    weights = np.array([[[1.0, 0.0], [1.0, 0.0]]])
+    means, fraction = preprocess.block_mean(data, (1, 2, 2), weights=weights)
+    assert means.item() == 1.0 and fraction.item() == 0.5
+
+
+def test_bias_field_stats_follow_mriqc_definitions():
+    field = np.linspace(0.5, 1.5, 1001).reshape(7, 11, 13)
+    mask = np.ones(field.shape, dtype=bool)
+    stats = preprocess.bias_field_stats(field, mask)
+    assert stats["iqm_inu_med"] == pytest.approx(1.0)
+    assert stats["n4_p05"] == pytest.approx(0.55)
+    assert stats["n4_p95"] == pytest.approx(1.45)
+    assert stats["iqm_inu_range"] == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="mask"):
+        preprocess.bias_field_stats(field, ~mask)
+
+
+def test_similarity_helpers():
+    rng = np.random.default_rng(2)
+    a = rng.normal(size=(30, 30, 30))
+    mask = np.ones(a.shape, dtype=bool)
+    assert preprocess.masked_correlation(a, 3 * a + 1, mask) == pytest.approx(1.0)
+    assert preprocess.masked_correlation(a, -a, mask) == pytest.approx(-1.0)
+    assert np.isnan(preprocess.masked_correlation(a, np.ones_like(a), mask))
+    b = rng.normal(size=a.shape)
+    assert preprocess.mutual_information(a, a**2) > 5 * preprocess.mutual_information(a, b)
+    assert preprocess.mutual_information(a, np.zeros_like(a)) == 0.0
+    assert preprocess.is_flat(np.zeros((5, 5, 5)))
+    assert preprocess.is_flat(np.full((5, 5, 5), np.nan))
+    assert not preprocess.is_flat(a)
+    assert preprocess.affine_scale(np.diag([2.0, 1.0, 0.5, 1.0])) == pytest.approx(1.0)
+
+
+def test_registration_problems_thresholds():
+    assert preprocess.registration_problems(similarity=0.55, scale=0.8) == []
+    assert "low similarity" in preprocess.registration_problems(similarity=0.1, scale=0.8)[0]
+    assert "anti-correlates" in preprocess.registration_problems(similarity=-0.5, scale=0.8)[0]
+    assert "scale" in preprocess.registration_problems(similarity=0.55, scale=0.4)[0]
+    assert "scale" in preprocess.registration_problems(similarity=0.55, scale=1.9)[0]
+    assert "constant" in preprocess.registration_problems(similarity=np.nan, scale=1.0)[0]
+
+
+def test_ants_image_keeps_nibabel_geometry():
+    affine = _rigid((20.0, -5.0, 35.0), (-90.0, 12.0, 40.0)) @ np.diag([0.9, 1.1, 3.0, 1.0])
+    data, affine = _reoriented(np.zeros((6, 7, 8), dtype=np.float32), affine)
+    image = preprocess.ants_image(data, affine)
+    for index in [(0, 0, 0), (5, 1, 3), (2, 6, 7)]:
+        expected = TO_LPS @ (affine[:3, :3] @ np.array(index) + affine[:3, 3])
+        point = ants.transform_index_to_physical_point(image, index)
+        assert np.allclose(point, expected, atol=1e-3)
+        ours = preprocess.physical_points(image, np.array(index, dtype=float)[:, None])
+        assert np.allclose(ours[:, 0], expected, atol=1e-3)
+    with pytest.raises(ValueError, match="shape"):
+        preprocess.physical_points(image, np.zeros(3))
+    assert image.shape == data.shape
+
+
+def test_load_volume_squeezes_and_rejects(tmp_path):
+    affine = np.diag([1.0, 2.0, 3.0, 1.0])
+    four = np.stack([np.full((4, 5, 6), v, np.float32) for v in (1.0, 2.0)], axis=-1)
+    four[0, 0, 0, 0] = np.nan
+    image, data = preprocess.load_volume(_save(tmp_path / "4d.nii.gz", four, affine))
+    assert data.shape == (4, 5, 6) and data.dtype == np.float32
+    assert data[0, 0, 0] == 0.0 and data[1, 1, 1] == 1.0  # first volume, NaN set to 0
+    assert preprocess.voxel_sizes(image.affine) == (1.0, 2.0, 3.0)
+    single = _save(tmp_path / "single.nii.gz", four[..., :1], affine)
+    assert preprocess.load_volume(single)[1].shape == (4, 5, 6)
+    with pytest.raises(records.StageError, match="not a 3D image"):
+        preprocess.load_volume(_save(tmp_path / "2d.nii.gz", four[:, :, 0, 0], affine))
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a nifti")
+    with pytest.raises(records.StageError, match=r"cannot read broken\.nii\.gz"):
+        preprocess.load_volume(broken)
+
+
+def test_candidate_centres_see_past_a_long_neck(head):
+    # Grow the field of view 80 mm downwards and fill it with a bright neck.
+    data = np.pad(head["data"], ((0, 0), (0, 0), (40, 0)))
+    affine = head["affine"].copy()
+    affine[:3, 3] -= affine[:3, :3] @ np.array([0, 0, 40])
+    brain = np.pad(head["brain"], ((0, 0), (0, 0), (40, 0)))
+    centre = np.argwhere(brain).mean(axis=0)
+    i, j = np.indices(data.shape[:2])
+    neck = (i - centre[0]) ** 2 + (j - centre[1] - 5) ** 2 < 25**2
+    data[..., :50][neck] = 700.0
+    brain_centre = TO_LPS @ (affine[:3, :3] @ centre + affine[:3, 3])
+    brain_points = np.argwhere(brain)
+    brain_top_to_centre = 2.0 * (brain_points[:, 2].max() - centre[2])
+
+    centres = preprocess.candidate_centres(
+        preprocess.ants_image(data, affine), brain_top_to_centre_mm=brain_top_to_centre
+    )
+
+    assert set(centres) == {"com", "top", "mid"}
+    assert np.linalg.norm(centres["top"] - brain_centre) < 10.0
+    # The intensity centre of mass sinks towards the neck; "mid" lies between.
+    assert centres["com"][2] < brain_centre[2] - 15.0
+    assert centres["com"][2] < centres["mid"][2] < centres["top"][2]
+
+
+# ---------------------------------------------------------------------------
+# N4
+
+
+def _log_bias(shape: tuple[int, ...]) -> np.ndarray:
+    """A smooth log bias field: about 1.5x from one side of the head to the other."""
+    x, y, z = np.indices(shape) / max(shape)
+    return 0.8 * (x - 0.5) - 0.6 * (z - 0.5) + 1.2 * (y - 0.5) ** 2
+
+
+def _true_inu_range(head: dict[str, np.ndarray]) -> float:
+    log_bias = _log_bias(head["data"].shape)[head["head"]]
+    field = np.exp(log_bias - log_bias.mean())
+    return float(np.percentile(field, 95) - np.percentile(field, 5))
+
+
+def test_n4_removes_a_multiplicative_bias_and_keeps_geometry(head, tmp_path):
+    data, affine = head["data"], head["affine"]
+    bias = np.exp(_log_bias(data.shape)).astype(np.float32)
+    # An oblique, permuted voxel order: the output must keep it exactly.
+    oblique = _rigid((0.0, 12.0, -8.0), (3.0, -4.0, 5.0)) @ affine
+    biased, biased_affine = _reoriented(data * bias, oblique)
+    wm, _ = _reoriented(head["wm"] > 0.9, oblique)
+    source = _save(tmp_path / "T1w.nii.gz", biased, biased_affine)
+    out, mask_path = tmp_path / "n4.nii.gz", tmp_path / "head.nii.gz"
+
+    record = preprocess.bias_correct_subject(
+        source,
+        out_image=out,
+        out_mask=mask_path,
+        record_path=tmp_path / "n4.json",
+        upstream=[_ok_record(tmp_path)],
+        threads=2,
+    )
+
+    assert record["status"] == "ok", record
+    corrected, head_mask = nib.load(str(out)), nib.load(str(mask_path))
+    for image in (corrected, head_mask):
+        assert image.shape == biased.shape
+        assert np.allclose(image.affine, biased_affine, atol=1e-5)
+    assert corrected.get_data_dtype() == np.float32
+    assert head_mask.get_data_dtype() == np.uint8
+
+    def cv(values: np.ndarray) -> float:
+        return float(values[wm].std() / values[wm].mean())
+
+    before, after = cv(biased), cv(corrected.get_fdata())
+    assert after < 0.5 * before, (before, after)
+    # The field N4 found (input / output) follows the one applied.
+    inside = _reoriented(head["head"], oblique)[0]
+    found = np.log(biased[inside] / corrected.get_fdata()[inside])
+    applied = _reoriented(_log_bias(data.shape), oblique)[0][inside]
+    assert np.corrcoef(found, applied)[0, 1] > 0.75
+    # The corrected image keeps the intensity level of the input.
+    assert np.median(corrected.get_fdata()[wm]) == pytest.approx(np.median(biased[wm]), rel=0.15)
+    metrics = record["metrics"]
+    assert metrics["iqm_inu_range"] == pytest.approx(metrics["n4_p95"] - metrics["n4_p05"])
+    assert 0.5 * _true_inu_range(head) < metrics["iqm_inu_range"] < 1.5 * _true_inu_range(head)
+    assert 0.9 < metrics["iqm_inu_med"] < 1.1
+    assert head_mask.get_fdata()[inside].mean() > 0.99
+
+
+def test_n4_of_an_unbiased_image_finds_a_flat_field(head, tmp_path):
+    # On a 4 mm grid to stay quick; the head has no bias at all.
+    means, _ = preprocess.block_mean(head["data"], (2, 2, 2))
+    affine = head["affine"] @ np.diag([2.0, 2.0, 2.0, 1.0])
+    source = _save(tmp_path / "T1w.nii.gz", means.astype(np.float32), affine)
+    record = preprocess.bias_correct_subject(
+        source,
+        out_image=tmp_path / "n4.nii.gz",
+        out_mask=tmp_path / "head.nii.gz",
+        record_path=tmp_path / "n4.json",
+        upstream=[_ok_record(tmp_path)],
+    )
+    assert record["status"] == "ok"
+    # N4 takes some anatomy for bias, but far less than a real bias field.
+    assert record["metrics"]["iqm_inu_range"] < 0.5 * _true_inu_range(head)
+
+
+def test_n4_of_an_empty_image_fails_with_a_reason(tmp_path):
+    source = _save(tmp_path / "T1w.nii.gz", np.zeros((30, 30, 30), np.float32), np.eye(4))
+    out, mask = tmp_path / "n4.nii.gz", tmp_path / "head.nii.gz"
+    record = preprocess.bias_correct_subject(
+        source,
+        out_image=out,
+        out_mask=mask,
+        record_path=tmp_path / "n4.json",
+        upstream=[_ok_record(tmp_path)],
+    )
+    assert record["status"] == "failed"
+    assert "empty" in record["reason"]
+    assert out.exists() and out.stat().st_size == 0  # placeholder
+    assert records.read_record(tmp_path / "n4.json")["status"] == "failed"
+
+    # The registration that depends on it is skipped with the same reason.
+    skipped, outputs = _register(tmp_path, out, tmp_path / "n4.json")
+    assert skipped["status"] == "failed" and skipped.get("skipped")
+    assert all(path.stat().st_size == 0 for path in outputs.values())
+
+
+# ---------------------------------------------------------------------------
+# Registration
+
+
+MOTION = _rigid((10.0, -4.0, 6.0), (8.0, -5.0, 6.0))
+
+
+@pytest.fixture(scope="module")
+def moved_head(head, tmp_path_factory) -> dict:
+    """The head moved by ~12 degrees and ~11 mm, registered once for several tests.
+
+    The process's temporary folder is pointed at an empty ``scratch`` folder
+    during the run, to see what ANTs leaves there.
+    """
+    folder = tmp_path_factory.mktemp("moved")
+    data = _moved(head["data"], head["affine"], MOTION)
+    source = _save(folder / "n4.nii.gz", data, head["affine"])
+    upstream = _ok_record(folder, "n4")
+    scratch = folder / "scratch"
+    scratch.mkdir()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tempfile, "tempdir", str(scratch))
+        patch.setenv("TMPDIR", str(scratch))
+        patch.delenv("ANTS_RANDOM_SEED", raising=False)
+        record, outputs = _register(folder, source, upstream)
+        left = sorted(scratch.iterdir())
+        settings = (tempfile.tempdir, os.environ.get("TMPDIR"), os.environ.get("ANTS_RANDOM_SEED"))
+    return {
+        "data": data,
+        "source": source,
+        "record": record,
+        "left_in_tmp": left,
+        "settings_after": settings,
+        "scratch": str(scratch),
+        **outputs,
+    }
+
+
+def test_registration_recovers_a_known_rigid_motion(moved_head):
+    record = moved_head["record"]
+    assert record["status"] == "ok" and record["findings"] == [], record
+    tpl = template.load_template(resolution=2)
+    registered = nib.load(str(moved_head["out_image"]))
+    assert registered.shape == tpl.shape
+    assert np.allclose(registered.affine, tpl.affine)
+    assert registered.get_data_dtype() == np.float32
+    brain = template.load_brain_mask(resolution=2).get_fdata() > 0
+    assert preprocess.masked_correlation(registered.get_fdata(), tpl.get_fdata(), brain) > 0.95
+    assert record["metrics"]["reg_similarity"] > 0.95
+    assert record["metrics"]["reg_scale"] == pytest.approx(1.0, abs=0.05)
+    # The transform maps template points onto where the motion put them.
+    landmarks = _landmarks_lps()
+    inverse = np.linalg.inv(MOTION)
+    expected = np.array(
+        [TO_LPS @ (inverse[:3, :3] @ TO_LPS @ p + inverse[:3, 3]) for p in landmarks]
+    )
+    error = np.linalg.norm(_map(moved_head["out_transform"], landmarks) - expected, axis=1)
+    assert error.max() < 2.0, error
+    mask = nib.load(str(moved_head["out_mask"]))
+    assert mask.get_data_dtype() == np.uint8
+    assert np.array_equal(mask.get_fdata() > 0, brain)
+
+
+def test_registration_ignores_the_voxel_order(moved_head, tmp_path):
+    data, affine = _reoriented(moved_head["data"], nib.load(str(moved_head["source"])).affine)
+    source = _save(tmp_path / "n4.nii.gz", data, affine)
+    record, outputs = _register(tmp_path, source, _ok_record(tmp_path, "n4"))
+    assert record["status"] == "ok" and record["findings"] == []
+    assert record["metrics"]["reg_similarity"] == pytest.approx(
+        moved_head["record"]["metrics"]["reg_similarity"], abs=0.01
+    )
+    landmarks = _landmarks_lps()
+    difference = _map(outputs["out_transform"], landmarks) - _map(
+        moved_head["out_transform"], landmarks
+    )
+    assert np.linalg.norm(difference, axis=1).max() < 1.0
+    first = nib.load(str(moved_head["out_image"])).get_fdata()
+    second = nib.load(str(outputs["out_image"])).get_fdata()
+    assert np.corrcoef(first.ravel(), second.ravel())[0, 1] > 0.99
+
+
+def test_a_header_turned_by_a_wrong_patient_position_is_found_and_undone(moved_head, tmp_path):
+    # Supine scanned, prone entered: the header turns the head 180 degrees about S-I.
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ nib.load(str(moved_head["source"])).affine
+    source = _save(tmp_path / "n4.nii.gz", moved_head["data"], affine)
+    record, outputs = _register(tmp_path, source, _ok_record(tmp_path, "n4"))
+    assert record["status"] == "ok"
+    assert record["findings"] == ["header_orientation"], record
+    assert "180 degrees about the superior axis" in record["warnings"][0]
+    assert record["metrics"]["reg_similarity"] > 0.95
+    first = nib.load(str(moved_head["out_image"])).get_fdata()
+    second = nib.load(str(outputs["out_image"])).get_fdata()
+    assert np.corrcoef(first.ravel(), second.ravel())[0, 1] > 0.99
+
+
+@pytest.mark.parametrize("kind", ["empty", "noise"])
+def test_a_hopeless_image_is_a_finding_not_a_crash(kind, tmp_path, monkeypatch):
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+    monkeypatch.setenv("TMPDIR", str(scratch))
+    rng = np.random.default_rng(3)
+    data = np.zeros((48, 48, 40), np.float32) if kind == "empty" else rng.random((48, 48, 40))
+    affine = np.diag([3.0, 3.0, 3.5, 1.0])
+    affine[:3, 3] = [-70, -90, -60]
+    source = _save(tmp_path / "n4.nii.gz", data.astype(np.float32), affine)
+
+    record, outputs = _register(tmp_path, source, _ok_record(tmp_path, "n4"))
+
+    assert record["status"] == "ok"
+    assert "registration_failed" in record["findings"]
+    assert any(line.startswith("registration_failed: ") for line in record["warnings"])
+    tpl = template.load_template(resolution=2)
+    assert nib.load(str(outputs["out_image"])).shape == tpl.shape
+    assert ants.read_transform(str(outputs["out_transform"])).type == "AffineTransform"
+    if kind == "empty":
+        assert "empty" in record["warnings"][0]
+        assert record["metrics"]["reg_similarity"] is None
+    # ANTs' temporaries went into a private folder that is gone; settings are restored.
+    assert list(scratch.iterdir()) == []
+    assert tempfile.tempdir == str(scratch)
+
+
+def test_registration_leaves_no_temporary_files(moved_head):
+    assert moved_head["left_in_tmp"] == []
+    assert moved_head["settings_after"] == (moved_head["scratch"], moved_head["scratch"], None)
+    assert moved_head["out_transform"].stat().st_size > 0
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize(
+    "scan",
+    [
+        "nifti/niivue/otsu_T1.nii.gz",  # 3D T1, 1 mm, with face and neck
+        # 2D sagittal T1 of a prone patient (4.8 mm slices, voxel axes P, S, R)
+        "dicom/dcm_qa_decubitus/Ref_regenerated/t1_fl2d_sag_20220407151756.nii",
+    ],
+)
+def test_real_brain_is_bias_corrected_and_registered(scan, shared_data, tmp_path):
+    source = shared_data / scan
+    n4_image, n4_record = tmp_path / "n4.nii.gz", tmp_path / "n4.json"
+    record = preprocess.bias_correct_subject(
+        source,
+        out_image=n4_image,
+        out_mask=tmp_path / "head.nii.gz",
+        record_path=n4_record,
+        upstream=[_ok_record(tmp_path)],
+        threads=2,
+    )
+    assert record["status"] == "ok"
+    assert np.allclose(nib.load(str(n4_image)).affine, nib.load(str(source)).affine)
+    assert 0.05 < record["metrics"]["iqm_inu_range"] < 1.0
+    record, _ = _register(tmp_path, n4_image, n4_record)
+    assert record["status"] == "ok" and record["findings"] == [], record
+    assert record["metrics"]["reg_similarity"] > preprocess.MIN_SIMILARITY
+    low, high = preprocess.SCALE_RANGE
+    assert low < record["metrics"]["reg_scale"] < high

@@ -1,0 +1,267 @@
+"""The HTML report: hooks, escaping, no external reference, montages, scale."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import time
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib.image
+import nibabel as nib
+import numpy as np
+import pytest
+
+from mriaudit import aggregate, paths, records
+from mriaudit.evaluate import evaluate_cohort
+from mriaudit.report import MAX_MONTAGES, build_report, make_subject_montage
+from tests.unit.test_aggregate import (  # the shared fake cohort
+    BLOB_MM,
+    HTML_FOLDER,
+    HTML_STRING,
+    _anomaly_map,
+    built_cohort,  # noqa: F401  (fixture)
+    copy_cohort,
+    grid,  # noqa: F401  (fixture)
+    run_aggregate,
+)
+
+#: Subjects of the scale test; set MRIAUDIT_SCALE_SUBJECTS=10000 to measure the contract's size.
+SCALE_SUBJECTS = int(os.environ.get("MRIAUDIT_SCALE_SUBJECTS", "2000"))
+
+
+class Hooks(HTMLParser):
+    """Collects ids, the subject rows and the montages (with whether they hold an image)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ids: set[str] = set()
+        self.table_rows: list[str] = []
+        self.montages: dict[str, bool] = {}
+        self.external: list[str] = []
+        self.in_subjects = False
+        self.montage: str | None = None
+        self.depth = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        attributes = dict(attrs)
+        if attributes.get("id"):
+            self.ids.add(attributes["id"])
+        for name in ("src", "href"):
+            value = attributes.get(name) or ""
+            if value and not value.startswith(("#", "data:")):
+                self.external.append(value)
+        if tag == "table" and attributes.get("id") == "subjects":
+            self.in_subjects = True
+        if tag == "tr" and self.in_subjects and "data-subject" in attributes:
+            self.table_rows.append(attributes["data-subject"])
+        if tag == "div":
+            if self.montage is not None:
+                self.depth += 1
+            elif "montage" in (attributes.get("class") or "").split():
+                self.montage, self.depth = attributes["data-subject"], 0
+                self.montages[self.montage] = False
+        if tag == "img" and self.montage is not None:
+            self.montages[self.montage] = True
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "table":
+            self.in_subjects = False
+        if tag == "div" and self.montage is not None:
+            if self.depth == 0:
+                self.montage = None
+            else:
+                self.depth -= 1
+
+
+def parse(html: str) -> Hooks:
+    hooks = Hooks()
+    hooks.feed(html)
+    return hooks
+
+
+def render(cohort: dict, *, with_metrics: bool) -> str:
+    cohort_dir = paths.cohort_dir(cohort["out"])
+    metrics = None
+    if with_metrics:
+        metrics = cohort_dir / "metrics.json"
+        evaluate_cohort(
+            cohort_dir / "scores.tsv",
+            cohort["labels"],
+            out_metrics=metrics,
+            flag={},
+            n_bootstrap=50,
+        )
+    html_path = cohort_dir / "report.html"
+    build_report(
+        cohort["out"],
+        scores_tsv=cohort_dir / "scores.tsv",
+        exclusions_tsv=cohort_dir / "exclusions.tsv",
+        metrics_json=metrics,
+        config={"flag": {}, "labels": str(cohort["labels"]), "input_dir": str(cohort["input"])},
+        out_html=html_path,
+    )
+    return html_path.read_text(encoding="utf-8")
+
+
+def assert_self_contained(html: str, hooks: Hooks) -> None:
+    assert hooks.external == []
+    for pattern in ("http://", "https://", 'src="//', 'href="//', "url("):
+        assert pattern not in html, pattern
+
+
+def test_report_hooks_escaping_and_montages(built_cohort, tmp_path):  # noqa: F811
+    cohort = copy_cohort(built_cohort, tmp_path)
+    frame = run_aggregate(cohort)
+    html = render(cohort, with_metrics=True)
+    hooks = parse(html)
+    assert {"subjects", "filter", "export-decisions", "roc", "pr"} <= hooks.ids
+    assert sorted(hooks.table_rows) == sorted(cohort["folders"])
+    # Flagged first: the table keeps the scores.tsv order.
+    assert hooks.table_rows == frame["subject"].tolist()
+    flagged = set(frame.loc[frame["flagged"], "subject"])
+    assert set(hooks.montages) == flagged
+    # Ok subjects with images get a picture; the failed one (empty placeholders) and
+    # folders that were never processed show their reasons only.
+    assert hooks.montages["sub-11"] and hooks.montages["sub-12"]
+    assert not hooks.montages["sub-bad"] and not hooks.montages["a-b"]
+    assert "dcm2niix produced no image" in html
+    assert "IQM robust z: iqm_snr_wm z=-" in html  # exclusions.tsv evidence on the card
+    assert_self_contained(html, hooks)
+    # Header strings and folder names are text, never markup.
+    assert HTML_STRING not in html and "&lt;b&gt;x&lt;/b&gt;" in html
+    assert HTML_FOLDER not in html and HTML_FOLDER in hooks.table_rows
+    assert "AUROC" in html and "95 % CI" in html
+    assert "sha256" in html and "snakemake" in html
+
+
+def test_report_without_labels_or_model(built_cohort, tmp_path):  # noqa: F811
+    cohort = copy_cohort(built_cohort, tmp_path)
+    run_aggregate(cohort, labels=False)
+    html = render(cohort, with_metrics=False)
+    hooks = parse(html)
+    assert "roc" not in hooks.ids and "subjects" in hooks.ids
+    assert "no checkpoint found" in html
+    assert_self_contained(html, hooks)
+
+
+def test_montage_shows_the_region(grid):  # noqa: F811
+    png = make_subject_montage(grid, _anomaly_map(grid, BLOB_MM), centre_mm=BLOB_MM)
+    assert png.startswith(b"\x89PNG")
+    image = matplotlib.image.imread(io.BytesIO(png))
+    assert image.shape[0] == 150 and image.shape[1] > 3 * 100
+    red = (image[..., 0] > 0.6) & (image[..., 2] < 0.3)
+    assert red.sum() > 50  # the blob is overlaid in warm colours
+    plain = matplotlib.image.imread(io.BytesIO(make_subject_montage(grid, None, centre_mm=None)))
+    assert plain.shape == image.shape
+    assert not ((plain[..., 0] > 0.6) & (plain[..., 2] < 0.3)).any()
+
+
+def test_montage_rejects_placeholders(tmp_path):
+    empty = tmp_path / "empty.nii.gz"
+    records.write_placeholders([empty])
+    with pytest.raises(ValueError, match="empty placeholder"):
+        make_subject_montage(empty, None, centre_mm=None)
+
+
+def _synthetic_cohort(root: Path, grid: nib.Nifti1Image, n: int) -> dict:  # noqa: F811
+    """``n`` subjects of records only (6 % anomalous, 2 % failed); flagged ones share images."""
+    rng = np.random.default_rng(0)
+    # Every IQM the iqm stage writes, so the table has its real width (~70 columns).
+    iqm_names = [f"iqm_{name}" for name in aggregate.iqm_tables()[0] if name != "inu_range"]
+    input_dir, out = root / "input", root / "out"
+    image, anomaly = root / "image.nii.gz", root / "map.nii.gz"
+    nib.save(grid, image)
+    nib.save(_anomaly_map(grid, BLOB_MM), anomaly)
+    lines = ["subject\tlabel"]
+    for i in range(n):
+        label = f"{i:05d}"
+        (input_dir / f"sub-{label}").mkdir(parents=True)
+        anomalous = rng.random() < 0.06
+        failed = rng.random() < 0.02
+        lines.append(f"sub-{label}\t{int(anomalous)}")
+        header = {
+            "hdr_manufacturer": "SIEMENS" if i % 3 else "GE MEDICAL SYSTEMS",
+            "hdr_field_strength": 3.0,
+            "hdr_tr": 2300.0 if i % 3 else 7.3,
+            "hdr_te": 2.98 if i % 3 else 3.0,
+            "hdr_voxel_x": 1.0,
+            "hdr_voxel_y": 1.0,
+            "hdr_voxel_z": 1.0,
+        }
+        stage_records = {
+            "inventory": records.make_record("inventory", metrics=header),
+            "convert": records.make_record("convert", metrics={"conv_n_volumes": 1}),
+            "n4": records.make_record("n4", metrics={"iqm_inu_range": rng.normal(0.3, 0.03)}),
+            "register": records.make_record("register", metrics={"reg_similarity": 0.8}),
+            "iqm": records.make_record(
+                "iqm",
+                metrics={
+                    **dict(zip(iqm_names, rng.normal(10, 1, len(iqm_names)), strict=True)),
+                    "iqm_snr_wm": rng.normal(10, 1) - 6 * anomalous * rng.random(),
+                },
+            ),
+            "score": records.make_record(
+                "score",
+                metrics={"anomaly_raw": rng.normal(1.0, 0.1) + anomalous * rng.uniform(0.2, 1.0)},
+                fold=i % 3,
+                in_reference=True,
+                top_regions=[{"centroid_mm": list(BLOB_MM), "volume_ml": 1.0, "peak": 3.0}],
+            ),
+        }
+        if failed:
+            stage_records["convert"] = records.make_record(
+                "convert", status="failed", reason="dcm2niix: no image"
+            )
+            for stage in ("n4", "register", "iqm", "score"):
+                stage_records[stage] = records.make_record(
+                    stage, status="failed", reason="dcm2niix: no image", skipped=True
+                )
+        for stage, record in stage_records.items():
+            # Compact JSON (C encoder): the same content as records.write_json, 5x faster to make.
+            path = paths.record(out, label, stage)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(record))
+        preproc, amap = paths.preproc(out, label), paths.anomaly_map(out, label)
+        preproc.parent.mkdir(parents=True, exist_ok=True)
+        if failed:
+            records.write_placeholders([preproc, amap])
+        else:
+            preproc.symlink_to(image)
+            amap.symlink_to(anomaly)
+    labels = root / "labels.tsv"
+    labels.write_text("\n".join(lines) + "\n")
+    return {"input": input_dir, "out": out, "labels": labels}
+
+
+def test_scale_aggregate_and_report(tmp_path, grid):  # noqa: F811
+    cohort = _synthetic_cohort(tmp_path, grid, SCALE_SUBJECTS)
+    start = time.perf_counter()
+    frame = run_aggregate(cohort)
+    aggregated = time.perf_counter()
+    html = render(cohort, with_metrics=False)
+    done = time.perf_counter()
+    n_flagged = int(frame["flagged"].sum())
+    size_mb = len(html.encode()) / 1e6
+    print(
+        f"\n{SCALE_SUBJECTS} subjects ({n_flagged} flagged): aggregate {aggregated - start:.1f} s, "
+        f"report {done - aggregated:.1f} s, total {done - start:.1f} s, HTML {size_mb:.1f} MB"
+    )
+    hooks = parse(html)
+    assert len(hooks.table_rows) == SCALE_SUBJECTS
+    assert len(hooks.montages) == min(n_flagged, MAX_MONTAGES)
+    # The contract: aggregate + report for 10,000 subjects well under 60 s.
+    assert done - start < 40.0 * SCALE_SUBJECTS / 10_000 + 10.0
+    assert re.search(r"\d+ subjects are flagged", html)
+
+
+def test_report_of_an_empty_cohort(tmp_path):
+    (tmp_path / "input").mkdir()
+    cohort = {"input": tmp_path / "input", "out": tmp_path / "out", "labels": None}
+    frame = run_aggregate(cohort, labels=False)
+    assert frame.empty
+    hooks = parse(render(cohort, with_metrics=False))
+    assert "subjects" in hooks.ids and hooks.table_rows == [] and hooks.montages == {}
