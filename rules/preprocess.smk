@@ -1,3 +1,5 @@
+# One thread per job: a second ITK thread speeds N4 by 8 % and registration by 18 % (1 mm T1,
+# 2 cores), while two subjects side by side nearly double the throughput.
 rule bias_correct:
     input:
         image=str(paths.t1w(OUT, "{subject}")),
@@ -10,7 +12,7 @@ rule bias_correct:
         str(paths.log(OUT, "bias_correct", "{subject}")),
     benchmark:
         str(paths.benchmark(OUT, "bias_correct", "{subject}"))
-    threads: 2
+    threads: 1
     resources:
         mem_mb=mem_per_attempt(2500),
         runtime=20,
@@ -35,7 +37,7 @@ rule register:
         str(paths.benchmark(OUT, "register", "{subject}"))
     params:
         resolution=config["template_resolution"],
-    threads: 2
+    threads: 1
     resources:
         mem_mb=mem_per_attempt(2500),
         runtime=20,

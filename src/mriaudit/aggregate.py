@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 DEFAULT_FLAG: dict[str, float] = {"anomaly_z": 3.0, "iqm_z": 4.0, "fp_budget": 0.05}
 
 #: Metric columns copied from the records into scores.tsv, in this order.
-METRIC_PREFIXES: tuple[str, ...] = ("iqm_", "hdr_", "reg_", "conv_", "n4_")
+METRIC_PREFIXES: tuple[str, ...] = ("anomaly_", "iqm_", "hdr_", "reg_", "conv_", "n4_")
 
 #: Threads reading records and writing subject JSONs (file-system bound).
 IO_THREADS = 8
@@ -96,45 +96,6 @@ _FINDING_COUNTS: dict[str, str] = {
 
 _STATUS_PREFIX = {FAILED: "failed", NO_SERIES: "no usable T1-weighted series"}
 
-# Used when mriaudit.iqm is not importable: +1 higher is better, -1 lower is better.
-_FALLBACK_DIRECTIONS: dict[str, int] = {
-    "cjv": -1,
-    "cnr": 1,
-    "snr_total": 1,
-    "snr_csf": 1,
-    "snr_gm": 1,
-    "snr_wm": 1,
-    "snrd_total": 1,
-    "snrd_csf": 1,
-    "snrd_gm": 1,
-    "snrd_wm": 1,
-    "efc": -1,
-    "fber": 1,
-    "fwhm_avg": -1,
-    "inu_range": -1,
-    "inu_med": 0,
-    "qi_1": -1,
-    "qi_2": -1,
-    "wm2max": 0,
-}
-_FALLBACK_LABELS: dict[str, str] = {
-    "cjv": "CJV",
-    "cnr": "CNR",
-    "snr_total": "SNR (total)",
-    "snr_csf": "SNR (CSF)",
-    "snr_gm": "SNR (GM)",
-    "snr_wm": "SNR (WM)",
-    "snrd_total": "SNR Dietrich (total)",
-    "efc": "EFC",
-    "fber": "FBER",
-    "fwhm_avg": "FWHM (mean)",
-    "inu_range": "INU range",
-    "inu_med": "INU median",
-    "qi_1": "QI1 (artefacts in air)",
-    "qi_2": "QI2 (noise fit in air)",
-    "wm2max": "WM to max intensity",
-}
-
 _STRING_COLUMNS = (
     "subject",
     "label",
@@ -176,14 +137,11 @@ def flag_settings(flag: dict[str, Any] | None) -> dict[str, float]:
 def iqm_tables() -> tuple[dict[str, int], dict[str, str]]:
     """IQM directions (+1 higher is better, -1 lower is better, 0 descriptive) and labels.
 
-    Keys are MRIQC names without the ``iqm_`` prefix. Taken from
-    ``mriaudit.iqm`` when it is importable, else from a built-in table.
+    Keys are MRIQC names without the ``iqm_`` prefix, as ``mriaudit.iqm`` defines them.
     """
-    try:
-        from mriaudit.iqm import IQM_DIRECTIONS, IQM_LABELS
-    except ImportError:
-        log.warning("mriaudit.iqm not importable; using the built-in IQM directions")
-        return dict(_FALLBACK_DIRECTIONS), dict(_FALLBACK_LABELS)
+    # Imported here: mriaudit.iqm imports ANTsPy, which the cohort steps need for nothing else.
+    from mriaudit.iqm import IQM_DIRECTIONS, IQM_LABELS
+
     directions = {_strip_iqm(k): int(v) for k, v in IQM_DIRECTIONS.items()}
     labels = {_strip_iqm(k): str(v) for k, v in IQM_LABELS.items()}
     return directions, labels
@@ -323,7 +281,8 @@ def _subject_row(
         "fold": score.get("fold"),
     }
     for key, value in metrics.items():
-        if key.startswith(METRIC_PREFIXES):
+        # anomaly_raw is already in the row, and only when the score stage is ok.
+        if key.startswith(METRIC_PREFIXES) and key not in row:
             row[key] = _plain(value)
     top_regions = score.get("top_regions") if isinstance(score.get("top_regions"), list) else []
     extra = {

@@ -474,13 +474,18 @@ def _functional(groups: Sequence[Dataset | None], sequence: str, keyword: str) -
     return None
 
 
+#: Most frames believed from one file's NumberOfFrames (16 bits of frame count).
+MAX_FRAMES = 65536
+
+
 def _slices(dataset: Dataset, rel: str) -> list[_Slice]:
     """The frames of one file; enhanced multi-frame files give one entry per frame."""
     shape = None
     if "Rows" in dataset and "Columns" in dataset:
         with contextlib.suppress(TypeError, ValueError):
             shape = (int(dataset.Rows), int(dataset.Columns))
-    n_frames = int(_number(dataset.get("NumberOfFrames")) or 1)
+    # A corrupt NumberOfFrames (say 99999999) must not build millions of entries.
+    n_frames = min(max(int(_number(dataset.get("NumberOfFrames")) or 1), 1), MAX_FRAMES)
     per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
     shared = _first_item(dataset, "SharedFunctionalGroupsSequence")
     if n_frames > 1 and per_frame is not None and len(per_frame) == n_frames:
@@ -570,26 +575,32 @@ def _scan_folder(subject_dir: Path) -> _Scan:
                 if kind == "unreadable" or dataset is None:
                     scan.unreadable.append(rel)
                     continue
-                uid = _text(dataset.get("SeriesInstanceUID"))
-                if not uid:
-                    # DICOMDIR and other objects with a SOP class but no series are not
-                    # images; a "DICM" file without even a SOP class is damaged.
-                    (scan.non_dicom if _sop_class(dataset) else scan.unreadable).append(rel)
-                    continue
-                scan.phi_tags |= _filled_phi_tags(dataset)
-                series = scan.series.setdefault(uid, _Series(uid, _header_fields(dataset)))
-                series.files.append(rel)
                 try:
-                    size = path.stat().st_size
-                except OSError:
-                    size = 0
-                problem = _pixel_problem(dataset, size)
-                if problem:
-                    log.warning("unusable DICOM file: %s (%s)", rel, problem)
-                    series.unusable.append(rel)
+                    uid = _text(dataset.get("SeriesInstanceUID"))
+                    if not uid:
+                        # DICOMDIR and other objects with a SOP class but no series are not
+                        # images; a "DICM" file without even a SOP class is damaged.
+                        (scan.non_dicom if _sop_class(dataset) else scan.unreadable).append(rel)
+                        continue
+                    scan.phi_tags |= _filled_phi_tags(dataset)
+                    series = scan.series.setdefault(uid, _Series(uid, _header_fields(dataset)))
+                    series.files.append(rel)
+                    try:
+                        size = path.stat().st_size
+                    except OSError:
+                        size = 0
+                    problem = _pixel_problem(dataset, size)
+                    if problem:
+                        log.warning("unusable DICOM file: %s (%s)", rel, problem)
+                        series.unusable.append(rel)
+                        scan.unreadable.append(rel)
+                        continue
+                    series.slices.extend(_slices(dataset, rel))
+                except Exception as error:
+                    # One file with a malformed attribute must not end the inventory; the
+                    # message may quote header values, so only its type is logged.
+                    log.warning("unusable DICOM file: %s (%s)", rel, type(error).__name__)
                     scan.unreadable.append(rel)
-                    continue
-                series.slices.extend(_slices(dataset, rel))
     return scan
 
 
@@ -1427,7 +1438,7 @@ def _convert_dicom(
             (m.group(1) for line in other if (m := re.search(r"version (v\S+)", line))), ""
         )
     write_json(out_sidecar, sidecar)
-    metrics["convert_n_warnings"] = len(notes)
+    metrics["conv_n_warnings"] = len(notes)
     for note in notes:
         log.warning("%s", note)
     return make_record(
@@ -1467,7 +1478,7 @@ def _convert_nifti(
         metrics = check_image(staged)
         _atomic_copy(staged, out_image)
     write_json(out_sidecar, {"SourceFile": Path(rel).name})
-    metrics["convert_n_warnings"] = len(notes)
+    metrics["conv_n_warnings"] = len(notes)
     for note in notes:
         log.warning("%s", note)
     return make_record("convert", status=OK, metrics=metrics, warnings=notes, source="nifti")
@@ -1500,7 +1511,7 @@ def convert_subject(
     packaged dcm2niix (``-ba y -b y -z y``), the largest 3D output kept with
     dcm2niix's own voxel order and affine, the sidecar stripped of identifying
     keys; dcm2niix's warnings go to the log and the record (metric
-    ``convert_n_warnings``). NIfTI: the chosen file copied unchanged in
+    ``conv_n_warnings``). NIfTI: the chosen file copied unchanged in
     geometry (first volume of a 4D image). The result must be 3D, at least 2
     voxels per axis, finite; metrics ``conv_dim_*`` (voxels), ``conv_voxel_*`` (mm).
     Skipped (with the inventory's status) when the inventory is not ``ok``.

@@ -556,7 +556,7 @@ def bias_correct_subject(
     Writes the corrected image (float32) to ``out_image`` and the head mask
     (uint8) to ``out_mask``, both with ``in_image``'s grid, affine and header.
     Metrics: ``iqm_inu_med``, ``iqm_inu_range``, ``n4_p05``, ``n4_p95`` (see
-    ``bias_field_stats``) and ``head_volume_ml``. An empty or constant image
+    ``bias_field_stats``) and ``n4_head_volume_ml``. An empty or constant image
     ends the stage ``failed``. Returns the record.
     """
 
@@ -575,7 +575,7 @@ def bias_correct_subject(
         corrected = data / field
         save_like(corrected, image, out_image, dtype=np.float32)
         save_like(mask, image, out_mask, dtype=np.uint8)
-        metrics = {**bias_field_stats(field, mask), "head_volume_ml": round(head_ml, 1)}
+        metrics = {**bias_field_stats(field, mask), "n4_head_volume_ml": round(head_ml, 1)}
         log.info("n4: %s", metrics)
         return records.make_record(N4_STAGE, metrics=metrics)
 

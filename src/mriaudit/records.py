@@ -18,6 +18,8 @@ import json
 import logging
 import math
 import os
+import signal
+import sys
 import tempfile
 import time
 import traceback
@@ -117,6 +119,65 @@ def upstream_problem(records: Iterable[str | Path]) -> dict[str, Any] | None:
     return None
 
 
+def _attempt(stage: str, work: Callable[[], dict[str, Any]]) -> tuple[dict[str, Any], str]:
+    """``work()``'s record, any exception turned into one; and the error to log."""
+    try:
+        return work(), ""
+    except StageError as error:
+        return make_record(stage, status=error.status, reason=error.reason), error.reason
+    except Exception as error:
+        reason = f"{stage}: {type(error).__name__}: {error}"
+        failed = make_record(stage, status=FAILED, reason=reason[:300])
+        return failed, f"failed:\n{traceback.format_exc()}"
+
+
+def _attempt_in_child(stage: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """:func:`_attempt` in a forked child, so a native crash (a segfault in ITK,
+    an abort in a codec) becomes a ``failed`` record instead of killing the job,
+    which would cost the whole cohort its report.
+
+    Fork, not spawn: ``work`` is a closure. The parent has only imported the
+    libraries, so the child starts clean (CUDA is first touched inside ``work``).
+    The error is logged by the parent, so it reaches the parent's handlers.
+    """
+    reader, writer = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: run, send the outcome, leave without the parent's cleanup
+        code = 0
+        try:
+            os.close(reader)
+            record, error = _attempt(stage, work)
+            payload = json.dumps({"record": _jsonable(record), "error": error}).encode()
+            with os.fdopen(writer, "wb") as pipe:
+                pipe.write(payload)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BaseException:  # the record could not be sent: say why, in the rule log
+            log.error("%s: the stage process failed:\n%s", stage, traceback.format_exc())
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(writer)
+    with os.fdopen(reader, "rb") as pipe:
+        payload = pipe.read()
+    _, wait_status = os.waitpid(pid, 0)
+    if payload:
+        outcome = json.loads(payload)
+        if outcome["error"]:
+            log.error("%s: %s", stage, outcome["error"])
+        return outcome["record"]
+    signal_number = os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else None
+    how = (
+        f"killed by {signal.Signals(signal_number).name}"
+        if signal_number
+        else f"exited with code {os.waitstatus_to_exitcode(wait_status)}"
+    )
+    log.error("%s: the stage process %s before writing its record", stage, how)
+    return make_record(stage, status=FAILED, reason=f"{stage}: crashed ({how})")
+
+
 def run_stage(
     stage: str,
     work: Callable[[], dict[str, Any]],
@@ -124,41 +185,52 @@ def run_stage(
     record_path: str | Path,
     image_outputs: Iterable[str | Path] = (),
     upstream: Iterable[str | Path] = (),
+    isolate: bool | None = None,
 ) -> dict[str, Any]:
     """Run one per-subject stage with fault isolation and write its record.
 
     ``work`` does the stage and returns ``make_record(stage, ...)``; it must
-    write ``image_outputs`` itself. When an upstream record is not ``ok`` the
-    work is skipped. When ``work`` raises, the error becomes a ``failed`` record
-    (``StageError`` carries its own status and reason) and its traceback goes to
-    the log. Missing image outputs are written as empty placeholders, so the
-    step never fails the run for a data problem.
+    write ``image_outputs`` itself. With ``isolate`` (default: unless the
+    environment sets ``MRIAUDIT_STAGE_FORK=0``) it runs in a forked child
+    process (its return value crosses back as JSON; side effects other than
+    files are lost). Fork is safe in a rule's fresh script process, which has
+    only imported the libraries; a long-lived process that has already run
+    OpenMP or ITK thread pools (a test session) can deadlock in the child and
+    turns it off.
+    When an upstream record is not ``ok`` (or unreadable) the work is skipped.
+    When ``work`` raises, or its process dies (segfault, abort), the error
+    becomes a ``failed`` record (``StageError`` carries its own status and
+    reason) and its traceback goes to the log. Missing image outputs are
+    written as empty placeholders, so the step never fails the run for a data
+    problem.
     """
     image_outputs = [Path(p) for p in image_outputs]
     for path in image_outputs:
         path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    problem = upstream_problem(upstream)
-    succeeded = False
+    try:
+        problem = upstream_problem(upstream)
+    except (OSError, ValueError) as error:
+        problem = {"status": FAILED, "reason": f"upstream record unreadable: {error}"}
     if problem is not None:
+        status = problem.get("status")
         record = make_record(
             stage,
-            status=problem["status"],
+            status=status if status in (FAILED, NO_SERIES) else FAILED,
             reason=problem.get("reason", ""),
             skipped=True,
         )
-        log.info("%s skipped: upstream %s (%s)", stage, problem["status"], record["reason"])
+        log.info("%s skipped: upstream %s (%s)", stage, status, record["reason"])
     else:
-        try:
-            record = work()
-            succeeded = record["status"] == OK
-        except StageError as error:
-            log.error("%s: %s", stage, error.reason)
-            record = make_record(stage, status=error.status, reason=error.reason)
-        except Exception as error:
-            log.error("%s failed:\n%s", stage, traceback.format_exc())
-            reason = f"{stage}: {type(error).__name__}: {error}"
-            record = make_record(stage, status=FAILED, reason=reason[:300])
+        if isolate is None:
+            isolate = os.environ.get("MRIAUDIT_STAGE_FORK", "1") != "0"
+        if isolate:
+            record = _attempt_in_child(stage, work)
+        else:
+            record, error = _attempt(stage, work)
+            if error:
+                log.error("%s: %s", stage, error)
+    succeeded = record["status"] == OK
     # A failed stage may have left a partial image: replace it, so no half-written
     # file is ever mistaken for a result.
     write_placeholders(p for p in image_outputs if not (succeeded and p.exists()))

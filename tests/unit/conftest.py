@@ -32,6 +32,16 @@ from pydicom.valuerep import format_number_as_ds
 
 _TILT = math.radians(35.0)
 
+
+@pytest.fixture(scope="session", autouse=True)
+def stages_in_process():
+    """Unit tests run stages in-process: this session has used OpenMP and ITK thread
+    pools, after which a forked child can deadlock (a rule's fresh process cannot)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MRIAUDIT_STAGE_FORK", "0")
+        yield
+
+
 #: ImageOrientationPatient (row direction cosines, then column direction cosines), LPS.
 ORIENTATIONS: dict[str, tuple[float, ...]] = {
     "axial": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),

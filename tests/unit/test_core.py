@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import logging
+import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -92,6 +95,22 @@ def test_run_stage_turns_errors_into_records(tmp_path, caplog):
     assert "Traceback" in caplog.text
     assert image.read_bytes() == b"", "a partial image must be replaced by an empty placeholder"
     assert json.loads(record_path.read_text())["status"] == "failed"
+
+
+def test_run_stage_survives_a_native_crash(tmp_path):
+    image = tmp_path / "img.nii.gz"
+
+    def segfault():
+        image.write_bytes(b"half-written")
+        faulthandler.disable()  # pytest's handler would print every module of the child
+        os.kill(os.getpid(), signal.SIGSEGV)
+
+    record = records.run_stage(
+        "register", segfault, record_path=tmp_path / "rec.json", image_outputs=[image], isolate=True
+    )
+    assert record["status"] == "failed" and "SIGSEGV" in record["reason"]
+    assert image.read_bytes() == b""
+    assert records.read_record(tmp_path / "rec.json") == record
 
 
 def test_run_stage_skips_after_failed_upstream(tmp_path):

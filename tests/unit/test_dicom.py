@@ -521,7 +521,7 @@ def test_convert_keeps_dicom_geometry(tmp_path, dicom_series, orientation, acqui
     )
     # The synthetic manufacturer is unknown to dcm2niix: its warning is recorded.
     assert any("manufacturer" in w for w in convert["warnings"])
-    assert metrics["convert_n_warnings"] == len(convert["warnings"])
+    assert metrics["conv_n_warnings"] == len(convert["warnings"])
     assert all(w.lower().startswith("warning") for w in convert["warnings"])
 
 
@@ -548,7 +548,7 @@ def test_convert_of_series_with_missing_slice_records_dcm2niix_warnings(tmp_path
     convert = run_convert(subject, tmp_path / "out")
     assert convert["status"] == OK
     assert any("Interslice distance varies" in w for w in convert["warnings"])
-    assert convert["metrics"]["convert_n_warnings"] == len(convert["warnings"])
+    assert convert["metrics"]["conv_n_warnings"] == len(convert["warnings"])
     assert (tmp_path / "out" / "anat" / "sub-x_T1w.json").stat().st_size > 0
 
 

@@ -226,6 +226,26 @@ def test_score_writes_map_on_template_grid_and_record(trained: dict) -> None:
         assert trained["records"][label]["fold"] is None
 
 
+def test_a_reused_model_does_not_mistake_a_new_subject_for_its_namesake(
+    trained: dict, cohort: dict, tmp_path: Path
+) -> None:
+    # Another cohort's subject n00 (here: the lesioned image) was never seen in training.
+    image, record = cohort["subjects"]["les"]
+    scored = score_subject(
+        image,
+        checkpoint=trained["out"] / "model.pt",
+        subject="n00",
+        out_map=tmp_path / "map.nii.gz",
+        record_path=tmp_path / "score.json",
+        upstream=[record],
+        device="cpu",
+    )
+    assert scored["in_reference"] is False and scored["fold"] is None
+    assert scored["metrics"]["anomaly_raw"] == pytest.approx(
+        trained["records"]["les"]["metrics"]["anomaly_raw"], rel=1e-5
+    )
+
+
 def test_lesion_scores_highest_and_is_located(trained: dict) -> None:
     records = trained["records"]
     normal = [records[label]["metrics"]["anomaly_raw"] for label in NORMALS]
@@ -276,6 +296,17 @@ def test_too_few_reference_subjects_fail_training_not_the_run(cohort: dict, tmp_
     img = nib.load(tmp_path / "sub-n01_anomaly_map.nii.gz")
     assert img.shape == load_template(resolution=2).shape
     assert not np.asarray(img.dataobj).any()
+
+
+def test_an_error_during_training_is_a_failed_model_not_a_crash(
+    cohort: dict, tmp_path: Path
+) -> None:
+    # batch_size 0 makes the training loop itself raise, as a CUDA out-of-memory would.
+    sidecar = _train(cohort, tmp_path, reference=NORMALS, epochs=1, batch_size=0)
+    assert sidecar["status"] == "failed"
+    assert sidecar["reason"].startswith("training failed: ZeroDivisionError")
+    checkpoint = load_checkpoint(tmp_path / "model.pt")
+    assert checkpoint["status"] == "failed" and checkpoint["resolution"] == 2
 
 
 def test_same_seed_gives_same_scores(cohort: dict, tmp_path: Path) -> None:

@@ -26,7 +26,14 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from mriaudit.model.data import BrainGrid, ImageError, brain_grid, load_normalised, slice_inputs
+from mriaudit.model.data import (
+    BrainGrid,
+    ImageError,
+    brain_grid,
+    file_sha256,
+    load_normalised,
+    slice_inputs,
+)
 from mriaudit.model.device import resolve_device
 from mriaudit.model.network import AtlasWarpNet, build_network
 from mriaudit.records import OK, StageError, make_record, run_stage
@@ -346,6 +353,9 @@ def score_subject(
         torch_device = resolve_device(device, threads=threads)
         assignment = state["fold_assignment"]
         fold = assignment.get(subject)
+        digests = state.get("reference_sha256", {})
+        if fold is not None and digests.get(subject) != file_sha256(image):
+            fold = None  # the label of a reference subject, but another image: never seen
         folds = [int(fold)] if fold is not None else list(range(len(state["state_dicts"])))
         anomaly, metrics = score_volume(volume, state, folds=folds, device=torch_device, grid=grid)
         full = np.zeros(grid.shape, np.float32)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+import traceback
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +40,7 @@ from mriaudit.model.data import (
     assign_folds,
     brain_grid,
     data_hash,
+    file_sha256,
     fold_count,
     load_normalised,
     reference_problem,
@@ -456,7 +458,14 @@ def _median_volume(volumes: Sequence[np.ndarray]) -> np.ndarray:
 def _failed(out_checkpoint: Path, out_sidecar: Path, reason: str, sidecar: dict[str, Any]) -> dict:
     log.error("model training not possible: %s", reason)
     out_checkpoint.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"status": FAILED, "reason": reason, "format": FORMAT_VERSION}, str(out_checkpoint))
+    failed = {
+        "status": FAILED,
+        "reason": reason,
+        "format": FORMAT_VERSION,
+        # Scoring writes its empty maps on this grid, the grid of the registered images.
+        "resolution": sidecar["config"]["resolution"],
+    }
+    torch.save(failed, str(out_checkpoint))
     sidecar.update(status=FAILED, reason=reason)
     write_json(out_sidecar, sidecar)
     return sidecar
@@ -548,6 +557,48 @@ def train_cohort(
             "%d usable reference subjects: %d folds instead of %d", len(volumes), n_folds, folds
         )
     config["folds_used"] = n_folds
+    try:
+        return _fit(
+            volumes,
+            paths,
+            sidecar,
+            config,
+            n_folds=n_folds,
+            grid=grid,
+            device=torch_device,
+            options=options,
+            started=started,
+            out_checkpoint=out_checkpoint,
+            out_sidecar=out_sidecar,
+        )
+    except Exception as error:
+        # A model that cannot be trained (out of memory, a torch error) is a finding:
+        # every subject is then recorded `not_scored` and the report still comes out.
+        log.error("training failed:\n%s", traceback.format_exc())
+        sidecar["training_time_s"] = round(time.perf_counter() - started, 2)
+        reason = f"training failed: {type(error).__name__}: {error}"[:300]
+        return _failed(out_checkpoint, out_sidecar, reason, sidecar)
+
+
+def _fit(
+    volumes: dict[str, np.ndarray],
+    paths: dict[str, Path],
+    sidecar: dict[str, Any],
+    config: dict[str, Any],
+    *,
+    n_folds: int,
+    grid: BrainGrid,
+    device: torch.device,
+    options: TrainOptions,
+    started: float,
+    out_checkpoint: Path,
+    out_sidecar: Path,
+) -> dict:
+    """Train, calibrate and save the ``n_folds`` fold models (see :func:`train_cohort`)."""
+    torch_device = device
+    epochs, batch_size = config["epochs"], config["batch_size"]
+    learning_rate, seed = config["learning_rate"], config["seed"]
+    resolution = config["resolution"]
     assignment = assign_folds(sorted(volumes), folds=n_folds, seed=seed)
     log.info(
         "training %d fold models on %d reference subjects (%s)", n_folds, len(volumes), torch_device
@@ -586,6 +637,9 @@ def train_cohort(
         "normalisation": dict(NORMALISATION, mask="mni152_brain"),
         "scoring": dict(options.scoring),
         "fold_assignment": assignment,
+        # Which image each reference label was: a reused checkpoint must not take a new
+        # cohort's subject for the reference subject that happened to have its label.
+        "reference_sha256": {s: file_sha256(p) for s, p in paths.items()},
         "state_dicts": states,
         "calibration": calibration,
         "training": {k: v for k, v in config.items() if k != "options"},
