@@ -9,7 +9,7 @@ DEMO_LABELS := results/demo-labels.tsv
 DEMO_OUT := results/demo
 DEMO_SUBJECTS ?= 30
 
-.PHONY: venv demo test lint format bench clean
+.PHONY: venv demo test lint format clean
 
 venv: $(STAMP)
 

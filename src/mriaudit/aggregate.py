@@ -80,6 +80,9 @@ FLAGGING_FINDINGS: dict[str, str] = {
     "inconsistent_rescale": "inconsistent intensity rescaling across slices",
     "unreadable_files": "unreadable files in the subject folder",
     "registration_failed": "registration to the MNI152 template failed",
+    # The header's patient position disagrees with the anatomy: every tool that trusts the
+    # header (left/right included) reads this scan wrongly.
+    "header_orientation": "header orientation disagrees with the anatomy (wrong patient position?)",
 }
 #: Findings reported as notes only (see the module docstring for why).
 NOTE_FINDINGS: dict[str, str] = {

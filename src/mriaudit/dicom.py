@@ -55,6 +55,7 @@ from mriaudit.records import (
     make_record,
     read_record,
     run_stage,
+    temporary_sibling,
     write_json,
 )
 
@@ -1002,8 +1003,7 @@ def write_series_table(rows: list[dict[str, Any]], path: Path) -> None:
     Cells never hold tabs or newlines (header strings are cleaned), so every
     row is one line; quotes are CSV-escaped.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = temporary_sibling(path)
     try:
         # backslashreplace: folder names that are not valid UTF-8 still write.
         with os.fdopen(fd, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
@@ -1349,8 +1349,7 @@ def clean_sidecar(sidecar: dict[str, Any]) -> dict[str, Any]:
 
 def _atomic_copy(source: Path, target: Path) -> None:
     """Copy ``source`` to ``target`` through a temporary name in the target folder."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp = temporary_sibling(target)
     os.close(fd)
     try:
         shutil.copyfile(source, tmp)

@@ -62,11 +62,24 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def temporary_sibling(target: Path) -> tuple[int, str]:
+    """A new temporary file next to ``target`` (open fd, path) for an atomic rename.
+
+    mkstemp makes files private (0600); outputs get the usual ``0666 & ~umask``
+    so that a group sharing an audit can read it.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)
+    return fd, tmp
+
+
 def write_json(path: str | Path, data: dict[str, Any]) -> None:
     """Write JSON atomically (temporary file in the same folder, then rename)."""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp = temporary_sibling(target)
     with os.fdopen(fd, "w") as handle:
         json.dump(_jsonable(data), handle, indent=2, sort_keys=False)
         handle.write("\n")

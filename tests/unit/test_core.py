@@ -169,3 +169,12 @@ def test_normalize_intensity_maps_percentiles():
         normalize_intensity(np.ones((4, 4, 4)), np.ones((4, 4, 4)))
     with pytest.raises(ValueError, match="no finite"):
         normalize_intensity(np.ones((4, 4, 4)), np.zeros((4, 4, 4)))
+
+
+def test_outputs_get_the_umask_not_private_permissions(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        records.write_json(tmp_path / "r.json", {"a": 1})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644

@@ -84,6 +84,14 @@ def test_unknown_config_key_is_rejected(placeholder_cohort):
     assert "trheads" in result.stdout + result.stderr
 
 
+def test_invalid_series_regex_fails_before_any_job(placeholder_cohort, tmp_path):
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(f"input_dir: {placeholder_cohort}\nseries:\n  include: 't1(('\n")
+    result = snakemake("-n", "--configfile", str(configfile))
+    assert result.returncode != 0
+    assert "series.include is not a valid regular expression" in result.stdout + result.stderr
+
+
 def test_lint_is_clean(placeholder_cohort, tmp_path):
     result = snakemake(
         "--lint", "--config", f"input_dir={placeholder_cohort}", f"output_dir={tmp_path / 'out'}"
