@@ -9,7 +9,7 @@ DEMO_LABELS := results/demo-labels.tsv
 DEMO_OUT := results/demo
 DEMO_SUBJECTS ?= 30
 
-.PHONY: venv demo test lint format clean
+.PHONY: venv demo test lint format bench clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,10 @@ format: venv
 
 test: venv lint
 	$(BIN)/python -m pytest -ra
+
+# Per-stage cost of one 1 mm T1 and the cohort steps at 10,000 subjects: a table and results/bench/bench.json.
+bench: venv
+	$(BIN)/python -m mriaudit.bench --out results/bench
 
 clean:
 	rm -rf results .snakemake

@@ -1,0 +1,474 @@
+"""Benchmark: what one 1 mm 3D T1 subject costs per stage, and the cohort steps at scale.
+
+``python -m mriaudit.bench [--out results/bench] [--runs 3] [--subjects 10000]``
+(``make bench``) prints one table and writes ``OUT/bench.json``:
+
+- ``per_subject``: every per-subject stage (inventory, convert, bias_correct,
+  register, iqm, score) run as its own process, as a Snakemake job runs it, on
+  a real 1 mm MPRAGE from ``../shared/data`` when present (else a generated
+  1 mm demo subject). Per stage: wall and CPU seconds and peak resident memory
+  (MB, the process and its children), the median of ``--runs`` runs; the
+  total is the sum of the stage medians. Scoring needs a model: one is
+  trained first on three copies of the registered image (``setup``; its time
+  says nothing about a real training).
+- ``scale``: a dry run (``snakemake -n``) of a ``--subjects`` cohort of
+  placeholder folders, and aggregate + report on that many synthetic subjects'
+  records, with the peak memory of that process.
+
+Figures are measurements of this machine (``machine``), not assertions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from mriaudit import paths, records
+
+SUBJECT_STAGES = ("inventory", "convert", "bias_correct", "register", "iqm", "score")
+SUBJECT = "bench"
+PROJECT = Path(__file__).resolve().parents[2]
+SHARED_MPRAGE = "dicom/dcm_qa_asl/In/T1"
+#: The smallest demo cohort, which holds normals to pick the bench subject from.
+MIN_DEMO_SUBJECTS = 6
+
+
+def _work_paths(work: Path) -> dict[str, Path]:
+    out = work / "out"
+    return {"folder": work / "input" / SUBJECT, "out": out, "model": work / "model"}
+
+
+def run_stage(stage: str, work: Path, *, threads: int) -> dict[str, Any]:
+    """Run one stage of the bench subject in this process (called in a child by :func:`measure`).
+
+    Each stage imports only its own module, as the rule's script does: the
+    import cost of ANTsPy or torch belongs to the stages that use them.
+    """
+    where = _work_paths(work)
+    out, sub = where["out"], SUBJECT
+
+    def record(name: str) -> Path:
+        return paths.record(out, sub, name)
+
+    if stage == "inventory":
+        from mriaudit import dicom
+
+        return dicom.inventory_subject(
+            where["folder"],
+            series_table=paths.series_table(out, sub),
+            record_path=record("inventory"),
+            rules={},
+        )
+    if stage == "convert":
+        from mriaudit import dicom
+
+        return dicom.convert_subject(
+            where["folder"],
+            inventory_record=record("inventory"),
+            out_image=paths.t1w(out, sub),
+            out_sidecar=paths.t1w_sidecar(out, sub),
+            record_path=record("convert"),
+        )
+    if stage == "bias_correct":
+        from mriaudit import preprocess
+
+        return preprocess.bias_correct_subject(
+            paths.t1w(out, sub),
+            out_image=paths.n4(out, sub),
+            out_mask=paths.head_mask(out, sub),
+            record_path=record("n4"),
+            upstream=[record("convert")],
+            threads=threads,
+        )
+    if stage == "register":
+        from mriaudit import preprocess
+
+        return preprocess.register_subject(
+            paths.n4(out, sub),
+            out_image=paths.preproc(out, sub),
+            out_mask=paths.brain_mask(out, sub),
+            out_transform=paths.transform(out, sub),
+            record_path=record("register"),
+            upstream=[record("n4")],
+            threads=threads,
+        )
+    if stage == "iqm":
+        from mriaudit import iqm
+
+        return iqm.iqm_subject(
+            paths.t1w(out, sub),
+            paths.n4(out, sub),
+            paths.head_mask(out, sub),
+            paths.transform(out, sub),
+            record_path=record("iqm"),
+            upstream=[record("register")],
+            threads=threads,
+        )
+    if stage == "train_model":
+        from mriaudit.model import train
+
+        copies = ["a", "b", "c"]
+        return train.train_cohort(
+            [paths.preproc(out, sub)] * len(copies),
+            [record("register")] * len(copies),
+            copies,
+            reference=copies,
+            out_checkpoint=paths.model_checkpoint(where["model"]),
+            out_sidecar=paths.model_sidecar(where["model"]),
+            epochs=2,
+            threads=threads,
+        )
+    if stage == "score":
+        from mriaudit.model import score
+
+        return score.score_subject(
+            paths.preproc(out, sub),
+            checkpoint=paths.model_checkpoint(where["model"]),
+            subject=sub,
+            out_map=paths.anomaly_map(out, sub),
+            record_path=record("score"),
+            upstream=[record("register")],
+            threads=threads,
+        )
+    if stage == "cohort":
+        return _aggregate_and_report(work)
+    message = f"unknown bench stage {stage!r}"
+    raise ValueError(message)
+
+
+def measure(stage: str, work: Path, *, threads: int) -> dict[str, float]:
+    """Wall s, CPU s (user + system) and peak RSS (MB) of ``stage`` in a fresh process.
+
+    ``os.wait4`` reports the child's usage together with the children it waited
+    for (the stages fork their work), as the rule's process would use it.
+    """
+    command = [sys.executable, "-m", "mriaudit.bench", "--stage", stage, "--work", str(work)]
+    command += ["--threads", str(threads)]
+    env = {**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads)}
+    start = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        message = f"bench stage {stage} exited with {process.returncode}"
+        raise RuntimeError(message)
+    return {
+        "wall_s": round(wall, 3),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+    }
+
+
+def _median(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: round(statistics.median(r[key] for r in runs), 3) for key in runs[0]}
+
+
+def _bench_input(work: Path, shared_data: Path | None) -> str:
+    """Put the bench subject's DICOM series in place; returns what it is."""
+    folder = _work_paths(work)["folder"]
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    if shared_data is not None and (shared_data / "unpack.sh").is_file():
+        unpacked = work / "shared"
+        subprocess.run(
+            ["bash", str(shared_data / "unpack.sh"), str(unpacked)], check=True, capture_output=True
+        )
+        shutil.copytree(unpacked / SHARED_MPRAGE, folder)
+        return f"real: ../shared/data/{SHARED_MPRAGE} (Siemens MPRAGE, 1 mm, 192x256x256)"
+    generated = work / "generated"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mriaudit.demo",
+            str(generated),
+            "--subjects",
+            str(MIN_DEMO_SUBJECTS),
+            "--seed",
+            "1",
+            "--voxel-size",
+            "1",
+            "--labels",
+            str(work / "labels.tsv"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    labels = [line.split("\t") for line in (work / "labels.tsv").read_text().splitlines()[1:]]
+    normal = next(row[0] for row in labels if row[2] == "normal")
+    shutil.copytree(generated / normal, folder)
+    return f"generated: demo subject {normal} at 1 mm (no ../shared/data)"
+
+
+def per_subject(work: Path, *, runs: int, threads: int, shared_data: Path | None) -> dict:
+    source = _bench_input(work, shared_data)
+    stages: dict[str, dict[str, float]] = {}
+    setup: dict[str, dict[str, float]] = {}
+    for stage in SUBJECT_STAGES:
+        if stage == "score":
+            setup["train_model"] = measure("train_model", work, threads=threads)
+        stages[stage] = _median([measure(stage, work, threads=threads) for _ in range(runs)])
+        _check_record(work, stage)
+    return {
+        "input": source,
+        "runs": runs,
+        "threads": threads,
+        "stages": stages,
+        "total_wall_s": round(sum(s["wall_s"] for s in stages.values()), 2),
+        "total_cpu_s": round(sum(s["cpu_s"] for s in stages.values()), 2),
+        "peak_rss_mb": max(s["peak_rss_mb"] for s in stages.values()),
+        "setup": setup,
+    }
+
+
+def _check_record(work: Path, stage: str) -> None:
+    name = {"bias_correct": "n4"}.get(stage, stage)
+    record = records.read_record(paths.record(_work_paths(work)["out"], SUBJECT, name))
+    if record["status"] != records.OK:
+        print(f"warning: {stage} of the bench subject: {record['status']} ({record['reason']})")
+
+
+# ------------------------------------------------------------------------------ scale
+
+
+def synthetic_cohort(root: Path, n: int, *, seed: int = 0) -> dict[str, Path]:
+    """``n`` subjects' stage records as the workflow writes them (6 % anomalous, 2 % failed).
+
+    Every IQM column is present (the table has its real width); subjects that
+    are not failed link one shared registered image and anomaly map (an 8 mm
+    ball), so the report can draw montages. Returns ``input``, ``out``, ``labels``.
+    """
+    from mriaudit import aggregate, template
+
+    rng = np.random.default_rng(seed)
+    grid = template.load_template(resolution=2)
+    iqm_names = [f"iqm_{name}" for name in aggregate.iqm_tables()[0] if name != "inu_range"]
+    input_dir, out = root / "input", root / "out"
+    image, anomaly = root / "image.nii.gz", root / "map.nii.gz"
+    root.mkdir(parents=True, exist_ok=True)
+    nib.save(grid, image)
+    centre_mm = np.array([20.0, -10.0, 10.0])
+    ijk = np.indices(grid.shape).reshape(3, -1).T
+    world = nib.affines.apply_affine(grid.affine, ijk).reshape(*grid.shape, 3)
+    ball = np.linalg.norm(world - centre_mm, axis=-1) < 8.0
+    nib.save(nib.Nifti1Image((0.1 + 5.0 * ball).astype(np.float32), grid.affine), anomaly)
+    lines = ["subject\tlabel"]
+    for i in range(n):
+        label = f"{i:05d}"
+        (input_dir / f"sub-{label}").mkdir(parents=True)
+        anomalous, failed = rng.random() < 0.06, rng.random() < 0.02
+        lines.append(f"sub-{label}\t{int(anomalous)}")
+        header = {
+            "hdr_manufacturer": "SIEMENS" if i % 3 else "GE MEDICAL SYSTEMS",
+            "hdr_field_strength": 3.0,
+            "hdr_tr": 2300.0 if i % 3 else 7.3,
+            "hdr_te": 2.98 if i % 3 else 3.0,
+            "hdr_voxel_x": 1.0,
+            "hdr_voxel_y": 1.0,
+            "hdr_voxel_z": 1.0,
+        }
+        iqms = dict(zip(iqm_names, rng.normal(10, 1, len(iqm_names)), strict=True))
+        iqms["iqm_snr_wm"] = rng.normal(10, 1) - 6 * anomalous * rng.random()
+        stage_records = {
+            "inventory": records.make_record("inventory", metrics=header),
+            "convert": records.make_record("convert", metrics={"conv_n_warnings": 0}),
+            "n4": records.make_record("n4", metrics={"iqm_inu_range": rng.normal(0.3, 0.03)}),
+            "register": records.make_record("register", metrics={"reg_similarity": 0.8}),
+            "iqm": records.make_record("iqm", metrics=iqms),
+            "score": records.make_record(
+                "score",
+                metrics={"anomaly_raw": rng.normal(1.0, 0.1) + anomalous * rng.uniform(0.2, 1.0)},
+                fold=i % 3,
+                in_reference=True,
+                top_regions=[{"centroid_mm": centre_mm.tolist(), "volume_ml": 1.0, "peak": 3.0}],
+            ),
+        }
+        if failed:
+            reason = "dcm2niix: no image"
+            stage_records["convert"] = records.make_record(
+                "convert", status="failed", reason=reason
+            )
+            for stage in ("n4", "register", "iqm", "score"):
+                stage_records[stage] = records.make_record(
+                    stage, status="failed", reason=reason, skipped=True
+                )
+        for stage, record in stage_records.items():
+            path = paths.record(out, label, stage)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            # Compact JSON: the same content as records.write_json, much faster to make.
+            path.write_text(json.dumps(record))
+        preproc, amap = paths.preproc(out, label), paths.anomaly_map(out, label)
+        preproc.parent.mkdir(parents=True, exist_ok=True)
+        if failed:
+            records.write_placeholders([preproc, amap])
+        else:
+            preproc.symlink_to(image)
+            amap.symlink_to(anomaly)
+    labels = root / "labels.tsv"
+    labels.write_text("\n".join(lines) + "\n")
+    return {"input": input_dir, "out": out, "labels": labels}
+
+
+def _aggregate_and_report(work: Path) -> dict[str, Any]:
+    """Aggregate and report of the synthetic cohort in ``work`` (as the two rules do)."""
+    from mriaudit.aggregate import aggregate_cohort
+    from mriaudit.report import build_report
+
+    input_dir, out = work / "input", work / "out"
+    cohort_dir = paths.cohort_dir(out)
+    aggregate_cohort(
+        input_dir,
+        out,
+        labels_path=str(work / "labels.tsv"),
+        flag={},
+        out_scores=paths.scores_table(out),
+        out_exclusions=paths.exclusions_table(out),
+        out_subjects=paths.cohort_table(out),
+    )
+    build_report(
+        out,
+        scores_tsv=paths.scores_table(out),
+        exclusions_tsv=paths.exclusions_table(out),
+        metrics_json=None,
+        config={"flag": {}, "input_dir": str(input_dir)},
+        out_html=paths.report(out),
+    )
+    return {"report_mb": round(paths.report(out).stat().st_size / 1e6, 2), "dir": str(cohort_dir)}
+
+
+def dry_run_seconds(work: Path, n: int) -> float:
+    """Wall seconds of ``snakemake -n`` on ``n`` placeholder subject folders."""
+    input_dir = work / "input"
+    for i in range(n):
+        folder = input_dir / f"sub-{i:05d}"
+        folder.mkdir(parents=True)
+        (folder / "IM0001").write_bytes(b"placeholder")
+    command = [str(Path(sys.executable).with_name("snakemake")), "-n", "--quiet", "all"]
+    command += ["--config", f"input_dir={input_dir}", f"output_dir={work / 'out'}"]
+    start = time.perf_counter()
+    subprocess.run(command, cwd=PROJECT, check=True, capture_output=True)
+    return round(time.perf_counter() - start, 2)
+
+
+def scale(work: Path, *, subjects: int) -> dict[str, Any]:
+    dry = dry_run_seconds(work / "dry", subjects)
+    synthetic_cohort(work / "cohort", subjects)
+    cohort = measure("cohort", work / "cohort", threads=1)
+    return {
+        "subjects": subjects,
+        f"dry_run_{subjects}_s": dry,
+        f"aggregate_report_{subjects}_s": cohort["wall_s"],
+        "aggregate_report_peak_rss_mb": cohort["peak_rss_mb"],
+        "report_mb": round(paths.report(work / "cohort" / "out").stat().st_size / 1e6, 2),
+    }
+
+
+# ------------------------------------------------------------------------------ output
+
+
+def machine() -> dict[str, Any]:
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    gpu = None
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return {"cores": os.cpu_count(), "cpu": model, "gpu": gpu, "python": platform.python_version()}
+
+
+def table(result: dict[str, Any]) -> str:
+    """The figures as a plain text table."""
+    lines = [f"machine: {result['machine']['cores']} cores, {result['machine']['cpu']}, "
+             f"GPU {result['machine']['gpu'] or 'none'}"]  # fmt: skip
+    subject = result.get("per_subject")
+    if subject:
+        lines += [f"per subject: {subject['input']}; median of {subject['runs']} runs, "
+                  f"{subject['threads']} thread(s) per stage", "",
+                  f"{'stage':<14}{'wall s':>9}{'CPU s':>9}{'peak RSS MB':>13}"]  # fmt: skip
+        for stage, figures in subject["stages"].items():
+            lines.append(
+                f"{stage:<14}{figures['wall_s']:>9.2f}{figures['cpu_s']:>9.2f}"
+                f"{figures['peak_rss_mb']:>13.0f}"
+            )
+        lines.append(
+            f"{'total':<14}{subject['total_wall_s']:>9.2f}{subject['total_cpu_s']:>9.2f}"
+            f"{subject['peak_rss_mb']:>13.0f}"
+        )
+        for stage, figures in subject["setup"].items():
+            lines.append(f"(setup) {stage}: {figures['wall_s']:.1f} s on 3 copies, 2 epochs")
+    scaled = result.get("scale")
+    if scaled:
+        n = scaled["subjects"]
+        lines += ["", f"scale ({n} subjects):",
+                  f"  dry run (snakemake -n)     {scaled[f'dry_run_{n}_s']:>8.1f} s",
+                  f"  aggregate + report         {scaled[f'aggregate_report_{n}_s']:>8.1f} s, "
+                  f"peak RSS {scaled['aggregate_report_peak_rss_mb']:.0f} MB, "
+                  f"report {scaled['report_mb']:.1f} MB"]  # fmt: skip
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m mriaudit.bench", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("results/bench"), help="where bench.json goes"
+    )
+    parser.add_argument("--runs", type=int, default=3, help="runs per stage (median)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="threads per stage (the rules use 1)"
+    )
+    parser.add_argument(
+        "--subjects", type=int, default=10_000, help="cohort size of the scale part"
+    )
+    parser.add_argument("--skip-subject", action="store_true", help="only the scale part")
+    parser.add_argument("--skip-scale", action="store_true", help="only the per-subject part")
+    parser.add_argument("--shared-data", type=Path, default=PROJECT.parent / "shared" / "data")
+    parser.add_argument("--stage", help=argparse.SUPPRESS)
+    parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.stage:  # one measured stage, in the child process of measure()
+        run_stage(args.stage, args.work, threads=args.threads)
+        return 0
+    result: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    with tempfile.TemporaryDirectory(prefix="mriaudit-bench-") as tmp:
+        if not args.skip_subject:
+            result["per_subject"] = per_subject(
+                Path(tmp) / "subject",
+                runs=args.runs,
+                threads=args.threads,
+                shared_data=args.shared_data,
+            )
+        if not args.skip_scale:
+            result["scale"] = scale(Path(tmp) / "scale", subjects=args.subjects)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    print(f"\nwritten: {args.out / 'bench.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
