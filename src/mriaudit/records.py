@@ -36,6 +36,12 @@ FAILED = "failed"
 NO_SERIES = "no_series"
 STATUSES = (OK, FAILED, NO_SERIES)
 
+#: Run stages in a forked child (see :func:`run_stage`). Fork is safe in a rule's fresh
+#: script process, which has only imported the libraries; a long-lived process that has
+#: already run OpenMP or ITK thread pools (a test session) can deadlock in the child,
+#: so the unit tests set this to False for their own process.
+FORK_STAGES = True
+
 
 class StageError(Exception):
     """A data problem that ends a stage with a status and a short reason."""
@@ -203,13 +209,9 @@ def run_stage(
     """Run one per-subject stage with fault isolation and write its record.
 
     ``work`` does the stage and returns ``make_record(stage, ...)``; it must
-    write ``image_outputs`` itself. With ``isolate`` (default: unless the
-    environment sets ``MRIAUDIT_STAGE_FORK=0``) it runs in a forked child
-    process (its return value crosses back as JSON; side effects other than
-    files are lost). Fork is safe in a rule's fresh script process, which has
-    only imported the libraries; a long-lived process that has already run
-    OpenMP or ITK thread pools (a test session) can deadlock in the child and
-    turns it off.
+    write ``image_outputs`` itself. With ``isolate`` (default
+    :data:`FORK_STAGES`) it runs in a forked child process (its return value
+    crosses back as JSON; side effects other than files are lost).
     When an upstream record is not ``ok`` (or unreadable) the work is skipped.
     When ``work`` raises, or its process dies (segfault, abort), the error
     becomes a ``failed`` record (``StageError`` carries its own status and
@@ -235,9 +237,7 @@ def run_stage(
         )
         log.info("%s skipped: upstream %s (%s)", stage, status, record["reason"])
     else:
-        if isolate is None:
-            isolate = os.environ.get("MRIAUDIT_STAGE_FORK", "1") != "0"
-        if isolate:
+        if FORK_STAGES if isolate is None else isolate:
             record = _attempt_in_child(stage, work)
         else:
             record, error = _attempt(stage, work)

@@ -30,15 +30,18 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
+from mriaudit import records
+
 _TILT = math.radians(35.0)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def stages_in_process():
     """Unit tests run stages in-process: this session has used OpenMP and ITK thread
-    pools, after which a forked child can deadlock (a rule's fresh process cannot)."""
+    pools, after which a forked child can deadlock (a rule's fresh process cannot).
+    Only this process: the workflow tests' Snakemake jobs still fork."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MRIAUDIT_STAGE_FORK", "0")
+        patch.setattr(records, "FORK_STAGES", False)
         yield
 
 
