@@ -56,7 +56,9 @@ rule report:
         images=each_subject(paths.preproc),
         anomaly_maps=each_subject(paths.anomaly_map),
     output:
-        html=str(paths.report(OUT)),
+        html=report(
+            str(paths.report(OUT)), category="Cohort audit", labels={"figure": "audit report"}
+        ),
     log:
         str(paths.log(OUT, "report")),
     benchmark:

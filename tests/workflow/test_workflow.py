@@ -159,3 +159,12 @@ def test_second_run_has_nothing_to_do(workflow_run):
     result = snakemake("-n", "--cores", "2", "--configfile", str(workflow_run.configfile))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Nothing to be done" in result.stdout + result.stderr
+
+
+def test_snakemake_report_carries_the_audit_report(workflow_run, tmp_path):
+    target = tmp_path / "snakemake-report.html"
+    result = snakemake("--report", str(target), "--configfile", str(workflow_run.configfile))
+    assert result.returncode == 0, result.stderr[-3000:]
+    text = target.read_text(encoding="utf-8")
+    # The audit report is registered under its category, with its label.
+    assert "Cohort audit" in text and "audit report" in text
