@@ -9,7 +9,7 @@ DEMO_LABELS := results/demo-labels.tsv
 DEMO_OUT := results/demo
 DEMO_SUBJECTS ?= 30
 
-.PHONY: venv demo test lint format bench clean
+.PHONY: venv demo test lint format bench browser clean
 
 venv: $(STAMP)
 
@@ -40,7 +40,15 @@ format: venv
 	$(BIN)/ruff check --fix .
 	$(BIN)/snakefmt Snakefile rules/
 
-test: venv lint
+# The report's browser test drives Chromium (Debian package); installed here as root on
+# Debian, elsewhere the test skips and says why.
+browser:
+	@if command -v chromium >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && grep -q '^ID=debian' /etc/os-release 2>/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	else echo "chromium missing and not root on Debian: the browser tests will skip"; fi
+
+test: venv lint browser
 	$(BIN)/python -m pytest -ra
 
 # Per-stage cost of one 1 mm T1 and the cohort steps at 10,000 subjects: a table and results/bench/bench.json.

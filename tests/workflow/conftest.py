@@ -7,8 +7,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pandas as pd
+import pydicom
 import pytest
 import yaml
+from pydicom.errors import InvalidDicomError
 
 ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -57,7 +60,36 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         ],
         check=True,
     )
+    plant_hostile_series_description(input_dir, labels)
     return input_dir, labels
+
+
+#: Planted in the SeriesDescription of one flagged subject: the report must show it as text.
+HOSTILE_DESCRIPTION = "<script>alert(1)</script> "
+#: The kind whose subject is planted: flagged in this cohort (the browser test asserts it),
+#: so the description reaches the report's montage card.
+PLANTED_KIND = "missing_slices"
+
+
+def plant_hostile_series_description(input_dir: Path, labels: Path) -> str:
+    """Prefix the T1 series description of the first ``PLANTED_KIND`` subject with a script tag.
+
+    Returns that subject's folder name.
+    """
+    table = pd.read_csv(labels, sep="\t", dtype=str)
+    folder = table[table["kind"] == PLANTED_KIND]["subject"].iloc[0]
+    for path in sorted((input_dir / folder).rglob("*")):
+        if not path.is_file():
+            continue
+        try:
+            dataset = pydicom.dcmread(path)
+        except InvalidDicomError:
+            continue
+        description = str(dataset.get("SeriesDescription", ""))
+        if "t1" in description.lower() and "loc" not in description.lower():
+            dataset.SeriesDescription = HOSTILE_DESCRIPTION + description
+            dataset.save_as(path)
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -4,7 +4,7 @@ Everything is inline (CSS, a little JS, PNG figures as data: URIs), so the page
 opens offline, prints, and makes no request to any server. Jinja2 renders it
 with autoescaping on: header strings and folder names are shown as text, never
 as markup. Montages are drawn only for flagged subjects, at most
-``MAX_MONTAGES`` (the page says so), so the report stays small and fast for
+config ``report.max_montages`` (default ``MAX_MONTAGES``; the page says so), so the report stays small and fast for
 cohorts of thousands.
 """
 
@@ -39,7 +39,7 @@ from mriaudit.report import figures
 
 log = logging.getLogger(__name__)
 
-#: Most montages drawn (flagged subjects in table order: most anomalous first).
+#: Default of config report.max_montages: most montages drawn (most anomalous first).
 MAX_MONTAGES = 200
 #: IQMs shown in the distribution figure, in this order of preference.
 KEY_IQMS = (
@@ -311,7 +311,8 @@ def build_report(
 
     records = frame.to_dict("records")
     flagged_rows = [r for r in records if r["flagged"]]
-    chosen = flagged_rows[:MAX_MONTAGES]
+    max_montages = int((config.get("report") or {}).get("max_montages", MAX_MONTAGES))
+    chosen = flagged_rows[:max_montages]
     # Reading gzipped NIfTI dominates; zlib and numpy release the GIL, so threads help.
     with ThreadPoolExecutor(max_workers=MONTAGE_THREADS) as pool:
         montages = list(pool.map(lambda row: _montage(out_dir, row), chosen))
@@ -383,7 +384,7 @@ def build_report(
         "figures": figures_ctx,
         "montages": montages,
         "n_flagged_rows": len(flagged_rows),
-        "max_montages": MAX_MONTAGES,
+        "max_montages": max_montages,
         "failures": [
             {
                 "subject": r["subject"],
