@@ -13,7 +13,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from mriaudit import paths
+from mriaudit import cohort, paths
 from mriaudit.aggregate import aggregate_cohort
 from mriaudit.bench import synthetic_cohort
 from mriaudit.report import build_report
@@ -133,10 +133,13 @@ def test_demo_report_works_in_chromium(browser, workflow_run, tmp_path):
     exported = list(downloads.glob("*.tsv"))
     assert exported, "the export button downloaded nothing"
     decisions = pd.read_csv(exported[0], sep="\t", dtype=str, keep_default_na=False)
-    assert list(decisions.columns) == ["subject", "decision", "note"]
+    assert list(decisions.columns) == ["subject", "label", "decision", "note"]
     assert sorted(decisions["subject"]) == sorted(scores["subject"])
     suggested = dict(zip(decisions["subject"], decisions["decision"], strict=True))
     assert {suggested[s] for s in flagged} == {"exclude"}
+    # The export is a labels file the next run accepts: exclude = 1, keep = 0.
+    next_labels = cohort.read_labels(exported[0])
+    assert next_labels == {s: int(suggested[s] == "exclude") for s in suggested}
 
     shot = browser.screenshot(tmp_path / "report.png")
     assert shot.stat().st_size > 20_000, "the screenshot looks blank"
