@@ -14,6 +14,8 @@ inside a stage is caught, its traceback logged, and recorded as ``failed``.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import logging
 import math
@@ -41,6 +43,8 @@ STATUSES = (OK, FAILED, NO_SERIES)
 #: already run OpenMP or ITK thread pools (a test session) can deadlock in the child,
 #: so the unit tests set this to False for their own process.
 FORK_STAGES = True
+#: prctl(2) option: the signal a process gets when its parent ends.
+PR_SET_PDEATHSIG = 1
 
 
 class StageError(Exception):
@@ -150,6 +154,15 @@ def _attempt(stage: str, work: Callable[[], dict[str, Any]]) -> tuple[dict[str, 
         return failed, f"failed:\n{traceback.format_exc()}"
 
 
+def _die_with(parent: int) -> None:
+    """Make this (forked) process get SIGKILL when ``parent`` ends (Linux), so a stage
+    whose job was cancelled never goes on writing outputs behind a rerun's back."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent:  # the parent ended before the request took effect
+        os._exit(1)
+
+
 def _attempt_in_child(stage: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """:func:`_attempt` in a forked child, so a native crash (a segfault in ITK,
     an abort in a codec) becomes a ``failed`` record instead of killing the job,
@@ -160,10 +173,12 @@ def _attempt_in_child(stage: str, work: Callable[[], dict[str, Any]]) -> dict[st
     The error is logged by the parent, so it reaches the parent's handlers.
     """
     reader, writer = os.pipe()
+    parent = os.getpid()
     pid = os.fork()
     if pid == 0:  # the child: run, send the outcome, leave without the parent's cleanup
         code = 0
         try:
+            _die_with(parent)
             os.close(reader)
             record, error = _attempt(stage, work)
             payload = json.dumps({"record": _jsonable(record), "error": error}).encode()

@@ -7,6 +7,9 @@ import json
 import logging
 import os
 import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -178,3 +181,33 @@ def test_outputs_get_the_umask_not_private_permissions(tmp_path):
     finally:
         os.umask(previous)
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+
+
+ORPHAN_SCRIPT = """
+import os, sys, time
+from mriaudit import records
+
+def work():
+    open(sys.argv[1], "w").write(str(os.getpid()))
+    time.sleep(60)
+    open(sys.argv[1] + ".late", "w").write("still running")
+    return records.make_record("n4")
+
+records.run_stage("n4", work, record_path=sys.argv[1] + ".json", isolate=True)
+"""
+
+
+def test_a_stage_child_dies_with_its_job(tmp_path):
+    # A cancelled job (SIGKILL from Snakemake or SLURM) must not leave its stage writing outputs.
+    pid_file = tmp_path / "child.pid"
+    job = subprocess.Popen([sys.executable, "-c", ORPHAN_SCRIPT, str(pid_file)])
+    deadline = time.monotonic() + 30
+    while not (pid_file.is_file() and pid_file.read_text()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child = int(pid_file.read_text())
+    job.kill()
+    job.wait()
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{child}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{child}").exists(), "the stage's child outlived its job"
