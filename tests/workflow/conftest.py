@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -36,6 +37,25 @@ class Run:
     labels: Path
     configfile: Path
     result: subprocess.CompletedProcess
+    #: sha256 of every input file (relative path -> digest) before and after the run.
+    inputs_before: dict[str, str]
+    inputs_after: dict[str, str]
+
+
+def file_hashes(root: Path) -> dict[str, str]:
+    """sha256 of every regular file under ``root``, by relative path."""
+    return {
+        path.relative_to(root).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and not path.is_symlink()
+    }
+
+
+def make_read_only(root: Path) -> None:
+    """chmod -R a-w (root ignores it; the hashes are what the tests compare)."""
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            path.chmod(path.stat().st_mode & ~0o222)
 
 
 @pytest.fixture(scope="session")
@@ -108,5 +128,7 @@ def workflow_run(tiny_cohort, tmp_path_factory) -> Run:
             }
         )
     )
+    before = file_hashes(input_dir)
+    make_read_only(input_dir)
     result = snakemake("--cores", "2", "--configfile", str(configfile))
-    return Run(input_dir, output_dir, labels, configfile, result)
+    return Run(input_dir, output_dir, labels, configfile, result, before, file_hashes(input_dir))

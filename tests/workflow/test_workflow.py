@@ -6,16 +6,20 @@ import gzip
 import io
 import json
 import re
+import signal
+import subprocess
+import time
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pydicom
 import pytest
+import yaml
 
 from mriaudit import cohort, paths
 
-from .conftest import snakemake
+from .conftest import ROOT, SNAKEMAKE, snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -27,6 +31,13 @@ def _scores(run):
 def test_run_succeeds(workflow_run):
     result = workflow_run.result
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_inputs_are_read_only_and_unchanged(workflow_run):
+    # The run saw a chmod -R a-w input_dir; every file is byte-identical afterwards.
+    assert len(workflow_run.inputs_before) > 100
+    assert workflow_run.inputs_after == workflow_run.inputs_before
+    assert not any(p.stat().st_mode & 0o222 for p in workflow_run.input_dir.rglob("*"))
 
 
 def test_scores_table_has_every_subject_with_a_valid_status(workflow_run):
@@ -168,3 +179,35 @@ def test_snakemake_report_carries_the_audit_report(workflow_run, tmp_path):
     text = target.read_text(encoding="utf-8")
     # The audit report is registered under its category, with its label.
     assert "Cohort audit" in text and "audit report" in text
+
+
+def test_a_run_killed_halfway_resumes_to_the_same_result(workflow_run, tmp_path):
+    output_dir = tmp_path / "out"
+    config = yaml.safe_load(workflow_run.configfile.read_text()) | {"output_dir": str(output_dir)}
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    command = [str(SNAKEMAKE), "--cores", "2", "--configfile", str(configfile)]
+    with open(tmp_path / "killed.log", "w") as log:
+        run = subprocess.Popen(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
+        # Halfway: some subjects registered, the model not trained yet.
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and run.poll() is None:
+            if len(list(output_dir.glob("sub-*/sub-*_desc-register_qc.json"))) >= 3:
+                break
+            time.sleep(0.5)
+        assert run.poll() is None, "the run ended before it could be interrupted"
+        run.send_signal(signal.SIGTERM)
+        assert run.wait(timeout=120) != 0
+    assert not paths.report(output_dir).exists()
+    resumed = snakemake(*command[1:])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    first = _scores(workflow_run).set_index("subject").sort_index()
+    again = pd.read_csv(paths.scores_table(output_dir), sep="\t", dtype={"subject": str})
+    again = again.set_index("subject").sort_index()
+    assert list(again.index) == list(first.index)
+    for column in ["status", "flagged", "reason", "flag_reasons"]:
+        assert again[column].equals(first[column]), column
+    numeric = [c for c in first.columns if c == "anomaly_score" or c.startswith("iqm_")]
+    np.testing.assert_allclose(
+        again[numeric].to_numpy(float), first[numeric].to_numpy(float), rtol=1e-6, atol=1e-9
+    )
