@@ -84,6 +84,21 @@ def test_unknown_config_key_is_rejected(placeholder_cohort):
     assert "trheads" in result.stdout + result.stderr
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("device=gpu", "'gpu' is not one of ['auto', 'cpu', 'cuda']"),
+        ("training={'epochs': 'many'}", "'many' is not of type 'integer'"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_rejected_with_the_schema_message(
+    placeholder_cohort, override, message
+):
+    result = snakemake("-n", "--config", f"input_dir={placeholder_cohort}", override)
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr
+
+
 def test_invalid_series_regex_fails_before_any_job(placeholder_cohort, tmp_path):
     configfile = tmp_path / "config.yaml"
     configfile.write_text(f"input_dir: {placeholder_cohort}\nseries:\n  include: 't1(('\n")
