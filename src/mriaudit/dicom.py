@@ -583,20 +583,25 @@ def _scan_folder(subject_dir: Path) -> _Scan:
                         # images; a "DICM" file without even a SOP class is damaged.
                         (scan.non_dicom if _sop_class(dataset) else scan.unreadable).append(rel)
                         continue
-                    scan.phi_tags |= _filled_phi_tags(dataset)
-                    series = scan.series.setdefault(uid, _Series(uid, _header_fields(dataset)))
-                    series.files.append(rel)
+                    # Everything that can fail on a malformed attribute runs before the file
+                    # joins a series, so a file is either in its series or counted unreadable.
+                    phi_tags = _filled_phi_tags(dataset)
+                    fields = _header_fields(dataset)
                     try:
                         size = path.stat().st_size
                     except OSError:
                         size = 0
                     problem = _pixel_problem(dataset, size)
+                    slices = [] if problem else _slices(dataset, rel)
+                    scan.phi_tags |= phi_tags
+                    series = scan.series.setdefault(uid, _Series(uid, fields))
+                    series.files.append(rel)
                     if problem:
                         log.warning("unusable DICOM file: %s (%s)", rel, problem)
                         series.unusable.append(rel)
                         scan.unreadable.append(rel)
                         continue
-                    series.slices.extend(_slices(dataset, rel))
+                    series.slices.extend(slices)
                 except Exception as error:
                     # One file with a malformed attribute must not end the inventory; the
                     # message may quote header values, so only its type is logged.
