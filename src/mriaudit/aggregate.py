@@ -433,9 +433,19 @@ def _iqm_outliers(
     return columns, scores, bad_by_row
 
 
-def _iqm_reason(column: str, z: float, labels: dict[str, str]) -> str:
+def iqm_causes() -> dict[str, str]:
+    """Likely cause of each IQM on its bad side (keys without the ``iqm_`` prefix)."""
+    from mriaudit.iqm import IQM_CAUSES
+
+    return {_strip_iqm(k): str(v) for k, v in IQM_CAUSES.items()}
+
+
+def _iqm_reason(column: str, z: float, labels: dict[str, str], causes: dict[str, str]) -> str:
+    """``EFC 4.2 robust SD above the cohort (ghosting or blur)``."""
     side = "below" if z < 0 else "above"
-    return f"{iqm_label(column, labels)} {abs(z):.1f} robust SD {side} the cohort"
+    cause = causes.get(_strip_iqm(column))
+    suffix = f" ({cause})" if cause else ""
+    return f"{iqm_label(column, labels)} {abs(z):.1f} robust SD {side} the cohort{suffix}"
 
 
 def _top_region_text(regions: list[Any]) -> str:
@@ -626,6 +636,7 @@ def _judge(
     iqm_columns, iqm_z, iqm_bad = _iqm_outliers(frame, ok, iqm_z=settings["iqm_z"])
     deviations = protocol_deviations(frame)
     _, labels = iqm_tables()
+    causes = iqm_causes()
     flagged, reasons_col, findings_col, notes_col = [], [], [], []
     for i, extra in enumerate(extras):
         reasons: list[str] = []
@@ -641,7 +652,7 @@ def _judge(
         if np.isfinite(score[i]) and score[i] >= threshold:
             reasons.append(f"anomaly score z={score[i]:.1f} (threshold {threshold:.1f})")
         outliers = sorted(iqm_bad.get(i, []), key=lambda item: -abs(item[1]))
-        reasons += [_iqm_reason(column, value, labels) for column, value in outliers]
+        reasons += [_iqm_reason(column, value, labels, causes) for column, value in outliers]
         for code in extra["findings"]:
             if code in FLAGGING_FINDINGS:
                 reasons.append(_finding_reason(code, extra["metrics"]))

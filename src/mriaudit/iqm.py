@@ -95,39 +95,50 @@ _HIGHER_IS_BETTER = 1
 _DESCRIPTIVE = 0
 
 
-def _metric_table() -> tuple[dict[str, int], dict[str, str]]:
-    """Direction and short label of every metric this stage (and N4) records."""
+def _metric_table() -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
+    """Direction, short label and likely cause (when on its bad side) of every metric.
+
+    Covers what this stage and N4 record.
+    """
     names = {"csf": "CSF", "gm": "GM", "wm": "WM", "total": "total", "bg": "background"}
     directions: dict[str, int] = {}
     labels: dict[str, str] = {}
+    causes: dict[str, str] = {}
 
-    def add(name: str, direction: int, label: str) -> None:
+    def add(name: str, direction: int, label: str, cause: str = "") -> None:
         directions[f"iqm_{name}"] = direction
         labels[f"iqm_{name}"] = label
+        if cause:
+            causes[f"iqm_{name}"] = cause
 
-    add("cjv", _LOWER_IS_BETTER, "CJV")
-    add("cnr", _HIGHER_IS_BETTER, "CNR")
-    add("efc", _LOWER_IS_BETTER, "EFC")
-    add("fber", _HIGHER_IS_BETTER, "FBER")
+    add("cjv", _LOWER_IS_BETTER, "CJV", "noise, motion or residual bias")
+    add("cnr", _HIGHER_IS_BETTER, "CNR", "noise or weak grey/white contrast")
+    add("efc", _LOWER_IS_BETTER, "EFC", "ghosting or blur")
+    add("fber", _HIGHER_IS_BETTER, "FBER", "signal in the air: ghosts, wrap-around or noise")
     # A low WM-to-max ratio means bright outliers (vessels, fat, spikes) or a contrast
     # where WM is not bright; a high one is what a clean T1w looks like.
-    add("wm2max", _HIGHER_IS_BETTER, "WM-to-max ratio")
-    add("qi_1", _LOWER_IS_BETTER, "QI1 (air artefacts)")
+    add("wm2max", _HIGHER_IS_BETTER, "WM-to-max ratio", "bright outliers or not a T1w contrast")
+    add("qi_1", _LOWER_IS_BETTER, "QI1 (air artefacts)", "ghosts, wrap-around or spikes in the air")
     for tissue in (*TISSUES, "total"):
-        add(f"snr_{tissue}", _HIGHER_IS_BETTER, f"SNR ({names[tissue]})")
+        add(f"snr_{tissue}", _HIGHER_IS_BETTER, f"SNR ({names[tissue]})", "noisy image")
     for tissue in (*TISSUES, "total"):
-        add(f"snrd_{tissue}", _HIGHER_IS_BETTER, f"SNR Dietrich ({names[tissue]})")
+        add(f"snrd_{tissue}", _HIGHER_IS_BETTER, f"SNR Dietrich ({names[tissue]})", "noisy image")
     for axis in (*AXES, "avg"):
-        add(f"fwhm_{axis}", _LOWER_IS_BETTER, f"FWHM {axis} (mm)")
+        add(f"fwhm_{axis}", _LOWER_IS_BETTER, f"FWHM {axis} (mm)", "blur: motion or smoothing")
     for tissue in TISSUES:
         # Tissue fractions describe anatomy (age, atrophy), not image quality.
         add(f"icvs_{tissue}", _DESCRIPTIVE, f"ICV fraction ({names[tissue]})")
     for tissue in TISSUES:
-        add(f"rpve_{tissue}", _LOWER_IS_BETTER, f"rPVE ({names[tissue]})")
+        add(f"rpve_{tissue}", _LOWER_IS_BETTER, f"rPVE ({names[tissue]})", "blurred tissue borders")
     for tissue in TISSUES:
         # Low overlap with the template means a failed registration or segmentation,
         # or anatomy far from the template (large lesion, non-brain image).
-        add(f"tpm_overlap_{tissue}", _HIGHER_IS_BETTER, f"TPM overlap ({names[tissue]})")
+        add(
+            f"tpm_overlap_{tissue}",
+            _HIGHER_IS_BETTER,
+            f"TPM overlap ({names[tissue]})",
+            "misregistration, failed segmentation or atypical anatomy",
+        )
     for label in SUMMARY_LABELS:
         for stat in SUMMARY_STATS:
             add(f"summary_{label}_{stat}", _DESCRIPTIVE, f"{names[label]} {stat}")
@@ -138,8 +149,8 @@ def _metric_table() -> tuple[dict[str, int], dict[str, str]]:
     # Recorded by the N4 stage: the field's spread is a quality problem, its median
     # depends on N4's arbitrary normalisation.
     add("inu_med", _DESCRIPTIVE, "INU median")
-    add("inu_range", _LOWER_IS_BETTER, "INU range (p95-p5)")
-    return directions, labels
+    add("inu_range", _LOWER_IS_BETTER, "INU range (p95-p5)", "strong intensity non-uniformity")
+    return directions, labels, causes
 
 
 #: Every metric name (``iqm_`` prefix) mapped to +1 (higher is better), -1 (lower is
@@ -147,7 +158,9 @@ def _metric_table() -> tuple[dict[str, int], dict[str, str]]:
 IQM_DIRECTIONS: dict[str, int]
 #: Short human-readable name of every metric in :data:`IQM_DIRECTIONS`.
 IQM_LABELS: dict[str, str]
-IQM_DIRECTIONS, IQM_LABELS = _metric_table()
+#: The likely cause of a metric on its bad side, in plain words, for flag reasons.
+IQM_CAUSES: dict[str, str]
+IQM_DIRECTIONS, IQM_LABELS, IQM_CAUSES = _metric_table()
 #: Metrics this stage writes (all of IQM_DIRECTIONS except the N4 stage's).
 IQM_NAMES: tuple[str, ...] = tuple(n for n in IQM_DIRECTIONS if not n.startswith("iqm_inu_"))
 

@@ -255,7 +255,7 @@ def test_flags_and_reasons(cohort):
     snr_name = aggregate.iqm_label("iqm_snr_wm", labels)
     assert rows["sub-12"]["flagged"]
     assert f"{snr_name} " in rows["sub-12"]["flag_reasons"]
-    assert "robust SD below the cohort" in rows["sub-12"]["flag_reasons"]
+    assert "robust SD below the cohort (noisy image)" in rows["sub-12"]["flag_reasons"]
     assert (
         rows["sub-13"]["flagged"]
         and "missing slices in the series (3)" in rows["sub-13"]["flag_reasons"]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import ants
@@ -12,7 +14,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from mriaudit import iqm, records, template
+from mriaudit import iqm, preprocess, records, template
 
 # Standard deviation of Rayleigh noise whose Gaussian sigma is 1.
 RAYLEIGH_STD = math.sqrt((4 - math.pi) / 2)
@@ -256,6 +258,10 @@ def test_directions_and_labels_cover_every_metric():
     assert {name: iqm.IQM_DIRECTIONS[name] for name in expected} == expected
     assert iqm.IQM_LABELS["iqm_snr_wm"] == "SNR (WM)"
     assert iqm.IQM_LABELS["iqm_efc"] == "EFC"
+    # Every metric that can be flagged says what its bad side usually means; descriptive ones don't.
+    flaggable = {name for name, direction in iqm.IQM_DIRECTIONS.items() if direction}
+    assert set(iqm.IQM_CAUSES) == flaggable
+    assert iqm.IQM_CAUSES["iqm_efc"] == "ghosting or blur"
     singles, snrs, fwhms, tissue_maps, summaries, geometry = 6, 8, 4, 3 * 3, 4 * 8, 6
     assert len(iqm.IQM_NAMES) == singles + snrs + fwhms + tissue_maps + summaries + geometry
 
@@ -456,14 +462,24 @@ def test_upstream_failure_skips_the_stage(template_subject, tmp_path):
 # --------------------------------------------------------------------------- real brain
 
 
-@pytest.mark.shared
-def test_real_brain_noise_is_monotonic(shared_data, tmp_path):
-    """A real 1 mm T1 (with face and neck) at three Rician noise strengths."""
+@dataclass(frozen=True)
+class RealBrain:
+    """A real 1 mm T1 (with face and neck) in canonical RAS order, and its affine to MNI."""
+
+    data: np.ndarray
+    affine: np.ndarray
+    head_path: Path
+    transform: Path
+    folder: Path
+
+
+@pytest.fixture(scope="module")
+def real_brain(shared_data, tmp_path_factory) -> RealBrain:
+    folder = tmp_path_factory.mktemp("real_brain")
     source = shared_data / "nifti" / "niivue" / "otsu_T1.nii.gz"
     img = nib.as_closest_canonical(nib.load(source))
     data = np.asarray(img.get_fdata(dtype=np.float32))
-    head_path = _save(_head_mask(data, 0.15).astype(np.uint8), img.affine, tmp_path / "head.nii.gz")
-
+    head_path = _save(_head_mask(data, 0.15).astype(np.uint8), img.affine, folder / "head.nii.gz")
     # Affine registration of a 2 mm copy (the transform lives in mm, so it holds for
     # the 1 mm grid); the template is brain only, so its brain mask guides the metric.
     mni = _to_ants(template.load_template(resolution=2))
@@ -475,14 +491,33 @@ def test_real_brain_noise_is_monotonic(shared_data, tmp_path):
         type_of_transform="Affine",
         mask=ants.iMath(brain, "MD", 4),
         random_seed=1,
+        outprefix=str(folder / "reg_"),
     )
     transform = Path(registration["fwdtransforms"][0])
+    return RealBrain(data, img.affine, head_path, transform, folder)
 
+
+def _strictly_increasing(results: list[dict], name: str) -> None:
+    values = [m[name] for m in results]
+    assert all(a < b for a, b in itertools.pairwise(values)), (name, values)
+
+
+def _strictly_decreasing(results: list[dict], name: str) -> None:
+    values = [m[name] for m in results]
+    assert all(a > b for a, b in itertools.pairwise(values)), (name, values)
+
+
+@pytest.mark.shared
+def test_real_brain_noise_is_monotonic(real_brain, tmp_path):
+    """Rician noise of sigma 0, 6 and 15 (the image's WM is about 100)."""
     results = []
     for sigma in (0.0, 6.0, 15.0):
+        data = real_brain.data
         noisy = _rician(data, sigma, np.random.default_rng(11)) if sigma else data
-        image = _save(noisy, img.affine, tmp_path / f"t1_{int(sigma)}.nii.gz")
-        metrics, warnings, details = iqm.compute_iqms(image, image, head_path, transform)
+        image = _save(noisy, real_brain.affine, tmp_path / f"t1_{int(sigma)}.nii.gz")
+        metrics, warnings, details = iqm.compute_iqms(
+            image, image, real_brain.head_path, real_brain.transform
+        )
         assert warnings == [], warnings
         assert 900 < details["segmentation"]["brain_volume_ml"] < 2000
         results.append(metrics)
@@ -492,8 +527,91 @@ def test_real_brain_noise_is_monotonic(shared_data, tmp_path):
     assert base["iqm_summary_gm_median"] > base["iqm_summary_csf_median"]
     assert 2 < base["iqm_fwhm_avg"] < 6
     for name in ("iqm_snr_wm", "iqm_snr_gm", "iqm_snr_total", "iqm_snrd_wm", "iqm_cnr"):
-        values = [m[name] for m in results]
-        assert values[0] > values[1] > values[2], (name, values)
+        _strictly_decreasing(results, name)
     for name in ("iqm_cjv", "iqm_summary_bg_stdv", "iqm_rpve_wm"):
-        values = [m[name] for m in results]
-        assert values[0] < values[1] < values[2], (name, values)
+        _strictly_increasing(results, name)
+
+
+@pytest.mark.shared
+def test_real_brain_bias_field_is_monotonic(real_brain, tmp_path):
+    """A smooth multiplicative field exp(s * ramp) at s = 0.3, 0.6, 0.9, through the N4 stage.
+
+    The brain is first N4-corrected, so that the added field is its only bias. The
+    ramp (a linear gradient plus a cross term over the field of view) spans about
+    -1.6..1.6. N4 removes most of a field; what it leaves in the image raises CJV
+    (computed, as MRIQC does, on the corrected image), and the estimated field's
+    spread raises ``inu_range``. Both level off beyond s = 0.9 on this brain.
+    """
+
+    def n4(data: np.ndarray, name: str) -> tuple[Path, Path, dict]:
+        raw = _save(data, real_brain.affine, tmp_path / f"{name}.nii.gz")
+        corrected, mask = tmp_path / f"{name}_n4.nii.gz", tmp_path / f"{name}_mask.nii.gz"
+        record = preprocess.bias_correct_subject(
+            raw,
+            out_image=corrected,
+            out_mask=mask,
+            record_path=tmp_path / f"{name}.json",
+            upstream=[],
+        )
+        assert record["status"] == records.OK, record
+        return corrected, mask, record["metrics"]
+
+    flat_path, _, _ = n4(real_brain.data, "original")
+    flat = np.asarray(nib.load(flat_path).get_fdata(dtype=np.float32))
+    x, y, z = np.meshgrid(*[np.linspace(-1, 1, n) for n in flat.shape], indexing="ij")
+    ramp = 0.7 * x + 0.5 * z + 0.4 * y * z
+    results = []
+    for strength in (0.3, 0.6, 0.9):
+        name = f"bias{int(strength * 10)}"
+        biased = (flat * np.exp(strength * ramp)).astype(np.float32)
+        corrected, mask, n4_metrics = n4(biased, name)
+        raw = tmp_path / f"{name}.nii.gz"
+        metrics, warnings, _ = iqm.compute_iqms(raw, corrected, mask, real_brain.transform)
+        assert warnings == [], warnings
+        results.append({**metrics, **n4_metrics})
+    _strictly_increasing(results, "iqm_inu_range")
+    _strictly_increasing(results, "iqm_cjv")
+    _strictly_decreasing(results, "iqm_cnr")
+
+
+def _nyquist_ghost(data: np.ndarray, phase_rad: float, *, axis: int) -> np.ndarray:
+    """Magnitude image whose odd phase-encode lines carry a phase error ``phase_rad``.
+
+    That is the N/2 (Nyquist) ghost: a copy shifted by half the field of view with
+    amplitude ``|sin(phase_rad / 2)|`` of the object, and the object scaled by
+    ``|cos(phase_rad / 2)|``.
+    """
+    kspace = np.fft.fft(data, axis=axis)
+    odd = [slice(None)] * data.ndim
+    odd[axis] = slice(1, None, 2)
+    kspace[tuple(odd)] *= np.exp(1j * phase_rad)
+    return np.abs(np.fft.ifft(kspace, axis=axis)).astype(np.float32)
+
+
+@pytest.mark.shared
+def test_real_brain_ghosting_is_monotonic(real_brain, tmp_path):
+    """N/2 ghosts along anterior-posterior with phase errors of 0.6, 0.9 and 1.2 rad.
+
+    The field of view is padded to 518 mm along A-P (noise sigma 2 in the new air),
+    so that the half-FOV ghost lands in the air instead of on the head: that is where
+    ``qi_1`` looks for it. Ghost amplitudes are 0.30, 0.43 and 0.56 of the object.
+    """
+    pad = 140
+    padded = np.pad(real_brain.data, [(0, 0), (pad, pad), (0, 0)])
+    affine = real_brain.affine.copy()
+    affine[:3, 3] -= affine[:3, 1] * pad
+    clean = _rician(padded, 2.0, np.random.default_rng(5))
+    results = []
+    for phase in (0.0, 0.6, 0.9, 1.2):
+        ghosted = _nyquist_ghost(clean, phase, axis=1) if phase else clean
+        image = _save(ghosted, affine, tmp_path / f"ghost{int(phase * 10)}.nii.gz")
+        head = preprocess.head_mask(ghosted, spacing_mm=(1.0, 1.0, 1.0)).astype(np.uint8)
+        head_path = _save(head, affine, tmp_path / f"head{int(phase * 10)}.nii.gz")
+        metrics, warnings, _ = iqm.compute_iqms(image, image, head_path, real_brain.transform)
+        assert warnings == [], warnings
+        results.append(metrics)
+    assert results[0]["iqm_qi_1"] < 1e-3
+    assert results[-1]["iqm_qi_1"] > 0.05
+    _strictly_increasing(results, "iqm_efc")
+    _strictly_increasing(results, "iqm_qi_1")
+    _strictly_decreasing(results, "iqm_fber")
