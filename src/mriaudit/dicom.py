@@ -580,8 +580,10 @@ def _scan_folder(subject_dir: Path) -> _Scan:
                     uid = _text(dataset.get("SeriesInstanceUID"))
                     if not uid:
                         # DICOMDIR and other objects with a SOP class but no series are not
-                        # images; a "DICM" file without even a SOP class is damaged.
-                        (scan.non_dicom if _sop_class(dataset) else scan.unreadable).append(rel)
+                        # images; a "DICM" file without a SOP class, or whose data set ends
+                        # right after its file meta (a header cut off), is damaged.
+                        damaged = len(dataset) == 0 or not _sop_class(dataset)
+                        (scan.unreadable if damaged else scan.non_dicom).append(rel)
                         continue
                     # Everything that can fail on a malformed attribute runs before the file
                     # joins a series, so a file is either in its series or counted unreadable.

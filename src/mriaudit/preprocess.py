@@ -37,16 +37,20 @@ log = logging.getLogger(__name__)
 N4_STAGE = "n4"
 REGISTER_STAGE = "register"
 
-# N4 fits a smooth field (B-spline knots 200 mm apart), so it runs on a coarse
-# copy of the image: its cost grows with the voxels in the mask times the
-# iterations (about 1 us each), and on a 6 mm grid it removes a synthetic bias
-# as well as on a 3 mm one (white-matter CV 0.069 -> 0.031 on the template; the
-# field of a real 1 mm T1 correlates 0.99 with a 3 mm, 150-iteration fit) at a
-# fraction of the time. The log field is then interpolated back.
+# N4 fits a smooth field, so it runs on one voxel of every ~6 mm block (not the
+# block means: those blur the tissue peaks N4 sharpens, and it then took out
+# less than half of a linear field). Four fitting levels from knots 200 mm
+# apart (25 mm at the finest, as ANTs' defaults) with 20 iterations each: on a
+# real 1 mm T1, a +-20 % field leaves the white-matter CV within 3 % of the
+# unbiased image's, and a 20 mm lesion keeps 90 % of its contrast. A finer mesh
+# (100 mm knots) removes the field as well but flattens the lesion to 20 %. The
+# log field is then interpolated back onto the image grid.
 N4_GRID_MM = 6.0
-N4_ITERATIONS = (40, 30, 20)
+N4_ITERATIONS = (20, 20, 20, 20)
 N4_TOLERANCE = 1e-3
 N4_SPLINE_DISTANCE_MM = 200.0
+#: Sampled voxels N4 needs inside the mask; smaller heads are sampled finer.
+MIN_N4_SAMPLES = 27
 
 # Registration pyramid (mm): a short rigid search from each candidate start at
 # 8 mm (on copies of both images on a 4 mm grid, so that each start costs
@@ -219,37 +223,30 @@ def head_mask(
     return ndi.binary_fill_holes(mask)
 
 
-def block_mean(
-    data: np.ndarray, factors: Sequence[int], *, weights: np.ndarray | None = None
+def block_sample(
+    data: np.ndarray, factors: Sequence[int], *, mask: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Average ``data`` over blocks of ``factors`` voxels (one integer per axis).
+    """One voxel per block of ``factors`` voxels: the one at index ``j * factor + (factor - 1) // 2``.
 
-    Edges are padded by repetition to whole blocks. With ``weights`` (same
-    shape, >= 0) the mean is weighted. Returns ``(means, weight_fraction)``:
-    both of the reduced shape ``ceil(shape / factors)``; ``weight_fraction`` is
-    the mean weight in each block (the masked fraction for a 0/1 mask), and
-    blocks with no weight get a mean of 0. Block ``j`` is centred on the
-    original voxel index ``j * factor + (factor - 1) / 2``.
+    Edges are padded by repetition to whole blocks. Returns ``(values, inside)``
+    of the reduced shape ``ceil(shape / factors)``: the sampled intensities
+    (0 where the sampled voxel is outside ``mask``) and whether it is inside
+    (all True without a mask). Sampling, unlike block means, keeps the tissue
+    intensities unmixed, so the histogram N4 sharpens keeps its peaks.
     """
     values = np.asarray(data, dtype=np.float64)
-    weight = np.ones_like(values) if weights is None else np.asarray(weights, dtype=np.float64)
+    inside = np.ones(values.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
     factors = [int(f) for f in factors]
     pad = [(0, (-size) % factor) for size, factor in zip(values.shape, factors, strict=True)]
-    values = np.pad(values, pad, mode="edge")
-    weight = np.pad(weight, pad, mode="edge")
-    shape: list[int] = []
-    for size, factor in zip(values.shape, factors, strict=True):
-        shape += [size // factor, factor]
-    axes = tuple(range(1, 2 * len(factors), 2))
-    weight_sum = weight.reshape(shape).sum(axis=axes)
-    value_sum = (values * weight).reshape(shape).sum(axis=axes)
-    means = np.divide(value_sum, weight_sum, out=np.zeros_like(value_sum), where=weight_sum > 0)
-    return means, weight_sum / float(np.prod(factors))
+    take = tuple(slice((factor - 1) // 2, None, factor) for factor in factors)
+    sampled_inside = np.pad(inside, pad, mode="edge")[take]
+    sampled = np.where(sampled_inside, np.pad(values, pad, mode="edge")[take], 0.0)
+    return sampled, sampled_inside
 
 
 def _interpolation_matrix(size: int, factor: int, reduced: int) -> np.ndarray:
-    """Linear interpolation from block centres back to ``size`` voxels (edges held)."""
-    position = np.clip((np.arange(size) - (factor - 1) / 2) / factor, 0, reduced - 1)
+    """Linear interpolation from the sampled voxels back to ``size`` voxels (edges held)."""
+    position = np.clip((np.arange(size) - (factor - 1) // 2) / factor, 0, reduced - 1)
     lower = np.floor(position).astype(int)
     upper = np.minimum(lower + 1, reduced - 1)
     fraction = position - lower
@@ -260,10 +257,10 @@ def _interpolation_matrix(size: int, factor: int, reduced: int) -> np.ndarray:
 
 
 def block_upsample(reduced: np.ndarray, factors: Sequence[int], shape: Sequence[int]) -> np.ndarray:
-    """Trilinear interpolation of a ``block_mean`` result back onto the full grid of ``shape``.
+    """Trilinear interpolation of a ``block_sample`` result back onto the full grid of ``shape``.
 
     Separable (one small matrix product per axis), so a smooth field reaches a
-    1 mm grid in a fraction of a second. Beyond the outermost block centres
+    1 mm grid in a fraction of a second. Beyond the outermost sampled voxels
     values are held constant.
     """
     result = np.asarray(reduced, dtype=np.float64)
@@ -507,9 +504,9 @@ def n4_bias_field(
 ) -> np.ndarray:
     """N4 bias field of ``data`` (3D) estimated inside ``mask``, on ``data``'s grid.
 
-    N4 runs on block means of about ``grid_mm`` (voxels of the mask with
-    positive intensity only; N4 works on log intensities) and the log field is
-    interpolated back. N4 fixes the field only up to a global factor that drifts
+    N4 runs on one voxel per block of about ``grid_mm`` (see ``block_sample``;
+    voxels of the mask with positive intensity only, since N4 works on log
+    intensities) and the log field is interpolated back. N4 fixes the field only up to a global factor that drifts
     with the iterations, so the field is scaled to unit geometric mean inside
     the mask: dividing by it keeps the image's intensity level. Returns float32,
     > 0; ``data / field`` is the corrected image.
@@ -520,13 +517,13 @@ def n4_bias_field(
         message = "the mask holds no voxel with positive intensity: nothing for N4 to fit"
         raise ValueError(message)
     factors = [max(1, round(grid_mm / size)) for size in spacing]
-    means, fraction = block_mean(data, factors, weights=usable)
-    reduced_mask = fraction > 0.5
-    if reduced_mask.sum() < 27:
-        # Very small heads (or masks) still need a few points for the spline.
-        reduced_mask = fraction > 0
+    for attempt in (factors, [max(1, f // 2) for f in factors]):
+        samples, reduced_mask = block_sample(data, attempt, mask=usable)
+        if reduced_mask.sum() >= MIN_N4_SAMPLES:
+            break
+    factors = attempt  # very small heads (or masks) are sampled finer for the spline
     image = ants.from_numpy(
-        means.astype(np.float32),
+        samples.astype(np.float32),
         spacing=tuple(float(s * f) for s, f in zip(spacing, factors, strict=True)),
     )
     field = ants.n4_bias_field_correction(

@@ -341,11 +341,16 @@ def test_unreadable_files_are_counted_and_left_out(tmp_path, dicom_series):
     truncated = files[5]
     truncated.write_bytes(truncated.read_bytes()[:-200])  # pixel data cut short
     (subject / "t1" / "broken.dcm").write_bytes(bytes(128) + b"DICM" + b"\x02\x00\xff" * 7)
+    # Its file meta intact, the data set cut off right after it: damaged, not a non-image.
+    header = files[0].read_bytes()
+    meta_end = 132 + 12 + int.from_bytes(header[140:144], "little")  # group length element
+    (subject / "t1" / "cut.dcm").write_bytes(header[:meta_end])
     record, table = run_inventory(subject, tmp_path / "out")
     assert record["status"] == OK
     assert "unreadable_files" in record["findings"]
     assert "missing_slices" in record["findings"]
-    assert record["metrics"]["hdr_n_unreadable"] == 2
+    assert record["metrics"]["hdr_n_unreadable"] == 3
+    assert record["metrics"]["hdr_n_non_dicom"] == 0
     assert "t1/IM0006" not in record["selected"]["files"]
     assert len(record["selected"]["files"]) == 11
     assert table.loc[0, "n_unreadable"] == "1"

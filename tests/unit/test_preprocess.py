@@ -175,24 +175,28 @@ def test_head_mask_handles_anisotropic_and_empty_images(head):
         preprocess.head_mask(np.zeros((4, 4)), spacing_mm=(1, 1, 1))
 
 
-def test_block_mean_and_upsample_reproduce_a_linear_field():
+def test_block_sample_and_upsample_reproduce_a_linear_field():
     shape = (31, 20, 17)
     i, j, k = np.indices(shape)
     ramp = 0.5 * i - 0.25 * j + 0.1 * k + 3
-    means, fraction = preprocess.block_mean(ramp, (3, 4, 1))
-    assert means.shape == (11, 5, 17) and np.allclose(fraction, 1.0)
-    # Block j is centred on voxel j * factor + (factor - 1) / 2.
-    assert means[0, 0, 0] == pytest.approx(0.5 * 1 - 0.25 * 1.5 + 0.1 * 0 + 3)
-    back = preprocess.block_upsample(means, (3, 4, 1), shape)
-    # Exact between the outermost block centres (the last block is padded by repetition).
-    assert np.allclose(back[1:28, 2:18], ramp[1:28, 2:18])
+    samples, inside = preprocess.block_sample(ramp, (3, 4, 1))
+    assert samples.shape == (11, 5, 17) and inside.all()
+    # Block j is sampled at voxel j * factor + (factor - 1) // 2.
+    assert samples[0, 0, 0] == pytest.approx(0.5 * 1 - 0.25 * 1 + 0.1 * 0 + 3)
+    assert samples[2, 3, 5] == ramp[7, 13, 5]
+    back = preprocess.block_upsample(samples, (3, 4, 1), shape)
+    # Exact between the outermost sampled voxels (the last block is padded by repetition).
+    assert np.allclose(back[1:28, 1:18], ramp[1:28, 1:18])
 
 
-def test_block_mean_weights_ignore_masked_voxels():
-    data = np.array([[[1.0, 100.0], [1.0, 100.0]]])
-    weights = np.array([[[1.0, 0.0], [1.0, 0.0]]])
-    means, fraction = preprocess.block_mean(data, (1, 2, 2), weights=weights)
-    assert means.item() == 1.0 and fraction.item() == 0.5
+def test_block_sample_leaves_out_voxels_outside_the_mask():
+    data = np.arange(8.0).reshape(2, 2, 2)
+    mask = np.ones((2, 2, 2), dtype=bool)
+    mask[0, 0, 0] = False
+    samples, inside = preprocess.block_sample(data, (2, 2, 2), mask=mask)
+    assert samples.shape == (1, 1, 1) and samples.item() == 0.0 and not inside.item()
+    samples, inside = preprocess.block_sample(data, (1, 2, 2), mask=mask)
+    assert samples.ravel().tolist() == [0.0, 4.0] and inside.ravel().tolist() == [False, True]
 
 
 def test_bias_field_stats_follow_mriqc_definitions():
@@ -354,9 +358,9 @@ def test_n4_removes_a_multiplicative_bias_and_keeps_geometry(head, tmp_path):
 
 def test_n4_of_an_unbiased_image_finds_a_flat_field(head, tmp_path):
     # On a 4 mm grid to stay quick; the head has no bias at all.
-    means, _ = preprocess.block_mean(head["data"], (2, 2, 2))
+    coarse = ndi.zoom(head["data"], 0.5, order=1)
     affine = head["affine"] @ np.diag([2.0, 2.0, 2.0, 1.0])
-    source = _save(tmp_path / "T1w.nii.gz", means.astype(np.float32), affine)
+    source = _save(tmp_path / "T1w.nii.gz", coarse.astype(np.float32), affine)
     record = preprocess.bias_correct_subject(
         source,
         out_image=tmp_path / "n4.nii.gz",
@@ -547,3 +551,135 @@ def test_real_brain_is_bias_corrected_and_registered(scan, shared_data, tmp_path
     assert record["metrics"]["reg_similarity"] > preprocess.MIN_SIMILARITY
     low, high = preprocess.SCALE_RANGE
     assert low < record["metrics"]["reg_scale"] < high
+
+
+# ---------------------------------------------------------------------------
+# A real brain: accuracy, orientation invariance and bias removal
+
+#: Rotations up to 15 degrees and shifts up to 10 mm (about x, y, z; RAS mm).
+REAL_MOTION = _rigid((12.0, -15.0, 9.0), (10.0, -7.0, 9.0))
+REAL_PAD = 24  # voxels of air added around the real head, so the motion keeps it in view
+
+
+@pytest.fixture(scope="module")
+def real_head(shared_data, tmp_path_factory) -> dict:
+    """otsu_T1 (1 mm, with face and neck), padded, N4-corrected and registered once."""
+    folder = tmp_path_factory.mktemp("real_head")
+    img = nib.as_closest_canonical(nib.load(shared_data / "nifti" / "niivue" / "otsu_T1.nii.gz"))
+    data = np.pad(img.get_fdata(dtype=np.float32), REAL_PAD)
+    affine = img.affine.copy()
+    affine[:3, 3] -= affine[:3, :3] @ np.full(3, REAL_PAD)
+    raw = _save(folder / "raw.nii.gz", data, affine)
+    n4_image, n4_record = folder / "n4.nii.gz", folder / "n4.json"
+    record = preprocess.bias_correct_subject(
+        raw,
+        out_image=n4_image,
+        out_mask=folder / "head.nii.gz",
+        record_path=n4_record,
+        upstream=[_ok_record(folder)],
+        threads=2,
+    )
+    assert record["status"] == "ok", record
+    registered, outputs = _register(folder, n4_image, n4_record)
+    assert registered["status"] == "ok" and registered["findings"] == [], registered
+    corrected = nib.load(str(n4_image)).get_fdata(dtype=np.float32)
+    return {"data": corrected, "affine": affine, "folder": folder, **outputs}
+
+
+def _register_copy(folder: Path, data: np.ndarray, affine: np.ndarray) -> tuple[dict, dict]:
+    folder.mkdir()
+    source = _save(folder / "n4.nii.gz", data, affine)
+    return _register(folder, source, _ok_record(folder, "n4"))
+
+
+@pytest.mark.shared
+def test_real_brain_moved_rigidly_comes_back_within_a_millimetre(real_head, tmp_path):
+    moved = _moved(real_head["data"], real_head["affine"], REAL_MOTION)
+    record, outputs = _register_copy(tmp_path / "moved", moved, real_head["affine"])
+    assert record["status"] == "ok" and record["findings"] == [], record
+    # Where the template's landmarks land in the moved head, against where the
+    # motion put the points the unmoved head's registration found.
+    landmarks = _landmarks_lps()
+    found = _map(outputs["out_transform"], landmarks)
+    unmoved = _map(real_head["out_transform"], landmarks)
+    inverse = np.linalg.inv(REAL_MOTION)
+    expected = np.array([TO_LPS @ (inverse[:3, :3] @ TO_LPS @ p + inverse[:3, 3]) for p in unmoved])
+    error = np.linalg.norm(found - expected, axis=1)
+    assert error.mean() < 1.0 and error.max() < 2.0, error
+
+
+@pytest.mark.shared
+def test_real_brain_registers_alike_in_four_orientations(real_head, tmp_path):
+    """Stored axial (as read), sagittal and coronal; and with a prone-flipped header."""
+    data, affine = real_head["data"], real_head["affine"]
+    variants = {}
+    for name, axes in {"sagittal": ("A", "S", "L"), "coronal": ("L", "S", "P")}.items():
+        turn = nib.orientations.ornt_transform(
+            nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt(axes)
+        )
+        variants[name] = (
+            np.ascontiguousarray(nib.orientations.apply_orientation(data, turn)),
+            affine @ nib.orientations.inv_ornt_aff(turn, data.shape),
+        )
+    # A supine head whose header says prone: the anatomy is turned 180 degrees about S-I.
+    variants["prone"] = (data, np.diag([-1.0, -1.0, 1.0, 1.0]) @ affine)
+    brain = template.load_brain_mask(resolution=2).get_fdata() > 0
+    images = {"axial": nib.load(str(real_head["out_image"])).get_fdata()}
+    for name, (variant, variant_affine) in variants.items():
+        record, outputs = _register_copy(tmp_path / name, variant, variant_affine)
+        expected = ["header_orientation"] if name == "prone" else []
+        assert record["status"] == "ok" and record["findings"] == expected, (name, record)
+        images[name] = nib.load(str(outputs["out_image"])).get_fdata()
+    for name, image in images.items():
+        correlation = preprocess.masked_correlation(images["axial"], image, brain)
+        assert correlation > 0.98, (name, correlation)
+
+
+def _white_matter(real_head: dict, shape: tuple[int, ...]) -> np.ndarray:
+    """Confident white matter: the template's WM prior > 0.98 carried onto the head, eroded."""
+    prior = template.load_tissue_priors(resolution=2)["wm"]
+    fixed = ants.image_read(str(real_head["folder"] / "n4.nii.gz"))
+    moving = preprocess.ants_image(prior.get_fdata(dtype=np.float32), prior.affine)
+    warped = ants.apply_transforms(
+        fixed=fixed,
+        moving=moving,
+        transformlist=[str(real_head["out_transform"])],
+        whichtoinvert=[True],
+    ).numpy()
+    assert warped.shape == shape
+    return ndi.binary_erosion(warped > 0.98)
+
+
+@pytest.mark.shared
+def test_n4_takes_a_20_percent_bias_off_a_real_brain(real_head, tmp_path):
+    """A linear field from -20 % to +20 % across the white matter: N4 brings its CV back.
+
+    Within 10 % of the unbiased image's coefficient of variation (the image is
+    itself N4-corrected first, so the added field is its only bias).
+    """
+    data, affine = real_head["data"], real_head["affine"]
+    wm = _white_matter(real_head, data.shape)
+    assert wm.sum() > 40_000  # 40 mL or more of confident white matter at 1 mm
+
+    def wm_cv(image: np.ndarray) -> float:
+        values = image[wm]
+        return float(values.std() / values.mean())
+
+    direction = np.array([0.8, 0.5, 0.33]) / np.linalg.norm([0.8, 0.5, 0.33])
+    along = np.tensordot(direction, np.indices(data.shape, dtype=np.float32), axes=1)
+    low, high = along[wm].min(), along[wm].max()
+    field = 1.0 + 0.2 * np.clip(2 * (along - low) / (high - low) - 1, -1, 1)
+    biased = _save(tmp_path / "biased.nii.gz", (data * field).astype(np.float32), affine)
+    record = preprocess.bias_correct_subject(
+        biased,
+        out_image=tmp_path / "n4.nii.gz",
+        out_mask=tmp_path / "head.nii.gz",
+        record_path=tmp_path / "n4.json",
+        upstream=[_ok_record(tmp_path)],
+        threads=2,
+    )
+    assert record["status"] == "ok", record
+    corrected = nib.load(str(tmp_path / "n4.nii.gz")).get_fdata(dtype=np.float32)
+    unbiased, with_bias, after = wm_cv(data), wm_cv(data * field), wm_cv(corrected)
+    assert with_bias > 1.3 * unbiased, (unbiased, with_bias)
+    assert abs(after - unbiased) <= 0.1 * unbiased, (unbiased, with_bias, after)

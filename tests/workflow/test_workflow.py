@@ -19,7 +19,7 @@ import yaml
 
 from mriaudit import cohort, paths
 
-from .conftest import ROOT, SNAKEMAKE, snakemake
+from .conftest import ALL_CORRUPT, ALL_JUNK, MESSY, MESSY_REJECTIONS, ROOT, SNAKEMAKE, snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -62,6 +62,46 @@ def test_broken_inputs_are_findings_with_reasons(workflow_run):
         assert row["status"] == "no_series", row.to_dict()
         assert isinstance(row["reason"], str) and row["reason"]
         assert str(row["flagged"]).lower() == "true"
+
+
+def test_messy_subject_audits_its_3d_t1_and_explains_the_rest(workflow_run):
+    """Localizer, 2D T1, DWI, junk and a cut file under random names in nested folders."""
+    row = _scores(workflow_run).set_index("subject").loc[MESSY]
+    assert row["status"] == "ok", row["reason"]
+    assert row["hdr_acquisition"] == "3D"
+    assert "mprage" in row["hdr_series_description"].lower()
+    assert (row["hdr_n_series"], row["hdr_n_non_dicom"], row["hdr_n_unreadable"]) == (4, 3, 1)
+    assert np.isfinite(row["anomaly_score"])
+    series = pd.read_csv(
+        paths.series_table(workflow_run.output_dir, "messy"),
+        sep="\t",
+        dtype=str,
+        keep_default_na=False,
+    ).set_index("description")
+    assert series.loc[row["hdr_series_description"], "verdict"] == "selected"
+    for description, reason in MESSY_REJECTIONS.items():
+        assert series.loc[description, "verdict"] == "rejected"
+        assert series.loc[description, "reason"].startswith(reason), series.loc[description]
+    # The cut DWI file is counted against its own series, never against the T1.
+    assert series.loc["ep2d_diff_b1000", "n_unreadable"] == "1"
+    assert series.loc[row["hdr_series_description"], "n_unreadable"] == "0"
+
+
+@pytest.mark.parametrize(
+    ("folder", "reason"),
+    [
+        (ALL_JUNK, "no DICOM or NIfTI files (3 non-DICOM files)"),
+        (ALL_CORRUPT, "no readable DICOM or NIfTI files (5 unreadable files)"),
+    ],
+)
+def test_hopeless_folders_are_rows_with_a_reason(workflow_run, folder, reason):
+    row = _scores(workflow_run).set_index("subject").loc[folder]
+    assert (row["status"], row["reason"]) == ("no_series", reason)
+    assert str(row["flagged"]).lower() == "true"
+    exclusions = pd.read_csv(paths.exclusions_table(workflow_run.output_dir), sep="\t", dtype=str)
+    assert folder in set(exclusions["subject"])
+    html = paths.report(workflow_run.output_dir).read_text()
+    assert reason in html
 
 
 def test_contract_images_exist_with_consistent_geometry(workflow_run):
