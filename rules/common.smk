@@ -16,6 +16,12 @@ dicom.resolve_rules(config["series"])
 COHORT = cohort.list_subjects(INPUT_DIR) if INPUT_DIR.is_dir() else []
 SUBJECTS = cohort.processed_labels(COHORT)
 FOLDERS = {s.label: s.folder for s in COHORT if s.processed}
+# Labels that name no subject folder are a configuration error too.
+if LABELS and COHORT:
+    try:
+        cohort.check_labels(LABELS, COHORT)
+    except ValueError as error:
+        raise WorkflowError(str(error)) from None
 
 
 wildcard_constraints:

@@ -116,6 +116,31 @@ def read_labels(path: str | Path) -> dict[str, int]:
     return labels
 
 
+def check_labels(path: str | Path, subjects: list[Subject]) -> dict[str, int]:
+    """The labels of ``path`` (see ``read_labels``), checked against the cohort's folders.
+
+    A missing file, a malformed one, or a subject that is no folder of the
+    cohort (a typo, or a labels file of another cohort) raises ``ValueError``
+    naming the file and up to five such subjects: labels that silently match
+    nothing would make every metric in the report wrong.
+    """
+    if not Path(path).is_file():
+        message = f"config key labels: {str(path)!r} is not a file"
+        raise ValueError(message)
+    labels = read_labels(path)
+    folders = {s.folder for s in subjects}
+    unknown = sorted(set(labels) - folders)
+    if unknown:
+        shown = ", ".join(repr(name) for name in unknown[:5])
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        message = (
+            f"config key labels: {len(unknown)} subject(s) of {str(path)!r} are not folders "
+            f"of input_dir: {shown}{more}"
+        )
+        raise ValueError(message)
+    return labels
+
+
 def resolve_reference(
     spec: str | list[str],
     *,

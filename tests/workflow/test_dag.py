@@ -107,6 +107,25 @@ def test_invalid_series_regex_fails_before_any_job(placeholder_cohort, tmp_path)
     assert "series.include is not a valid regular expression" in result.stdout + result.stderr
 
 
+def test_labels_naming_unknown_subjects_fail_before_any_job(placeholder_cohort, tmp_path):
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("subject\tlabel\nsub-01\t0\nsub-1\t1\nPatient 7 (ü)\t1\n")
+    out = tmp_path / "out"
+    result = snakemake(
+        "-n", "--config", f"input_dir={placeholder_cohort}", f"output_dir={out}", f"labels={labels}"
+    )
+    assert result.returncode != 0
+    printed = result.stdout + result.stderr
+    assert "config key labels: 1 subject(s) of" in printed and "'sub-1'" in printed, printed
+    assert not out.exists()
+    labels.write_text("subject\tlabel\nsub-01\t0\nPatient 7 (ü)\t1\n")
+    result = snakemake(
+        "-n", "--config", f"input_dir={placeholder_cohort}", f"output_dir={out}", f"labels={labels}"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert _jobs(result.stdout)["evaluate"] == 1
+
+
 def test_lint_is_clean(placeholder_cohort, tmp_path):
     result = snakemake(
         "--lint", "--config", f"input_dir={placeholder_cohort}", f"output_dir={tmp_path / 'out'}"
