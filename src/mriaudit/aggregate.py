@@ -345,6 +345,26 @@ def _vendor_key(value: Any) -> str:
     return words[0].upper() if words else ""
 
 
+def duplicate_images(frame: pd.DataFrame) -> list[list[str]]:
+    """For every row, the other subjects whose converted image has the same voxel data.
+
+    Compares ``conv_data_sha256`` (see ``dicom.check_image``) of the rows whose
+    status is ok: the same scan under two subject names, whatever its headers.
+    """
+    found: list[list[str]] = [[] for _ in range(len(frame))]
+    if "conv_data_sha256" not in frame:
+        return found
+    ok = (frame["status"] == OK).to_numpy()
+    digests = frame["conv_data_sha256"].fillna("").astype(str).to_numpy()
+    groups: dict[str, list[int]] = {}
+    for i in np.flatnonzero(ok & (digests != "")):
+        groups.setdefault(digests[i], []).append(int(i))
+    for members in groups.values():
+        for i in members if len(members) > 1 else []:
+            found[i] = [str(frame.at[j, "subject"]) for j in members if j != i]
+    return found
+
+
 def protocol_deviations(frame: pd.DataFrame) -> list[list[str]]:
     """``protocol_deviation: ...`` findings of every row of ``frame`` (hdr_* columns).
 
@@ -635,6 +655,7 @@ def _judge(
     threshold = anomaly_threshold(score, reference, flag=settings)
     iqm_columns, iqm_z, iqm_bad = _iqm_outliers(frame, ok, iqm_z=settings["iqm_z"])
     deviations = protocol_deviations(frame)
+    duplicates = duplicate_images(frame)
     _, labels = iqm_tables()
     causes = iqm_causes()
     flagged, reasons_col, findings_col, notes_col = [], [], [], []
@@ -658,7 +679,10 @@ def _judge(
                 reasons.append(_finding_reason(code, extra["metrics"]))
             elif code in NOTE_FINDINGS:
                 notes.append(NOTE_FINDINGS[code])
+        if duplicates[i]:
+            reasons.append(f"identical image data to {', '.join(duplicates[i])}")
         findings = extra["findings"] + deviations[i]
+        findings += ["duplicate_image"] if duplicates[i] else []
         extra["findings"] = findings
         extra["notes"] = notes
         extra["flag_reasons"] = reasons

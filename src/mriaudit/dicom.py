@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -945,25 +946,38 @@ def _nifti_row(subject_dir: Path, rel: str, rules: dict[str, Any]) -> dict[str, 
             thin = max(zooms[:3]) <= rules["max_slice_thickness_3d"]
             row["acquisition"] = "3D" if thin else "2D"
     row["shape"] = shape
+    # A singular or non-finite affine gives voxels no place in the world: no
+    # registration, no sizes in mm.
+    linear = np.asarray(affine, dtype=float)[:3, :3]
+    row["geometry_ok"] = bool(
+        np.all(np.isfinite(affine)) and abs(float(np.linalg.det(linear))) > 1e-9
+    )
     return row
 
 
 def choose_nifti(rows: list[dict[str, Any]]) -> tuple[int | None, str]:
     """Index of the NIfTI row to audit and why.
 
-    A 3D (or 4D) image with at least 2 voxels per axis is eligible. With one
+    A 3D (or 4D) image with at least 2 voxels per axis and an invertible,
+    finite affine is eligible. With one
     eligible file, it is chosen. With several, files whose name says T1w/T1
     (``sub-01_T1w``, ``t1``; not ``t1c``) win over the others, names that look
     like masks or labels lose, then the largest image wins.
     """
-    eligible = [
-        i
-        for i, row in enumerate(rows)
-        if row.get("shape") and len(row["shape"]) >= 3 and min(row["shape"][:3]) >= 2
-    ]
+
+    def is_volume(row: dict[str, Any]) -> bool:
+        shape = row.get("shape")
+        return bool(shape) and len(shape) >= 3 and min(shape[:3]) >= 2
+
+    eligible = [i for i, row in enumerate(rows) if is_volume(row) and row["geometry_ok"]]
     for i, row in enumerate(rows):
-        if i not in eligible and not row["verdict"]:
-            row.update(verdict="rejected", reason="not a 3D image")
+        if i in eligible or row["verdict"]:
+            continue
+        if not is_volume(row):
+            shape = "x".join(str(n) for n in row.get("shape") or ())
+            row.update(verdict="rejected", reason=f"not a 3D image ({shape or 'no shape'})")
+        else:
+            row.update(verdict="rejected", reason="affine not invertible or not finite")
     if not eligible:
         return None, ""
     if len(eligible) == 1:
@@ -1146,7 +1160,9 @@ def _nifti_record(
     metrics = _base_metrics(scan, len(dicom_rows) + len(rows))
     if index is None:
         write_series_table(dicom_rows + rows, series_table)
-        reason = f"no readable 3D NIfTI image among {_plural(len(rows), 'file')}"
+        verdicts = Counter(r["reason"] for r in rows)
+        summary = ", ".join(f"{why}: {count}" for why, count in verdicts.most_common())
+        reason = f"no usable 3D NIfTI image among {_plural(len(rows), 'file')} ({summary})"
         return make_record(
             "inventory", status=NO_SERIES, reason=reason, metrics=metrics, warnings=warnings_
         )
@@ -1376,9 +1392,11 @@ def _first_volume(source: Path, target: Path) -> None:
 def check_image(path: Path) -> dict[str, Any]:
     """Sanity of a converted image and its ``conv_*`` metrics.
 
-    The image must be 3D, with at least 2 voxels along each axis and only finite
-    values; otherwise ``StageError``. Metrics: ``conv_dim_x/y/z`` (voxels) and
-    ``conv_voxel_x/y/z`` (mm), in the file's own voxel order.
+    The image must be 3D, with at least 2 voxels along each axis, an invertible
+    finite affine and only finite values; otherwise ``StageError``. Metrics: ``conv_dim_x/y/z`` (voxels) and
+    ``conv_voxel_x/y/z`` (mm), in the file's own voxel order, and
+    ``conv_data_sha256``: a digest of the shape and voxel values (16 hex digits),
+    equal for the same scan exported twice, whatever its headers and file names.
     """
     image = nib.load(path)
     shape = tuple(int(n) for n in image.shape)
@@ -1387,13 +1405,20 @@ def check_image(path: Path) -> dict[str, Any]:
             f"converted image is not a 3D volume of at least 2 voxels per axis (shape {shape})"
         )
         raise StageError(message)
+    affine = np.asarray(image.affine, dtype=float)
+    if not np.all(np.isfinite(affine)) or abs(float(np.linalg.det(affine[:3, :3]))) <= 1e-9:
+        message = "converted image has an affine that is not invertible or not finite"
+        raise StageError(message)
     data = image.get_fdata(dtype=np.float32)
     n_bad = int(np.size(data) - np.count_nonzero(np.isfinite(data)))
     if n_bad:
         message = f"converted image has {n_bad} non-finite voxels"
         raise StageError(message)
     zooms = [float(z) for z in image.header.get_zooms()[:3]]
+    digest = hashlib.sha256(repr(shape).encode())
+    digest.update(np.ascontiguousarray(data).tobytes())
     return {
+        "conv_data_sha256": digest.hexdigest()[:16],
         "conv_dim_x": shape[0],
         "conv_dim_y": shape[1],
         "conv_dim_z": shape[2],

@@ -426,3 +426,22 @@ def test_bootstrap_metrics_equal_sklearn_with_ties():
         assert step_average_precision(y, s) == pytest.approx(
             average_precision_score(y, s), abs=1e-12
         )
+
+
+def test_duplicate_images_pairs_ok_subjects_with_the_same_voxel_digest():
+    frame = pd.DataFrame(
+        {
+            "subject": ["sub-a", "sub-b", "sub-c", "sub-d", "sub-e", "sub-f"],
+            "status": ["ok", "ok", "ok", "failed", "ok", "ok"],
+            "conv_data_sha256": ["1f", "2e", "1f", "2e", None, "1f"],
+        }
+    )
+    assert aggregate.duplicate_images(frame) == [
+        ["sub-c", "sub-f"],
+        [],  # its twin failed: nothing to compare
+        ["sub-a", "sub-f"],
+        [],
+        [],
+        ["sub-a", "sub-c"],
+    ]
+    assert aggregate.duplicate_images(frame.drop(columns="conv_data_sha256")) == [[]] * 6

@@ -480,8 +480,29 @@ def test_nifti_without_3d_image_is_no_series(tmp_path, nifti_file):
     (subject / "broken.nii.gz").write_bytes(b"not gzip")
     record, _ = run_inventory(subject, tmp_path / "out")
     assert record["status"] == NO_SERIES
-    assert record["reason"] == "no readable 3D NIfTI image among 2 files"
+    assert record["reason"] == (
+        "no usable 3D NIfTI image among 2 files (unreadable NIfTI: 1, not a 3D image (10x12x1): 1)"
+    )
     assert record["metrics"]["hdr_n_unreadable"] == 1
+
+
+def test_nifti_with_a_singular_affine_is_no_series(tmp_path):
+    header = nib.Nifti1Header()
+    header.set_data_shape((12, 10, 8))
+    header.set_data_dtype(np.float32)
+    header["sform_code"], header["qform_code"] = 1, 0
+    for row in ("srow_x", "srow_y", "srow_z"):
+        header[row] = [0.0, 0.0, 0.0, 0.0]  # every voxel at the origin
+    subject = tmp_path / "s"
+    subject.mkdir()
+    data = np.ones((12, 10, 8), dtype=np.float32)
+    nib.save(nib.Nifti1Image(data, None, header=header), subject / "T1w.nii.gz")
+    record, table = run_inventory(subject, tmp_path / "out")
+    assert record["status"] == NO_SERIES
+    assert "affine not invertible or not finite: 1" in record["reason"]
+    assert table.loc[0, "reason"] == "affine not invertible or not finite"
+    with pytest.raises(StageError, match="affine that is not invertible"):
+        dicom.check_image(subject / "T1w.nii.gz")
 
 
 # -------------------------------------------------------------------------- conversion
@@ -594,6 +615,21 @@ def test_convert_needs_a_selection(tmp_path):
     convert = run_convert(tmp_path, tmp_path / "out")
     assert convert["status"] == FAILED
     assert "selects nothing" in convert["reason"]
+
+
+def test_check_image_digest_follows_the_voxels_not_the_header(tmp_path):
+    data = np.arange(4 * 5 * 6, dtype=np.int16).reshape(4, 5, 6)
+    first, second, third = (tmp_path / f"{name}.nii.gz" for name in "abc")
+    nib.save(nib.Nifti1Image(data, np.eye(4)), first)
+    moved = nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]))
+    moved.header["descrip"] = b"another export of the same scan"
+    nib.save(moved, second)
+    changed = data.copy()
+    changed[1, 2, 3] += 1
+    nib.save(nib.Nifti1Image(changed, np.eye(4)), third)
+    digests = [dicom.check_image(path)["conv_data_sha256"] for path in (first, second, third)]
+    assert digests[0] == digests[1] != digests[2]
+    assert len(digests[0]) == 16 and int(digests[0], 16) >= 0
 
 
 def test_clean_sidecar():
