@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
-import random
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -15,7 +13,8 @@ import pydicom
 import pytest
 import yaml
 from pydicom.errors import InvalidDicomError
-from pydicom.uid import generate_uid
+
+from . import corpus
 
 ROOT = Path(__file__).resolve().parents[2]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -84,7 +83,7 @@ def tiny_cohort(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         check=True,
     )
     plant_hostile_series_description(input_dir, labels)
-    add_messy_subjects(input_dir, labels)
+    corpus.add_bad_inputs(input_dir, labels)
     return input_dir, labels
 
 
@@ -114,119 +113,6 @@ def plant_hostile_series_description(input_dir: Path, labels: Path) -> str:
             dataset.SeriesDescription = HOSTILE_DESCRIPTION + description
             dataset.save_as(path)
     return folder
-
-
-#: Folders added to the generated cohort: an archive-like subject and two hopeless ones.
-MESSY, ALL_JUNK, ALL_CORRUPT = "sub-messy", "sub-junk", "sub-corrupt"
-#: The messy subject's extra series by description, with why the inventory must reject each.
-MESSY_REJECTIONS = {
-    "localizer": "localizer",
-    "t1_se_tra_2d": "T1 candidate, ranked below",
-    "ep2d_diff_b1000": "excluded by rule (matches 'diff')",
-}
-JUNK_FILES = {
-    "README.txt": b"exported by PACS\n",
-    "notes.pdf": b"%PDF-1.4\n",
-    ".DS_Store": b"\0" * 64,
-}
-
-
-def _series_files(folder: Path) -> dict[str, list[Path]]:
-    """DICOM files of ``folder`` by SeriesInstanceUID."""
-    series: dict[str, list[Path]] = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file():
-            uid = str(pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID)
-            series.setdefault(uid, []).append(path)
-    return series
-
-
-def _derived_series(
-    slices: list[pydicom.Dataset], number: int, description: str
-) -> list[pydicom.Dataset]:
-    """Copies of T1 slices re-labelled as another series (new UIDs, number, description)."""
-    uid = generate_uid()
-    out = []
-    for index, source in enumerate(slices):
-        dataset = copy.deepcopy(source)  # Dataset.copy() would share the data elements
-        dataset.SeriesInstanceUID = uid
-        dataset.SOPInstanceUID = generate_uid()
-        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
-        dataset.SeriesNumber = number
-        dataset.InstanceNumber = index + 1
-        dataset.SeriesDescription = description
-        dataset.ProtocolName = description
-        out.append(dataset)
-    return out
-
-
-def _messy_subject(t1_files: list[Path], target: Path, rng: random.Random) -> None:
-    """A 3D T1 with a localizer, a 2D T1, a DWI series, junk and one truncated file.
-
-    Every file gets a random name in a random nested folder, as in a PACS export.
-    """
-    t1 = sorted((pydicom.dcmread(path) for path in t1_files), key=lambda d: int(d.InstanceNumber))
-    localizer = _derived_series(t1[len(t1) // 2 : len(t1) // 2 + 3], 90, "localizer")
-    for dataset in localizer:
-        dataset.ImageType = ["ORIGINAL", "PRIMARY", "LOCALIZER"]
-    two_d = _derived_series(t1[::2], 91, "t1_se_tra_2d")
-    for dataset in two_d:
-        dataset.MRAcquisitionType = "2D"
-        dataset.SliceThickness = 2 * float(t1[0].SliceThickness)
-        dataset.SequenceName = "*se2d1"
-    dwi = _derived_series(t1[::4], 92, "ep2d_diff_b1000")
-    for dataset in dwi:
-        dataset.MRAcquisitionType = "2D"
-        dataset.ImageType = ["ORIGINAL", "PRIMARY", "DIFFUSION", "NONE"]
-        dataset.SequenceName = "*ep_b1000t"
-    folders = [target / "a", target / "a" / "b" / "c", target / "export" / "0001", target]
-
-    def place(name: str) -> Path:
-        folder = rng.choice(folders)
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder / name
-
-    for dataset in t1 + localizer + two_d + dwi:
-        dataset.save_as(place(f"{rng.getrandbits(40):010x}"), enforce_file_format=True)
-    for name, content in JUNK_FILES.items():
-        place(name).write_bytes(content)
-    # One more DWI slice, cut inside its pixel data.
-    extra = _derived_series(t1[1:2], 92, "ep2d_diff_b1000")[0]
-    extra.SeriesInstanceUID = dwi[0].SeriesInstanceUID
-    truncated = place(f"{rng.getrandbits(40):010x}")
-    extra.save_as(truncated, enforce_file_format=True)
-    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
-
-
-def add_messy_subjects(input_dir: Path, labels: Path) -> None:
-    """Add ``MESSY`` (built from a normal subject's T1), ``ALL_JUNK`` and ``ALL_CORRUPT``.
-
-    The labels TSV gets their rows (the messy subject is normal, the others broken).
-    """
-    table = pd.read_csv(labels, sep="\t", dtype=str, keep_default_na=False)
-    normal = table[table["kind"] == "normal"]["subject"].iloc[0]
-    t1_files = max(_series_files(input_dir / normal).values(), key=len)
-    rng = random.Random(7)
-    _messy_subject(t1_files, input_dir / MESSY, rng)
-    junk = input_dir / ALL_JUNK / "docs"
-    junk.mkdir(parents=True)
-    for name, content in JUNK_FILES.items():
-        (junk / name).write_bytes(content)
-    corrupt = input_dir / ALL_CORRUPT
-    corrupt.mkdir()
-    header = t1_files[0].read_bytes()
-    for index in range(4):
-        # A DICOM preamble and magic, then the header cut off mid-element.
-        (corrupt / f"IM{index:04d}").write_bytes(header[: 200 + 37 * index])
-    (corrupt / "IM0099").write_bytes(
-        b"\0" * 128 + b"DICM" + bytes(rng.getrandbits(8) for _ in range(300))
-    )
-    rows = [
-        {"subject": MESSY, "label": "0", "kind": "messy", "description": "archive-like export"},
-        {"subject": ALL_JUNK, "label": "1", "kind": "all_junk", "description": "no DICOM"},
-        {"subject": ALL_CORRUPT, "label": "1", "kind": "all_corrupt", "description": "cut files"},
-    ]
-    pd.concat([table, pd.DataFrame(rows)]).fillna("").to_csv(labels, sep="\t", index=False)
 
 
 @pytest.fixture(scope="session")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import gzip
+import html as html_lib
 import io
 import json
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -19,7 +21,8 @@ import yaml
 
 from mriaudit import cohort, paths
 
-from .conftest import ALL_CORRUPT, ALL_JUNK, MESSY, MESSY_REJECTIONS, ROOT, SNAKEMAKE, snakemake
+from . import corpus
+from .conftest import ROOT, SNAKEMAKE, snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -66,7 +69,7 @@ def test_broken_inputs_are_findings_with_reasons(workflow_run):
 
 def test_messy_subject_audits_its_3d_t1_and_explains_the_rest(workflow_run):
     """Localizer, 2D T1, DWI, junk and a cut file under random names in nested folders."""
-    row = _scores(workflow_run).set_index("subject").loc[MESSY]
+    row = _scores(workflow_run).set_index("subject").loc[corpus.MESSY]
     assert row["status"] == "ok", row["reason"]
     assert row["hdr_acquisition"] == "3D"
     assert "mprage" in row["hdr_series_description"].lower()
@@ -79,7 +82,7 @@ def test_messy_subject_audits_its_3d_t1_and_explains_the_rest(workflow_run):
         keep_default_na=False,
     ).set_index("description")
     assert series.loc[row["hdr_series_description"], "verdict"] == "selected"
-    for description, reason in MESSY_REJECTIONS.items():
+    for description, reason in corpus.MESSY_REJECTIONS.items():
         assert series.loc[description, "verdict"] == "rejected"
         assert series.loc[description, "reason"].startswith(reason), series.loc[description]
     # The cut DWI file is counted against its own series, never against the T1.
@@ -87,21 +90,37 @@ def test_messy_subject_audits_its_3d_t1_and_explains_the_rest(workflow_run):
     assert series.loc[row["hdr_series_description"], "n_unreadable"] == "0"
 
 
-@pytest.mark.parametrize(
-    ("folder", "reason"),
-    [
-        (ALL_JUNK, "no DICOM or NIfTI files (3 non-DICOM files)"),
-        (ALL_CORRUPT, "no readable DICOM or NIfTI files (5 unreadable files)"),
-    ],
-)
-def test_hopeless_folders_are_rows_with_a_reason(workflow_run, folder, reason):
+@pytest.mark.parametrize("folder", list(corpus.EXPECTED))
+def test_every_bad_input_is_a_row_with_a_reason(workflow_run, folder):
+    """The whole bad-input corpus ran in the one workflow run (which exited 0)."""
+    status, text = corpus.EXPECTED[folder]
     row = _scores(workflow_run).set_index("subject").loc[folder]
-    assert (row["status"], row["reason"]) == ("no_series", reason)
+    assert row["status"] == status, row.to_dict()
+    if status == "ok" and not text:
+        return
+    where = row["reason"] if status != "ok" else row["flag_reasons"]
+    assert text in where, row.to_dict()
     assert str(row["flagged"]).lower() == "true"
     exclusions = pd.read_csv(paths.exclusions_table(workflow_run.output_dir), sep="\t", dtype=str)
     assert folder in set(exclusions["subject"])
     html = paths.report(workflow_run.output_dir).read_text()
-    assert reason in html
+    assert html_lib.escape(text, quote=False) in html
+
+
+def test_a_scan_under_two_names_flags_both(workflow_run):
+    scores = _scores(workflow_run).set_index("subject")
+    twin = scores.loc[corpus.TWIN]
+    (original,) = [
+        name
+        for name in scores.index
+        if name != corpus.TWIN and scores.at[name, "conv_data_sha256"] == twin["conv_data_sha256"]
+    ]
+    assert f"identical image data to {original}" in twin["flag_reasons"]
+    assert f"identical image data to {corpus.TWIN}" in scores.at[original, "flag_reasons"]
+    assert "duplicate_image" in twin["findings"]
+    # Its hostile header strings are data: shown in the report, never run.
+    html = paths.report(workflow_run.output_dir).read_text()
+    assert html_lib.escape(corpus.HOSTILE_TEXT, quote=False) in html
 
 
 def test_contract_images_exist_with_consistent_geometry(workflow_run):
@@ -192,8 +211,6 @@ def test_report_lists_every_subject_and_has_the_hooks(workflow_run):
     assert 'id="filter"' in html and 'id="export-decisions"' in html and 'id="roc"' in html
     rows = re.findall(r"<tr[^>]*data-subject=\"([^\"]*)\"", html)
     folders = {s.folder for s in cohort.list_subjects(workflow_run.input_dir)}
-    import html as html_lib
-
     assert {html_lib.unescape(r) for r in rows} == folders
     assert not re.search(r"(src|href)=\"(https?:)?//", html), "the report must not load anything"
 
@@ -219,6 +236,40 @@ def test_snakemake_report_carries_the_audit_report(workflow_run, tmp_path):
     text = target.read_text(encoding="utf-8")
     # The audit report is registered under its category, with its label.
     assert "Cohort audit" in text and "audit report" in text
+
+
+def _job_counts(output: str) -> dict[str, int]:
+    """Rule -> job count from the table a dry run prints."""
+    counts = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
+def test_an_added_subject_is_the_only_one_preprocessed_again(workflow_run):
+    """A new folder in input_dir: its own chain, then the cohort steps.
+
+    With ``reference: all`` the normative model is retrained on the grown cohort,
+    so every subject is scored again by it (a reused ``model:`` would score only
+    the new one); inventory to IQMs of the others are not repeated.
+    """
+    added = workflow_run.input_dir / "sub-added"
+    source = workflow_run.input_dir / corpus.MESSY
+    try:
+        shutil.copytree(source, added, symlinks=True)
+        result = snakemake("-n", "--configfile", str(workflow_run.configfile))
+        assert result.returncode == 0, result.stderr[-3000:]
+        jobs = _job_counts(result.stdout)
+        n_processed = len(cohort.processed_labels(cohort.list_subjects(workflow_run.input_dir)))
+        for rule in ("inventory", "convert", "bias_correct", "register", "iqm"):
+            assert jobs.get(rule) == 1, (rule, jobs)
+        assert jobs["train_model"] == 1 and jobs["score"] == n_processed
+        assert jobs["aggregate"] == jobs["report"] == jobs["evaluate"] == 1
+        assert "sub-added" in result.stdout
+    finally:
+        shutil.rmtree(added, ignore_errors=True)
 
 
 def test_a_run_killed_halfway_resumes_to_the_same_result(workflow_run, tmp_path):
