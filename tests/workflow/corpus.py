@@ -37,20 +37,30 @@ HOSTILE_TEXT = "$(rm -rf ~); ls ../../etc"
 #: The second copy of a normal scan: shell-special characters in its folder name.
 TWIN = "sub-twin $(rm -rf ~); ls"
 
-#: folder -> (status, text the reason or flag reasons must contain).
-EXPECTED: dict[str, tuple[str, str]] = {
-    MESSY: ("ok", ""),
-    "sub-junk": ("no_series", "no DICOM or NIfTI files (3 non-DICOM files)"),
-    "sub-corrupt": ("no_series", "no readable DICOM or NIfTI files (5 unreadable files)"),
-    "sub-zero-bytes": ("no_series", "no readable DICOM or NIfTI files (3 unreadable files)"),
-    "sub-dcm-names": ("no_series", "no DICOM or NIfTI files (2 non-DICOM files)"),
-    "sub-report-only": ("no_series", "no usable T1-weighted series among 2 series (not MR: 2)"),
-    TWIN: ("ok", "identical image data to "),
-    "sub-noise": ("ok", "registration to the MNI152 template failed"),
-    "sub-nan": ("failed", "non-finite voxels"),
-    "sub-singular-affine": ("no_series", "affine not invertible or not finite: 1"),
-    "sub-1x1x1": ("no_series", "not a 3D image (1x1x1)"),
-    "sub-2048x2048x1": ("no_series", "not a 3D image (2048x2048x1)"),
+#: folder -> (status, the scores.tsv column that explains it, text it must contain).
+EXPECTED: dict[str, tuple[str, str, str]] = {
+    MESSY: ("ok", "", ""),
+    "sub-junk": ("no_series", "reason", "no DICOM or NIfTI files (3 non-DICOM files)"),
+    "sub-corrupt": ("no_series", "reason", "no readable DICOM or NIfTI files (5 unreadable files)"),
+    "sub-zero-bytes": (
+        "no_series",
+        "reason",
+        "no readable DICOM or NIfTI files (3 unreadable files)",
+    ),
+    "sub-dcm-names": ("no_series", "reason", "no DICOM or NIfTI files (2 non-DICOM files)"),
+    "sub-report-only": (
+        "no_series",
+        "reason",
+        "no usable T1-weighted series among 2 series (not MR: 2)",
+    ),
+    "sub-2d-only": ("ok", "notes", "only a 2D T1-weighted series was available"),
+    "sub-duplicated-slices": ("ok", "flag_reasons", "duplicate slices in the series (2)"),
+    TWIN: ("ok", "flag_reasons", "identical image data to "),
+    "sub-noise": ("ok", "flag_reasons", "registration to the MNI152 template failed"),
+    "sub-nan": ("failed", "reason", "non-finite voxels"),
+    "sub-singular-affine": ("no_series", "reason", "affine not invertible or not finite: 1"),
+    "sub-1x1x1": ("no_series", "reason", "not a 3D image (1x1x1)"),
+    "sub-2048x2048x1": ("no_series", "reason", "not a 3D image (2048x2048x1)"),
 }
 
 
@@ -150,6 +160,31 @@ def _non_image_objects(source: pydicom.Dataset, target: Path) -> None:
         dataset.save_as(target / name, enforce_file_format=True)
 
 
+def _save_all(datasets: list[pydicom.Dataset], target: Path) -> None:
+    target.mkdir(parents=True)
+    for index, dataset in enumerate(datasets):
+        dataset.save_as(target / f"IM{index:04d}", enforce_file_format=True)
+
+
+def _two_d_only(t1_files: list[Path], target: Path) -> None:
+    """Only a 2D T1: every second slice of the 3D T1, twice as thick."""
+    two_d = _derived_series(_read_t1(t1_files)[::2], 5, "t1_se_sag_2d")
+    for dataset in two_d:
+        dataset.MRAcquisitionType = "2D"
+        dataset.SliceThickness = 2 * float(dataset.SliceThickness)
+    _save_all(two_d, target)
+
+
+def _duplicated_slices(t1_files: list[Path], target: Path) -> None:
+    """The T1 with two slices stored twice (new instance UIDs, same positions)."""
+    t1 = _read_t1(t1_files)
+    copies = [copy.deepcopy(t1[len(t1) // 3]), copy.deepcopy(t1[len(t1) // 2])]
+    for dataset in copies:
+        dataset.SOPInstanceUID = generate_uid()
+        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    _save_all(t1 + copies, target)
+
+
 def _twin(t1_files: list[Path], target: Path) -> None:
     """The same T1 exported again: new UIDs and hostile strings, identical pixels."""
     target.mkdir(parents=True)
@@ -198,9 +233,9 @@ def _broken_niftis(input_dir: Path, rng: np.random.Generator) -> None:
 def add_bad_inputs(input_dir: Path, labels: Path) -> None:
     """Add every folder of ``EXPECTED`` to a generated cohort, and their labels.
 
-    The messy subject and the twin are built from two normal subjects' T1
-    series (so the twin and that normal subject are duplicates); every other
-    added folder is labelled 1 (to be excluded), the messy one 0.
+    The DICOM ones are built from two normal subjects' T1 series (so the twin
+    and that normal subject are duplicates); the messy and 2D-only subjects are
+    labelled 0 (usable), every other added folder 1 (to be excluded).
     """
     table = pd.read_csv(labels, sep="\t", dtype=str, keep_default_na=False)
     normals = table[table["kind"] == "normal"]["subject"].tolist()
@@ -231,11 +266,14 @@ def add_bad_inputs(input_dir: Path, labels: Path) -> None:
     _non_image_objects(
         pydicom.dcmread(first[0], stop_before_pixels=True), input_dir / "sub-report-only"
     )
+    _two_d_only(first, input_dir / "sub-2d-only")
+    _duplicated_slices(second, input_dir / "sub-duplicated-slices")
     _twin(second, input_dir / TWIN)
     _noise(second, input_dir / "sub-noise", rng)
     _broken_niftis(input_dir, rng)
+    normal = {MESSY, "sub-2d-only"}
     rows = [
-        {"subject": folder, "label": "0" if folder == MESSY else "1", "kind": "corpus"}
+        {"subject": folder, "label": "0" if folder in normal else "1", "kind": "corpus"}
         for folder in EXPECTED
     ]
     pd.concat([table, pd.DataFrame(rows)]).fillna("").to_csv(labels, sep="\t", index=False)
