@@ -20,6 +20,8 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
+from ..unit.conftest import write_enhanced_series
+
 MESSY = "sub-messy"
 #: The messy subject's extra series by description, with why the inventory must reject each.
 MESSY_REJECTIONS = {
@@ -55,6 +57,10 @@ EXPECTED: dict[str, tuple[str, str, str]] = {
     ),
     "sub-2d-only": ("ok", "notes", "only a 2D T1-weighted series was available"),
     "sub-duplicated-slices": ("ok", "flag_reasons", "duplicate slices in the series (2)"),
+    "sub-4d": ("ok", "", ""),
+    "sub-4d-unnumbered": ("failed", "reason", "affine that is not invertible or not finite"),
+    "sub-mixed-dimensions": ("ok", "flag_reasons", "slices with mixed matrix sizes"),
+    "sub-enhanced": ("ok", "", ""),
     TWIN: ("ok", "flag_reasons", "identical image data to "),
     "sub-noise": ("ok", "flag_reasons", "registration to the MNI152 template failed"),
     "sub-nan": ("failed", "reason", "non-finite voxels"),
@@ -185,6 +191,36 @@ def _duplicated_slices(t1_files: list[Path], target: Path) -> None:
     _save_all(t1 + copies, target)
 
 
+def _two_time_points(t1_files: list[Path], target: Path, *, renumber: bool = True) -> None:
+    """A 4D series: the T1 acquired twice, one series, two temporal positions.
+
+    Without ``renumber`` both time points repeat instance numbers 1..N: dcm2niix
+    then cannot tell the slice direction and writes a zero slice axis.
+    """
+    volumes = []
+    for time_point in (1, 2):
+        for dataset in _read_t1(t1_files):
+            if renumber:
+                dataset.InstanceNumber = len(volumes) + 1
+            dataset.SOPInstanceUID = generate_uid()
+            dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+            dataset.AcquisitionNumber = time_point
+            dataset.TemporalPositionIdentifier = time_point
+            dataset.NumberOfTemporalPositions = 2
+            volumes.append(dataset)
+    _save_all(volumes, target)
+
+
+def _mixed_dimensions(t1_files: list[Path], target: Path) -> None:
+    """The T1 with one slice stored on a smaller matrix (cropped by 8 rows and columns)."""
+    t1 = _read_t1(t1_files)
+    odd = t1[len(t1) // 2]
+    pixels = odd.pixel_array[4:-4, 4:-4]
+    odd.Rows, odd.Columns = pixels.shape
+    odd.PixelData = np.ascontiguousarray(pixels).tobytes()
+    _save_all(t1, target)
+
+
 def _twin(t1_files: list[Path], target: Path) -> None:
     """The same T1 exported again: new UIDs and hostile strings, identical pixels."""
     target.mkdir(parents=True)
@@ -234,8 +270,8 @@ def add_bad_inputs(input_dir: Path, labels: Path) -> None:
     """Add every folder of ``EXPECTED`` to a generated cohort, and their labels.
 
     The DICOM ones are built from two normal subjects' T1 series (so the twin
-    and that normal subject are duplicates); the messy and 2D-only subjects are
-    labelled 0 (usable), every other added folder 1 (to be excluded).
+    and that normal subject are duplicates); the messy, 2D-only and 4D subjects
+    are labelled 0 (usable), every other added folder 1 (to be excluded).
     """
     table = pd.read_csv(labels, sep="\t", dtype=str, keep_default_na=False)
     normals = table[table["kind"] == "normal"]["subject"].tolist()
@@ -268,10 +304,16 @@ def add_bad_inputs(input_dir: Path, labels: Path) -> None:
     )
     _two_d_only(first, input_dir / "sub-2d-only")
     _duplicated_slices(second, input_dir / "sub-duplicated-slices")
+    _two_time_points(first, input_dir / "sub-4d")
+    _two_time_points(first, input_dir / "sub-4d-unnumbered", renumber=False)
+    _mixed_dimensions(first, input_dir / "sub-mixed-dimensions")
+    write_enhanced_series(
+        input_dir / "sub-enhanced" / "MF0001", shape=(48, 56, 40), spacing=(3.0, 3.0, 3.0)
+    )
     _twin(second, input_dir / TWIN)
     _noise(second, input_dir / "sub-noise", rng)
     _broken_niftis(input_dir, rng)
-    normal = {MESSY, "sub-2d-only"}
+    normal = {MESSY, "sub-2d-only", "sub-4d"}
     rows = [
         {"subject": folder, "label": "0" if folder in normal else "1", "kind": "corpus"}
         for folder in EXPECTED
