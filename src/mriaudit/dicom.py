@@ -958,11 +958,11 @@ def _nifti_row(subject_dir: Path, rel: str, rules: dict[str, Any]) -> dict[str, 
 def choose_nifti(rows: list[dict[str, Any]]) -> tuple[int | None, str]:
     """Index of the NIfTI row to audit and why.
 
-    A 3D (or 4D) image with at least 2 voxels per axis and an invertible,
-    finite affine is eligible. With one
-    eligible file, it is chosen. With several, files whose name says T1w/T1
-    (``sub-01_T1w``, ``t1``; not ``t1c``) win over the others, names that look
-    like masks or labels lose, then the largest image wins.
+    A 3D (or 4D) image with at least 2 voxels per axis and an invertible, finite
+    affine is eligible. With one eligible file, it is chosen. With several,
+    files whose name says T1w/T1 (``sub-01_T1w``, ``t1``; not ``t1c``) win over
+    the others, names that look like masks or labels lose, then the largest
+    image wins.
     """
 
     def is_volume(row: dict[str, Any]) -> bool:
@@ -1393,10 +1393,11 @@ def check_image(path: Path) -> dict[str, Any]:
     """Sanity of a converted image and its ``conv_*`` metrics.
 
     The image must be 3D, with at least 2 voxels along each axis, an invertible
-    finite affine and only finite values; otherwise ``StageError``. Metrics: ``conv_dim_x/y/z`` (voxels) and
-    ``conv_voxel_x/y/z`` (mm), in the file's own voxel order, and
-    ``conv_data_sha256``: a digest of the shape and voxel values (16 hex digits),
-    equal for the same scan exported twice, whatever its headers and file names.
+    finite affine and only finite values; otherwise ``StageError``. Metrics:
+    ``conv_dim_x/y/z`` (voxels) and ``conv_voxel_x/y/z`` (mm), in the file's own
+    voxel order, and ``conv_data_sha256``: a digest of the shape and voxel values
+    (16 hex digits), equal for the same scan exported twice, whatever its headers
+    and file names.
     """
     image = nib.load(path)
     shape = tuple(int(n) for n in image.shape)
