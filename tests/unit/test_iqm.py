@@ -595,8 +595,8 @@ def test_real_brain_ghosting_is_monotonic(real_brain, tmp_path):
     The field of view is padded to 518 mm along A-P (noise sigma 2 in the new air),
     so that the half-FOV ghost lands in the air instead of on the head: that is where
     ``qi_1`` looks for it. Ghost amplitudes are 0.30, 0.43 and 0.56 of the object.
-    (In the 238 mm FOV the ghost overlaps the head, and at 1.0 rad the head mask takes
-    it in: qi_1 then falls again. A limit of QI1, not of this implementation.)
+    (Padded to only 358 mm, the ghost partly overlaps the head, and at 1.0 rad the head
+    mask takes it in: qi_1 then falls again. A limit of QI1, not of this implementation.)
     """
     pad = 140
     padded = np.pad(real_brain.data, [(0, 0), (pad, pad), (0, 0)])
