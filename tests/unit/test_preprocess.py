@@ -108,6 +108,18 @@ def _ok_record(folder: Path, stage: str = "convert") -> Path:
     return path
 
 
+def _bias_correct(folder: Path, source: Path, *, threads: int = 1) -> dict:
+    """The N4 stage on ``source``: ``n4.nii.gz``, ``head.nii.gz`` and ``n4.json`` in ``folder``."""
+    return preprocess.bias_correct_subject(
+        source,
+        out_image=folder / "n4.nii.gz",
+        out_mask=folder / "head.nii.gz",
+        record_path=folder / "n4.json",
+        upstream=[_ok_record(folder)],
+        threads=threads,
+    )
+
+
 def _register(folder: Path, image: Path, upstream: Path) -> tuple[dict, dict[str, Path]]:
     outputs = {
         "out_image": folder / "reg.nii.gz",
@@ -320,14 +332,7 @@ def test_n4_removes_a_multiplicative_bias_and_keeps_geometry(head, tmp_path):
     source = _save(tmp_path / "T1w.nii.gz", biased, biased_affine)
     out, mask_path = tmp_path / "n4.nii.gz", tmp_path / "head.nii.gz"
 
-    record = preprocess.bias_correct_subject(
-        source,
-        out_image=out,
-        out_mask=mask_path,
-        record_path=tmp_path / "n4.json",
-        upstream=[_ok_record(tmp_path)],
-        threads=2,
-    )
+    record = _bias_correct(tmp_path, source, threads=2)
 
     assert record["status"] == "ok", record
     corrected, head_mask = nib.load(str(out)), nib.load(str(mask_path))
@@ -361,13 +366,7 @@ def test_n4_of_an_unbiased_image_finds_a_flat_field(head, tmp_path):
     coarse = ndi.zoom(head["data"], 0.5, order=1)
     affine = head["affine"] @ np.diag([2.0, 2.0, 2.0, 1.0])
     source = _save(tmp_path / "T1w.nii.gz", coarse.astype(np.float32), affine)
-    record = preprocess.bias_correct_subject(
-        source,
-        out_image=tmp_path / "n4.nii.gz",
-        out_mask=tmp_path / "head.nii.gz",
-        record_path=tmp_path / "n4.json",
-        upstream=[_ok_record(tmp_path)],
-    )
+    record = _bias_correct(tmp_path, source)
     assert record["status"] == "ok"
     # N4 takes some anatomy for bias, but far less than a real bias field.
     assert record["metrics"]["iqm_inu_range"] < 0.5 * _true_inu_range(head)
@@ -375,14 +374,8 @@ def test_n4_of_an_unbiased_image_finds_a_flat_field(head, tmp_path):
 
 def test_n4_of_an_empty_image_fails_with_a_reason(tmp_path):
     source = _save(tmp_path / "T1w.nii.gz", np.zeros((30, 30, 30), np.float32), np.eye(4))
-    out, mask = tmp_path / "n4.nii.gz", tmp_path / "head.nii.gz"
-    record = preprocess.bias_correct_subject(
-        source,
-        out_image=out,
-        out_mask=mask,
-        record_path=tmp_path / "n4.json",
-        upstream=[_ok_record(tmp_path)],
-    )
+    out = tmp_path / "n4.nii.gz"
+    record = _bias_correct(tmp_path, source)
     assert record["status"] == "failed"
     assert "empty" in record["reason"]
     assert out.exists() and out.stat().st_size == 0  # placeholder
@@ -535,14 +528,7 @@ def test_registration_leaves_no_temporary_files(moved_head):
 def test_real_brain_is_bias_corrected_and_registered(scan, shared_data, tmp_path):
     source = shared_data / scan
     n4_image, n4_record = tmp_path / "n4.nii.gz", tmp_path / "n4.json"
-    record = preprocess.bias_correct_subject(
-        source,
-        out_image=n4_image,
-        out_mask=tmp_path / "head.nii.gz",
-        record_path=n4_record,
-        upstream=[_ok_record(tmp_path)],
-        threads=2,
-    )
+    record = _bias_correct(tmp_path, source, threads=2)
     assert record["status"] == "ok"
     assert np.allclose(nib.load(str(n4_image)).affine, nib.load(str(source)).affine)
     assert 0.05 < record["metrics"]["iqm_inu_range"] < 1.0
@@ -571,14 +557,7 @@ def real_head(shared_data, tmp_path_factory) -> dict:
     affine[:3, 3] -= affine[:3, :3] @ np.full(3, REAL_PAD)
     raw = _save(folder / "raw.nii.gz", data, affine)
     n4_image, n4_record = folder / "n4.nii.gz", folder / "n4.json"
-    record = preprocess.bias_correct_subject(
-        raw,
-        out_image=n4_image,
-        out_mask=folder / "head.nii.gz",
-        record_path=n4_record,
-        upstream=[_ok_record(folder)],
-        threads=2,
-    )
+    record = _bias_correct(folder, raw, threads=2)
     assert record["status"] == "ok", record
     registered, outputs = _register(folder, n4_image, n4_record)
     assert registered["status"] == "ok" and registered["findings"] == [], registered
@@ -670,14 +649,7 @@ def test_n4_takes_a_20_percent_bias_off_a_real_brain(real_head, tmp_path):
     low, high = along[wm].min(), along[wm].max()
     field = 1.0 + 0.2 * np.clip(2 * (along - low) / (high - low) - 1, -1, 1)
     biased = _save(tmp_path / "biased.nii.gz", (data * field).astype(np.float32), affine)
-    record = preprocess.bias_correct_subject(
-        biased,
-        out_image=tmp_path / "n4.nii.gz",
-        out_mask=tmp_path / "head.nii.gz",
-        record_path=tmp_path / "n4.json",
-        upstream=[_ok_record(tmp_path)],
-        threads=2,
-    )
+    record = _bias_correct(tmp_path, biased, threads=2)
     assert record["status"] == "ok", record
     corrected = nib.load(str(tmp_path / "n4.nii.gz")).get_fdata(dtype=np.float32)
     unbiased, with_bias, after = wm_cv(data), wm_cv(data * field), wm_cv(corrected)
