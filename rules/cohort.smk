@@ -30,6 +30,7 @@ rule evaluate:
     input:
         scores=str(paths.scores_table(OUT)),
         labels=labels_input,
+        anomaly_maps=each_subject(paths.anomaly_map),
     output:
         metrics=str(paths.metrics(OUT)),
     log:
@@ -38,6 +39,7 @@ rule evaluate:
         str(paths.benchmark(OUT, "evaluate"))
     params:
         flag=config["flag"],
+        output_dir=output_root,
     threads: 1
     resources:
         mem_mb=mem_per_attempt(2000),

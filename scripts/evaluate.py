@@ -11,4 +11,5 @@ evaluate_cohort(
     Path(snakemake.input.labels[0]),
     out_metrics=Path(snakemake.output.metrics),
     flag=dict(snakemake.params.flag),
+    output_dir=Path(snakemake.params.output_dir),
 )

@@ -13,7 +13,7 @@ subject against the cohort:
 Flag rules (config ``flag``; defaults in ``DEFAULT_FLAG``):
 
 - status ``failed`` / ``no_series``: flagged with the stage's reason;
-- ``anomaly_score >= max(anomaly_z, (1 - fp_budget) quantile of the reference scores)``;
+- ``anomaly_score >= max(anomaly_z, fp_budget point)`` (see ``anomaly_threshold``);
 - an IQM whose robust z in its bad direction is ``>= iqm_z`` (``ok`` subjects only);
 - header findings that make the series unreliable (missing or duplicate slices,
   mixed orientation or dimensions, non-uniform spacing, inconsistent rescale,
@@ -36,12 +36,14 @@ import logging
 import math
 import os
 import re
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+from scipy import stats
 
 from mriaudit import cohort, paths
 from mriaudit.records import FAILED, NO_SERIES, OK, STATUSES, write_json
@@ -202,19 +204,56 @@ def reference_mask(status: np.ndarray, in_reference: np.ndarray, scored: np.ndar
     return reference
 
 
-def anomaly_threshold(scores: np.ndarray, reference: np.ndarray, *, flag: dict[str, Any]) -> float:
-    """Anomaly-score threshold: ``max(anomaly_z, (1 - fp_budget) quantile of the reference)``.
+#: Prefix of the flag reason the anomaly score gives (the other reasons come from other rules).
+ANOMALY_REASON = "anomaly score z="
 
-    ``scores`` (n,) robust z, ``reference`` (n,) bool. The quantile raises the
-    threshold so that at most about ``fp_budget`` of the reference subjects are flagged.
+
+def anomaly_threshold(
+    scores: np.ndarray,
+    reference: np.ndarray,
+    *,
+    flag: dict[str, Any],
+    flagged_otherwise: np.ndarray | None = None,
+) -> float:
+    """Anomaly-score threshold: ``max(anomaly_z, the fp_budget point of the normal scores)``.
+
+    ``scores`` (n,) robust z, ``reference`` (n,) bool. The fp_budget point is
+    where a Gaussian with the spread of the upper half of the reference scores
+    leaves ``fp_budget`` above it: ``median + (q75 - median) * isf(fp_budget) /
+    isf(0.25)``. It raises the threshold when normal scores have a long upper
+    tail that the MAD of the robust z misses. The upper quartile rather than a
+    high quantile, and only the reference subjects that no other rule flags
+    (``flagged_otherwise``, (n,) bool), because with ``reference: all`` the
+    reference holds the cohort's anomalies: a (1 - fp_budget) quantile of it
+    lands among them whenever they are more than fp_budget of the cohort, and
+    those that only the anomaly score can see would never be flagged.
+    ``fp_budget`` 0 turns the anomaly flag off (threshold infinite).
     """
     settings = flag_settings(flag)
-    values = np.asarray(scores, dtype=float)[np.asarray(reference, dtype=bool)]
+    if settings["fp_budget"] <= 0:
+        return math.inf
+    pool = np.asarray(reference, dtype=bool)
+    if flagged_otherwise is not None:
+        pool = pool & ~np.asarray(flagged_otherwise, dtype=bool)
+    values = np.asarray(scores, dtype=float)[pool]
     values = values[np.isfinite(values)]
     threshold = settings["anomaly_z"]
     if values.size:
-        threshold = max(threshold, float(np.quantile(values, 1.0 - settings["fp_budget"])))
+        median, upper = float(np.median(values)), float(np.quantile(values, 0.75))
+        tail = float(stats.norm.isf(settings["fp_budget"]) / stats.norm.isf(0.25))
+        threshold = max(threshold, median + max(upper - median, 0.0) * tail)
     return threshold
+
+
+def flagged_otherwise(flag_reasons: Sequence[str]) -> np.ndarray:
+    """(n,) bool: the ``flag_reasons`` of scores.tsv hold a reason besides the anomaly score's."""
+    return np.array(
+        [
+            any(part and not part.startswith(ANOMALY_REASON) for part in str(text).split("; "))
+            for text in flag_reasons
+        ],
+        dtype=bool,
+    )
 
 
 def _read_record(path: Path, stage: str) -> dict[str, Any] | None:
@@ -652,7 +691,6 @@ def _judge(
     reference = reference_mask(status, in_reference, scored)
     z, median, scale = robust_z(raw, reference)
     score = np.where(scored, z, np.nan)
-    threshold = anomaly_threshold(score, reference, flag=settings)
     iqm_columns, iqm_z, iqm_bad = _iqm_outliers(frame, ok, iqm_z=settings["iqm_z"])
     deviations = protocol_deviations(frame)
     duplicates = duplicate_images(frame)
@@ -670,8 +708,6 @@ def _judge(
                 prefix = _STATUS_PREFIX.get(status[i], status[i])
                 prefix += f" at {stage}" if stage and status[i] == FAILED else ""
             reasons.append(f"{prefix}: {frame.at[i, 'reason']}")
-        if np.isfinite(score[i]) and score[i] >= threshold:
-            reasons.append(f"anomaly score z={score[i]:.1f} (threshold {threshold:.1f})")
         outliers = sorted(iqm_bad.get(i, []), key=lambda item: -abs(item[1]))
         reasons += [_iqm_reason(column, value, labels, causes) for column, value in outliers]
         for code in extra["findings"]:
@@ -692,10 +728,19 @@ def _judge(
             if math.isfinite(value)
         }
         extra["iqm_outliers"] = [f"{c} z={v:.1f}" for c, v in outliers]
-        flagged.append(bool(reasons))
-        reasons_col.append("; ".join(reasons))
         findings_col.append("; ".join(findings))
         notes_col.append("; ".join(notes))
+    flagged_otherwise = np.array([bool(extra["flag_reasons"]) for extra in extras], dtype=bool)
+    threshold = anomaly_threshold(
+        score, reference, flag=settings, flagged_otherwise=flagged_otherwise
+    )
+    for i, extra in enumerate(extras):
+        if np.isfinite(score[i]) and score[i] >= threshold:
+            # Scored subjects are ok, so the anomaly score is their first reason.
+            reason = f"{ANOMALY_REASON}{score[i]:.1f} (threshold {threshold:.1f})"
+            extra["flag_reasons"].insert(0, reason)
+        flagged.append(bool(extra["flag_reasons"]))
+        reasons_col.append("; ".join(extra["flag_reasons"]))
     frame["anomaly_score"] = score
     frame["flagged"] = np.array(flagged, dtype=bool)
     frame["flag_reasons"] = reasons_col

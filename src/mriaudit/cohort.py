@@ -10,6 +10,7 @@ the DAG: they are never merged.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,6 +83,36 @@ def list_subjects(input_dir: str | Path) -> list[Subject]:
 
 def processed_labels(subjects: list[Subject]) -> list[str]:
     return [s.label for s in subjects if s.processed]
+
+
+#: Optional labels columns: a lesion's centre (MNI mm, RAS) and radius (mm).
+LESION_COLUMNS = ("lesion_x_mm", "lesion_y_mm", "lesion_z_mm", "lesion_radius_mm")
+
+
+def read_lesions(path: str | Path) -> dict[str, tuple[float, float, float, float]]:
+    """Known lesions of the labels TSV as {folder: (x, y, z, radius)}, all in mm.
+
+    Only rows with all of ``LESION_COLUMNS`` set to finite numbers, radius > 0,
+    count; a file without those columns has none. (x, y, z) is the centre in
+    template (MNI, RAS) coordinates.
+    """
+    lines = Path(path).read_text().splitlines()
+    header = lines[0].split("\t") if lines else []
+    if "subject" not in header or not set(LESION_COLUMNS) <= set(header):
+        return {}
+    columns = [header.index(name) for name in LESION_COLUMNS]
+    lesions = {}
+    for line in lines[1:]:
+        fields = line.split("\t")
+        if len(fields) <= max(columns):
+            continue
+        try:
+            values = tuple(float(fields[c]) for c in columns)
+        except ValueError:
+            continue
+        if all(map(math.isfinite, values)) and values[3] > 0:
+            lesions[fields[header.index("subject")]] = values
+    return lesions
 
 
 def read_labels(path: str | Path) -> dict[str, int]:

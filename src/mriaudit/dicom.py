@@ -696,6 +696,21 @@ def _volume_aware_gaps(slices: list[_Slice], normal: np.ndarray) -> SliceGaps:
     )
 
 
+def _slice_positions(series: _Series, normal: np.ndarray, skip: set[str]) -> list[float]:
+    """Distinct slice positions (mm along ``normal``, ascending) of the files kept for conversion."""
+    distances = sorted(
+        float(np.dot(s.position, normal))
+        for s in series.slices
+        if s.position is not None and s.file not in skip
+    )
+    distinct = [
+        d
+        for i, d in enumerate(distances)
+        if i == 0 or d - distances[i - 1] > _POSITION_TOLERANCE_MM
+    ]
+    return [round(d, 4) for d in distinct]
+
+
 def _common_folder(files: list[str]) -> str:
     folders = [str(Path(f).parent) for f in files]
     if not folders:
@@ -1120,6 +1135,7 @@ def _dicom_record(
         warnings_.append(f"{_plural(n_unreadable, 'unreadable file')} next to the audited series")
     truncated = set(series.unusable)
     why = selection.verdicts[uid][1]
+    geometry = geometries[uid]
     log.info(
         "selected series %s (%s): %s, %d slices; findings: %s",
         row["series_number"],
@@ -1135,6 +1151,11 @@ def _dicom_record(
         "description": row["description"],
         "why": why,
     }
+    if geometry.gaps.missing and geometry.normal is not None:
+        # Convert puts the absent slices back as zeros at their positions.
+        selected["slice_normal_lps"] = [float(v) for v in geometry.normal]
+        selected["slice_positions_mm"] = _slice_positions(series, geometry.normal, truncated)
+        selected["slice_spacing_mm"] = geometry.gaps.spacing
     return make_record(
         "inventory",
         status=OK,
@@ -1324,11 +1345,13 @@ def _nifti_outputs(out_dir: Path) -> list[tuple[Path, tuple[int, ...]]]:
     return outputs
 
 
-def _pick_output(out_dir: Path) -> tuple[Path, bool, list[str]]:
+def _pick_output(out_dir: Path, *, acquired_slices: int = 0) -> tuple[Path, bool, list[str]]:
     """The image to keep among dcm2niix's outputs: the largest 3D one.
 
     Returns (path, take_first_volume, warnings). A 4D image is used (first
-    volume) only when no 3D image was written.
+    volume) only when no 3D image was written. With ``acquired_slices`` (a
+    series with a gap), a 3D image of exactly that many slices comes first:
+    the slices as acquired, not dcm2niix's resampled equidistant copy.
     """
     outputs = _nifti_outputs(out_dir)
     if not outputs:
@@ -1340,6 +1363,7 @@ def _pick_output(out_dir: Path) -> tuple[Path, bool, list[str]]:
 
     three_d = [o for o in outputs if is_3d(o[1])]
     pool = three_d or outputs
+    pool = [o for o in three_d if o[1][2] == acquired_slices] or pool
     path, shape = max(pool, key=lambda o: (int(np.prod(o[1][:3])), o[0].name))
     notes = []
     if len(outputs) > 1:
@@ -1387,6 +1411,75 @@ def _first_volume(source: Path, target: Path) -> None:
     """Write the first volume of a 4D NIfTI (same affine and header otherwise) to ``target``."""
     image = nib.load(source)
     nib.save(image.slicer[..., 0], target)
+
+
+def fill_missing_slices(
+    image: nib.Nifti1Image,
+    *,
+    positions_mm: Sequence[float],
+    normal_lps: Sequence[float],
+    spacing_mm: float,
+) -> tuple[nib.Nifti1Image | None, str]:
+    """The image of a series with absent slices, with zeros where they belong.
+
+    dcm2niix stacks the slices of a series with a gap as if they were
+    equidistant: the image is shorter than the head it shows, and the anatomy
+    past the gap shifts by the gap's width. (For some data types it also writes
+    an ``_Eq`` copy resampled to equal steps, with made-up anatomy in the gap;
+    that copy is not used.) Here the stack ``image`` (X x Y x Z voxels, its
+    third axis along the DICOM slice normal ``normal_lps``, one slice per
+    distinct acquired position ``positions_mm``, mm, ascending) goes onto the
+    equidistant grid of step ``spacing_mm`` (mm) that starts at the same first
+    slice, with zeros in the gap. Returns (image, what was done) or (None, why
+    it was left as it is).
+    """
+    affine = np.asarray(image.affine, dtype=float)
+    positions = np.asarray(positions_mm, dtype=float)
+    normal_ras = np.asarray(normal_lps, dtype=float) * [-1.0, -1.0, 1.0]
+    shape = image.shape
+    if len(shape) != 3 or shape[2] != positions.size or positions.size < 2 or spacing_mm <= 0:
+        return None, f"image shape {shape} does not match {positions.size} slice positions"
+    column = affine[:3, 2]
+    step = float(np.linalg.norm(column)) or 1.0
+    alignment = float(np.dot(column, normal_ras)) / step
+    if abs(alignment) < 0.99:
+        return None, "the image's third axis is not the slice normal"
+    # dcm2niix may store the stack in either direction along the normal.
+    ordered = positions if alignment > 0 else positions[::-1]
+    first = float(np.dot(affine[:3, 3], normal_ras))
+    if abs(first - ordered[0]) > spacing_mm / 2:
+        return None, f"first slice at {first:.2f} mm, expected {ordered[0]:.2f} mm"
+    index = np.rint(np.abs(ordered - ordered[0]) / spacing_mm).astype(int)
+    depth = int(index[-1]) + 1
+    if np.any(np.diff(index) < 1):
+        return None, "slice positions do not fall on distinct grid steps"
+    data = np.asanyarray(image.dataobj)
+    filled = np.zeros((*shape[:2], depth), dtype=data.dtype)
+    filled[:, :, index] = data
+    new_affine = affine.copy()
+    new_affine[:3, 2] = column / step * spacing_mm
+    header = image.header.copy()
+    header.set_data_shape(filled.shape)
+    out = nib.Nifti1Image(filled, new_affine, header)
+    out.set_qform(new_affine, code=int(image.header["qform_code"]) or 1)
+    out.set_sform(new_affine, code=int(image.header["sform_code"]) or 1)
+    return out, f"{depth - positions.size} missing slice(s) put back as zeros at their positions"
+
+
+def _restore_gaps(path: Path, selected: dict[str, Any], target: Path) -> tuple[Path, list[str]]:
+    """``fill_missing_slices`` on ``path`` when the inventory found gaps: (image to keep, notes)."""
+    if not selected.get("slice_positions_mm"):
+        return path, []
+    filled, done = fill_missing_slices(
+        nib.load(path),
+        positions_mm=selected["slice_positions_mm"],
+        normal_lps=selected["slice_normal_lps"],
+        spacing_mm=float(selected["slice_spacing_mm"]),
+    )
+    if filled is None:
+        return path, [f"missing slices left out of the image ({done})"]
+    nib.save(filled, target)
+    return target, [done]
 
 
 def check_image(path: Path) -> dict[str, Any]:
@@ -1449,16 +1542,17 @@ def _convert_dicom(
         notes = list(dcm_warnings)
         if code != 0:
             notes.append(f"dcm2niix exited with code {code} but wrote an image")
-        path, first_volume, pick_notes = _pick_output(out_dir)
+        acquired = len(selected.get("slice_positions_mm") or [])
+        path, first_volume, pick_notes = _pick_output(out_dir, acquired_slices=acquired)
         notes += pick_notes
+        image = path
         if first_volume:
-            single = out_dir / "first_volume.nii.gz"
-            _first_volume(path, single)
-            metrics = check_image(single)
-            _atomic_copy(single, out_image)
-        else:
-            metrics = check_image(path)
-            _atomic_copy(path, out_image)
+            image = out_dir / "first_volume.nii.gz"
+            _first_volume(path, image)
+        image, gap_notes = _restore_gaps(image, selected, out_dir / "filled.nii.gz")
+        notes += gap_notes
+        metrics = check_image(image)
+        _atomic_copy(image, out_image)
         name = path.name[: -len(".nii.gz")] if path.name.endswith(".nii.gz") else path.stem
         json_path = out_dir / f"{name}.json"
         if json_path.is_file():

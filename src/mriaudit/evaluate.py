@@ -7,6 +7,11 @@ Two views of the same cohort:
   operating point at the anomaly threshold the flags use);
 - the final ``flagged`` column over every labelled subject, where a failed or
   ``no_series`` subject counts as flagged (it is excluded either way).
+
+When the labels also give lesions (centre and radius, see
+:func:`mriaudit.cohort.read_lesions`), their anomaly maps are checked too: is
+the map's maximum in the lesion, and how well do map values separate lesion
+voxels from the rest (voxel-level AUPRC)?
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 from scipy import stats
 from sklearn.metrics import (
@@ -25,14 +31,22 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from mriaudit import cohort
-from mriaudit.aggregate import anomaly_threshold, flag_settings, read_scores, reference_mask
+from mriaudit import cohort, paths
+from mriaudit.aggregate import (
+    anomaly_threshold,
+    flag_settings,
+    flagged_otherwise,
+    read_scores,
+    reference_mask,
+)
 from mriaudit.records import OK, write_json
 
 log = logging.getLogger(__name__)
 
 #: Curves are thinned to at most this many points (enough for a figure).
 MAX_CURVE_POINTS = 500
+#: A map maximum at most this far (mm) outside a lesion still finds it.
+LOCALISATION_TOLERANCE_MM = 5.0
 
 
 def confusion(labels: np.ndarray, predicted: np.ndarray) -> dict[str, Any]:
@@ -119,6 +133,86 @@ def bootstrap_ci(
     }
 
 
+def lesion_localisation(
+    anomaly_map: str | Path,
+    *,
+    centre_mm: tuple[float, float, float],
+    radius_mm: float,
+    tolerance_mm: float = LOCALISATION_TOLERANCE_MM,
+) -> dict[str, Any]:
+    """Where a voxel anomaly map peaks against a known spherical lesion.
+
+    ``centre_mm`` is the lesion centre in the map's world coordinates (mm),
+    ``radius_mm`` its radius. Over the map's finite voxels: ``peak_mm`` (world
+    mm of the maximum), ``peak_distance_mm`` (from the lesion surface, 0 when
+    inside), ``hit`` (that distance <= ``tolerance_mm``), ``lesion_voxels``
+    and ``voxel_auprc`` (average precision of map values for voxels inside the
+    sphere; None when the map holds no lesion voxel). Raises ``ValueError``
+    when the map has no finite voxel.
+    """
+    image = nib.load(anomaly_map)
+    data = np.asarray(image.dataobj, dtype=np.float32)
+    finite = np.isfinite(data)
+    if not finite.any():
+        message = f"anomaly map {Path(anomaly_map).name} has no finite voxel"
+        raise ValueError(message)
+    voxels = np.argwhere(finite)  # row order matches data[finite]
+    world = voxels @ image.affine[:3, :3].T + image.affine[:3, 3]
+    distance = np.linalg.norm(world - np.asarray(centre_mm, dtype=float), axis=1)
+    values = data[finite]
+    inside = distance <= radius_mm
+    peak = int(np.argmax(values))
+    peak_distance = max(0.0, float(distance[peak]) - radius_mm)
+    auprc = (
+        float(average_precision_score(inside, values))
+        if inside.any() and not inside.all()
+        else None
+    )
+    return {
+        "peak_mm": [round(float(v), 1) for v in world[peak]],
+        "peak_distance_mm": round(peak_distance, 2),
+        "hit": peak_distance <= tolerance_mm,
+        "lesion_voxels": int(inside.sum()),
+        "voxel_auprc": auprc,
+    }
+
+
+def localisation_summary(
+    out_dir: Path, frame_rows: list[dict[str, Any]], lesions: dict[str, tuple[float, ...]]
+) -> dict[str, Any]:
+    """``lesion_localisation`` of every subject with a known lesion, and the cohort summary.
+
+    ``frame_rows`` are scores.tsv rows (``subject``, ``label``, ``status``). A
+    lesion subject without a usable anomaly map counts as a miss, with the reason.
+    """
+    cases = []
+    for row in frame_rows:
+        if row["subject"] not in lesions:
+            continue
+        *centre, radius = lesions[row["subject"]]
+        case: dict[str, Any] = {"subject": row["subject"], "radius_mm": radius, "hit": False}
+        anomaly_map = paths.anomaly_map(out_dir, row["label"])
+        try:
+            if row["status"] != OK or anomaly_map.stat().st_size == 0:
+                message = f"no anomaly map (status {row['status']})"
+                raise ValueError(message)
+            case.update(lesion_localisation(anomaly_map, centre_mm=tuple(centre), radius_mm=radius))
+        except (OSError, ValueError) as error:
+            case["problem"] = str(error)
+        cases.append(case)
+    auprcs = [c["voxel_auprc"] for c in cases if c.get("voxel_auprc") is not None]
+    n_hit = sum(c["hit"] for c in cases)
+    return {
+        "n": len(cases),
+        "n_hit": n_hit,
+        "hit_rate": n_hit / len(cases) if cases else None,
+        "tolerance_mm": LOCALISATION_TOLERANCE_MM,
+        "voxel_auprc_mean": float(np.mean(auprcs)) if auprcs else None,
+        "voxel_auprc_median": float(np.median(auprcs)) if auprcs else None,
+        "cases": cases,
+    }
+
+
 def _thin(points: dict[str, np.ndarray]) -> dict[str, list[float]]:
     """Keep at most MAX_CURVE_POINTS evenly spaced points (first and last kept)."""
     n = len(next(iter(points.values())))
@@ -134,6 +228,7 @@ def evaluate_cohort(
     *,
     out_metrics: Path,
     flag: dict[str, Any],
+    output_dir: Path,
     n_bootstrap: int = 1000,
     seed: int = 0,
 ) -> dict[str, Any]:
@@ -141,7 +236,9 @@ def evaluate_cohort(
 
     Positive class: label 1 (anomalous); score: ``anomaly_score`` (higher = more
     anomalous). AUROC/AUPRC are None when the scored subjects hold one class
-    only. Returns the metrics dict that is written.
+    only. ``localisation`` (``localisation_summary``, anomaly maps read from
+    ``output_dir``) is None when the labels give no lesion. Returns the metrics
+    dict that is written.
     """
     frame = read_scores(scores_tsv)
     labels = cohort.read_labels(labels_path)
@@ -162,7 +259,8 @@ def evaluate_cohort(
     reference = reference_mask(
         status, frame["in_reference"].to_numpy(dtype=bool), np.isfinite(score)
     )
-    threshold = anomaly_threshold(score, reference, flag=flag)
+    otherwise = flagged_otherwise(frame["flag_reasons"].fillna("").astype(str).tolist())
+    threshold = anomaly_threshold(score, reference, flag=flag, flagged_otherwise=otherwise)
     unscored = [
         {"subject": subjects[i], "label": int(label[i]), "status": status[i]}
         for i in np.flatnonzero(labelled & ~scored)
@@ -221,7 +319,22 @@ def evaluate_cohort(
         "n": int(labelled.sum()),
         **confusion(label[labelled], flagged[labelled]),
     }
+    lesions = cohort.read_lesions(labels_path)
+    metrics["localisation"] = (
+        localisation_summary(Path(output_dir), frame.to_dict("records"), lesions)
+        if lesions
+        else None
+    )
     write_json(out_metrics, metrics)
+    if metrics["localisation"]:
+        summary = metrics["localisation"]
+        log.info(
+            "map maximum within %g mm of the lesion in %d of %d lesion cases; voxel AUPRC %s",
+            summary["tolerance_mm"],
+            summary["n_hit"],
+            summary["n"],
+            _fmt(summary["voxel_auprc_mean"]),
+        )
     log.info(
         "AUROC %s, AUPRC %s over %d positive / %d negative subjects (%d unscored)",
         _fmt(metrics["auroc"]),

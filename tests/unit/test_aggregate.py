@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,7 @@ import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from mriaudit import aggregate, paths, records, template
+from mriaudit import cohort as cohort_module
 from mriaudit.evaluate import evaluate_cohort, rank_auroc, step_average_precision
 
 # Reference subjects: raw anomaly scores and IQMs spread around a typical value.
@@ -391,8 +393,10 @@ def test_evaluate_matches_sklearn(cohort, tmp_path):
         cohort["labels"],
         out_metrics=tmp_path / "metrics.json",
         flag={},
+        output_dir=cohort["out"],
         n_bootstrap=200,
     )
+    assert metrics["localisation"] is None  # the labels give no lesion
     table = aggregate.read_scores(scores_tsv)
     labels = dict(line.split("\t") for line in cohort["labels"].read_text().splitlines()[1:])
     scored = table[table["anomaly_score"].notna() & table["subject"].isin(labels)]
@@ -415,6 +419,42 @@ def test_evaluate_matches_sklearn(cohort, tmp_path):
     written = json.loads((tmp_path / "metrics.json").read_text())
     assert written["auroc"] == metrics["auroc"]
     assert len(written["roc_curve"]["fpr"]) == len(written["roc_curve"]["tpr"]) >= 2
+
+
+def test_evaluate_localises_known_lesions(cohort, tmp_path):
+    # sub-11's map peaks in its lesion; sub-12's lesion lies 40 mm from its map's
+    # blob; sub-bad failed and has no map. sub-01 has a map but no lesion.
+    far = (BLOB_MM[0] - 40.0, BLOB_MM[1], BLOB_MM[2])
+    lesions = {"sub-11": (*BLOB_MM, 8.0), "sub-12": (*far, 10.0), "sub-bad": (*BLOB_MM, 8.0)}
+    rows = ["subject\tlabel\t" + "\t".join(cohort_module.LESION_COLUMNS)]
+    for line in cohort["labels"].read_text().splitlines()[1:]:
+        lesion = lesions.get(line.split("\t")[0], ("", "", "", ""))
+        rows.append(line + "\t" + "\t".join(map(str, lesion)))
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("\n".join(rows) + "\n")
+    metrics = evaluate_cohort(
+        paths.cohort_dir(cohort["out"]) / "scores.tsv",
+        labels,
+        out_metrics=tmp_path / "metrics.json",
+        flag={},
+        output_dir=cohort["out"],
+        n_bootstrap=20,
+    )
+    summary = metrics["localisation"]
+    cases = {c["subject"]: c for c in summary["cases"]}
+    assert set(cases) == set(lesions)
+    assert (summary["n"], summary["n_hit"], summary["hit_rate"]) == (3, 1, pytest.approx(1 / 3))
+    hit, miss = cases["sub-11"], cases["sub-12"]
+    assert hit["hit"] and hit["peak_distance_mm"] == 0.0
+    assert np.linalg.norm(np.subtract(hit["peak_mm"], BLOB_MM)) < 8.0
+    # The blob (radius 8 mm) is the lesion (radius 8 mm) up to the 2 mm grid.
+    assert hit["voxel_auprc"] > 0.9
+    assert not miss["hit"] and 40.0 - 10.0 - 8.0 <= miss["peak_distance_mm"] <= 40.0 - 10.0
+    assert miss["voxel_auprc"] < 0.1
+    assert not cases["sub-bad"]["hit"] and "no anomaly map" in cases["sub-bad"]["problem"]
+    assert summary["voxel_auprc_mean"] == pytest.approx(
+        (hit["voxel_auprc"] + miss["voxel_auprc"]) / 2
+    )
 
 
 def test_bootstrap_metrics_equal_sklearn_with_ties():
@@ -445,3 +485,45 @@ def test_duplicate_images_pairs_ok_subjects_with_the_same_voxel_digest():
         ["sub-a", "sub-c"],
     ]
     assert aggregate.duplicate_images(frame.drop(columns="conv_data_sha256")) == [[]] * 6
+
+
+def test_anomaly_threshold_ignores_subjects_flagged_otherwise():
+    # 19 normals, two lesions that only the anomaly score sees, and six artefacts
+    # that the IQMs flag too: all in the reference (reference: all), 30 % anomalous.
+    normals = np.linspace(-1.5, 1.5, 19)
+    scores = np.concatenate([normals, [6.0, 7.0], [5.0, 8.0, 9.0, 10.0, 11.0, 12.0]])
+    reference = np.ones(scores.size, dtype=bool)
+    otherwise = np.zeros(scores.size, dtype=bool)
+    otherwise[-6:] = True
+    flag = {"anomaly_z": 3.0, "fp_budget": 0.05}
+    # All of them: the upper quartile is among the anomalies; the lesions are missed.
+    assert aggregate.anomaly_threshold(scores, reference, flag=flag) > 7.0
+    threshold = aggregate.anomaly_threshold(
+        scores, reference, flag=flag, flagged_otherwise=otherwise
+    )
+    assert threshold == 3.0
+    assert aggregate.anomaly_threshold(scores, reference, flag={"fp_budget": 0.0}) == math.inf
+
+
+def test_anomaly_threshold_follows_a_long_upper_tail():
+    # Normal scores whose upper half spreads 6x wider than the lower (the MAD of
+    # the robust z averages both): z >= 3 would flag 16 %; the threshold keeps ~5 %.
+    rng = np.random.default_rng(0)
+    raw = np.concatenate([-np.abs(rng.normal(0, 1, 1000)), np.abs(rng.normal(0, 6, 1000))])
+    scores, _, _ = aggregate.robust_z(raw, np.ones(raw.size, dtype=bool))
+    assert np.mean(scores >= 3.0) > 0.1
+    threshold = aggregate.anomaly_threshold(
+        scores, np.ones(scores.size, dtype=bool), flag={"anomaly_z": 3.0, "fp_budget": 0.05}
+    )
+    assert threshold > 3.0
+    assert 0.03 < np.mean(scores >= threshold) < 0.07
+
+
+def test_flagged_otherwise_reads_the_reasons_column():
+    reasons = [
+        "",
+        "anomaly score z=6.0 (threshold 3.0)",
+        "anomaly score z=6.0 (threshold 3.0); CJV 5.1 robust SD above the cohort (noise)",
+        "failed at convert: dcm2niix failed",
+    ]
+    assert aggregate.flagged_otherwise(reasons).tolist() == [False, False, True, True]

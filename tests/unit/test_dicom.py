@@ -566,16 +566,38 @@ def test_convert_enhanced_multiframe(tmp_path, enhanced_series):
     )
 
 
-def test_convert_of_series_with_missing_slice_records_dcm2niix_warnings(tmp_path, dicom_series):
-    subject = tmp_path / "s"
-    dicom_series(subject, missing=[5])
-    record, _ = run_inventory(subject, tmp_path / "out")
+@pytest.mark.parametrize("orientation", ["axial", "sagittal", "coronal"])
+def test_convert_puts_missing_slices_back_as_zeros(tmp_path, dicom_series, orientation):
+    # dcm2niix alone stacks the 10 slices it has, shifting the anatomy past the gap.
+    geometry = {"shape": (16, 14, 12), "spacing": (0.9, 1.0, 1.3), "orientation": orientation}
+    dicom_series(tmp_path / "full", **geometry)
+    dicom_series(tmp_path / "gap", missing=[4, 5], **geometry)
+    run_inventory(tmp_path / "full", tmp_path / "full-out")
+    run_convert(tmp_path / "full", tmp_path / "full-out")
+    record, _ = run_inventory(tmp_path / "gap", tmp_path / "gap-out")
     assert "missing_slices" in record["findings"]
-    convert = run_convert(subject, tmp_path / "out")
+    convert = run_convert(tmp_path / "gap", tmp_path / "gap-out")
     assert convert["status"] == OK
     assert any("Interslice distance varies" in w for w in convert["warnings"])
+    assert "2 missing slice(s) put back as zeros at their positions" in convert["warnings"]
     assert convert["metrics"]["conv_n_warnings"] == len(convert["warnings"])
-    assert (tmp_path / "out" / "anat" / "sub-x_T1w.json").stat().st_size > 0
+    # dcm2niix flips a gapped series' axes differently: compare both in RAS voxel order.
+    full = nib.as_closest_canonical(nib.load(tmp_path / "full-out" / "anat" / "sub-x_T1w.nii.gz"))
+    filled = nib.as_closest_canonical(nib.load(tmp_path / "gap-out" / "anat" / "sub-x_T1w.nii.gz"))
+    assert filled.shape == full.shape
+    np.testing.assert_allclose(filled.affine, full.affine, atol=1e-4)
+    expected = full.get_fdata()
+    # Voxels of DICOM slices 4 and 5: their distance along the normal from slice 0.
+    ijk = np.indices(full.shape).reshape(3, -1)
+    world = full.affine[:3, :3] @ ijk + full.affine[:3, 3:]
+    normal_ras = series_normal(ORIENTATIONS[orientation]) * [-1, -1, 1]
+    origin = np.array([8.0, 8.0, -6.0])  # the fixture's default (-8, -8, -6) LPS
+    dicom_index = np.rint(normal_ras @ (world - origin[:, None]) / 1.3).reshape(full.shape)
+    gap = np.isin(dicom_index, [4, 5])
+    assert gap.sum() == 2 * 16 * 14
+    np.testing.assert_array_equal(filled.get_fdata()[gap], 0)
+    np.testing.assert_array_equal(filled.get_fdata()[~gap], expected[~gap])
+    assert np.all(expected[gap] != 0)
 
 
 def test_convert_skips_after_no_series(tmp_path):

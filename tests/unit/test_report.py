@@ -89,6 +89,7 @@ def render(cohort: dict, *, with_metrics: bool) -> str:
             cohort["labels"],
             out_metrics=metrics,
             flag={},
+            output_dir=cohort["out"],
             n_bootstrap=50,
         )
     html_path = cohort_dir / "report.html"
@@ -112,9 +113,17 @@ def assert_self_contained(html: str, hooks: Hooks) -> None:
 def test_report_hooks_escaping_and_montages(built_cohort, tmp_path):  # noqa: F811
     cohort = copy_cohort(built_cohort, tmp_path)
     frame = run_aggregate(cohort)
+    # A known lesion where sub-11's map peaks, so the report states its localisation.
+    lines = cohort["labels"].read_text().splitlines()
+    lesion = "\t".join(map(str, (*BLOB_MM, 8.0)))
+    lines = [lines[0] + "\tlesion_x_mm\tlesion_y_mm\tlesion_z_mm\tlesion_radius_mm"] + [
+        line + ("\t" + lesion if line.startswith("sub-11\t") else "\t\t\t\t") for line in lines[1:]
+    ]
+    cohort["labels"].write_text("\n".join(lines) + "\n")
     html = render(cohort, with_metrics=True)
     hooks = parse(html)
-    assert {"subjects", "filter", "export-decisions", "roc", "pr"} <= hooks.ids
+    assert {"subjects", "filter", "export-decisions", "roc", "pr", "localisation"} <= hooks.ids
+    assert "within 5 mm of it in 1 of 1 labelled lesion cases" in html
     assert sorted(hooks.table_rows) == sorted(cohort["folders"])
     # Flagged first: the table keeps the scores.tsv order.
     assert hooks.table_rows == frame["subject"].tolist()
