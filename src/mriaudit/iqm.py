@@ -313,13 +313,18 @@ def efc(data: np.ndarray, frame: np.ndarray | None = None) -> float:
         x = x[~np.asarray(frame, dtype=bool)]
     n = x.size
     # Zero voxels add nothing to the sum (0 * ln(0 + 1e-16) = 0): keep the positive ones.
-    x = x[x > 0].astype(np.float64)
-    energy = math.sqrt(float(np.dot(x, x)))
+    x = x[x > 0]
+    if x.dtype not in (np.float32, np.float64):
+        x = x.astype(np.float32)  # the log of a uint8 array would be float16
+    wide = x.astype(np.float64)
+    energy = math.sqrt(float(np.dot(wide, wide)))
     if n < 2 or energy == 0:
         return math.nan
     efc_max = math.sqrt(n) * math.log(1.0 / math.sqrt(n))
-    x /= energy
-    entropy = float(np.dot(x, np.log(x + 1e-16)))
+    # sum (x/B) ln(x/B) = (sum x ln x - ln B sum x) / B: one logarithm per voxel in
+    # the image's precision (ten times faster than of x/B in float64), sums in float64.
+    log_x = np.log(x).astype(np.float64)
+    entropy = (float(np.dot(wide, log_x)) - math.log(energy) * float(wide.sum())) / energy
     return entropy / efc_max
 
 
@@ -802,13 +807,14 @@ def _hat_mask(
     """
     if vox_to_mni is not None:
         row = vox_to_mni[2]
-        height = (
+        # The (X, Y) plane's height first, so only one pass touches the whole volume.
+        plane = (
             row[3]
-            + row[0] * np.arange(shape[0], dtype=np.float32)[:, None, None]
-            + row[1] * np.arange(shape[1], dtype=np.float32)[None, :, None]
-            + row[2] * np.arange(shape[2], dtype=np.float32)[None, None, :]
-        )
-        return height >= HAT_MNI_Z_MM
+            + row[0] * np.arange(shape[0], dtype=np.float64)[:, None]
+            + row[1] * np.arange(shape[1], dtype=np.float64)[None, :]
+        ).astype(np.float32)
+        rise = (row[2] * np.arange(shape[2], dtype=np.float64)).astype(np.float32)
+        return np.greater_equal(plane[:, :, None], np.float32(HAT_MNI_Z_MM) - rise[None, None, :])
     slices = np.nonzero(head.any(axis=(0, 1)))[0]
     top = int(slices.max()) if slices.size else shape[2] - 1
     level = top - HAT_BELOW_VERTEX_MM / spacing_mm[2]
@@ -881,8 +887,10 @@ def _tissues(
     """
     box = _brain_box(vox_to_mni, data.shape, grid.spacing, resolution)
     reference = grid.reference(box)
-    warped = []
-    for prior in _ants_priors(resolution):
+    templates = _ants_priors(resolution)
+    # One (K, X, Y, Z) array filled in place: large temporaries cost more than the arithmetic.
+    priors = np.empty((len(templates), *(b.stop - b.start for b in box)), dtype=np.float32)
+    for k, prior in enumerate(templates):
         moved = ants.apply_transforms(
             fixed=reference,
             moving=prior,
@@ -890,8 +898,7 @@ def _tissues(
             whichtoinvert=[True],
             interpolator="linear",
         )
-        warped.append(grid.canonical(moved.numpy()))
-    priors = np.clip(np.stack(warped), 0.0, 1.0)
+        np.clip(grid.canonical(moved.numpy()), 0.0, 1.0, out=priors[k])
     brain_prob = priors.sum(axis=0)
     brain = brain_prob > 0.5
     n_brain = int(np.count_nonzero(brain))

@@ -45,6 +45,9 @@ STATUSES = (OK, FAILED, NO_SERIES)
 FORK_STAGES = True
 #: prctl(2) option: the signal a process gets when its parent ends.
 PR_SET_PDEATHSIG = 1
+#: mallopt(3) parameters of glibc, and the largest mmap threshold it takes (64-bit).
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
 
 
 class StageError(Exception):
@@ -212,6 +215,33 @@ def _attempt_in_child(stage: str, work: Callable[[], dict[str, Any]]) -> dict[st
     return make_record(stage, status=FAILED, reason=f"{stage}: crashed ({how})")
 
 
+def keep_freed_memory() -> bool:
+    """Make glibc keep and reuse the memory this process frees.
+
+    A stage makes and drops hundreds of arrays of 1-30 MB. By default glibc
+    maps each one fresh from the kernel and unmaps it when freed, so every
+    array pays its page faults anew; on a virtual machine whose host backs guest
+    memory lazily that is half of a stage's time (the IQMs of a 1 mm head: 9 s
+    with the defaults, 5 s with this, on the project's machine). Here blocks up
+    to 32 MB come from the heap, and freed heap memory is neither trimmed nor
+    unmapped until the process ends. Peak memory stays what the stage holds at
+    once. Returns False (and changes nothing) where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    settings = (
+        (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX),
+        (_M_TRIM_THRESHOLD, 2**31 - 1),
+        (_M_TOP_PAD, 256 * 1024 * 1024),
+    )
+    return all(
+        mallopt(ctypes.c_int(option), ctypes.c_int(value)) == 1 for option, value in settings
+    )
+
+
 def run_stage(
     stage: str,
     work: Callable[[], dict[str, Any]],
@@ -237,6 +267,7 @@ def run_stage(
     image_outputs = [Path(p) for p in image_outputs]
     for path in image_outputs:
         path.parent.mkdir(parents=True, exist_ok=True)
+    keep_freed_memory()
     start = time.perf_counter()
     try:
         problem = upstream_problem(upstream)

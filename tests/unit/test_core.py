@@ -159,6 +159,30 @@ def test_template_grid_and_priors():
         template.load_template(resolution=3)
 
 
+def test_template_2mm_images_are_nilearns():
+    """The 2 mm subsample of the 1 mm images equals nilearn's own (spline) resampling."""
+    from nilearn import datasets
+
+    ours = {
+        "t1": template.load_template(resolution=2),
+        "mask": template.load_brain_mask(resolution=2),
+        "gm": template.load_tissue_priors(resolution=2)["gm"],
+    }
+    brain = ours["mask"].get_fdata() > 0
+    theirs = {
+        "t1": datasets.load_mni152_template(resolution=2),
+        "mask": datasets.load_mni152_brain_mask(resolution=2),
+        "gm": datasets.load_mni152_gm_template(resolution=2),
+    }
+    for name, image in ours.items():
+        assert image.shape == theirs[name].shape, name
+        np.testing.assert_allclose(image.affine, theirs[name].affine)
+        expected = theirs[name].get_fdata()
+        if name == "gm":  # the prior is the map inside the brain mask, clipped to [0, 1]
+            expected = np.clip(expected, 0, 1) * brain
+        np.testing.assert_allclose(image.get_fdata(), expected, atol=1e-6, err_msg=name)
+
+
 def test_normalize_intensity_maps_percentiles():
     rng = np.random.default_rng(0)
     data = rng.uniform(100, 200, size=(10, 10, 10)).astype(np.float32)
