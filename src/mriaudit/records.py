@@ -46,8 +46,7 @@ FORK_STAGES = True
 #: prctl(2) option: the signal a process gets when its parent ends.
 PR_SET_PDEATHSIG = 1
 #: mallopt(3) parameters of glibc, and the largest mmap threshold it takes (64-bit).
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
-_MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 
 
 class StageError(Exception):
@@ -222,10 +221,10 @@ def keep_freed_memory() -> bool:
     maps each one fresh from the kernel and unmaps it when freed, so every
     array pays its page faults anew; on a virtual machine whose host backs guest
     memory lazily that is half of a stage's time (the IQMs of a 1 mm head: 9 s
-    with the defaults, 5 s with this, on the project's machine). Here blocks up
-    to 32 MB come from the heap, and freed heap memory is neither trimmed nor
-    unmapped until the process ends. Peak memory stays what the stage holds at
-    once. Returns False (and changes nothing) where the C library is not glibc.
+    with the defaults, 5 s with this, on the project's machine). Here every
+    block comes from the heap, and freed heap memory is not trimmed, so it is
+    reused until the process ends. Returns False (and changes nothing) where
+    the C library is not glibc.
     """
     try:
         libc = ctypes.CDLL(None)
@@ -233,7 +232,7 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         return False
     settings = (
-        (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX),
+        (_M_MMAP_MAX, 0),
         (_M_TRIM_THRESHOLD, 2**31 - 1),
         (_M_TOP_PAD, 256 * 1024 * 1024),
     )

@@ -6,6 +6,7 @@ import faulthandler
 import json
 import logging
 import os
+import platform
 import signal
 import subprocess
 import sys
@@ -140,6 +141,13 @@ def test_run_stage_keeps_stage_error_status_and_json_safety(tmp_path):
     assert record["status"] == "no_series" and record["reason"] == "only a localizer"
     records.write_json(tmp_path / "m.json", {"a": np.float32(1.5), "b": float("nan")})
     assert json.loads((tmp_path / "m.json").read_text()) == {"a": 1.5, "b": None}
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_stages_keep_freed_memory_under_glibc():
+    # In a child: the settings would otherwise stay with this test session.
+    code = "from mriaudit import records; raise SystemExit(0 if records.keep_freed_memory() else 1)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 def test_template_grid_and_priors():
