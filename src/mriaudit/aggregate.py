@@ -256,6 +256,17 @@ def flagged_otherwise(flag_reasons: Sequence[str]) -> np.ndarray:
     )
 
 
+def table_threshold(frame: pd.DataFrame, *, flag: dict[str, Any]) -> float:
+    """The anomaly threshold that aggregate used, recomputed from a scores.tsv table."""
+    status = frame["status"].to_numpy(dtype=str)
+    score = frame["anomaly_score"].to_numpy(dtype=float)
+    reference = reference_mask(
+        status, frame["in_reference"].to_numpy(dtype=bool), np.isfinite(score)
+    )
+    otherwise = flagged_otherwise(frame["flag_reasons"].fillna("").astype(str).tolist())
+    return anomaly_threshold(score, reference, flag=flag, flagged_otherwise=otherwise)
+
+
 def _read_record(path: Path, stage: str) -> dict[str, Any] | None:
     try:
         record = json.loads(path.read_bytes())

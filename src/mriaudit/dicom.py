@@ -1151,7 +1151,7 @@ def _dicom_record(
         "description": row["description"],
         "why": why,
     }
-    if geometry.gaps.missing and geometry.normal is not None:
+    if geometry.gaps.missing and not geometry.gaps.nonuniform and geometry.normal is not None:
         # Convert puts the absent slices back as zeros at their positions.
         selected["slice_normal_lps"] = [float(v) for v in geometry.normal]
         selected["slice_positions_mm"] = _slice_positions(series, geometry.normal, truncated)
@@ -1460,6 +1460,7 @@ def fill_missing_slices(
     new_affine[:3, 2] = column / step * spacing_mm
     header = image.header.copy()
     header.set_data_shape(filled.shape)
+    header["slice_end"] = 0  # dcm2niix's slice range described the stack without the gap
     out = nib.Nifti1Image(filled, new_affine, header)
     out.set_qform(new_affine, code=int(image.header["qform_code"]) or 1)
     out.set_sform(new_affine, code=int(image.header["sform_code"]) or 1)
@@ -1471,7 +1472,7 @@ def _restore_gaps(path: Path, selected: dict[str, Any], target: Path) -> tuple[P
     if not selected.get("slice_positions_mm"):
         return path, []
     filled, done = fill_missing_slices(
-        nib.load(path),
+        nib.squeeze_image(nib.load(path)),  # (X, Y, Z, 1) counts as 3D
         positions_mm=selected["slice_positions_mm"],
         normal_lps=selected["slice_normal_lps"],
         spacing_mm=float(selected["slice_spacing_mm"]),

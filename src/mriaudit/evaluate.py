@@ -32,13 +32,7 @@ from sklearn.metrics import (
 )
 
 from mriaudit import cohort, paths
-from mriaudit.aggregate import (
-    anomaly_threshold,
-    flag_settings,
-    flagged_otherwise,
-    read_scores,
-    reference_mask,
-)
+from mriaudit.aggregate import flag_settings, read_scores, table_threshold
 from mriaudit.records import OK, write_json
 
 log = logging.getLogger(__name__)
@@ -197,8 +191,9 @@ def localisation_summary(
                 message = f"no anomaly map (status {row['status']})"
                 raise ValueError(message)
             case.update(lesion_localisation(anomaly_map, centre_mm=tuple(centre), radius_mm=radius))
-        except (OSError, ValueError) as error:
-            case["problem"] = str(error)
+        except Exception as error:
+            # A damaged map (truncated gzip, not a NIfTI) is a miss with its reason.
+            case["problem"] = str(error) or type(error).__name__
         cases.append(case)
     auprcs = [c["voxel_auprc"] for c in cases if c.get("voxel_auprc") is not None]
     n_hit = sum(c["hit"] for c in cases)
@@ -256,11 +251,7 @@ def evaluate_cohort(
     scored = labelled & np.isfinite(score)
     y, s = label[scored], score[scored]
 
-    reference = reference_mask(
-        status, frame["in_reference"].to_numpy(dtype=bool), np.isfinite(score)
-    )
-    otherwise = flagged_otherwise(frame["flag_reasons"].fillna("").astype(str).tolist())
-    threshold = anomaly_threshold(score, reference, flag=flag, flagged_otherwise=otherwise)
+    threshold = table_threshold(frame, flag=flag)
     unscored = [
         {"subject": subjects[i], "label": int(label[i]), "status": status[i]}
         for i in np.flatnonzero(labelled & ~scored)

@@ -45,7 +45,7 @@ STATUSES = (OK, FAILED, NO_SERIES)
 FORK_STAGES = True
 #: prctl(2) option: the signal a process gets when its parent ends.
 PR_SET_PDEATHSIG = 1
-#: mallopt(3) parameters of glibc, and the largest mmap threshold it takes (64-bit).
+#: mallopt(3) parameters of glibc.
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX = -1, -2, -4
 
 

@@ -339,8 +339,16 @@ def test_fp_budget_raises_the_threshold(cohort):
     frame = run_aggregate(cohort, flag={"anomaly_z": 0.0, "fp_budget": 0.25})
     reference = frame["in_reference"].to_numpy()
     scores = frame["anomaly_score"].to_numpy()
-    threshold = float(np.quantile(scores[reference], 0.75))
+    # isf(0.25) / isf(0.25) = 1: the upper quartile of the subjects no other rule flags.
+    pool = reference & ~aggregate.flagged_otherwise(frame["flag_reasons"].fillna("").tolist())
+    threshold = float(np.quantile(scores[pool], 0.75))
     assert threshold > 0.0
+    # Evaluate and the report recompute the same threshold from scores.tsv.
+    recomputed = aggregate.table_threshold(
+        aggregate.read_scores(paths.cohort_dir(cohort["out"]) / "scores.tsv"),
+        flag={"anomaly_z": 0.0, "fp_budget": 0.25},
+    )
+    assert recomputed == pytest.approx(threshold)
     by_score = frame["flag_reasons"].str.contains("anomaly score z=").to_numpy()
     assert (scores[by_score] >= threshold).all()
     assert (scores[~by_score & np.isfinite(scores)] < threshold).all()

@@ -145,7 +145,7 @@ def test_run_stage_keeps_stage_error_status_and_json_safety(tmp_path):
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_stages_keep_freed_memory_under_glibc():
-    # In a child: the settings would otherwise stay with this test session.
+    # In a fresh interpreter, as a rule's script process calls it.
     code = "from mriaudit import records; raise SystemExit(0 if records.keep_freed_memory() else 1)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 

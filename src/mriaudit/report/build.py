@@ -28,11 +28,11 @@ import pandas as pd
 
 from mriaudit import paths
 from mriaudit.aggregate import (
-    anomaly_threshold,
     iqm_label,
     iqm_tables,
     read_scores,
     reference_mask,
+    table_threshold,
 )
 from mriaudit.records import OK
 from mriaudit.report import figures
@@ -306,7 +306,7 @@ def build_report(
     reference = reference_mask(
         status, frame["in_reference"].to_numpy(dtype=bool), np.isfinite(score)
     )
-    threshold = anomaly_threshold(score, reference, flag=config.get("flag") or {})
+    threshold = table_threshold(frame, flag=config.get("flag") or {})
     true_labels = _true_labels(frame)
 
     records = frame.to_dict("records")
