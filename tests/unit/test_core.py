@@ -167,20 +167,21 @@ def test_template_grid_and_priors():
         template.load_template(resolution=3)
 
 
-def test_template_2mm_images_are_nilearns():
-    """The 2 mm subsample of the 1 mm images equals nilearn's own (spline) resampling."""
+@pytest.mark.parametrize("resolution", [1, 2])
+def test_template_images_are_nilearns(resolution):
+    """Read from nilearn's files without nilearn: the same images as nilearn's own loaders."""
     from nilearn import datasets
 
     ours = {
-        "t1": template.load_template(resolution=2),
-        "mask": template.load_brain_mask(resolution=2),
-        "gm": template.load_tissue_priors(resolution=2)["gm"],
+        "t1": template.load_template(resolution=resolution),
+        "mask": template.load_brain_mask(resolution=resolution),
+        "gm": template.load_tissue_priors(resolution=resolution)["gm"],
     }
     brain = ours["mask"].get_fdata() > 0
     theirs = {
-        "t1": datasets.load_mni152_template(resolution=2),
-        "mask": datasets.load_mni152_brain_mask(resolution=2),
-        "gm": datasets.load_mni152_gm_template(resolution=2),
+        "t1": datasets.load_mni152_template(resolution=resolution),
+        "mask": datasets.load_mni152_brain_mask(resolution=resolution),
+        "gm": datasets.load_mni152_gm_template(resolution=resolution),
     }
     for name, image in ours.items():
         assert image.shape == theirs[name].shape, name
