@@ -10,10 +10,12 @@ the DAG: they are never merged.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
+import pandas as pd
 
 _NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
 
@@ -96,23 +98,17 @@ def read_lesions(path: str | Path) -> dict[str, tuple[float, float, float, float
     count; a file without those columns has none. (x, y, z) is the centre in
     template (MNI, RAS) coordinates.
     """
-    lines = Path(path).read_text().splitlines()
-    header = lines[0].split("\t") if lines else []
-    if "subject" not in header or not set(LESION_COLUMNS) <= set(header):
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    if "subject" not in table.columns or not set(LESION_COLUMNS) <= set(table.columns):
         return {}
-    columns = [header.index(name) for name in LESION_COLUMNS]
-    lesions = {}
-    for line in lines[1:]:
-        fields = line.split("\t")
-        if len(fields) <= max(columns):
-            continue
-        try:
-            values = tuple(float(fields[c]) for c in columns)
-        except ValueError:
-            continue
-        if all(map(math.isfinite, values)) and values[3] > 0:
-            lesions[fields[header.index("subject")]] = values
-    return lesions
+    values = table[list(LESION_COLUMNS)].apply(pd.to_numeric, errors="coerce")
+    usable = np.isfinite(values.to_numpy(dtype=float)).all(axis=1) & (
+        values["lesion_radius_mm"] > 0
+    )
+    return {
+        subject: tuple(float(v) for v in row)
+        for subject, row in zip(table["subject"][usable], values[usable].to_numpy(), strict=True)
+    }
 
 
 def read_labels(path: str | Path) -> dict[str, int]:
