@@ -11,9 +11,7 @@ validate(config, "schemas/config.schema.yaml", set_default=True)
 
 
 include: "rules/common.smk"
-include: "rules/ingest.smk"
 include: "rules/preprocess.smk"
-include: "rules/quality.smk"
 include: "rules/model.smk"
 include: "rules/cohort.smk"
 

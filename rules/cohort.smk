@@ -1,6 +1,32 @@
+# The cohort's gather point: the rules after it read the subjects' records and images
+# through this table (and the score table), so Snakemake's DAG does not link each of them
+# to thousands of per-subject files (that costs time quadratic in the cohort size).
+rule collect:
+    input:
+        records=[each_subject(paths.record, stage) for stage in paths.PREPROCESS_STAGES],
+    output:
+        table=str(paths.stage_table(OUT)),
+    log:
+        str(paths.log(OUT, "collect")),
+    benchmark:
+        str(paths.benchmark(OUT, "collect"))
+    params:
+        output_dir=output_root,
+        subjects=SUBJECTS,
+    threads: 1
+    resources:
+        mem_mb=mem_per_attempt(1000),
+        runtime=10,
+    conda:
+        "../envs/mriaudit.yaml"
+    script:
+        "../scripts/collect.py"
+
+
 rule aggregate:
     input:
-        records=[each_subject(paths.record, stage) for stage in paths.STAGES],
+        stages=str(paths.stage_table(OUT)),
+        model_scores=str(paths.model_scores(OUT)),
         labels=labels_input,
     output:
         scores=str(paths.scores_table(OUT)),
@@ -30,7 +56,7 @@ rule evaluate:
     input:
         scores=str(paths.scores_table(OUT)),
         labels=labels_input,
-        anomaly_maps=each_subject(paths.anomaly_map),
+        model_scores=str(paths.model_scores(OUT)),
     output:
         metrics=str(paths.metrics(OUT)),
     log:
@@ -55,8 +81,7 @@ rule report:
         scores=str(paths.scores_table(OUT)),
         exclusions=str(paths.exclusions_table(OUT)),
         metrics=metrics_input,
-        images=each_subject(paths.preproc),
-        anomaly_maps=each_subject(paths.anomaly_map),
+        model_scores=str(paths.model_scores(OUT)),
     output:
         html=report(
             str(paths.report(OUT)), category="Cohort audit", labels={"figure": "audit report"}

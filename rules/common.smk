@@ -78,10 +78,20 @@ def mem_per_attempt(first_mb):
     return mem_mb
 
 
+def score_mem_mb(wildcards, threads, attempt):
+    """A worker process per thread, each with torch, the model and one subject (~700 MB)."""
+    return (1000 + 700 * threads) * attempt
+
+
+def score_runtime(wildcards):
+    """Minutes: ~3 s per subject on one CPU worker, plus start-up."""
+    return 10 + len(SUBJECTS) // 20
+
+
 def model_gpus(wildcards):
     return 0 if config["device"] == "cpu" else 1
 
 
 def output_root(wildcards, output):
-    """output_dir, derived from a cohort output so it follows the files (lint-clean)."""
+    """output_dir, derived from the rule's first output (``OUT/<folder>/<file>``), so it follows the files (lint-clean)."""
     return str(Path(output[0]).parent.parent)

@@ -28,24 +28,29 @@ if TRAIN_MODEL:
             "../scripts/train_model.py"
 
 
+# One job scores the whole cohort: the model is loaded once per worker (one per thread on
+# the CPU, one on a GPU) instead of once per subject, and the DAG keeps no per-subject
+# score job. The downstream rules depend on its table; the maps and records are listed
+# too, so each of them is a target.
 rule score:
     input:
-        image=str(paths.preproc(OUT, "{subject}")),
+        stages=str(paths.stage_table(OUT)),
         checkpoint=model_checkpoint,
-        upstream=str(paths.record(OUT, "{subject}", "register")),
     output:
-        anomaly_map=str(paths.anomaly_map(OUT, "{subject}")),
-        record=str(paths.record(OUT, "{subject}", "score")),
+        table=str(paths.model_scores(OUT)),
+        anomaly_maps=each_subject(paths.anomaly_map),
+        records=each_subject(paths.record, "score"),
     log:
-        str(paths.log(OUT, "score", "{subject}")),
+        str(paths.log(OUT, "score")),
     benchmark:
-        str(paths.benchmark(OUT, "score", "{subject}"))
+        str(paths.benchmark(OUT, "score"))
     params:
+        output_dir=output_root,
         device=config["device"],
-    threads: 1
+    threads: 8
     resources:
-        mem_mb=mem_per_attempt(3000),
-        runtime=20,
+        mem_mb=score_mem_mb,
+        runtime=score_runtime,
         gpu=model_gpus,
     conda:
         "../envs/mriaudit.yaml"

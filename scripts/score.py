@@ -1,18 +1,16 @@
-"""Snakemake wrapper: voxel anomaly map and subject anomaly score."""
+"""Snakemake wrapper: voxel anomaly maps and anomaly scores of every subject."""
 
 from pathlib import Path
 
-from mriaudit.model.score import score_subject
+from mriaudit.model.score import score_cohort
 from mriaudit.records import setup_logging
 
 setup_logging(snakemake.log[0])
-score_subject(
-    Path(snakemake.input.image),
+score_cohort(
+    Path(snakemake.input.stages),
     checkpoint=Path(snakemake.input.checkpoint),
-    subject=snakemake.wildcards.subject,
-    out_map=Path(snakemake.output.anomaly_map),
-    record_path=Path(snakemake.output.record),
-    upstream=[Path(snakemake.input.upstream)],
+    out_dir=Path(snakemake.params.output_dir),
+    out_table=Path(snakemake.output.table),
     device=snakemake.params.device,
     threads=snakemake.threads,
 )

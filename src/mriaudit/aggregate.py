@@ -590,6 +590,39 @@ def read_scores(path: Path) -> pd.DataFrame:
     return frame
 
 
+def write_stage_table(out_dir: Path, labels: Sequence[str], *, out_tsv: Path) -> pd.DataFrame:
+    """The status of each ``paths.PREPROCESS_STAGES`` record of each subject, and its first problem.
+
+    One row per label: ``subject`` (label), a column per stage (``ok``,
+    ``failed``, ``no_series``, or ``missing``), ``status``, ``failed_stage``
+    and ``reason`` of the first stage that is not ok. The model and cohort
+    rules start from this table instead of the subjects' files.
+    """
+    stages = paths.PREPROCESS_STAGES
+
+    def row(label: str) -> dict[str, Any]:
+        loaded = {s: _read_record(paths.record(out_dir, label, s), s) for s in stages}
+        status, reason, stage = _first_problem(loaded)
+        cells = {s: (r or {}).get("status", "missing") for s, r in loaded.items()}
+        return {
+            "subject": label,
+            **cells,
+            "status": status,
+            "failed_stage": stage,
+            "reason": reason,
+        }
+
+    with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+        rows = list(pool.map(row, labels))
+    columns = ["subject", *stages, "status", "failed_stage", "reason"]
+    frame = pd.DataFrame(rows, columns=columns)
+    write_tsv(frame, Path(out_tsv))
+    log.info(
+        "%d subjects, %d ok after %s", len(frame), int((frame["status"] == OK).sum()), stages[-1]
+    )
+    return frame
+
+
 def aggregate_cohort(
     input_dir: Path,
     out_dir: Path,

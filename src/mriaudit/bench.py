@@ -3,14 +3,16 @@
 ``python -m mriaudit.bench [--out results/bench] [--runs 3] [--subjects 10000]``
 (``make bench``) prints one table and writes ``OUT/bench.json``:
 
-- ``per_subject``: every per-subject stage (inventory, convert, bias_correct,
-  register, iqm, score) run as its own process, as a Snakemake job runs it, on
-  a real 1 mm MPRAGE from ``../shared/data`` when present (else a generated
-  1 mm demo subject). Per stage: wall and CPU seconds and peak resident memory
-  (MB, the process and its children), the median of ``--runs`` runs; the
-  total is the sum of the stage medians. Scoring needs a model: one is
-  trained first on three copies of the registered image (``setup``; its time
-  says nothing about a real training).
+- ``per_subject``: the two jobs a subject costs, run as processes the way
+  Snakemake runs them, on a real 1 mm MPRAGE from ``../shared/data`` when
+  present (else a generated 1 mm demo subject): its ``preprocess`` job
+  (inventory, convert, N4, registration, IQMs) and its share of a ``score``
+  job that scores ``SCORE_COPIES`` subjects. Per stage (from its status
+  record) and per job: wall and CPU seconds and peak resident memory (MB),
+  the median of ``--runs`` runs; the total is the preprocess job plus the
+  per-subject score time. Scoring needs a model: one is trained first on
+  three copies of the registered image (``setup``; its time says nothing
+  about a real training).
 - ``scale``: a dry run (``snakemake -n``) of a ``--subjects`` cohort of
   placeholder folders, and aggregate + report on that many synthetic subjects'
   records, with the peak memory of that process.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -38,12 +41,15 @@ import numpy as np
 
 from mriaudit import paths, records
 
-SUBJECT_STAGES = ("inventory", "convert", "bias_correct", "register", "iqm", "score")
+#: The per-subject stages, by the name of their status record, in the order they run.
+SUBJECT_STAGES = (*paths.PREPROCESS_STAGES, "score")
 SUBJECT = "bench"
 PROJECT = Path(__file__).resolve().parents[2]
 SHARED_MPRAGE = "dicom/dcm_qa_asl/In/T1"
 #: The smallest demo cohort, which holds normals to pick the bench subject from.
 MIN_DEMO_SUBJECTS = 6
+#: Copies of the bench subject that one measured score job scores (as a cohort's job does).
+SCORE_COPIES = 6
 
 
 def _work_paths(work: Path) -> dict[str, Path]:
@@ -51,79 +57,47 @@ def _work_paths(work: Path) -> dict[str, Path]:
     return {"folder": work / "input" / SUBJECT, "out": out, "model": work / "model"}
 
 
-def run_stage(stage: str, work: Path, *, threads: int) -> dict[str, Any]:
-    """Run one stage of the bench subject in this process (called in a child by :func:`measure`).
+def _copies() -> list[str]:
+    return [f"{SUBJECT}{i}" for i in range(SCORE_COPIES)]
 
-    Each stage imports only its own module, as the rule's script does: the
-    import cost of ANTsPy or torch belongs to the stages that use them.
+
+def _score_cohort_inputs(work: Path) -> Path:
+    """The bench subject's registered image and record under ``SCORE_COPIES`` labels."""
+    out = _work_paths(work)["out"]
+    labels = _copies()
+    for label in labels:
+        for source, target in [
+            (paths.preproc(out, SUBJECT), paths.preproc(out, label)),
+            (paths.record(out, SUBJECT, "register"), paths.record(out, label, "register")),
+        ]:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+    table = work / "stages.tsv"
+    table.write_text("subject\n" + "\n".join(labels) + "\n")
+    return table
+
+
+def run_stage(stage: str, work: Path, *, threads: int) -> dict[str, Any]:
+    """Run one measured job of the bench subject in this process (the child of :func:`measure`).
+
+    Each job imports only its own modules, as the rule's script does: the
+    import cost of ANTsPy or torch belongs to the jobs that use them.
     """
     where = _work_paths(work)
-    out, sub = where["out"], SUBJECT
+    out = where["out"]
+    if stage == "preprocess":
+        from mriaudit.subject import preprocess_subject
 
-    def record(name: str) -> Path:
-        return paths.record(out, sub, name)
-
-    if stage == "inventory":
-        from mriaudit import dicom
-
-        return dicom.inventory_subject(
-            where["folder"],
-            series_table=paths.series_table(out, sub),
-            record_path=record("inventory"),
-            rules={},
-        )
-    if stage == "convert":
-        from mriaudit import dicom
-
-        return dicom.convert_subject(
-            where["folder"],
-            inventory_record=record("inventory"),
-            out_image=paths.t1w(out, sub),
-            out_sidecar=paths.t1w_sidecar(out, sub),
-            record_path=record("convert"),
-        )
-    if stage == "bias_correct":
-        from mriaudit import preprocess
-
-        return preprocess.bias_correct_subject(
-            paths.t1w(out, sub),
-            out_image=paths.n4(out, sub),
-            out_mask=paths.head_mask(out, sub),
-            record_path=record("n4"),
-            upstream=[record("convert")],
-            threads=threads,
-        )
-    if stage == "register":
-        from mriaudit import preprocess
-
-        return preprocess.register_subject(
-            paths.n4(out, sub),
-            out_image=paths.preproc(out, sub),
-            out_mask=paths.brain_mask(out, sub),
-            out_transform=paths.transform(out, sub),
-            record_path=record("register"),
-            upstream=[record("n4")],
-            threads=threads,
-        )
-    if stage == "iqm":
-        from mriaudit import iqm
-
-        return iqm.iqm_subject(
-            paths.t1w(out, sub),
-            paths.n4(out, sub),
-            paths.head_mask(out, sub),
-            paths.transform(out, sub),
-            record_path=record("iqm"),
-            upstream=[record("register")],
-            threads=threads,
+        return preprocess_subject(
+            where["folder"], out_dir=out, label=SUBJECT, rules={}, threads=threads
         )
     if stage == "train_model":
         from mriaudit.model import train
 
         copies = ["a", "b", "c"]
         return train.train_cohort(
-            [paths.preproc(out, sub)] * len(copies),
-            [record("register")] * len(copies),
+            [paths.preproc(out, SUBJECT)] * len(copies),
+            [paths.record(out, SUBJECT, "register")] * len(copies),
             copies,
             reference=copies,
             out_checkpoint=paths.model_checkpoint(where["model"]),
@@ -134,15 +108,15 @@ def run_stage(stage: str, work: Path, *, threads: int) -> dict[str, Any]:
     if stage == "score":
         from mriaudit.model import score
 
-        return score.score_subject(
-            paths.preproc(out, sub),
+        table = score.score_cohort(
+            work / "stages.tsv",
             checkpoint=paths.model_checkpoint(where["model"]),
-            subject=sub,
-            out_map=paths.anomaly_map(out, sub),
-            record_path=record("score"),
-            upstream=[record("register")],
+            out_dir=out,
+            out_table=paths.model_scores(out),
+            device="cpu",
             threads=threads,
         )
+        return {"scored": len(table)}
     if stage == "cohort":
         return _aggregate_and_report(work)
     message = f"unknown bench stage {stage!r}"
@@ -238,36 +212,57 @@ def inventory_ms_per_file(work: Path, *, runs: int) -> float:
     return round(1000.0 * best / max(n_files, 1), 3)
 
 
+def _stage_figures(out: Path, label: str, stage: str) -> dict[str, float]:
+    """Wall s, CPU s and peak RSS (MB) of one stage, from its status record."""
+    record = records.read_record(paths.record(out, label, stage))
+    if record["status"] != records.OK:
+        print(f"warning: {stage} of the bench subject: {record['status']} ({record['reason']})")
+    return {
+        "wall_s": record["elapsed_s"],
+        "cpu_s": record.get("cpu_s", math.nan),
+        "peak_rss_mb": record.get("peak_rss_mb", math.nan),
+    }
+
+
 def per_subject(work: Path, *, runs: int, threads: int, shared_data: Path | None) -> dict:
+    """The ``preprocess`` job of the bench subject and its share of a ``score`` job.
+
+    Each stage's wall time, CPU time and peak memory come from its status
+    record (its forked process); ``jobs`` hold the two jobs as processes
+    (start-up and imports included). The score share is the per-subject time
+    inside a job that scores ``SCORE_COPIES`` subjects; the total is the
+    preprocess job plus that share.
+    """
     source = _bench_input(work, shared_data)
-    stages: dict[str, dict[str, float]] = {}
-    setup: dict[str, dict[str, float]] = {}
-    for stage in SUBJECT_STAGES:
-        if stage == "score":
-            setup["train_model"] = measure("train_model", work, threads=threads)
-        stages[stage] = _median([measure(stage, work, threads=threads) for _ in range(runs)])
-        _check_record(work, stage)
+    out = _work_paths(work)["out"]
+    stage_runs: dict[str, list[dict[str, float]]] = {s: [] for s in SUBJECT_STAGES}
+    jobs: dict[str, list[dict[str, float]]] = {"preprocess": [], "score": []}
+    for _ in range(runs):
+        jobs["preprocess"].append(measure("preprocess", work, threads=threads))
+        for stage in paths.PREPROCESS_STAGES:
+            stage_runs[stage].append(_stage_figures(out, SUBJECT, stage))
+    setup = {"train_model": measure("train_model", work, threads=threads)}
+    _score_cohort_inputs(work)
+    for _ in range(runs):
+        jobs["score"].append(measure("score", work, threads=1))
+        copies = [_stage_figures(out, label, "score") for label in _copies()]
+        stage_runs["score"].append(_median(copies))
+    stages = {stage: _median(figures) for stage, figures in stage_runs.items()}
+    job_figures = {name: _median(figures) for name, figures in jobs.items()}
+    preprocess_job, score_share = job_figures["preprocess"], stages["score"]
     return {
         "input": source,
         "runs": runs,
         "threads": threads,
         "stages": stages,
-        "total_wall_s": round(sum(s["wall_s"] for s in stages.values()), 2),
-        "total_cpu_s": round(sum(s["cpu_s"] for s in stages.values()), 2),
-        "peak_rss_mb": max(s["peak_rss_mb"] for s in stages.values()),
-        "inventory_convert_wall_s": round(
-            stages["inventory"]["wall_s"] + stages["convert"]["wall_s"], 2
-        ),
+        "jobs": job_figures,
+        "score_copies": SCORE_COPIES,
+        "total_wall_s": round(preprocess_job["wall_s"] + score_share["wall_s"], 2),
+        "total_cpu_s": round(preprocess_job["cpu_s"] + score_share["cpu_s"], 2),
+        "peak_rss_mb": max(preprocess_job["peak_rss_mb"], job_figures["score"]["peak_rss_mb"]),
         "inventory_ms_per_file": inventory_ms_per_file(work, runs=runs),
         "setup": setup,
     }
-
-
-def _check_record(work: Path, stage: str) -> None:
-    name = {"bias_correct": "n4"}.get(stage, stage)
-    record = records.read_record(paths.record(_work_paths(work)["out"], SUBJECT, name))
-    if record["status"] != records.OK:
-        print(f"warning: {stage} of the bench subject: {record['status']} ({record['reason']})")
 
 
 # ------------------------------------------------------------------------------ scale
@@ -435,19 +430,27 @@ def table(result: dict[str, Any]) -> str:
     if subject:
         lines += [f"per subject: {subject['input']}; median of {subject['runs']} runs, "
                   f"{subject['threads']} thread(s) per stage", "",
-                  f"{'stage':<14}{'wall s':>9}{'CPU s':>9}{'peak RSS MB':>13}"]  # fmt: skip
-        for stage, figures in subject["stages"].items():
-            lines.append(
-                f"{stage:<14}{figures['wall_s']:>9.2f}{figures['cpu_s']:>9.2f}"
+                  f"{'stage':<26}{'wall s':>9}{'CPU s':>9}{'peak RSS MB':>13}"]  # fmt: skip
+
+        def row(name: str, figures: dict[str, float]) -> str:
+            return (
+                f"{name:<26}{figures['wall_s']:>9.2f}{figures['cpu_s']:>9.2f}"
                 f"{figures['peak_rss_mb']:>13.0f}"
             )
+
+        for stage, figures in subject["stages"].items():
+            lines.append(row(f"  {stage}", figures))
+        lines.append(row("preprocess job", subject["jobs"]["preprocess"]))
         lines.append(
-            f"{'total':<14}{subject['total_wall_s']:>9.2f}{subject['total_cpu_s']:>9.2f}"
-            f"{subject['peak_rss_mb']:>13.0f}"
+            row(f"score job ({subject['score_copies']} subjects)", subject["jobs"]["score"])
         )
         lines.append(
-            f"inventory + convert: {subject['inventory_convert_wall_s']:.2f} s; inventory alone "
-            f"{subject['inventory_ms_per_file']:.2f} ms per DICOM file (imports excluded)"
+            f"{'total (preprocess + score)':<26}{subject['total_wall_s']:>9.2f}"
+            f"{subject['total_cpu_s']:>9.2f}{subject['peak_rss_mb']:>13.0f}"
+        )
+        lines.append(
+            f"inventory alone: {subject['inventory_ms_per_file']:.2f} ms per DICOM file "
+            "(imports excluded)"
         )
         for stage, figures in subject["setup"].items():
             lines.append(f"(setup) {stage}: {figures['wall_s']:.1f} s on 3 copies, 2 epochs")

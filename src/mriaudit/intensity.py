@@ -5,6 +5,21 @@ from __future__ import annotations
 import numpy as np
 
 
+def finite(data: np.ndarray, *, inf_to_zero: bool = True) -> np.ndarray:
+    """``data`` with NaN set to 0 and infinities to 0 (or, without ``inf_to_zero``, to
+    the dtype's extremes, as ``np.nan_to_num`` does).
+
+    Returns ``data`` itself when every value is finite: the check is one pass,
+    while ``np.nan_to_num`` always makes a copy (half a second for a 1 mm head).
+    """
+    data = np.asarray(data)
+    if np.isfinite(data).all():
+        return data
+    if inf_to_zero:
+        return np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+    return np.nan_to_num(data)
+
+
 def normalize_intensity(
     data: np.ndarray,
     mask: np.ndarray,

@@ -52,6 +52,7 @@ from scipy import ndimage as ndi
 from scipy import stats
 
 from mriaudit import records, template
+from mriaudit.intensity import finite
 
 log = logging.getLogger(__name__)
 
@@ -964,7 +965,7 @@ def compute_iqms(
     grid = _Grid.of(raw_img)
     spacing = grid.spacing
     raw = grid.canonical(raw_img.numpy())
-    data = grid.canonical(np.nan_to_num(n4_img.numpy().astype(np.float32)))
+    data = grid.canonical(finite(n4_img.numpy().astype(np.float32), inf_to_zero=False))
     np.clip(data, 0.0, None, out=data)
     head = grid.canonical(mask_img.numpy() > 0)
     if not np.any(data > 0):
@@ -982,7 +983,7 @@ def compute_iqms(
         metrics[f"iqm_spacing_{axis}"] = round(s, 6)
 
     # Background: air above the glabella-inion level, clear of the head and the frame.
-    frame = frame_mask(np.nan_to_num(raw))
+    frame = frame_mask(finite(raw, inf_to_zero=False))
     del raw
     vox_to_mni, transform_problem = _read_transform(Path(transform))
     if vox_to_mni is not None:

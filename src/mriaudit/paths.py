@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+#: Stages of the per-subject ``preprocess`` job, in order.
+PREPROCESS_STAGES: tuple[str, ...] = ("inventory", "convert", "n4", "register", "iqm")
 #: Per-subject stages that write a status record (``*_qc.json``), in DAG order.
-STAGES: tuple[str, ...] = ("inventory", "convert", "n4", "register", "iqm", "score")
+STAGES: tuple[str, ...] = (*PREPROCESS_STAGES, "score")
 
 
 def subject_dir(out: str | Path, sub: str) -> Path:
@@ -85,6 +87,11 @@ def model_sidecar(out: str | Path) -> Path:
     return Path(out) / "model" / "model.json"
 
 
+def model_scores(out: str | Path) -> Path:
+    """Every subject's score-stage status and raw score, one row each (the score job's table)."""
+    return Path(out) / "model" / "scores.tsv"
+
+
 def cohort_dir(out: str | Path) -> Path:
     return Path(out) / "cohort"
 
@@ -103,6 +110,11 @@ def metrics(out: str | Path) -> Path:
 
 def report(out: str | Path) -> Path:
     return cohort_dir(out) / "report.html"
+
+
+def stage_table(out: str | Path) -> Path:
+    """Status of every preprocess stage of every subject: what the cohort rules start from."""
+    return cohort_dir(out) / "stages.tsv"
 
 
 def cohort_table(out: str | Path) -> Path:

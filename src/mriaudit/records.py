@@ -20,18 +20,20 @@ import json
 import logging
 import math
 import os
+import resource
 import signal
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 OK = "ok"
 FAILED = "failed"
@@ -198,20 +200,79 @@ def _attempt_in_child(stage: str, work: Callable[[], dict[str, Any]]) -> dict[st
     os.close(writer)
     with os.fdopen(reader, "rb") as pipe:
         payload = pipe.read()
-    _, wait_status = os.waitpid(pid, 0)
+    _, wait_status, usage = os.wait4(pid, 0)
+    # What the stage's process cost: CPU seconds and peak resident memory (MB, Linux KiB units).
+    cost = {
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+    }
     if payload:
         outcome = json.loads(payload)
         if outcome["error"]:
             log.error("%s: %s", stage, outcome["error"])
-        return outcome["record"]
-    signal_number = os.WTERMSIG(wait_status) if os.WIFSIGNALED(wait_status) else None
-    how = (
-        f"killed by {signal.Signals(signal_number).name}"
-        if signal_number
-        else f"exited with code {os.waitstatus_to_exitcode(wait_status)}"
-    )
+        return outcome["record"] | cost
+    how = _wait_status_text(wait_status)
     log.error("%s: the stage process %s before writing its record", stage, how)
-    return make_record(stage, status=FAILED, reason=f"{stage}: crashed ({how})")
+    return make_record(stage, status=FAILED, reason=f"{stage}: crashed ({how})") | cost
+
+
+def _wait_status_text(wait_status: int) -> str:
+    if os.WIFSIGNALED(wait_status):
+        return f"killed by {signal.Signals(os.WTERMSIG(wait_status)).name}"
+    return f"exited with code {os.waitstatus_to_exitcode(wait_status)}"
+
+
+def run_in_workers(
+    items: Sequence[T],
+    work: Callable[[Sequence[T]], None],
+    *,
+    workers: int,
+    finished: Callable[[T], bool],
+    crashed: Callable[[T, str], None],
+) -> None:
+    """Run ``work`` over ``items`` in up to ``workers`` forked processes, surviving crashes.
+
+    Each worker gets every ``workers``-th item and handles them in order
+    (``work`` catches a bad item's errors itself, as :func:`run_stage` does).
+    When a worker dies, its first unfinished item is the one it was on: that
+    item gets ``crashed(item, how)`` and the rest of its share goes to a new
+    worker, so one scan that crashes a native library costs only itself.
+    Without :data:`FORK_STAGES`, ``work`` runs here on all items.
+    """
+    pending = list(items)
+    if not FORK_STAGES:
+        work(pending)
+        return
+    parent = os.getpid()
+    while pending:
+        shards = [pending[i :: max(1, workers)] for i in range(max(1, workers))]
+        children: dict[int, list[T]] = {}
+        for shard in (s for s in shards if s):
+            pid = os.fork()
+            if pid == 0:
+                code = 0
+                try:
+                    _die_with(parent)
+                    work(shard)
+                    for handler in logging.getLogger().handlers:
+                        handler.flush()
+                except BaseException:
+                    log.error("worker failed:\n%s", traceback.format_exc())
+                    code = 1
+                finally:
+                    os._exit(code)
+            children[pid] = shard
+        pending = []
+        for pid, shard in children.items():
+            _, wait_status = os.waitpid(pid, 0)
+            left = [item for item in shard if not finished(item)]
+            if left:  # the worker ended early: the item it was on is the culprit
+                how = _wait_status_text(wait_status)
+                log.error(
+                    "a worker %s on %s; %d item(s) go to a new one", how, left[0], len(left) - 1
+                )
+                crashed(left[0], how)
+                pending += left[1:]
 
 
 def keep_freed_memory() -> bool:
@@ -285,9 +346,14 @@ def run_stage(
         if FORK_STAGES if isolate is None else isolate:
             record = _attempt_in_child(stage, work)
         else:
+            before = resource.getrusage(resource.RUSAGE_SELF)
             record, error = _attempt(stage, work)
             if error:
                 log.error("%s: %s", stage, error)
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+            # In-process: the peak is this process's so far (MB).
+            record |= {"cpu_s": round(cpu, 3), "peak_rss_mb": round(after.ru_maxrss / 1024, 1)}
     succeeded = record["status"] == OK
     # A failed stage may have left a partial image: replace it, so no half-written
     # file is ever mistaken for a result.

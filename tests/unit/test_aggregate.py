@@ -535,3 +535,34 @@ def test_flagged_otherwise_reads_the_reasons_column():
         "failed at convert: dcm2niix failed",
     ]
     assert aggregate.flagged_otherwise(reasons).tolist() == [False, False, True, True]
+
+
+def test_stage_table_names_each_subjects_first_problem(tmp_path):
+    out = tmp_path / "out"
+    write_subject(out, "01")
+    write_subject(out, "bad", statuses={"n4": ("failed", "N4: no signal")})
+    write_subject(out, "none", statuses={"inventory": ("no_series", "folder is empty")})
+    table = aggregate.write_stage_table(
+        out, ["01", "bad", "none", "gone"], out_tsv=tmp_path / "s.tsv"
+    )
+    written = pd.read_csv(tmp_path / "s.tsv", sep="\t", dtype=str, keep_default_na=False)
+    assert list(written.columns) == [
+        "subject",
+        *paths.PREPROCESS_STAGES,
+        "status",
+        "failed_stage",
+        "reason",
+    ]
+    rows = written.set_index("subject")
+    assert list(rows.loc["01", list(paths.PREPROCESS_STAGES)]) == ["ok"] * 5
+    assert rows.loc["bad", "convert"] == "ok" and rows.loc["bad", "iqm"] == "failed"
+    assert tuple(rows.loc["bad", ["status", "failed_stage", "reason"]]) == (
+        "failed",
+        "n4",
+        "N4: no signal",
+    )
+    assert tuple(rows.loc["none", ["status", "failed_stage"]]) == ("no_series", "inventory")
+    # A subject whose job never ran is a failure that says so.
+    assert rows.loc["gone", "inventory"] == "missing" and rows.loc["gone", "status"] == "failed"
+    assert "did not run" in rows.loc["gone", "reason"]
+    assert len(table) == 4

@@ -117,6 +117,31 @@ def test_run_stage_survives_a_native_crash(tmp_path):
     assert records.read_record(tmp_path / "rec.json") == record
 
 
+def test_workers_survive_a_crash_and_lose_only_its_item(tmp_path, monkeypatch):
+    monkeypatch.setattr(records, "FORK_STAGES", True)
+    crashed: list[tuple[int, str]] = []
+
+    def done(item: int) -> Path:
+        return tmp_path / f"{item}.done"
+
+    def work(shard):
+        for item in shard:
+            if item == 4:
+                faulthandler.disable()  # pytest's handler would print every module of the child
+                os.kill(os.getpid(), signal.SIGSEGV)
+            done(item).write_text("ok")
+
+    def on_crash(item, how):
+        crashed.append((item, how))
+        done(item).write_text("crashed")
+
+    records.run_in_workers(
+        list(range(9)), work, workers=2, finished=lambda i: done(i).exists(), crashed=on_crash
+    )
+    assert crashed == [(4, "killed by SIGSEGV")]
+    assert [done(i).read_text() for i in range(9)] == ["ok"] * 4 + ["crashed"] + ["ok"] * 4
+
+
 def test_run_stage_skips_after_failed_upstream(tmp_path):
     upstream = tmp_path / "up.json"
     records.write_json(upstream, records.make_record("inventory", status="no_series", reason="x"))

@@ -10,17 +10,26 @@ well under a minute on two CPU cores.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from scipy import ndimage
 
+from mriaudit import paths
 from mriaudit.model import resolve_device, score_subject, train_cohort
 from mriaudit.model.data import assign_folds, brain_grid, fold_count, reference_problem
-from mriaudit.model.score import focal_and_diffuse, load_checkpoint, subject_score, top_regions
+from mriaudit.model.score import (
+    focal_and_diffuse,
+    load_checkpoint,
+    score_cohort,
+    subject_score,
+    top_regions,
+)
 from mriaudit.model.train import TrainOptions
 from mriaudit.records import read_record
 from mriaudit.template import load_template
@@ -345,3 +354,42 @@ def test_subject_score_and_regions_on_a_known_map() -> None:
     expected = grid.affine[:3, :3] @ voxel + grid.affine[:3, 3]
     np.testing.assert_allclose(regions[0]["centroid_mm"], expected, atol=0.1)
     assert regions[1]["peak"] == pytest.approx(9.0)
+
+
+def test_score_cohort_scores_like_one_by_one_and_writes_its_table(
+    trained: dict, cohort: dict, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    labels = ["n00", "les", "broken"]
+    for label in labels:
+        image, record = cohort["subjects"][label]
+        for source, target in [
+            (image, paths.preproc(out, label)),
+            (record, paths.record(out, label, "register")),
+        ]:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, target)
+    stages = tmp_path / "stages.tsv"
+    stages.write_text("subject\tstatus\n" + "".join(f"{label}\tok\n" for label in labels))
+    table = score_cohort(
+        stages,
+        checkpoint=trained["out"] / "model.pt",
+        out_dir=out,
+        out_table=paths.model_scores(out),
+        device="cpu",
+        threads=2,
+    )
+    assert list(table["subject"]) == labels
+    written = pd.read_csv(paths.model_scores(out), sep="\t", dtype={"subject": str})
+    assert list(written["status"]) == ["ok", "ok", "failed"]
+    for label in ("n00", "les"):
+        record = read_record(paths.record(out, label, "score"))
+        expected = trained["records"][label]
+        assert record["metrics"]["anomaly_raw"] == pytest.approx(
+            expected["metrics"]["anomaly_raw"], rel=1e-5
+        )
+        assert record["fold"] == expected["fold"]
+        row = written.set_index("subject").loc[label]
+        assert row["anomaly_raw"] == pytest.approx(expected["metrics"]["anomaly_raw"], rel=1e-6)
+        assert record["peak_rss_mb"] > 0 and record["cpu_s"] >= 0
+    assert paths.anomaly_map(out, "broken").stat().st_size == 0

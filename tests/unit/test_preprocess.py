@@ -655,3 +655,14 @@ def test_n4_takes_a_20_percent_bias_off_a_real_brain(real_head, tmp_path):
     unbiased, with_bias, after = wm_cv(data), wm_cv(data * field), wm_cv(corrected)
     assert with_bias > 1.3 * unbiased, (unbiased, with_bias)
     assert abs(after - unbiased) <= 0.1 * unbiased, (unbiased, with_bias, after)
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.5, 0.7])
+def test_fill_holes_equals_scipys(fraction):
+    rng = np.random.default_rng(int(fraction * 10))
+    mask = rng.random((12, 15, 9)) < fraction
+    mask[4:9, 4:9, 3:7] = True
+    mask[6, 6, 5] = False  # an enclosed hole
+    filled = preprocess.fill_holes(mask)
+    np.testing.assert_array_equal(filled, ndi.binary_fill_holes(mask))
+    assert filled[6, 6, 5]

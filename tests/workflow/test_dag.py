@@ -41,9 +41,9 @@ def test_dry_run_builds_one_chain_per_subject(placeholder_cohort, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = _jobs(result.stdout)
     # a-b and ab collide on the label "ab": reported, not processed.
-    for rule in ["inventory", "convert", "bias_correct", "register", "iqm", "score"]:
-        assert jobs[rule] == 3, jobs
-    assert jobs["train_model"] == 1 and jobs["aggregate"] == 1 and jobs["report"] == 1
+    assert jobs["preprocess"] == 3, jobs
+    for rule in ["collect", "train_model", "score", "aggregate", "report"]:
+        assert jobs[rule] == 1, jobs
     assert "evaluate" not in jobs, "metrics.json only when labels are given"
 
 
@@ -69,7 +69,7 @@ def test_reused_checkpoint_skips_training(placeholder_cohort, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = _jobs(result.stdout)
-    assert "train_model" not in jobs and jobs["score"] == 3
+    assert "train_model" not in jobs and jobs["score"] == 1
 
 
 def test_missing_input_dir_is_a_clear_config_error(tmp_path):

@@ -35,7 +35,7 @@ START = ROOT / "tools" / "slurm" / "start-local-slurm.sh"
 STOP = ROOT / "tools" / "slurm" / "stop-local-slurm.sh"
 # A fixed state folder: a cluster left over by an interrupted session is reused, then stopped.
 CLUSTER_STATE = Path(tempfile.gettempdir()) / "mriaudit-slurm-test"
-SUBJECT_RULES = ["inventory", "convert", "bias_correct", "register", "iqm", "score"]
+SUBJECT_RULES = ["preprocess"]
 # The profiles are layered; `none` keeps an implicit profiles/default out of the test runs.
 PROFILE_ARGS = [
     "--profile",
@@ -113,7 +113,7 @@ def test_grouped_plan_for_1000_subjects_submits_at_most_100_jobs(tmp_path):
         folder = input_dir / f"sub-{index:04d}"
         folder.mkdir(parents=True)
         (folder / "IM0001").write_bytes(b"placeholder")
-    # Only the job headers are needed: printing the reasons of a 6,000-job plan is slow.
+    # Only the job headers are needed: printing the reasons of a 1,000-job plan is slow.
     result = subprocess.run(
         [str(SNAKEMAKE), "-n", "--quiet", "reason", "progress", "host",
          "--profile", str(PROFILE), "--workflow-profile", "none",
@@ -125,8 +125,9 @@ def test_grouped_plan_for_1000_subjects_submits_at_most_100_jobs(tmp_path):
     assert sum(jobs.values()) <= 100, jobs
     components = _profile(PROFILE)["group-components"]
     assert jobs["group subject"] == math.ceil(1000 / components["subject"]), jobs
-    assert jobs["group score"] == math.ceil(1000 / components["score"]), jobs
-    assert jobs["train_model"] == 1 and jobs["group cohort"] == 1, jobs
+    assert jobs["collect"] == jobs["train_model"] == jobs["score"] == jobs["group cohort"] == 1, (
+        jobs
+    )
     for rule in SUBJECT_RULES:
         assert rule not in jobs, f"{rule} is submitted on its own: {jobs}"
 

@@ -17,15 +17,21 @@ anomalous.
 from __future__ import annotations
 
 import logging
+import os
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 import torch
 from scipy import ndimage
 
+from mriaudit import paths, records
+from mriaudit.aggregate import write_tsv
 from mriaudit.model.data import (
     BrainGrid,
     ImageError,
@@ -41,6 +47,16 @@ from mriaudit.records import OK, StageError, make_record, run_stage
 log = logging.getLogger(__name__)
 
 STAGE = "score"
+#: Columns of the cohort's score table (``paths.model_scores``).
+SCORE_TABLE_COLUMNS = (
+    "subject",
+    "status",
+    "reason",
+    "anomaly_raw",
+    "fold",
+    "in_reference",
+    "elapsed_s",
+)
 
 DEFAULT_SCORING: dict[str, Any] = {
     # Misregistration tolerance in voxels: the intensity residual is the distance
@@ -309,6 +325,94 @@ def _write_map(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
     nib.save(img, str(path))
 
 
+@dataclass
+class Scorer:
+    """A loaded checkpoint, ready to score subjects on ``device``."""
+
+    state: dict[str, Any]
+    grid: BrainGrid
+    device: torch.device
+
+    @classmethod
+    def load(cls, checkpoint: Path, *, device: str = "auto", threads: int = 1) -> Scorer:
+        state = load_checkpoint(checkpoint)
+        grid = brain_grid(int(state.get("resolution", 2)))
+        return cls(state, grid, resolve_device(device, threads=threads))
+
+
+def _score_work(scorer: Scorer, image: Path, subject: str, out_map: Path) -> dict:
+    """The score record of one subject (writes its map); raises ``StageError`` on bad data."""
+    state, grid = scorer.state, scorer.grid
+    if state.get("status") != OK:
+        reason = state.get("reason", "the model was not trained")
+        _write_map(out_map, np.zeros(grid.shape, np.float32), grid.affine)
+        return make_record(
+            STAGE,
+            findings=["not_scored"],
+            metrics={"anomaly_raw": None},
+            warnings=[f"not scored: {reason}"],
+            fold=None,
+            in_reference=False,
+            top_regions=[],
+        )
+    try:
+        volume = load_normalised(image, grid=grid)
+    except ImageError as error:
+        raise StageError(str(error)) from error
+    fold = state["fold_assignment"].get(subject)
+    digests = state.get("reference_sha256", {})
+    if fold is not None and digests.get(subject) != file_sha256(image):
+        fold = None  # the label of a reference subject, but another image: never seen
+    folds = [int(fold)] if fold is not None else list(range(len(state["state_dicts"])))
+    anomaly, metrics = score_volume(volume, state, folds=folds, device=scorer.device, grid=grid)
+    full = np.zeros(grid.shape, np.float32)
+    full[grid.index] = anomaly
+    _write_map(out_map, full, grid.affine)
+    mask = scoring_mask(grid, erode_voxels=int(state["scoring"]["erode_voxels"]))
+    regions = top_regions(
+        anomaly,
+        mask,
+        affine=grid.affine,
+        offset=[a for a, _ in grid.crop],
+        percentile=float(state["scoring"]["region_percentile"]),
+    )
+    log.info(
+        "%s: anomaly_raw %.3f (%s)",
+        subject,
+        metrics["anomaly_raw"],
+        f"fold {fold}" if fold is not None else f"mean of {len(folds)} models",
+    )
+    return make_record(
+        STAGE,
+        metrics=metrics,
+        fold=None if fold is None else int(fold),
+        in_reference=fold is not None,
+        top_regions=regions,
+    )
+
+
+def score_one(
+    scorer: Scorer,
+    image: Path,
+    *,
+    subject: str,
+    out_map: Path,
+    record_path: Path,
+    upstream: Sequence[Path],
+    isolate: bool | None = None,
+) -> dict:
+    """Score one subject with a loaded model: its map and record (see :func:`score_subject`)."""
+    image, out_map = Path(image), Path(out_map)
+    return run_stage(
+        STAGE,
+        lambda: _score_work(scorer, image, subject, out_map),
+        record_path=record_path,
+        image_outputs=[out_map],
+        upstream=upstream,
+        isolate=isolate,
+    )
+
+
 def score_subject(
     image: Path,
     *,
@@ -320,7 +424,7 @@ def score_subject(
     device: str = "auto",
     threads: int = 1,
 ) -> dict:
-    """Stage ``score``: write the voxel anomaly map and the subject's record.
+    """Stage ``score`` of one subject: write the voxel anomaly map and the subject's record.
 
     ``image`` is the registered image on the template grid; ``subject`` the
     BIDS label that the checkpoint's fold assignment uses. The map (float32,
@@ -329,60 +433,114 @@ def score_subject(
     could not be trained); extras ``fold``, ``in_reference`` and
     ``top_regions`` (see :func:`top_regions`).
     """
-    image, out_map = Path(image), Path(out_map)
 
     def work() -> dict:
-        state = load_checkpoint(checkpoint)
-        grid = brain_grid(int(state.get("resolution", 2)))
-        if state.get("status") != OK:
-            reason = state.get("reason", "the model was not trained")
-            _write_map(out_map, np.zeros(grid.shape, np.float32), grid.affine)
-            return make_record(
-                STAGE,
-                findings=["not_scored"],
-                metrics={"anomaly_raw": None},
-                warnings=[f"not scored: {reason}"],
-                fold=None,
-                in_reference=False,
-                top_regions=[],
-            )
-        try:
-            volume = load_normalised(image, grid=grid)
-        except ImageError as error:
-            raise StageError(str(error)) from error
-        torch_device = resolve_device(device, threads=threads)
-        assignment = state["fold_assignment"]
-        fold = assignment.get(subject)
-        digests = state.get("reference_sha256", {})
-        if fold is not None and digests.get(subject) != file_sha256(image):
-            fold = None  # the label of a reference subject, but another image: never seen
-        folds = [int(fold)] if fold is not None else list(range(len(state["state_dicts"])))
-        anomaly, metrics = score_volume(volume, state, folds=folds, device=torch_device, grid=grid)
-        full = np.zeros(grid.shape, np.float32)
-        full[grid.index] = anomaly
-        _write_map(out_map, full, grid.affine)
-        mask = scoring_mask(grid, erode_voxels=int(state["scoring"]["erode_voxels"]))
-        regions = top_regions(
-            anomaly,
-            mask,
-            affine=grid.affine,
-            offset=[a for a, _ in grid.crop],
-            percentile=float(state["scoring"]["region_percentile"]),
-        )
-        log.info(
-            "%s: anomaly_raw %.3f (%s)",
-            subject,
-            metrics["anomaly_raw"],
-            f"fold {fold}" if fold is not None else f"mean of {len(folds)} models",
-        )
-        return make_record(
-            STAGE,
-            metrics=metrics,
-            fold=None if fold is None else int(fold),
-            in_reference=fold is not None,
-            top_regions=regions,
-        )
+        scorer = Scorer.load(Path(checkpoint), device=device, threads=threads)
+        return _score_work(scorer, Path(image), subject, Path(out_map))
 
     return run_stage(
         STAGE, work, record_path=record_path, image_outputs=[out_map], upstream=upstream
     )
+
+
+def _score_workers(device: str, threads: int) -> int:
+    """Worker processes of a cohort's scoring: one per thread on the CPU, one per GPU."""
+    if device == "cpu":
+        return max(1, threads)
+    # The NVML check does not initialise CUDA, so the workers forked after it can use it.
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    return 1 if torch.cuda.is_available() else max(1, threads)
+
+
+def score_cohort(
+    stage_table: Path,
+    *,
+    checkpoint: Path,
+    out_dir: Path,
+    out_table: Path,
+    device: str = "auto",
+    threads: int = 1,
+) -> pd.DataFrame:
+    """Stage ``score`` of every subject of ``stage_table`` (``aggregate.write_stage_table``).
+
+    The model is loaded once per worker process; on the CPU ``threads``
+    workers of one torch thread each share the subjects, on a GPU one worker
+    scores them all. Each subject writes its map and record as
+    :func:`score_subject` does (``paths`` names them in ``out_dir``); a worker
+    that crashes costs only the subject it was scoring (``failed``, crashed)
+    and the others are scored by a new worker. Writes ``out_table`` (one row
+    per subject: ``subject`` (label), ``status``, ``reason``, ``anomaly_raw``,
+    ``fold``, ``in_reference``, ``elapsed_s``) and returns it.
+    """
+    out_dir = Path(out_dir)
+    labels = pd.read_csv(stage_table, sep="\t", dtype={"subject": str})["subject"].tolist()
+    workers = min(_score_workers(device, threads), max(1, len(labels)))
+    torch_threads = max(1, threads) if workers == 1 else 1
+
+    def record_path(label: str) -> Path:
+        return paths.record(out_dir, label, STAGE)
+
+    def work(shard: Sequence[str]) -> None:
+        scorer = None
+        for label in shard:
+            upstream = [paths.record(out_dir, label, "register")]
+            if scorer is None and records.upstream_problem(upstream) is None:
+                try:
+                    scorer = Scorer.load(Path(checkpoint), device=device, threads=torch_threads)
+                except Exception as error:  # every subject of the shard gets the reason
+                    unusable(shard, f"{STAGE}: the model could not be loaded: {error}"[:300])
+                    return
+            score_one(
+                scorer,
+                paths.preproc(out_dir, label),
+                subject=label,
+                out_map=paths.anomaly_map(out_dir, label),
+                record_path=record_path(label),
+                upstream=upstream,
+                isolate=False,
+            )
+
+    def unusable(shard: Sequence[str], reason: str) -> None:
+        log.error("%s", reason)
+        for label in shard:
+            if not record_path(label).exists():
+                records.write_placeholders([paths.anomaly_map(out_dir, label)])
+                records.write_json(
+                    record_path(label), make_record(STAGE, status=records.FAILED, reason=reason)
+                )
+
+    def crashed(label: str, how: str) -> None:
+        unusable([label], f"{STAGE}: crashed ({how})")
+
+    # Records of an earlier, interrupted run must not count as done.
+    for label in labels:
+        record_path(label).unlink(missing_ok=True)
+    started = time.perf_counter()
+    records.run_in_workers(
+        labels, work, workers=workers, finished=lambda s: record_path(s).exists(), crashed=crashed
+    )
+    rows = []
+    for label in labels:
+        record = records.read_record(record_path(label))
+        rows.append(
+            {
+                "subject": label,
+                "status": record["status"],
+                "reason": record.get("reason", ""),
+                "anomaly_raw": record.get("metrics", {}).get("anomaly_raw"),
+                "fold": record.get("fold"),
+                "in_reference": record.get("in_reference", False),
+                "elapsed_s": record.get("elapsed_s"),
+            }
+        )
+    table = pd.DataFrame(rows, columns=SCORE_TABLE_COLUMNS)
+    write_tsv(table, Path(out_table))
+    elapsed = time.perf_counter() - started
+    log.info(
+        "scored %d subjects in %.1f s with %d worker(s) (%.2f s per subject)",
+        len(labels),
+        elapsed,
+        workers,
+        elapsed / max(1, len(labels)),
+    )
+    return table

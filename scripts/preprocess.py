@@ -1,0 +1,16 @@
+"""Snakemake wrapper: one subject's inventory, conversion, N4, registration and IQMs."""
+
+from pathlib import Path
+
+from mriaudit.records import setup_logging
+from mriaudit.subject import preprocess_subject
+
+setup_logging(snakemake.log[0])
+preprocess_subject(
+    Path(snakemake.input.folder),
+    out_dir=Path(snakemake.params.output_dir),
+    label=snakemake.wildcards.subject,
+    rules=dict(snakemake.params.rules),
+    resolution=snakemake.params.resolution,
+    threads=snakemake.threads,
+)
