@@ -443,6 +443,14 @@ def score_subject(
     )
 
 
+def _upstream_ok(upstream: Sequence[Path]) -> bool:
+    """Whether the subject will be scored (an unreadable record: no, run_stage says why)."""
+    try:
+        return records.upstream_problem(upstream) is None
+    except (OSError, ValueError):
+        return False
+
+
 def _score_workers(device: str, threads: int) -> int:
     """Worker processes of a cohort's scoring: one per thread on the CPU, one per GPU."""
     if device == "cpu":
@@ -473,7 +481,9 @@ def score_cohort(
     ``fold``, ``in_reference``, ``elapsed_s``) and returns it.
     """
     out_dir = Path(out_dir)
-    labels = pd.read_csv(stage_table, sep="\t", dtype={"subject": str})["subject"].tolist()
+    # Labels are strings as written ("001", "NA" included), never numbers or NaN.
+    stages = pd.read_csv(stage_table, sep="\t", dtype=str, keep_default_na=False)
+    labels = stages["subject"].tolist()
     workers = min(_score_workers(device, threads), max(1, len(labels)))
     torch_threads = max(1, threads) if workers == 1 else 1
 
@@ -484,7 +494,7 @@ def score_cohort(
         scorer = None
         for label in shard:
             upstream = [paths.record(out_dir, label, "register")]
-            if scorer is None and records.upstream_problem(upstream) is None:
+            if scorer is None and _upstream_ok(upstream):
                 try:
                     scorer = Scorer.load(Path(checkpoint), device=device, threads=torch_threads)
                 except Exception as error:  # every subject of the shard gets the reason
