@@ -485,14 +485,17 @@ def real_brain(shared_data, tmp_path_factory) -> RealBrain:
     mni = _to_ants(template.load_template(resolution=2))
     brain = _to_ants(template.load_brain_mask(resolution=2))
     moving = ants.resample_image(ants.image_read(str(source)), (2.0, 2.0, 2.0), interp_type=0)
-    registration = ants.registration(
-        fixed=mni,
-        moving=moving,
-        type_of_transform="Affine",
-        mask=ants.iMath(brain, "MD", 4),
-        random_seed=1,
-        outprefix=str(folder / "reg_"),
-    )
+    # One ITK thread, as the rules run it: on all cores the registration can converge
+    # elsewhere when the machine is busy (a CI run lost the CSF segmentation that way).
+    with preprocess.ants_environment(threads=1):
+        registration = ants.registration(
+            fixed=mni,
+            moving=moving,
+            type_of_transform="Affine",
+            mask=ants.iMath(brain, "MD", 4),
+            random_seed=1,
+            outprefix=str(folder / "reg_"),
+        )
     transform = Path(registration["fwdtransforms"][0])
     return RealBrain(data, img.affine, head_path, transform, folder)
 
