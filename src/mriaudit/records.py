@@ -27,6 +27,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -167,6 +168,32 @@ def _die_with(parent: int) -> None:
         os._exit(1)
 
 
+def _fork(body: Callable[[], None], *, what: str) -> int:
+    """Run ``body`` in a forked child and return the child's pid (the parent goes on).
+
+    The child dies with its parent (see :func:`_die_with`), flushes the log
+    and leaves with ``os._exit`` (code 0, or 1 after logging an exception), so
+    it never runs the parent's cleanup.
+    """
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            _die_with(parent)
+            body()
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except BaseException:  # say why in the rule log
+            log.error("%s: the process failed:\n%s", what, traceback.format_exc())
+            code = 1
+        finally:
+            os._exit(code)
+    return pid
+
+
 def _attempt_in_child(stage: str, work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     """:func:`_attempt` in a forked child, so a native crash (a segfault in ITK,
     an abort in a codec) becomes a ``failed`` record instead of killing the job,
@@ -177,26 +204,15 @@ def _attempt_in_child(stage: str, work: Callable[[], dict[str, Any]]) -> dict[st
     The error is logged by the parent, so it reaches the parent's handlers.
     """
     reader, writer = os.pipe()
-    parent = os.getpid()
-    pid = os.fork()
-    if pid == 0:  # the child: run, send the outcome, leave without the parent's cleanup
-        code = 0
-        try:
-            _die_with(parent)
-            os.close(reader)
-            record, error = _attempt(stage, work)
-            payload = json.dumps({"record": _jsonable(record), "error": error}).encode()
-            with os.fdopen(writer, "wb") as pipe:
-                pipe.write(payload)
-            for handler in logging.getLogger().handlers:
-                handler.flush()
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except BaseException:  # the record could not be sent: say why, in the rule log
-            log.error("%s: the stage process failed:\n%s", stage, traceback.format_exc())
-            code = 1
-        finally:
-            os._exit(code)
+
+    def send_outcome() -> None:
+        os.close(reader)
+        record, error = _attempt(stage, work)
+        payload = json.dumps({"record": _jsonable(record), "error": error}).encode()
+        with os.fdopen(writer, "wb") as pipe:
+            pipe.write(payload)
+
+    pid = _fork(send_outcome, what=stage)
     os.close(writer)
     with os.fdopen(reader, "rb") as pipe:
         payload = pipe.read()
@@ -243,25 +259,11 @@ def run_in_workers(
     if not FORK_STAGES:
         work(pending)
         return
-    parent = os.getpid()
     while pending:
         shards = [pending[i :: max(1, workers)] for i in range(max(1, workers))]
         children: dict[int, list[T]] = {}
         for shard in (s for s in shards if s):
-            pid = os.fork()
-            if pid == 0:
-                code = 0
-                try:
-                    _die_with(parent)
-                    work(shard)
-                    for handler in logging.getLogger().handlers:
-                        handler.flush()
-                except BaseException:
-                    log.error("worker failed:\n%s", traceback.format_exc())
-                    code = 1
-                finally:
-                    os._exit(code)
-            children[pid] = shard
+            children[_fork(partial(work, shard), what="worker")] = shard
         pending = []
         for pid, shard in children.items():
             _, wait_status = os.waitpid(pid, 0)
