@@ -78,6 +78,7 @@ _STREAMS = (
     "study",
     "files",
     "extra",
+    "contrast",
 )
 # Intensity of white matter on the working scale; noise and scaling refer to it.
 _WM = 0.85
@@ -524,6 +525,12 @@ _T2_LUT = (
 )
 
 
+def _t2_lut(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``_T2_LUT`` with per-subject tissue-level jitter: the 3D T2 of a T2w cohort."""
+    x, y = _T2_LUT
+    return x, y * np.r_[1.0, 1.0, rng.uniform(0.95, 1.05, size=y.size - 2)]
+
+
 def _legendre(n: int) -> np.ndarray:
     """(3, n) Legendre polynomials of degree 0..2 on [-1, 1]."""
     x = np.linspace(-1.0, 1.0, n)
@@ -642,6 +649,8 @@ class Vendor:
     t1_timing: dict[float, tuple[float, float, float, float]]
     t2_description: str
     t2_tags: dict[str, object]
+    t2_3d_description: dict[str, str]
+    t2_3d_sequence: str
     localizer_description: str
     bits_stored: int
     series_step: int
@@ -666,6 +675,8 @@ VENDORS = (
             "ScanningSequence": "SE",
             "SequenceVariant": ["SK", "SP", "OSP"],
         },
+        t2_3d_description={"sagittal": "t2_spc_sag_p2_iso", "axial": "t2_spc_tra_p2_iso"},
+        t2_3d_sequence="*spc_282ns",
         localizer_description="localizer",
         bits_stored=12,
         series_step=1,
@@ -688,6 +699,8 @@ VENDORS = (
             "ScanningSequence": "SE",
             "SequenceVariant": ["SK", "OSP"],
         },
+        t2_3d_description={"sagittal": "Sag CUBE T2", "axial": "Ax CUBE T2"},
+        t2_3d_sequence="cube",
         localizer_description="3Plane Localizer",
         bits_stored=16,
         series_step=1,
@@ -706,6 +719,8 @@ VENDORS = (
         t1_timing={3.0: (8.1, 3.7, 950.0, 8.0), 1.5: (7.5, 3.5, 900.0, 8.0)},
         t2_description="T2W_TSE",
         t2_tags={"SequenceName": "TSE", "ScanningSequence": "SE", "SequenceVariant": "SK"},
+        t2_3d_description={"sagittal": "sT2W_3D_TSE", "axial": "T2W_3D_TSE"},
+        t2_3d_sequence="TSE3D",
         localizer_description="Survey localizer",
         bits_stored=12,
         series_step=100,
@@ -824,9 +839,15 @@ def _t1_artefacts(
 
 
 def _render_t1(
-    plan: SubjectPlan, head: np.ndarray, anatomy: Anatomy, scanner: Scanner, voxel_size_mm: float
+    plan: SubjectPlan,
+    head: np.ndarray,
+    anatomy: Anatomy,
+    scanner: Scanner,
+    voxel_size_mm: float,
+    contrast: str = "T1w",
 ) -> tuple[Series, list[str]]:
-    """The 3D T1 series with the plan's anomaly, and notes describing it and the protocol."""
+    """The audited 3D series (T1, or T2 for ``contrast="T2w"``) with the plan's anomaly,
+    and notes describing it and the protocol."""
     acq = _draw_acquisition(plan.rng("acquisition"), voxel_size_mm)
     anomaly = plan.rng("anomaly")
     row_dir, col_dir = _axes(acq.orientation, acq.tilt_deg)
@@ -839,9 +860,14 @@ def _render_t1(
         margins_mm=acq.margins_mm,
     )
     notes: list[str] = []
-    lut = _T2_LUT if plan.kind == "wrong_contrast" else acq.lut
+    if contrast == "T2w":
+        lut = acq.lut if plan.kind == "wrong_contrast" else _t2_lut(plan.rng("contrast"))
+        wrong = "T1-like (CSF dark, white matter bright) labelled as T2"
+    else:
+        lut = _T2_LUT if plan.kind == "wrong_contrast" else acq.lut
+        wrong = "T2-like (CSF bright, white matter dark) labelled as T1"
     if plan.kind == "wrong_contrast":
-        notes.append("wrong contrast: T2-like (CSF bright, white matter dark) labelled as T1")
+        notes.append(f"wrong contrast: {wrong}")
     image = np.interp(_sample(head, anatomy, grid), *lut).astype(np.float32)
     bias = float(anomaly.uniform(0.35, 0.45)) if plan.kind == "bias" else acq.bias
     if plan.kind == "bias":
@@ -869,20 +895,29 @@ def _render_t1(
         else:
             frames[first : first + count] = 0
             notes.append(f"missing slices: slices {first + 1}-{first + count} all zero")
-    tr, te, ti, flip = scanner.vendor.t1_timing[scanner.field_t]
-    tags = dict(scanner.vendor.t1_tags)
+    vendor = scanner.vendor
+    if contrast == "T2w":
+        # Variable-flip-angle turbo spin echo (SPACE, CUBE, VISTA): long TR and TE.
+        tags = {**vendor.t2_tags, "SequenceName": vendor.t2_3d_sequence}
+        timing = {"RepetitionTime": 3200.0, "EchoTime": 408.0, "FlipAngle": 120.0}
+        description = vendor.t2_3d_description[acq.orientation]
+        train = 282
+    else:
+        tags = dict(vendor.t1_tags)
+        tr, te, ti, flip = vendor.t1_timing[scanner.field_t]
+        timing = {"RepetitionTime": tr, "EchoTime": te, "InversionTime": ti, "FlipAngle": flip}
+        description = vendor.t1_description[acq.orientation]
+        train = 1 if vendor.name == "Siemens" else 150
     tags.update(
         MRAcquisitionType="3D",
-        RepetitionTime=tr,
-        EchoTime=te,
-        InversionTime=ti,
-        FlipAngle=flip,
+        **timing,
         ImageType=["ORIGINAL", "PRIMARY", "M", "ND"],
         InPlanePhaseEncodingDirection="ROW" if _phase_axis(acq.orientation) == 2 else "COL",
-        EchoTrainLength=1 if scanner.vendor.name == "Siemens" else 150,
+        EchoTrainLength=train,
     )
     summary = (
-        f"{scanner.vendor.name} {scanner.model} {scanner.field_t:g}T, {acq.orientation} 3D T1 "
+        f"{vendor.name} {scanner.model} {scanner.field_t:g}T, {acq.orientation} 3D "
+        f"{contrast.removesuffix('w')} "
         f"{acq.pixel_mm:.2f}x{acq.pixel_mm:.2f}x{acq.slice_mm:.2f} mm"
         + (f" tilted {acq.tilt_deg:.1f} deg" if acq.tilt_deg else "")
         + f", SNR {snr:.0f}"
@@ -890,7 +925,7 @@ def _render_t1(
     series = Series(
         role="t1",
         number=0,
-        description=scanner.vendor.t1_description[acq.orientation],
+        description=description,
         frames=frames,
         positions=grid.positions(),
         orientations=np.tile(grid.orientation(), (grid.shape[0], 1)),
@@ -997,12 +1032,19 @@ def _render_t2(
     )
 
 
-def render_subject(plan: SubjectPlan, *, voxel_size_mm: float) -> SubjectScan:
+def render_subject(
+    plan: SubjectPlan, *, voxel_size_mm: float, contrast: str = "T1w"
+) -> SubjectScan:
     """Render every series of one subject in memory (nothing written).
 
-    The T1 series has (slices, rows, columns) about head size / ``voxel_size_mm``
-    voxels; localizer and T2 are coarser (2x pixel size).
+    The audited 3D series, T1 (``contrast="T1w"``) or T2 (``"T2w"``, protocol
+    names of SPACE, CUBE and 3D TSE), has (slices, rows, columns) about head
+    size / ``voxel_size_mm`` voxels; localizer and the 2D T2 are coarser (2x
+    pixel size).
     """
+    if contrast not in ("T1w", "T2w"):
+        message = f"unknown contrast {contrast!r}; expected 'T1w' or 'T2w'"
+        raise ValueError(message)
     scanner = _draw_scanner(plan.rng("scanner"))
     anatomy = _draw_anatomy(plan.rng("anatomy"))
     scan = SubjectScan(plan=plan, scanner=scanner, anatomy=anatomy)
@@ -1024,7 +1066,7 @@ def render_subject(plan: SubjectPlan, *, voxel_size_mm: float) -> SubjectScan:
     else:
         if plan.has_t2:
             scan.series.append(_render_t2(head, anatomy, scanner, voxel_size_mm, extra))
-        t1, notes = _render_t1(plan, head, anatomy, scanner, voxel_size_mm)
+        t1, notes = _render_t1(plan, head, anatomy, scanner, voxel_size_mm, contrast)
         scan.series.append(t1)
         scan.notes += notes
     if plan.kind == "truncated_file":

@@ -98,17 +98,39 @@ HEADER_ROTATIONS = {
     ),
 }
 HEADER_ROTATION_MARGIN = 0.1
-# Above this correlation a registration is not second-guessed: correct whole-head
-# T1 registrations reach 0.48-0.60, while a head turned 180 degrees can reach 0.30.
-SETTLED_SIMILARITY = 0.45
 
-# Plausibility of a registration, calibrated on the real scans of ../shared:
-# correct affine registrations of whole-head T1 (3D at 0.9-1.6 mm, 2D sagittal
-# supine and prone, 2D axial) correlate 0.48-0.60 with the template inside its
-# brain mask, skull-stripped and contrast-enhanced T1 0.35-0.54; registrations
-# stuck at a wrong start give 0.12-0.25, a partial-coverage slab 0.16, PD 0.25
-# and T2 below 0.
-MIN_SIMILARITY = 0.3
+
+@dataclass(frozen=True)
+class ContrastCheck:
+    """How a registration to the (T1) template is judged for one audited contrast.
+
+    ``reg_similarity`` is ``sign`` times the Pearson correlation with the T1
+    template inside its brain mask eroded by ``erosion_mm``. A correct
+    registration reaches ``min_similarity``; from ``settled_similarity`` up it
+    is not second-guessed by turned starts (``HEADER_ROTATIONS``).
+    """
+
+    sign: float
+    erosion_mm: float
+    min_similarity: float
+    settled_similarity: float
+
+
+# Calibrated on the real scans of ../shared (affine, 2 mm grid).
+# T1w: correct whole-head registrations (3D at 0.9-1.6 mm, 2D sagittal supine and
+# prone, 2D axial) correlate 0.48-0.60 inside the whole brain mask, skull-stripped
+# and contrast-enhanced T1 0.35-0.54; a wrong start gives 0.12-0.25, a head turned
+# 180 degrees up to 0.30, a partial-coverage slab 0.16, PD 0.25 and T2 below 0.
+# T2w: CSF is bright, so T2 anti-correlates with the T1 template. The brain's rim
+# is bright CSF in a T2 with skull but black after skull stripping, so only the
+# brain 6 mm in from the mask's edge is compared. There, correct registrations of
+# the five real T2 (healthy, stroke with skull, glioma skull-stripped) give
+# 0.25-0.47, the same images shifted 10 mm 0.00-0.22, and T1 scans -0.40 to -0.54.
+CONTRAST_CHECKS: dict[str, ContrastCheck] = {
+    "T1w": ContrastCheck(sign=1.0, erosion_mm=0.0, min_similarity=0.3, settled_similarity=0.45),
+    "T2w": ContrastCheck(sign=-1.0, erosion_mm=6.0, min_similarity=0.2, settled_similarity=0.3),
+}
+CONTRASTS: tuple[str, ...] = tuple(CONTRAST_CHECKS)
 # Volume scale (template to subject): 0.61-0.96 on the same scans, since the
 # MNI152 brain is larger than most.
 SCALE_RANGE = (0.6, 1.6)
@@ -366,15 +388,42 @@ def transform_matrix(path: Path) -> np.ndarray:
     return np.asarray(transform.parameters[:9], dtype=np.float64).reshape(3, 3)
 
 
+def contrast_check(contrast: str) -> ContrastCheck:
+    """The registration check of an audited ``contrast`` (one of ``CONTRASTS``)."""
+    if contrast not in CONTRAST_CHECKS:
+        message = f"unknown contrast {contrast!r}; expected one of {CONTRASTS}"
+        raise ValueError(message)
+    return CONTRAST_CHECKS[contrast]
+
+
+def similarity_mask(brain: np.ndarray, affine: np.ndarray, *, contrast: str) -> np.ndarray:
+    """Where ``reg_similarity`` is measured: the template ``brain`` mask less its rim.
+
+    The rim is ``contrast_check(contrast).erosion_mm`` deep (mm, along the
+    ``affine``'s voxel sizes); no rim for T1w.
+    """
+    inside = np.asarray(brain, dtype=bool)
+    depth = contrast_check(contrast).erosion_mm
+    if depth <= 0:
+        return inside
+    return ndi.distance_transform_edt(inside, sampling=voxel_sizes(affine)) > depth
+
+
 def registration_problems(
-    *, similarity: float, scale: float, information: float | None = None
+    *,
+    similarity: float,
+    scale: float,
+    information: float | None = None,
+    contrast: str = "T1w",
 ) -> list[str]:
     """Why a registration is implausible (empty list when it looks right).
 
-    ``similarity`` is ``reg_similarity`` (correlation with the template inside
-    its brain mask, higher is better), ``scale`` is ``reg_scale`` and
+    ``similarity`` is ``reg_similarity`` (signed correlation with the template,
+    see ``ContrastCheck``; higher is better), ``scale`` is ``reg_scale`` and
     ``information`` ``reg_mutual_information`` (nats, higher is better).
+    ``contrast`` is the contrast the image should have (``CONTRASTS``).
     """
+    check = contrast_check(contrast)
     problems = []
     if information is not None and information < NO_ANATOMY_INFORMATION:
         problems.append(
@@ -382,13 +431,15 @@ def registration_problems(
         )
     if not np.isfinite(similarity):
         problems.append("registered image is constant inside the template brain mask")
-    elif similarity < -MIN_SIMILARITY:
+    elif similarity < -check.min_similarity:
         problems.append(
-            f"registered image anti-correlates with the T1 template (r={similarity:.2f}): "
-            "inverted or non-T1 contrast, or a failed registration"
+            f"registered image has the opposite contrast to {contrast} (similarity "
+            f"{similarity:.2f}): inverted or other contrast, or a failed registration"
         )
-    elif similarity < MIN_SIMILARITY:
-        problems.append(f"low similarity to the template (r={similarity:.2f} < {MIN_SIMILARITY})")
+    elif similarity < check.min_similarity:
+        problems.append(
+            f"low similarity to the template ({similarity:.2f} < {check.min_similarity})"
+        )
     low, high = SCALE_RANGE
     if not np.isfinite(scale) or not low <= scale <= high:
         problems.append(f"implausible volume scale {scale:.2f} (expected {low} to {high})")
@@ -946,6 +997,16 @@ def _centre_transform(moving: ants.ANTsImage, fixed: ants.ANTsImage, path: Path)
     return start_transform_file(fixed_centre, centre, path)
 
 
+@dataclass(frozen=True)
+class _Criteria:
+    """What an attempt is judged by: the template brain (mutual information), the
+    part of it where the correlation is measured, and the expected contrast."""
+
+    brain: np.ndarray
+    compared: np.ndarray
+    contrast: str
+
+
 @dataclass
 class _Attempt:
     """One registration and its quality on the template grid."""
@@ -964,18 +1025,20 @@ def _attempt(
     start: str,
     moving: ants.ANTsImage,
     fixed: ants.ANTsImage,
-    brain: np.ndarray,
+    criteria: _Criteria,
     problems: Sequence[str] = (),
 ) -> _Attempt:
     registered = ants.apply_transforms(
         fixed, moving, [str(transform)], interpolator="linear"
     ).numpy()
     template_data = fixed.numpy()
-    similarity = masked_correlation(registered, template_data, brain)
+    sign = contrast_check(criteria.contrast).sign
+    similarity = sign * masked_correlation(registered, template_data, criteria.compared)
+    brain = criteria.brain
     information = mutual_information(registered[brain], template_data[brain])
     scale = affine_scale(transform_matrix(transform))
     found = list(problems) or registration_problems(
-        similarity=similarity, scale=scale, information=information
+        similarity=similarity, scale=scale, information=information, contrast=criteria.contrast
     )
     return _Attempt(transform, start, registered, similarity, information, scale, found)
 
@@ -1016,7 +1079,7 @@ def _register_moving(
     moving: ants.ANTsImage,
     fixed: ants.ANTsImage,
     fixed_mask: ants.ANTsImage,
-    brain: np.ndarray,
+    criteria: _Criteria,
     *,
     workdir: Path,
     resolution: int,
@@ -1025,12 +1088,12 @@ def _register_moving(
 
     Returns the attempt kept and, when a turned start won, the header error it
     implies. A turn (``_best_turn``) is tried when the header's registration
-    fails or stays below ``SETTLED_SIMILARITY``, unless the image shows no
-    anatomy or anti-correlates with the template (no turn makes a T2 look like
-    a T1). It is kept only when
-    it passes every plausibility check and beats the header's correlation by
-    ``HEADER_ROTATION_MARGIN``.
+    fails or stays below the contrast's ``settled_similarity``, unless the
+    image shows no anatomy or has the opposite contrast (no turn makes a T2
+    look like a T1). It is kept only when it passes every plausibility check
+    and beats the header's similarity by ``HEADER_ROTATION_MARGIN``.
     """
+    check = contrast_check(criteria.contrast)
     try:
         prepared = ants.resample_image(
             moving, (float(resolution),) * 3, use_voxels=False, interp_type=0
@@ -1039,11 +1102,12 @@ def _register_moving(
     except (RuntimeError, ValueError) as error:
         log.error("ANTs registration failed: %s", error)
         fallback = _centre_transform(moving, fixed, workdir / "centre.mat")
-        return _attempt(fallback, "none", moving, fixed, brain, [f"ANTs error: {error}"]), None
-    attempt = _attempt(transform, start, moving, fixed, brain)
-    settled = not attempt.problems and attempt.similarity >= SETTLED_SIMILARITY
+        failed = [f"ANTs error: {error}"]
+        return _attempt(fallback, "none", moving, fixed, criteria, failed), None
+    attempt = _attempt(transform, start, moving, fixed, criteria)
+    settled = not attempt.problems and attempt.similarity >= check.settled_similarity
     hopeless = attempt.information < NO_ANATOMY_INFORMATION
-    if settled or hopeless or attempt.similarity < -MIN_SIMILARITY:
+    if settled or hopeless or attempt.similarity < -check.min_similarity:
         return attempt, None
     try:
         turn = _best_turn(prepared, fixed, fixed_mask, workdir=workdir)
@@ -1053,7 +1117,7 @@ def _register_moving(
     if turn is None:
         return attempt, None
     name, transform, start = turn
-    turned = _attempt(transform, start, moving, fixed, brain)
+    turned = _attempt(transform, start, moving, fixed, criteria)
     log.info("registration %s: r=%.3f, scale %.2f", name, turned.similarity, turned.scale)
     baseline = attempt.similarity if np.isfinite(attempt.similarity) else -1.0
     if not turned.problems and turned.similarity > baseline + HEADER_ROTATION_MARGIN:
@@ -1071,6 +1135,7 @@ def register_subject(
     upstream: Sequence[Path],
     threads: int = 1,
     resolution: int = 2,
+    contrast: str = "T1w",
 ) -> dict[str, Any]:
     """Stage ``register``: affine registration of the bias-corrected image to MNI152.
 
@@ -1079,8 +1144,13 @@ def register_subject(
     ``out_image``, the template brain mask (uint8) to ``out_mask`` and the ANTs
     affine (template to subject, ``.mat``) to ``out_transform``.
 
-    Metrics: ``reg_similarity`` (Pearson correlation with the template inside
-    its brain mask; higher is better; null for a constant result),
+    The similarity metric (mutual information) is contrast-independent; the
+    check of the result depends on the ``contrast`` the image should have
+    (``CONTRAST_CHECKS``: ``T1w`` or ``T2w``).
+
+    Metrics: ``reg_similarity`` (Pearson correlation with the T1 template inside
+    its brain mask, negated and without the brain's 6 mm rim for T2w; higher is
+    better; null for a constant result),
     ``reg_scale`` (volume scale of the affine, template to subject; 0.6-1.0 for
     adults) and ``reg_mutual_information`` (nats, inside the brain mask; higher
     is better, contrast-independent). The record's ``registration_start`` names
@@ -1090,14 +1160,18 @@ def register_subject(
     ``registration_failed`` for an implausible result (``registration_problems``),
     an empty image or an ANTs error; ``header_orientation`` when the anatomy
     only registers turned against its header (``HEADER_ROTATIONS``), as after
-    a wrongly entered patient position. Returns the record.
+    a wrongly entered patient position. Returns the record, whose
+    ``contrast`` names the check applied.
     """
+    contrast_check(contrast)  # a wrong name is the caller's error, not the scan's
 
     def work() -> dict[str, Any]:
         image, data = load_volume(in_image)
         fixed_nii = template.load_template(resolution=resolution)
         template_data = fixed_nii.get_fdata(dtype=np.float32)
         brain = template.load_brain_mask(resolution=resolution).get_fdata() > 0
+        compared = similarity_mask(brain, fixed_nii.affine, contrast=contrast)
+        criteria = _Criteria(brain=brain, compared=compared, contrast=contrast)
         findings: list[str] = []
         warnings: list[str] = []
         with ants_environment(threads=threads) as workdir:
@@ -1107,12 +1181,12 @@ def register_subject(
             if is_flat(data):
                 fallback = _centre_transform(moving, fixed, workdir / "centre.mat")
                 attempt = _attempt(
-                    fallback, "none", moving, fixed, brain, ["image is empty or constant"]
+                    fallback, "none", moving, fixed, criteria, ["image is empty or constant"]
                 )
                 header_error = None
             else:
                 attempt, header_error = _register_moving(
-                    moving, fixed, fixed_mask, brain, workdir=workdir, resolution=resolution
+                    moving, fixed, fixed_mask, criteria, workdir=workdir, resolution=resolution
                 )
             out_transform.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(attempt.transform, out_transform)
@@ -1142,6 +1216,7 @@ def register_subject(
             metrics=metrics,
             warnings=warnings,
             registration_start=attempt.start,
+            contrast=contrast,
         )
 
     return records.run_stage(

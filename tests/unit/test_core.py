@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from mriaudit import cohort, paths, records, template
-from mriaudit.intensity import normalize_intensity
+from mriaudit.intensity import histogram_landmarks, normalize_intensity, standardize_histogram
 
 
 def test_paths_follow_bids_derivatives():
@@ -230,6 +230,28 @@ def test_normalize_intensity_maps_percentiles():
         normalize_intensity(np.ones((4, 4, 4)), np.ones((4, 4, 4)))
     with pytest.raises(ValueError, match="no finite"):
         normalize_intensity(np.ones((4, 4, 4)), np.zeros((4, 4, 4)))
+
+
+def test_standardize_histogram_undoes_a_contrast_change_and_keeps_a_lesion():
+    rng = np.random.default_rng(1)
+    grey = rng.random((20, 20, 20)) < 0.5
+    base = np.where(grey, 0.6, 0.3) + rng.normal(0.0, 0.03, grey.shape)
+    mask = np.ones(grey.shape, dtype=bool)
+    mask[0] = False
+    reference = histogram_landmarks(base, mask)
+    other = 0.1 + 1.4 * base**1.6  # another scanner: a monotone change of contrast
+    lesion = np.zeros(grey.shape, dtype=bool)
+    lesion[5:8, 5:8, 5:8] = True
+    other[lesion] = 1.3 * other[mask].max()
+    out = standardize_histogram(other, mask, reference=reference)
+    assert out.dtype == np.float32
+    for tissue in (grey, ~grey):
+        inside = mask & ~lesion & tissue
+        assert out[inside].mean() == pytest.approx(base[inside].mean(), abs=0.01)
+    assert out[lesion].min() > reference[-1]
+    assert np.all(out[~mask] == 0)
+    with pytest.raises(ValueError, match="ascending"):
+        standardize_histogram(other, mask, reference=reference[::-1])
 
 
 def test_outputs_get_the_umask_not_private_permissions(tmp_path):

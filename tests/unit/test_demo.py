@@ -422,3 +422,19 @@ def test_bias_and_wrong_contrast_change_intensities_inside_the_head(base_plan, n
     assert high / low > 1.3
     inverted = _render_t1(replace(base_plan, kind="wrong_contrast")).frames.astype(float)
     assert np.corrcoef(inverted[head], normal_frames[head])[0, 1] < 0
+
+
+def test_a_t2w_cohort_renders_a_3d_t2_of_the_same_head(base_plan, normal_frames):
+    scan = demo.render_subject(base_plan, voxel_size_mm=VOXEL_MM, contrast="T2w")
+    t2 = scan.t1()
+    assert t2 is not None and t2.frames.shape == normal_frames.shape
+    names = {description for v in demo.VENDORS for description in v.t2_3d_description.values()}
+    assert t2.description in names
+    assert t2.tags["MRAcquisitionType"] == "3D" and "InversionTime" not in t2.tags
+    assert t2.tags["RepetitionTime"] > 2000 and t2.tags["EchoTime"] > 80
+    # Same anatomy, reversed tissue order: the T2 anti-correlates with the T1 in the head.
+    head = normal_frames > 0.3 * np.percentile(normal_frames, 99)
+    assert np.corrcoef(t2.frames[head].astype(float), normal_frames[head])[0, 1] < 0
+    assert any("3D T2 " in note for note in scan.notes)
+    with pytest.raises(ValueError, match="unknown contrast"):
+        demo.render_subject(base_plan, voxel_size_mm=VOXEL_MM, contrast="PD")

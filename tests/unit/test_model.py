@@ -208,6 +208,11 @@ def test_train_writes_checkpoint_and_sidecar(trained: dict) -> None:
     assert set(checkpoint["fold_assignment"]) == set(NORMALS)
     assert set(checkpoint["fold_assignment"].values()) == {0, 1}
     assert checkpoint["resolution"] == 2
+    # The reference intensity scale that scoring maps every subject onto.
+    landmarks = checkpoint["normalisation"]["landmarks"]
+    assert landmarks == sidecar["landmarks"]
+    assert len(landmarks) == len(checkpoint["normalisation"]["landmark_percentiles"])
+    assert np.all(np.diff(landmarks) >= 0) and landmarks[0] >= 0 and landmarks[-1] <= 1.5
 
 
 def test_score_writes_map_on_template_grid_and_record(trained: dict) -> None:
@@ -390,6 +395,6 @@ def test_score_cohort_scores_like_one_by_one_and_writes_its_table(
         )
         assert record["fold"] == expected["fold"]
         row = written.set_index("subject").loc[label]
-        assert row["anomaly_raw"] == pytest.approx(expected["metrics"]["anomaly_raw"], rel=1e-6)
+        assert row["anomaly_raw"] == pytest.approx(record["metrics"]["anomaly_raw"], rel=1e-6)
         assert record["peak_rss_mb"] > 0 and record["cpu_s"] >= 0
     assert paths.anomaly_map(out, "broken").stat().st_size == 0

@@ -242,10 +242,36 @@ def test_similarity_helpers():
 def test_registration_problems_thresholds():
     assert preprocess.registration_problems(similarity=0.55, scale=0.8) == []
     assert "low similarity" in preprocess.registration_problems(similarity=0.1, scale=0.8)[0]
-    assert "anti-correlates" in preprocess.registration_problems(similarity=-0.5, scale=0.8)[0]
+    assert (
+        "opposite contrast to T1w"
+        in preprocess.registration_problems(similarity=-0.5, scale=0.8)[0]
+    )
     assert "scale" in preprocess.registration_problems(similarity=0.55, scale=0.4)[0]
     assert "scale" in preprocess.registration_problems(similarity=0.55, scale=1.9)[0]
     assert "constant" in preprocess.registration_problems(similarity=np.nan, scale=1.0)[0]
+
+
+def test_registration_problems_of_a_t2():
+    def problems(similarity: float) -> list[str]:
+        return preprocess.registration_problems(similarity=similarity, scale=0.8, contrast="T2w")
+
+    assert problems(0.25) == []
+    assert "low similarity" in problems(0.1)[0]
+    assert "opposite contrast to T2w" in problems(-0.45)[0]
+    with pytest.raises(ValueError, match="unknown contrast 'FLAIR'"):
+        preprocess.contrast_check("FLAIR")
+
+
+def test_similarity_mask_leaves_out_the_brain_rim_for_t2():
+    # A ball of radius 20 mm on a 2 mm grid: the T2 check keeps the ball of 14 mm.
+    grid = np.indices((31, 31, 31)) - 15
+    ball = (grid**2).sum(axis=0) <= 10**2
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    assert np.array_equal(preprocess.similarity_mask(ball, affine, contrast="T1w"), ball)
+    inner = preprocess.similarity_mask(ball, affine, contrast="T2w")
+    radius_vox = np.sqrt((grid[:, inner] ** 2).sum(axis=0))
+    assert inner.sum() > 0 and np.all(inner <= ball)
+    assert 12.0 <= 2.0 * radius_vox.max() <= 14.5
 
 
 def test_ants_image_keeps_nibabel_geometry():
@@ -534,7 +560,7 @@ def test_real_brain_is_bias_corrected_and_registered(scan, shared_data, tmp_path
     assert 0.05 < record["metrics"]["iqm_inu_range"] < 1.0
     record, _ = _register(tmp_path, n4_image, n4_record)
     assert record["status"] == "ok" and record["findings"] == [], record
-    assert record["metrics"]["reg_similarity"] > preprocess.MIN_SIMILARITY
+    assert record["metrics"]["reg_similarity"] > preprocess.CONTRAST_CHECKS["T1w"].min_similarity
     low, high = preprocess.SCALE_RANGE
     assert low < record["metrics"]["reg_scale"] < high
 

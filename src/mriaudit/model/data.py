@@ -4,7 +4,9 @@ reference selection, folds and the training-data hash.
 Volumes are indexed ``(x, y, z)`` on the MNI152 grid (the template's voxel
 axes, RAS+); the model works on axial slices ``volume[:, :, z]`` of the brain
 bounding box, intensities normalised inside the template brain mask to [0, 1]
-(1st and 99th percentiles; up to 1.5 above).
+(1st and 99th percentiles; up to 1.5 above), then standardised: each volume's
+histogram landmarks are mapped onto the reference subjects' mean landmarks
+(``mriaudit.intensity.standardize_histogram``), by train and score alike.
 """
 
 from __future__ import annotations
@@ -19,14 +21,20 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from mriaudit.intensity import normalize_intensity
+from mriaudit.intensity import LANDMARK_PERCENTILES, normalize_intensity
 from mriaudit.template import load_brain_mask, load_template
 
 #: The network halves the slice size this many times, so crops are multiples of 2**DEPTH.
 DEPTH = 3
 #: Voxels of background kept around the brain bounding box (in x and y).
 MARGIN = 2
-NORMALISATION = {"method": "percentile", "lower_percentile": 1.0, "upper_percentile": 99.0}
+NORMALISATION = {
+    "method": "percentile",
+    "lower_percentile": 1.0,
+    "upper_percentile": 99.0,
+    "standardisation": "histogram landmarks",
+    "landmark_percentiles": list(LANDMARK_PERCENTILES),
+}
 
 
 class ImageError(ValueError):

@@ -32,6 +32,7 @@ from scipy import ndimage
 
 from mriaudit import paths, records
 from mriaudit.aggregate import write_tsv
+from mriaudit.intensity import standardize_histogram
 from mriaudit.model.data import (
     BrainGrid,
     ImageError,
@@ -359,6 +360,9 @@ def _score_work(scorer: Scorer, image: Path, subject: str, out_map: Path) -> dic
         volume = load_normalised(image, grid=grid)
     except ImageError as error:
         raise StageError(str(error)) from error
+    landmarks = state.get("normalisation", {}).get("landmarks")
+    if landmarks:  # checkpoints from before the standardisation have none
+        volume = standardize_histogram(volume, grid.crop_mask, reference=np.asarray(landmarks))
     fold = state["fold_assignment"].get(subject)
     digests = state.get("reference_sha256", {})
     if fold is not None and digests.get(subject) != file_sha256(image):

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from mriaudit.intensity import histogram_landmarks, standardize_histogram
 from mriaudit.model.data import (
     NORMALISATION,
     BrainGrid,
@@ -547,6 +548,7 @@ def train_cohort(
             log.warning("reference subject %s not used: %s", subject, problem)
     sidecar["excluded_reference"] = excluded
     sidecar["n_reference"] = len(volumes)
+    landmarks = _standardise(volumes, grid)
     n_folds = fold_count(len(volumes), folds)
     if n_folds == 0:
         reason = f"{len(volumes)} usable reference subject(s), at least 3 are needed to train"
@@ -565,6 +567,7 @@ def train_cohort(
             config,
             n_folds=n_folds,
             grid=grid,
+            landmarks=landmarks,
             device=torch_device,
             options=options,
             started=started,
@@ -580,6 +583,25 @@ def train_cohort(
         return _failed(out_checkpoint, out_sidecar, reason, sidecar)
 
 
+def _standardise(volumes: dict[str, np.ndarray], grid: BrainGrid) -> list[float]:
+    """Map every volume's histogram landmarks onto their mean (in place); return the mean.
+
+    The mean covers every usable reference subject, so one subject weighs 1/n
+    on the landmarks its own fold model is scored against: a negligible leak,
+    for one intensity scale shared by all folds and by scoring.
+    """
+    if not volumes:
+        return []
+    mask = grid.crop_mask
+    landmarks = np.mean(
+        [histogram_landmarks(v.astype(np.float32), mask) for v in volumes.values()], axis=0
+    )
+    for subject, volume in volumes.items():
+        standard = standardize_histogram(volume.astype(np.float32), mask, reference=landmarks)
+        volumes[subject] = standard.astype(volume.dtype)
+    return [round(float(v), 6) for v in landmarks]
+
+
 def _fit(
     volumes: dict[str, np.ndarray],
     paths: dict[str, Path],
@@ -588,6 +610,7 @@ def _fit(
     *,
     n_folds: int,
     grid: BrainGrid,
+    landmarks: list[float],
     device: torch.device,
     options: TrainOptions,
     started: float,
@@ -634,7 +657,7 @@ def _fit(
         "resolution": resolution,
         "crop": [list(span) for span in grid.crop],
         "architecture": dict(options.architecture),
-        "normalisation": dict(NORMALISATION, mask="mni152_brain"),
+        "normalisation": dict(NORMALISATION, mask="mni152_brain", landmarks=landmarks),
         "scoring": dict(options.scoring),
         "fold_assignment": assignment,
         # Which image each reference label was: a reused checkpoint must not take a new
@@ -651,6 +674,7 @@ def _fit(
         training_time_s=round(time.perf_counter() - started, 2),
         fold_final_loss=[round(v, 6) for v in final_losses],
         fold_assignment=assignment,
+        landmarks=landmarks,
     )
     write_json(out_sidecar, sidecar)
     log.info("model trained in %.1f s: %s", sidecar["training_time_s"], out_checkpoint)
