@@ -593,13 +593,15 @@ def _standardise(volumes: dict[str, np.ndarray], grid: BrainGrid) -> list[float]
     if not volumes:
         return []
     mask = grid.crop_mask
-    landmarks = np.mean(
+    mean = np.mean(
         [histogram_landmarks(v.astype(np.float32), mask) for v in volumes.values()], axis=0
     )
+    # Rounded as the checkpoint keeps them, so scoring maps exactly as training did.
+    landmarks = [round(float(v), 6) for v in mean]
     for subject, volume in volumes.items():
         standard = standardize_histogram(volume.astype(np.float32), mask, reference=landmarks)
         volumes[subject] = standard.astype(volume.dtype)
-    return [round(float(v), 6) for v in landmarks]
+    return landmarks
 
 
 def _fit(
