@@ -16,6 +16,8 @@ run. It then scores the real scans of ../shared/data/nifti of that contrast.
 from __future__ import annotations
 
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,9 +80,7 @@ def _preprocess(
 ) -> tuple[Path, Path]:
     """N4 and registration of ``image`` into ``folder``: (registered image, register record).
 
-    On one ITK thread, as the workflow's preprocess job by default: threads split
-    ITK's sums differently, and a registration of the ARC stroke T2 then lands
-    either well (similarity 0.27) or tilted (0.18, ``registration_failed``).
+    On one ITK thread, as the workflow's preprocess job by default; see ``_fresh_pool``.
     """
     folder.mkdir(parents=True, exist_ok=True)
     n4 = preprocess.bias_correct_subject(
@@ -131,9 +131,32 @@ def _demo_normal(plan: demo.SubjectPlan, folder: Path, scans: RealScans) -> tupl
     )
 
 
+def _fresh_pool() -> ProcessPoolExecutor:
+    """Two fresh interpreters (spawned, one per core) for the N4 and registration runs.
+
+    ITK fixes its thread count when a process first uses it, so in a test process
+    where earlier tests ran ITK on two threads ``threads=1`` would not hold. Split
+    over threads, ITK's sums differ from run to run, and the ARC stroke T2 then
+    registers either well (similarity 0.27) or tilted (0.18,
+    ``registration_failed``). A fresh process per worker runs on one thread, as
+    the workflow's preprocess job does, and repeats.
+    """
+    return ProcessPoolExecutor(max_workers=2, mp_context=multiprocessing.get_context("spawn"))
+
+
 def _real_scores(scans: RealScans, shared_data: Path, root: Path) -> dict[str, float]:
     normals = [p for p in demo.plan_cohort(30, seed=0) if p.kind == "normal"][:N_TRAINING]
-    training = [_demo_normal(plan, root / plan.folder, scans) for plan in normals]
+    real = {**scans.healthy, **scans.pathological}
+    with _fresh_pool() as pool:
+        heads = [pool.submit(_demo_normal, plan, root / plan.folder, scans) for plan in normals]
+        real_scans = {
+            name: pool.submit(
+                _preprocess, shared_data / "nifti" / rel, root / name, [], contrast=scans.contrast
+            )
+            for name, rel in real.items()
+        }
+        training = [future.result() for future in heads]
+        registered = {name: future.result() for name, future in real_scans.items()}
     subjects = [bids_label(plan.folder) for plan in normals]
     sidecar = train.train_cohort(
         [image for image, _ in training],
@@ -146,10 +169,7 @@ def _real_scores(scans: RealScans, shared_data: Path, root: Path) -> dict[str, f
     )
     assert sidecar["status"] == OK, sidecar
     scores = {}
-    for name, rel in {**scans.healthy, **scans.pathological}.items():
-        image, record = _preprocess(
-            shared_data / "nifti" / rel, root / name, [], contrast=scans.contrast
-        )
+    for name, (image, record) in registered.items():
         scored = score.score_subject(
             image,
             checkpoint=root / "model.pt",
