@@ -65,6 +65,10 @@ def metrics_input(wildcards):
     return [str(paths.metrics(OUT))] if LABELS else []
 
 
+def fold_groups(wildcards):
+    return cohort.read_fold_groups(config["training"]["fold_groups"], subjects=COHORT)
+
+
 def reference_labels(wildcards):
     return cohort.resolve_reference(config["reference"], subjects=COHORT, labels_path=LABELS)
 

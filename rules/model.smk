@@ -14,6 +14,7 @@ if TRAIN_MODEL:
         params:
             subjects=SUBJECTS,
             reference=reference_labels,
+            fold_groups=fold_groups,
             training=config["training"],
             device=config["device"],
             resolution=config["template_resolution"],

@@ -22,4 +22,5 @@ train_cohort(
     device=snakemake.params.device,
     threads=snakemake.threads,
     resolution=snakemake.params.resolution,
+    fold_groups=dict(snakemake.params.fold_groups),
 )

@@ -6,18 +6,22 @@ subject against the cohort:
 
 - ``anomaly_score`` is the robust z of the model's ``anomaly_raw`` against the
   reference subjects: ``(raw - median_ref) / (1.4826 * MAD_ref)`` over subjects
-  that are ``ok`` and ``in_reference`` (higher = more anomalous; NaN when not scored).
-- IQMs get a robust z against the ``ok`` subjects of the cohort, signed so that
-  the report can say "below" or "above" the cohort.
+  that are ``ok`` and ``in_reference`` (higher = more anomalous; NaN when not
+  scored): the model alone, kept for comparison.
+- ``audit_score`` fuses the model, every IQM, the artefact measures and the
+  registration similarity into one calibrated outlier score, standardised per
+  scanner group where groups differ (``mriaudit.audit``); ``scanner_group`` is
+  the group key from the headers.
 
 Flag rules (config ``flag``; defaults in ``DEFAULT_FLAG``):
 
-- status ``failed`` / ``no_series``: flagged with the stage's reason;
-- ``anomaly_score >= max(anomaly_z, fp_budget point)`` (see ``anomaly_threshold``);
-- an IQM whose robust z in its bad direction is ``>= iqm_z`` (``ok`` subjects only);
-- header findings that make the series unreliable (missing or duplicate slices,
+- hard findings: status ``failed`` / ``no_series`` (with the stage's reason),
+  header findings that make the series unreliable (missing or duplicate slices,
   mixed orientation or dimensions, non-uniform spacing, inconsistent rescale,
-  unreadable files) and ``registration_failed``.
+  unreadable files), ``registration_failed``, ``header_orientation`` and an
+  image identical to another subject's;
+- ``audit_score >= max(audit_z, fp_budget point)`` (see ``audit.audit_threshold``),
+  the reason naming the components whose evidence is at least ``component_z``.
 
 Reported but not flagged (column ``notes``, and ``findings``):
 
@@ -43,14 +47,13 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
-from mriaudit import cohort, paths
+from mriaudit import audit, cohort, paths
 from mriaudit.records import FAILED, NO_SERIES, OK, STATUSES, write_json
 
 log = logging.getLogger(__name__)
 
-DEFAULT_FLAG: dict[str, float] = {"anomaly_z": 3.0, "iqm_z": 4.0, "fp_budget": 0.05}
+DEFAULT_FLAG: dict[str, float] = {"audit_z": 3.0, "component_z": 2.0, "fp_budget": 0.05}
 
 #: Metric columns copied from the records into scores.tsv, in this order.
 METRIC_PREFIXES: tuple[str, ...] = ("anomaly_", "iqm_", "hdr_", "reg_", "conv_", "n4_")
@@ -110,6 +113,7 @@ _STRING_COLUMNS = (
     "flag_reasons",
     "findings",
     "notes",
+    "scanner_group",
 )
 _BOOL_COLUMNS = ("flagged", "in_reference")
 _BASE_COLUMNS = (
@@ -117,6 +121,7 @@ _BASE_COLUMNS = (
     "label",
     "status",
     "reason",
+    "audit_score",
     "anomaly_score",
     "anomaly_raw",
     "flagged",
@@ -126,12 +131,13 @@ _BASE_COLUMNS = (
     "failed_stage",
     "in_reference",
     "fold",
+    "scanner_group",
 )
 _LINE_BREAKS = re.compile(r"[\t\r\n]+")
 
 
 def flag_settings(flag: dict[str, Any] | None) -> dict[str, float]:
-    """The ``flag`` config with defaults filled in (anomaly_z, iqm_z, fp_budget)."""
+    """The ``flag`` config with defaults filled in (audit_z, component_z, fp_budget)."""
     settings = dict(DEFAULT_FLAG)
     for key, value in (flag or {}).items():
         if key in settings and value is not None:
@@ -204,52 +210,15 @@ def reference_mask(status: np.ndarray, in_reference: np.ndarray, scored: np.ndar
     return reference
 
 
-#: Prefix of the flag reason the anomaly score gives (the other reasons come from other rules).
-ANOMALY_REASON = "anomaly score z="
-
-
-def anomaly_threshold(
-    scores: np.ndarray,
-    reference: np.ndarray,
-    *,
-    flag: dict[str, Any],
-    flagged_otherwise: np.ndarray | None = None,
-) -> float:
-    """Anomaly-score threshold: ``max(anomaly_z, the fp_budget point of the normal scores)``.
-
-    ``scores`` (n,) robust z, ``reference`` (n,) bool. The fp_budget point is
-    where a Gaussian with the spread of the upper half of the reference scores
-    leaves ``fp_budget`` above it: ``median + (q75 - median) * isf(fp_budget) /
-    isf(0.25)``. It raises the threshold when normal scores have a long upper
-    tail that the MAD of the robust z misses. The upper quartile rather than a
-    high quantile, and only the reference subjects that no other rule flags
-    (``flagged_otherwise``, (n,) bool), because with ``reference: all`` the
-    reference holds the cohort's anomalies: a (1 - fp_budget) quantile of it
-    lands among them whenever they are more than fp_budget of the cohort, and
-    those that only the anomaly score can see would never be flagged.
-    ``fp_budget`` 0 turns the anomaly flag off (threshold infinite).
-    """
-    settings = flag_settings(flag)
-    if settings["fp_budget"] <= 0:
-        return math.inf
-    pool = np.asarray(reference, dtype=bool)
-    if flagged_otherwise is not None:
-        pool = pool & ~np.asarray(flagged_otherwise, dtype=bool)
-    values = np.asarray(scores, dtype=float)[pool]
-    values = values[np.isfinite(values)]
-    threshold = settings["anomaly_z"]
-    if values.size:
-        median, upper = float(np.median(values)), float(np.quantile(values, 0.75))
-        tail = float(stats.norm.isf(settings["fp_budget"]) / stats.norm.isf(0.25))
-        threshold = max(threshold, median + max(upper - median, 0.0) * tail)
-    return threshold
+#: Prefix of the flag reason the audit score gives (the other reasons are hard findings).
+AUDIT_REASON = "audit score "
 
 
 def flagged_otherwise(flag_reasons: Sequence[str]) -> np.ndarray:
-    """(n,) bool: the ``flag_reasons`` of scores.tsv hold a reason besides the anomaly score's."""
+    """(n,) bool: the ``flag_reasons`` of scores.tsv hold a hard finding (a reason besides the audit score's)."""
     return np.array(
         [
-            any(part and not part.startswith(ANOMALY_REASON) for part in str(text).split("; "))
+            any(part and not part.startswith(AUDIT_REASON) for part in str(text).split("; "))
             for text in flag_reasons
         ],
         dtype=bool,
@@ -257,14 +226,16 @@ def flagged_otherwise(flag_reasons: Sequence[str]) -> np.ndarray:
 
 
 def table_threshold(frame: pd.DataFrame, *, flag: dict[str, Any]) -> float:
-    """The anomaly threshold that aggregate used, recomputed from a scores.tsv table."""
-    status = frame["status"].to_numpy(dtype=str)
-    score = frame["anomaly_score"].to_numpy(dtype=float)
-    reference = reference_mask(
-        status, frame["in_reference"].to_numpy(dtype=bool), np.isfinite(score)
+    """The audit threshold that aggregate used, recomputed from a scores.tsv table."""
+    settings = flag_settings(flag)
+    result = audit.audit_scores(
+        frame,
+        usable=frame["status"].to_numpy(dtype=str) == OK,
+        hard=flagged_otherwise(frame["flag_reasons"].fillna("").astype(str).tolist()),
+        audit_z=settings["audit_z"],
+        fp_budget=settings["fp_budget"],
     )
-    otherwise = flagged_otherwise(frame["flag_reasons"].fillna("").astype(str).tolist())
-    return anomaly_threshold(score, reference, flag=flag, flagged_otherwise=otherwise)
+    return result.threshold
 
 
 def _read_record(path: Path, stage: str) -> dict[str, Any] | None:
@@ -474,35 +445,6 @@ def _finding_reason(code: str, metrics: dict[str, Any]) -> str:
     return reason
 
 
-def _iqm_outliers(
-    frame: pd.DataFrame, ok: np.ndarray, *, iqm_z: float
-) -> tuple[list[str], np.ndarray, dict[int, list[tuple[str, float]]]]:
-    """Robust z of every IQM column against the ok subjects, and the outliers.
-
-    Returns the ``iqm_*`` columns, their z-scores (n, columns) (NaN for subjects
-    that are not ok, missing values, or a metric without spread), and per row
-    the ``(column, z)`` beyond ``iqm_z`` in the metric's bad direction.
-    """
-    directions, _ = iqm_tables()
-    columns = [c for c in frame.columns if c.startswith("iqm_")]
-    scores = np.full((len(frame), len(columns)), np.nan)
-    bad_by_row: dict[int, list[tuple[str, float]]] = {}
-    for index, column in enumerate(columns):
-        values = _numeric(frame, column)
-        if not np.isfinite(values).any():
-            continue
-        z, _, _ = robust_z(values, ok)
-        z[~ok] = np.nan
-        scores[:, index] = z
-        direction = directions.get(_strip_iqm(column), 0)
-        if direction == 0:
-            continue
-        bad = np.isfinite(z) & (-direction * np.nan_to_num(z) >= iqm_z)
-        for i in np.flatnonzero(bad):
-            bad_by_row.setdefault(int(i), []).append((column, float(z[i])))
-    return columns, scores, bad_by_row
-
-
 def iqm_causes() -> dict[str, str]:
     """Likely cause of each IQM on its bad side (keys without the ``iqm_`` prefix)."""
     from mriaudit.iqm import IQM_CAUSES
@@ -684,7 +626,7 @@ def aggregate_cohort(
     order = np.lexsort(
         (
             frame["subject"].to_numpy(dtype=str),
-            -np.nan_to_num(frame["anomaly_score"].to_numpy(dtype=float), nan=-np.inf),
+            -np.nan_to_num(frame["audit_score"].to_numpy(dtype=float), nan=-np.inf),
             ~frame["flagged"].to_numpy(dtype=bool),
         )
     )
@@ -714,11 +656,11 @@ def aggregate_cohort(
         list(pool.map(write_subject, zip(frame.to_dict("records"), extras, strict=True)))
     n_flagged = int(frame["flagged"].sum())
     log.info(
-        "aggregated %d subjects: %d ok, %d flagged (anomaly threshold %.2f)",
+        "aggregated %d subjects: %d ok, %d flagged (audit threshold %.2f)",
         len(frame),
         int((frame["status"] == OK).sum()),
         n_flagged,
-        summary["anomaly_threshold"],
+        summary["audit_threshold"],
     )
     return frame
 
@@ -726,7 +668,7 @@ def aggregate_cohort(
 def _judge(
     frame: pd.DataFrame, extras: list[dict[str, Any]], settings: dict[str, float]
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Add anomaly_score, flagged, flag_reasons, findings and notes (cohort statistics)."""
+    """Add anomaly_score, audit_score, scanner_group, flagged, flag_reasons, findings and notes."""
     status = frame["status"].to_numpy(dtype=str)
     ok = status == OK
     raw = _numeric(frame, "anomaly_raw")
@@ -735,12 +677,8 @@ def _judge(
     reference = reference_mask(status, in_reference, scored)
     z, median, scale = robust_z(raw, reference)
     score = np.where(scored, z, np.nan)
-    iqm_columns, iqm_z, iqm_bad = _iqm_outliers(frame, ok, iqm_z=settings["iqm_z"])
     deviations = protocol_deviations(frame)
     duplicates = duplicate_images(frame)
-    _, labels = iqm_tables()
-    causes = iqm_causes()
-    flagged, reasons_col, findings_col, notes_col = [], [], [], []
     for i, extra in enumerate(extras):
         reasons: list[str] = []
         notes: list[str] = []
@@ -752,8 +690,6 @@ def _judge(
                 prefix = _STATUS_PREFIX.get(status[i], status[i])
                 prefix += f" at {stage}" if stage and status[i] == FAILED else ""
             reasons.append(f"{prefix}: {frame.at[i, 'reason']}")
-        outliers = sorted(iqm_bad.get(i, []), key=lambda item: -abs(item[1]))
-        reasons += [_iqm_reason(column, value, labels, causes) for column, value in outliers]
         for code in extra["findings"]:
             if code in FLAGGING_FINDINGS:
                 reasons.append(_finding_reason(code, extra["metrics"]))
@@ -761,31 +697,43 @@ def _judge(
                 notes.append(NOTE_FINDINGS[code])
         if duplicates[i]:
             reasons.append(f"identical image data to {', '.join(duplicates[i])}")
-        findings = extra["findings"] + deviations[i]
-        findings += ["duplicate_image"] if duplicates[i] else []
-        extra["findings"] = findings
+        extra["findings"] = extra["findings"] + deviations[i]
+        extra["findings"] += ["duplicate_image"] if duplicates[i] else []
         extra["notes"] = notes
         extra["flag_reasons"] = reasons
-        extra["iqm_z"] = {
-            column: value
-            for column, value in zip(iqm_columns, np.round(iqm_z[i], 3).tolist(), strict=True)
-            if math.isfinite(value)
-        }
-        extra["iqm_outliers"] = [f"{c} z={v:.1f}" for c, v in outliers]
-        findings_col.append("; ".join(findings))
-        notes_col.append("; ".join(notes))
-    flagged_otherwise = np.array([bool(extra["flag_reasons"]) for extra in extras], dtype=bool)
-    threshold = anomaly_threshold(
-        score, reference, flag=settings, flagged_otherwise=flagged_otherwise
+    hard = np.array([bool(extra["flag_reasons"]) for extra in extras], dtype=bool)
+    result = audit.audit_scores(
+        frame,
+        usable=ok,
+        hard=hard,
+        audit_z=settings["audit_z"],
+        fp_budget=settings["fp_budget"],
     )
+    _, labels = iqm_tables()
+    causes = iqm_causes()
+    flagged, reasons_col, findings_col, notes_col = [], [], [], []
     for i, extra in enumerate(extras):
-        if np.isfinite(score[i]) and score[i] >= threshold:
-            # Scored subjects are ok, so the anomaly score is their first reason.
-            reason = f"{ANOMALY_REASON}{score[i]:.1f} (threshold {threshold:.1f})"
-            extra["flag_reasons"].insert(0, reason)
+        drivers = _drivers(result, i, component_z=settings["component_z"])
+        extra["iqm_z"] = {
+            column: round(float(result.z[i, j]), 3)
+            for j, column in enumerate(result.columns)
+            if column.startswith("iqm_") and math.isfinite(result.z[i, j])
+        }
+        extra["iqm_outliers"] = [f"{c} z={v:.1f}" for c, v in drivers if c.startswith("iqm_")]
+        extra["audit_drivers"] = [_component_reason(c, v, labels, causes) for c, v in drivers]
+        if np.isfinite(result.score[i]) and result.score[i] >= result.threshold:
+            # The audit score is the first reason of an ok subject it flags.
+            text = f"{AUDIT_REASON}{result.score[i]:.1f} (threshold {result.threshold:.1f})"
+            if drivers:
+                text += " driven by " + " and ".join(extra["audit_drivers"])
+            extra["flag_reasons"].insert(0, text)
         flagged.append(bool(extra["flag_reasons"]))
         reasons_col.append("; ".join(extra["flag_reasons"]))
+        findings_col.append("; ".join(extra["findings"]))
+        notes_col.append("; ".join(extra["notes"]))
     frame["anomaly_score"] = score
+    frame["audit_score"] = result.score
+    frame["scanner_group"] = result.groups
     frame["flagged"] = np.array(flagged, dtype=bool)
     frame["flag_reasons"] = reasons_col
     frame["findings"] = findings_col
@@ -793,7 +741,8 @@ def _judge(
     summary = {
         "n_subjects": len(frame),
         "flag": settings,
-        "anomaly_threshold": threshold,
+        "audit_threshold": result.threshold,
+        "audit_pool_n": int(result.pool.sum()),
         "reference_n": int(reference.sum()),
         "reference_median": median,
         "reference_scale": scale,
@@ -807,6 +756,31 @@ def _judge(
     return frame, summary
 
 
+def _drivers(result: audit.AuditResult, row: int, *, component_z: float) -> list[tuple[str, float]]:
+    """The worst member of each family whose evidence is at least ``component_z``, worst first:
+    ``[(column, signed z)]``."""
+    found = []
+    for f, family in enumerate(audit.FAMILY_NAMES):
+        if result.families[row, f] < component_z:
+            continue
+        members = [
+            j for j, c in enumerate(result.columns) if audit.feature_columns([c])[c][0] == family
+        ]
+        worst = max(members, key=lambda j: result.bad[row, j])
+        found.append((result.columns[worst], float(result.z[row, worst]), result.families[row, f]))
+    found.sort(key=lambda item: -item[2])
+    return [(column, z) for column, z, _ in found]
+
+
+def _component_reason(column: str, z: float, labels: dict[str, str], causes: dict[str, str]) -> str:
+    """``CJV 4.2 robust SD above its scanner group (noise, ...)``; the model: ``anomaly score z 4.2``."""
+    if column == "anomaly_raw":
+        return f"model anomaly {z:.1f} robust SD above the reference"
+    if column == "reg_similarity":
+        return f"template similarity {abs(z):.1f} robust SD below the cohort (wrong contrast or misregistration)"
+    return _iqm_reason(column, z, labels, causes)
+
+
 def _exclusions(frame: pd.DataFrame, extras: list[dict[str, Any]]) -> pd.DataFrame:
     """Flagged subjects with their reasons and the evidence behind them."""
     flagged = frame["flagged"].to_numpy(dtype=bool)
@@ -816,6 +790,7 @@ def _exclusions(frame: pd.DataFrame, extras: list[dict[str, Any]]) -> pd.DataFra
             "label": frame["label"],
             "status": frame["status"],
             "reasons": frame["flag_reasons"],
+            "audit_score": frame["audit_score"],
             "anomaly_score": frame["anomaly_score"],
             "findings": frame["findings"],
             "iqm_outliers": ["; ".join(e["iqm_outliers"]) for e in extras],
@@ -870,6 +845,9 @@ def _subject_json(
         "notes": extra["notes"],
         "anomaly_raw": _finite(row["anomaly_raw"]),
         "anomaly_score": _finite(row["anomaly_score"]),
+        "audit_score": _finite(row["audit_score"]),
+        "scanner_group": row["scanner_group"],
+        "audit_drivers": extra["audit_drivers"],
         "in_reference": bool(row["in_reference"]),
         "fold": None if _finite(row.get("fold")) is None else int(row["fold"]),
         "top_regions": extra["top_regions"],

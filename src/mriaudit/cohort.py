@@ -168,6 +168,32 @@ def check_labels(path: str | Path, subjects: list[Subject]) -> dict[str, int]:
     return labels
 
 
+def read_fold_groups(path: str | Path, *, subjects: list[Subject]) -> dict[str, str]:
+    """``{BIDS label: group}`` from a TSV with columns ``subject`` (folder) and ``group``.
+
+    The groups (e.g. the person scanned, for sessions of one participant) keep
+    subjects together in one training fold. Empty ``path``: no groups. A folder
+    that is not a subject of the cohort is a configuration error.
+    """
+    if not path:
+        return {}
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    missing = {"subject", "group"} - set(table.columns)
+    if missing:
+        message = f"training.fold_groups {str(path)!r} needs columns subject and group (missing {sorted(missing)})"
+        raise ValueError(message)
+    labels = {s.folder: s.label for s in subjects if s.processed}
+    unknown = sorted(set(table["subject"]) - {s.folder for s in subjects})
+    if unknown:
+        message = f"training.fold_groups names subjects not found in input_dir: {unknown[:5]}"
+        raise ValueError(message)
+    return {
+        labels[folder]: group
+        for folder, group in zip(table["subject"], table["group"], strict=True)
+        if folder in labels and group
+    }
+
+
 def resolve_reference(
     spec: str | list[str],
     *,

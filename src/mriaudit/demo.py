@@ -100,6 +100,10 @@ class SubjectPlan:
     has_localizer: bool = True
     has_t2: bool = False
     seed: int = 0
+    #: Whose head: ``""`` for the template head, else a person of ``mriaudit.heads``
+    #: whose prepared head volume is ``head_path``.
+    person: str = ""
+    head_path: str = ""
 
     @property
     def label(self) -> int:
@@ -174,6 +178,52 @@ def plan_cohort(n_subjects: int, *, seed: int) -> list[SubjectPlan]:
     return plans
 
 
+def plan_real_heads(
+    heads: dict[str, str | Path], *, renditions: int, per_kind: int, seed: int
+) -> list[SubjectPlan]:
+    """A benchmark cohort on real heads (``mriaudit.heads``): no normal is the template.
+
+    Every person of ``heads`` (``{person: prepared head path}``) is a normal
+    ``renditions`` times, each with its own deformation, pose, grid, vendor and
+    noise; every anomaly kind appears ``per_kind`` times on people taken in
+    turn (lesion contrasts and ways of losing slices alternate). No broken
+    inputs: the cohort measures detection. Folder order is shuffled.
+    """
+    if not heads or renditions < 1 or per_kind < 1:
+        message = f"need people, renditions >= 1 and per_kind >= 1, got {len(heads)}, {renditions}, {per_kind}"
+        raise ValueError(message)
+    people = sorted(heads)
+    entries: list[tuple[str, str, str]] = [
+        ("normal", "", name) for name in people for _ in range(renditions)
+    ]
+    turn = 0
+    for kind in ANOMALY_KINDS:
+        variants = VARIANTS.get(kind, ("",))
+        for index in range(per_kind):
+            entries.append((kind, variants[index % len(variants)], people[turn % len(people)]))
+            turn += 1
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
+    order = rng.permutation(len(entries))
+    width = max(3, len(str(len(entries))))
+    plans = []
+    for number in range(1, len(entries) + 1):
+        kind, variant, name = entries[order[number - 1]]
+        plans.append(
+            SubjectPlan(
+                folder=f"sub-{number:0{width}d}",
+                number=number,
+                kind=kind,
+                variant=variant,
+                has_localizer=bool(rng.random() < 0.85),
+                has_t2=bool(rng.random() < 0.2),
+                seed=seed,
+                person=name,
+                head_path=str(heads[name]),
+            )
+        )
+    return plans
+
+
 # ---------------------------------------------------------------------- anatomy
 
 
@@ -224,6 +274,22 @@ def _head_points() -> np.ndarray:
     return np.argwhere(head[::3, ::3, ::3] > 0.05).astype(np.float64) * 3.0
 
 
+@lru_cache(maxsize=8)
+def _real_head(path: str) -> tuple[np.ndarray, np.ndarray]:
+    """A prepared real head (``mriaudit.heads``) and its sample points, as the template's."""
+    from mriaudit.heads import load_head
+
+    head = load_head(path)
+    return head, np.argwhere(head[::3, ::3, ::3] > 0.05).astype(np.float64) * 3.0
+
+
+def _head(plan: SubjectPlan) -> tuple[np.ndarray, np.ndarray]:
+    """The plan's head volume on the template 1 mm grid and its sample points (n, 3)."""
+    if plan.head_path:
+        return _real_head(plan.head_path)
+    return _head_volume(), _head_points()
+
+
 @dataclass(frozen=True)
 class Anatomy:
     """A subject's head in the scanner: template deformed, scaled, rotated and shifted.
@@ -237,6 +303,8 @@ class Anatomy:
     centre_template_lps: np.ndarray
     centre_scanner: np.ndarray
     displacement: np.ndarray
+    #: Template voxel indices (n, 3) sampling the head, used to fit fields of view.
+    head_points: np.ndarray
     grid_step: float = 8.0
 
     def scanner_from_template_lps(self, points: np.ndarray) -> np.ndarray:
@@ -267,9 +335,8 @@ def _rotation(angles_deg: np.ndarray) -> np.ndarray:
     return rz @ ry @ rx
 
 
-def _draw_anatomy(rng: np.random.Generator) -> Anatomy:
+def _draw_anatomy(rng: np.random.Generator, points: np.ndarray) -> Anatomy:
     template, template_affine = _template()
-    points = _head_points()
     lo, hi = points.min(axis=0), points.max(axis=0)
     centre_ras = template_affine[:3, :3] @ ((lo + hi) / 2) + template_affine[:3, 3]
     step = 8.0
@@ -284,6 +351,7 @@ def _draw_anatomy(rng: np.random.Generator) -> Anatomy:
         centre_template_lps=centre_ras * [-1, -1, 1],
         centre_scanner=table + rng.uniform(-8.0, 8.0, size=3),
         displacement=field_.astype(np.float32),
+        head_points=points,
         grid_step=step,
     )
 
@@ -451,7 +519,7 @@ def _fit_grid(
 ) -> Grid:
     """Grid covering the posed head plus ``margins_mm`` (slice, row, column axes) on each side."""
     _, template_affine = _template()
-    points = _head_points() @ template_affine[:3, :3].T + template_affine[:3, 3]
+    points = anatomy.head_points @ template_affine[:3, :3].T + template_affine[:3, 3]
     scanner = anatomy.scanner_from_template_lps(points * [-1, -1, 1])
     normal = np.cross(row_dir, col_dir)
     axes = (normal, col_dir, row_dir)
@@ -1046,12 +1114,12 @@ def render_subject(
         message = f"unknown contrast {contrast!r}; expected 'T1w' or 'T2w'"
         raise ValueError(message)
     scanner = _draw_scanner(plan.rng("scanner"))
-    anatomy = _draw_anatomy(plan.rng("anatomy"))
+    head, points = _head(plan)
+    anatomy = _draw_anatomy(plan.rng("anatomy"), points)
     scan = SubjectScan(plan=plan, scanner=scanner, anatomy=anatomy)
     if plan.kind == "empty_folder":
         scan.notes.append("empty folder: no files at all")
         return scan
-    head = _head_volume()
     if plan.kind == "lesion":
         head, scan.lesion = _add_lesion(head, plan)
         centre = ", ".join(f"{v:g}" for v in scan.lesion.centre_mni_mm)
@@ -1333,7 +1401,10 @@ LABEL_COLUMNS = (
     "lesion_y_mm",
     "lesion_z_mm",
     "lesion_radius_mm",
+    "person",
 )
+#: ``person`` of subjects made from the template head.
+TEMPLATE_PERSON = "MNI152"
 
 
 def _label_row(scan: SubjectScan) -> dict[str, object]:
@@ -1348,6 +1419,7 @@ def _label_row(scan: SubjectScan) -> dict[str, object]:
         "lesion_y_mm": centre[1],
         "lesion_z_mm": centre[2],
         "lesion_radius_mm": lesion.radius_mm if lesion else np.nan,
+        "person": scan.plan.person or TEMPLATE_PERSON,
     }
 
 
@@ -1384,8 +1456,8 @@ def _make_all(
     if jobs <= 1:
         return [_make_subject(plan, out_dir, voxel_size_mm) for plan in plans]
     # Build the cached anatomy once; forked workers share it instead of rebuilding it.
-    _head_volume()
-    _head_points()
+    for plan in plans:
+        _head(plan)
     load_brain_mask(resolution=1)
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("fork" if "fork" in methods else None)
@@ -1412,15 +1484,32 @@ def generate_cohort(
     The table has ``LABEL_COLUMNS``, lesion centres in MNI mm (RAS), one row per
     folder, sorted by folder name.
     """
+    return write_cohort(
+        plan_cohort(n_subjects, seed=seed),
+        out_dir,
+        voxel_size_mm=voxel_size_mm,
+        labels_path=labels_path,
+        jobs=jobs,
+    )
+
+
+def write_cohort(
+    plans: list[SubjectPlan],
+    out_dir: str | Path,
+    *,
+    voxel_size_mm: float = 1.2,
+    labels_path: str | Path | None = None,
+    jobs: int | None = None,
+) -> pd.DataFrame:
+    """Render and write ``plans`` under ``out_dir`` with their labels TSV (see ``generate_cohort``)."""
     if not 0.8 <= voxel_size_mm <= 8.0:
         message = f"voxel size must be between 0.8 and 8 mm, got {voxel_size_mm}"
         raise ValueError(message)
     out = Path(out_dir)
     labels = Path(labels_path) if labels_path is not None else out / "labels.tsv"
     _check_destination(out, labels)
-    plans = plan_cohort(n_subjects, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
-    workers = _default_jobs(n_subjects, voxel_size_mm) if jobs is None else jobs
+    workers = _default_jobs(len(plans), voxel_size_mm) if jobs is None else jobs
     rows = _make_all(plans, out, voxel_size_mm, workers)
     table = pd.DataFrame(rows, columns=list(LABEL_COLUMNS))
     table = table.sort_values("subject", ignore_index=True)

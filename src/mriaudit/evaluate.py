@@ -2,9 +2,10 @@
 
 Two views of the same cohort:
 
-- the continuous ``anomaly_score`` over labelled subjects that have one
+- the continuous ``audit_score`` over labelled subjects that have one
   (AUROC, AUPRC with stratified bootstrap 95 % CIs, ROC and PR curves, and the
-  operating point at the anomaly threshold the flags use);
+  operating point at the audit threshold the flags use), and the same
+  figures of the model's ``anomaly_score`` alone (``model_only``);
 - the final ``flagged`` column over every labelled subject, where a failed or
   ``no_series`` subject counts as flagged (it is excluded either way).
 
@@ -217,6 +218,28 @@ def _thin(points: dict[str, np.ndarray]) -> dict[str, list[float]]:
     return {name: np.asarray(values, dtype=float)[keep].tolist() for name, values in points.items()}
 
 
+def _curves(y: np.ndarray, s: np.ndarray, *, n_bootstrap: int, seed: int) -> dict[str, Any]:
+    """AUROC, AUPRC (with bootstrap CIs) and thinned ROC and PR curves of scores ``s`` (n,)."""
+    intervals = bootstrap_ci(y, s, n_bootstrap=n_bootstrap, seed=seed)
+    fpr, tpr, roc_thresholds = roc_curve(y, s)
+    precision, recall, pr_thresholds = precision_recall_curve(y, s)
+    return {
+        "auroc": float(roc_auc_score(y, s)),
+        "auprc": float(average_precision_score(y, s)),
+        "auroc_ci": intervals["auroc"],
+        "auprc_ci": intervals["auprc"],
+        "roc_curve": _thin({"fpr": fpr, "tpr": tpr, "threshold": roc_thresholds}),
+        # precision_recall_curve has one threshold fewer than points (the last point has none).
+        "pr_curve": _thin(
+            {
+                "precision": precision,
+                "recall": recall,
+                "threshold": np.append(pr_thresholds, np.nan),
+            }
+        ),
+    }
+
+
 def evaluate_cohort(
     scores_tsv: Path,
     labels_path: Path,
@@ -229,9 +252,9 @@ def evaluate_cohort(
 ) -> dict[str, Any]:
     """Compute detection metrics from scores.tsv and the labels TSV; write metrics.json.
 
-    Positive class: label 1 (anomalous); score: ``anomaly_score`` (higher = more
-    anomalous). AUROC/AUPRC are None when the scored subjects hold one class
-    only. ``localisation`` (``localisation_summary``, anomaly maps read from
+    Positive class: label 1 (anomalous); score: ``audit_score`` (higher = more
+    anomalous), and ``model_only`` for ``anomaly_score``. AUROC/AUPRC are None
+    when the scored subjects hold one class only. ``localisation`` (``localisation_summary``, anomaly maps read from
     ``output_dir``) is None when the labels give no lesion. Returns the metrics
     dict that is written.
     """
@@ -246,7 +269,7 @@ def evaluate_cohort(
         )
     label = np.array([labels.get(s, -1) for s in subjects])
     labelled = label >= 0
-    score = frame["anomaly_score"].to_numpy(dtype=float)
+    score = frame["audit_score"].to_numpy(dtype=float)
     status = frame["status"].to_numpy(dtype=str)
     scored = labelled & np.isfinite(score)
     y, s = label[scored], score[scored]
@@ -267,7 +290,7 @@ def evaluate_cohort(
         "n_unscored_neg": sum(u["label"] == 0 for u in unscored),
         "unscored": unscored,
         "flag": flag_settings(flag),
-        "anomaly_threshold": threshold,
+        "audit_threshold": threshold,
         "auroc": None,
         "auroc_ci": None,
         "auprc": None,
@@ -278,27 +301,26 @@ def evaluate_cohort(
         "pr_curve": None,
     }
     if metrics["n_pos"] and metrics["n_neg"]:
-        metrics["auroc"] = float(roc_auc_score(y, s))
-        metrics["auprc"] = float(average_precision_score(y, s))
-        intervals = bootstrap_ci(y, s, n_bootstrap=n_bootstrap, seed=seed)
-        metrics["auroc_ci"], metrics["auprc_ci"] = intervals["auroc"], intervals["auprc"]
-        fpr, tpr, roc_thresholds = roc_curve(y, s)
-        metrics["roc_curve"] = _thin({"fpr": fpr, "tpr": tpr, "threshold": roc_thresholds})
-        precision, recall, pr_thresholds = precision_recall_curve(y, s)
-        # precision_recall_curve has one threshold fewer than points (the last point has none).
-        metrics["pr_curve"] = _thin(
-            {
-                "precision": precision,
-                "recall": recall,
-                "threshold": np.append(pr_thresholds, np.nan),
-            }
-        )
+        metrics.update(_curves(y, s, n_bootstrap=n_bootstrap, seed=seed))
     else:
         log.warning(
             "AUROC/AUPRC undefined: %d positive and %d negative scored subjects",
             metrics["n_pos"],
             metrics["n_neg"],
         )
+    model = frame["anomaly_score"].to_numpy(dtype=float)
+    model_scored = labelled & np.isfinite(model)
+    y_model = label[model_scored]
+    metrics["model_only"] = {
+        "score": "anomaly_score",
+        "n_pos": int((y_model == 1).sum()),
+        "n_neg": int((y_model == 0).sum()),
+        **(
+            _curves(y_model, model[model_scored], n_bootstrap=n_bootstrap, seed=seed)
+            if (y_model == 1).any() and (y_model == 0).any()
+            else {"auroc": None, "auprc": None, "roc_curve": None, "pr_curve": None}
+        ),
+    }
     metrics["operating_point"] = {
         "threshold": threshold,
         "n": int(scored.sum()),
@@ -327,9 +349,12 @@ def evaluate_cohort(
             _fmt(summary["voxel_auprc_mean"]),
         )
     log.info(
-        "AUROC %s, AUPRC %s over %d positive / %d negative subjects (%d unscored)",
+        "audit score AUROC %s, AUPRC %s (model alone %s, %s) over %d positive / %d negative "
+        "subjects (%d unscored)",
         _fmt(metrics["auroc"]),
         _fmt(metrics["auprc"]),
+        _fmt(metrics["model_only"]["auroc"]),
+        _fmt(metrics["model_only"]["auprc"]),
         metrics["n_pos"],
         metrics["n_neg"],
         metrics["n_unscored"],

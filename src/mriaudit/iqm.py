@@ -52,6 +52,7 @@ from scipy import ndimage as ndi
 from scipy import stats
 
 from mriaudit import records, template
+from mriaudit.artefacts import artefact_metrics
 from mriaudit.intensity import finite
 
 log = logging.getLogger(__name__)
@@ -120,6 +121,10 @@ def _metric_table() -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
     # where WM is not bright; a high one is what a clean T1w looks like.
     add("wm2max", _HIGHER_IS_BETTER, "WM-to-max ratio", "bright outliers or not a T1w contrast")
     add("qi_1", _LOWER_IS_BETTER, "QI1 (air artefacts)", "ghosts, wrap-around or spikes in the air")
+    # Native-space artefact measures (mriaudit.artefacts), not MRIQC metrics.
+    add("ghost_ratio", _LOWER_IS_BETTER, "Ghost ratio", "ghosting along the phase-encode direction")
+    add("edge_anatomy", _LOWER_IS_BETTER, "Anatomy at both FOV edges", "wrap-around")
+    add("bg_peak", _LOWER_IS_BETTER, "Air spectrum peak (log10)", "a k-space spike (stripes)")
     for tissue in (*TISSUES, "total"):
         add(f"snr_{tissue}", _HIGHER_IS_BETTER, f"SNR ({names[tissue]})", "noisy image")
     for tissue in (*TISSUES, "total"):
@@ -151,6 +156,13 @@ def _metric_table() -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
     # depends on N4's arbitrary normalisation.
     add("inu_med", _DESCRIPTIVE, "INU median")
     add("inu_range", _LOWER_IS_BETTER, "INU range (p95-p5)", "strong intensity non-uniformity")
+    # The same field inside white matter only: the head mask's scalp and fat confound N4.
+    add(
+        "inu_wm_range",
+        _LOWER_IS_BETTER,
+        "INU range in WM (p95-p5)",
+        "strong intensity non-uniformity",
+    )
     return directions, labels, causes
 
 
@@ -163,7 +175,9 @@ IQM_LABELS: dict[str, str]
 IQM_CAUSES: dict[str, str]
 IQM_DIRECTIONS, IQM_LABELS, IQM_CAUSES = _metric_table()
 #: Metrics this stage writes (all of IQM_DIRECTIONS except the N4 stage's).
-IQM_NAMES: tuple[str, ...] = tuple(n for n in IQM_DIRECTIONS if not n.startswith("iqm_inu_"))
+IQM_NAMES: tuple[str, ...] = tuple(
+    n for n in IQM_DIRECTIONS if n not in ("iqm_inu_med", "iqm_inu_range")
+)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -408,6 +422,17 @@ def fwhm(data: np.ndarray, mask: np.ndarray, spacing_mm: Sequence[float]) -> tup
             continue
         result.append(float(spacing) * math.sqrt(-2.0 * math.log(2.0) / math.log(rho)))
     return tuple(result)
+
+
+def field_range(raw: np.ndarray, corrected: np.ndarray) -> float:
+    """p95 - p5 of the bias field ``raw / corrected`` over its median (voxels (n,) of one
+    tissue); NaN with fewer than ``MIN_REGION_VOXELS`` usable voxels."""
+    usable = (np.asarray(corrected) > 0) & np.isfinite(raw)
+    if np.count_nonzero(usable) < MIN_REGION_VOXELS:
+        return math.nan
+    field = np.asarray(raw, dtype=np.float64)[usable] / np.asarray(corrected, np.float64)[usable]
+    p5, p50, p95 = np.percentile(field, [5, 50, 95])
+    return float((p95 - p5) / p50) if p50 > 0 else math.nan
 
 
 def volume_fractions(pvms: Mapping[str, np.ndarray]) -> dict[str, float]:
@@ -984,7 +1009,6 @@ def compute_iqms(
 
     # Background: air above the glabella-inion level, clear of the head and the frame.
     frame = frame_mask(finite(raw, inf_to_zero=False))
-    del raw
     vox_to_mni, transform_problem = _read_transform(Path(transform))
     if vox_to_mni is not None:
         vox_to_mni = vox_to_mni @ grid.affine
@@ -997,6 +1021,7 @@ def compute_iqms(
     metrics["iqm_qi_1"] = qi_1(air, artifacts)
     metrics["iqm_efc"] = efc(data, frame)
     metrics["iqm_fber"] = fber(data, head, frame)
+    metrics.update(artefact_metrics(data, head, frame=frame))
     if not math.isfinite(metrics["iqm_fber"]):
         warnings.append("FBER undefined: the air outside the head is zero-filled")
     details: dict[str, Any] = {
@@ -1062,6 +1087,8 @@ def compute_iqms(
         metrics["iqm_snrd_total"] = float(np.mean([metrics[f"iqm_snrd_{n}"] for n in TISSUES]))
         metrics["iqm_cnr"] = cnr(values["wm"], values["gm"], air_values)
     metrics["iqm_cjv"] = cjv(values["wm"], values["gm"])
+    metrics["iqm_inu_wm_range"] = field_range(raw[box][masks["wm"]], values["wm"])
+    del raw
     metrics["iqm_wm2max"] = wm2max(data, values["wm"])
     for name, fraction in volume_fractions(pvms).items():
         metrics[f"iqm_icvs_{name}"] = fraction

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from mriaudit import aggregate, paths, records, template
+from mriaudit import aggregate, audit, paths, records, template
 from mriaudit import cohort as cohort_module
 from mriaudit.evaluate import evaluate_cohort, rank_auroc, step_average_precision
 
@@ -251,8 +251,8 @@ def test_anomaly_score_is_robust_z_against_the_reference(cohort):
 def test_flags_and_reasons(cohort):
     rows = _by_subject(cohort["frame"])
     assert rows["sub-11"]["flagged"]
-    assert rows["sub-11"]["flag_reasons"].startswith("anomaly score z=")
-    assert "(threshold 3.0)" in rows["sub-11"]["flag_reasons"]
+    assert rows["sub-11"]["flag_reasons"].startswith("audit score ")
+    assert "(threshold 3.0) driven by model anomaly" in rows["sub-11"]["flag_reasons"]
     _, labels = aggregate.iqm_tables()
     snr_name = aggregate.iqm_label("iqm_snr_wm", labels)
     assert rows["sub-12"]["flagged"]
@@ -277,11 +277,11 @@ def test_flags_and_reasons(cohort):
     assert "protocol_deviation: TR 1900 vs cohort 2300 ms" in rows["sub-15"]["findings"]
     for i in range(1, 11):
         assert not rows[f"sub-{i:02d}"]["flagged"], rows[f"sub-{i:02d}"]["flag_reasons"]
-    # Flagged first, then by anomaly score.
+    # Flagged first, then by audit score.
     frame = cohort["frame"]
     flagged = frame["flagged"].to_numpy()
     assert not (np.diff(flagged.astype(int)) > 0).any()
-    normal_scores = frame.loc[~frame["flagged"], "anomaly_score"].dropna().to_numpy()
+    normal_scores = frame.loc[~frame["flagged"], "audit_score"].dropna().to_numpy()
     assert (np.diff(normal_scores) <= 0).all()
 
 
@@ -291,7 +291,9 @@ def test_tsv_formatting_and_exclusions(cohort):
     header = lines[0].split("\t")
     assert header[:4] == ["subject", "label", "status", "reason"]
     for column in (
+        "audit_score",
         "anomaly_score",
+        "scanner_group",
         "flagged",
         "flag_reasons",
         "iqm_snr_wm",
@@ -314,7 +316,9 @@ def test_tsv_formatting_and_exclusions(cohort):
     )
     expected = {"sub-11", "sub-12", "sub-13", "sub-bad", "sub-empty", "a-b", "ab"}
     assert set(exclusions["subject"]) == expected
-    assert {"subject", "status", "reasons", "anomaly_score"} <= set(exclusions.columns)
+    assert {"subject", "status", "reasons", "audit_score", "anomaly_score"} <= set(
+        exclusions.columns
+    )
     evidence = exclusions.set_index("subject")
     assert evidence.loc["sub-12", "iqm_outliers"].startswith("iqm_snr_wm z=-")
     assert evidence.loc["sub-11", "top_region"].startswith("(30, -20, 20) mm")
@@ -327,7 +331,9 @@ def test_subject_json_merges_records(cohort):
     assert data["records"]["convert"]["status"] == "ok" and "metrics" not in data["records"]["iqm"]
     assert data["metrics"]["hdr_tr"] == 2300.0 and data["metrics"]["iqm_snr_wm"] == 2.0
     assert data["iqm_z"]["iqm_snr_wm"] < -4
-    assert data["cohort"]["anomaly_threshold"] >= 3.0
+    assert data["cohort"]["audit_threshold"] >= 3.0
+    assert data["audit_score"] >= data["cohort"]["audit_threshold"]
+    assert data["audit_drivers"][0].startswith("SNR (WM)")
     assert data["true_label"] == 1
     bad = json.loads(paths.subject_scores(cohort["out"], "bad").read_text())
     assert bad["status"] == "failed" and bad["anomaly_score"] is None
@@ -336,24 +342,33 @@ def test_subject_json_merges_records(cohort):
 
 
 def test_fp_budget_raises_the_threshold(cohort):
-    frame = run_aggregate(cohort, flag={"anomaly_z": 0.0, "fp_budget": 0.25})
-    reference = frame["in_reference"].to_numpy()
-    scores = frame["anomaly_score"].to_numpy()
-    # isf(0.25) / isf(0.25) = 1: the upper quartile of the subjects no other rule flags.
-    pool = reference & ~aggregate.flagged_otherwise(frame["flag_reasons"].fillna("").tolist())
-    threshold = float(np.quantile(scores[pool], 0.75))
+    flag = {"audit_z": 0.0, "fp_budget": 0.25}
+    frame = run_aggregate(cohort, flag=flag)
+    scores = frame["audit_score"].to_numpy()
+    data = json.loads(paths.subject_scores(cohort["out"], "01").read_text())
+    threshold = data["cohort"]["audit_threshold"]
     assert threshold > 0.0
     # Evaluate and the report recompute the same threshold from scores.tsv.
     recomputed = aggregate.table_threshold(
-        aggregate.read_scores(paths.cohort_dir(cohort["out"]) / "scores.tsv"),
-        flag={"anomaly_z": 0.0, "fp_budget": 0.25},
+        aggregate.read_scores(paths.cohort_dir(cohort["out"]) / "scores.tsv"), flag=flag
     )
-    assert recomputed == pytest.approx(threshold)
-    by_score = frame["flag_reasons"].str.contains("anomaly score z=").to_numpy()
+    assert recomputed == pytest.approx(threshold, abs=1e-6)
+    by_score = frame["flag_reasons"].str.contains("audit score ").to_numpy()
     assert (scores[by_score] >= threshold).all()
     assert (scores[~by_score & np.isfinite(scores)] < threshold).all()
-    assert by_score[reference].sum() <= np.ceil(0.25 * reference.sum())
     assert f"(threshold {threshold:.1f})" in frame.loc[by_score, "flag_reasons"].iloc[0]
+
+
+def test_permuted_labels_change_no_score_and_no_flag(cohort, tmp_path):
+    """Labels never influence scores: a shuffled labels file leaves every score and flag."""
+    table = pd.read_csv(cohort["labels"], sep="\t", dtype=str)
+    table["label"] = np.random.default_rng(3).permutation(table["label"].to_numpy())
+    table.to_csv(cohort["labels"], sep="\t", index=False)
+    permuted = run_aggregate(cohort).set_index("subject").sort_index()
+    original = cohort["frame"].set_index("subject").sort_index()
+    columns = [c for c in original.columns if c != "true_label"]
+    pd.testing.assert_frame_equal(permuted[columns], original[columns])
+    assert not permuted["true_label"].equals(original["true_label"])
 
 
 def test_missing_records_and_empty_cohort(tmp_path):
@@ -407,11 +422,14 @@ def test_evaluate_matches_sklearn(cohort, tmp_path):
     assert metrics["localisation"] is None  # the labels give no lesion
     table = aggregate.read_scores(scores_tsv)
     labels = dict(line.split("\t") for line in cohort["labels"].read_text().splitlines()[1:])
-    scored = table[table["anomaly_score"].notna() & table["subject"].isin(labels)]
-    y = scored["subject"].map(labels).astype(int).to_numpy()
-    s = scored["anomaly_score"].to_numpy()
-    assert metrics["auroc"] == roc_auc_score(y, s)
-    assert metrics["auprc"] == average_precision_score(y, s)
+    for column, figures in (("audit_score", metrics), ("anomaly_score", metrics["model_only"])):
+        scored = table[table[column].notna() & table["subject"].isin(labels)]
+        y = scored["subject"].map(labels).astype(int).to_numpy()
+        s = scored[column].to_numpy()
+        assert figures["auroc"] == roc_auc_score(y, s)
+        assert figures["auprc"] == average_precision_score(y, s)
+    # The audit score sees the SNR outlier that the model alone ranks low.
+    assert metrics["auroc"] > metrics["model_only"]["auroc"]
     low, high = metrics["auroc_ci"]
     assert low <= metrics["auroc"] <= high
     assert metrics["n_pos"] == int(y.sum()) and metrics["n_neg"] == int((y == 0).sum())
@@ -495,43 +513,25 @@ def test_duplicate_images_pairs_ok_subjects_with_the_same_voxel_digest():
     assert aggregate.duplicate_images(frame.drop(columns="conv_data_sha256")) == [[]] * 6
 
 
-def test_anomaly_threshold_ignores_subjects_flagged_otherwise():
-    # 19 normals, two lesions that only the anomaly score sees, and six artefacts
-    # that the IQMs flag too: all in the reference (reference: all), 30 % anomalous.
-    normals = np.linspace(-1.5, 1.5, 19)
-    scores = np.concatenate([normals, [6.0, 7.0], [5.0, 8.0, 9.0, 10.0, 11.0, 12.0]])
-    reference = np.ones(scores.size, dtype=bool)
-    otherwise = np.zeros(scores.size, dtype=bool)
-    otherwise[-6:] = True
-    flag = {"anomaly_z": 3.0, "fp_budget": 0.05}
-    # All of them: the upper quartile is among the anomalies; the lesions are missed.
-    assert aggregate.anomaly_threshold(scores, reference, flag=flag) > 7.0
-    threshold = aggregate.anomaly_threshold(
-        scores, reference, flag=flag, flagged_otherwise=otherwise
-    )
-    assert threshold == 3.0
-    assert aggregate.anomaly_threshold(scores, reference, flag={"fp_budget": 0.0}) == math.inf
-
-
-def test_anomaly_threshold_follows_a_long_upper_tail():
-    # Normal scores whose upper half spreads 6x wider than the lower (the MAD of
-    # the robust z averages both): z >= 3 would flag 16 %; the threshold keeps ~5 %.
+def test_audit_threshold_follows_a_long_upper_tail():
+    # Normal scores whose upper half spreads 6x wider than the lower: z >= 3 would
+    # flag 16 %; the fp_budget point keeps ~5 %.
     rng = np.random.default_rng(0)
     raw = np.concatenate([-np.abs(rng.normal(0, 1, 1000)), np.abs(rng.normal(0, 6, 1000))])
     scores, _, _ = aggregate.robust_z(raw, np.ones(raw.size, dtype=bool))
     assert np.mean(scores >= 3.0) > 0.1
-    threshold = aggregate.anomaly_threshold(
-        scores, np.ones(scores.size, dtype=bool), flag={"anomaly_z": 3.0, "fp_budget": 0.05}
-    )
+    pool = np.ones(scores.size, dtype=bool)
+    threshold = audit.audit_threshold(scores, pool, audit_z=3.0, fp_budget=0.05)
     assert threshold > 3.0
     assert 0.03 < np.mean(scores >= threshold) < 0.07
+    assert audit.audit_threshold(scores, pool, audit_z=3.0, fp_budget=0.0) == math.inf
 
 
 def test_flagged_otherwise_reads_the_reasons_column():
     reasons = [
         "",
-        "anomaly score z=6.0 (threshold 3.0)",
-        "anomaly score z=6.0 (threshold 3.0); CJV 5.1 robust SD above the cohort (noise)",
+        "audit score 6.0 (threshold 3.0) driven by CJV 5.1 robust SD above the cohort (noise)",
+        "audit score 6.0 (threshold 3.0); missing slices in the series (3)",
         "failed at convert: dcm2niix failed",
     ]
     assert aggregate.flagged_otherwise(reasons).tolist() == [False, False, True, True]

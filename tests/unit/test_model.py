@@ -345,11 +345,14 @@ def test_subject_score_and_regions_on_a_known_map() -> None:
     centre = np.array(mask.shape) // 2
     anomaly[tuple(slice(c - 2, c + 3) for c in centre)] = 5.0
     anomaly[centre[0] + 15, centre[1], centre[2]] = 9.0
-    focal, diffuse = focal_and_diffuse(anomaly, mask, sigma=0.0)
+    (focal,), diffuse = focal_and_diffuse(anomaly, mask, sigmas=[0.0])
     assert focal == pytest.approx(9.0)
     assert diffuse == pytest.approx((125 * 5.0 + 9.0) / mask.sum())
     calibration = {"focal": [4.0, 1.0], "diffuse": [0.0, 1.0]}
-    assert subject_score(focal, diffuse, calibration) == pytest.approx(5.0)
+    assert subject_score([focal], diffuse, calibration) == pytest.approx(5.0)
+    # Several scales: the largest z of any scale (or of the diffuse summary) wins.
+    scales = {"focal": [[4.0, 1.0], [2.0, 0.5]], "diffuse": [0.0, 1.0]}
+    assert subject_score([focal, 6.0], diffuse, scales) == pytest.approx(8.0)
     regions = top_regions(
         anomaly, mask, affine=grid.affine, offset=[a for a, _ in grid.crop], percentile=99.0
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -168,15 +168,32 @@ def fold_count(n_subjects: int, folds: int) -> int:
     return max(2, min(int(folds), n_subjects // 2))
 
 
-def assign_folds(subjects: Sequence[str], *, folds: int, seed: int) -> dict[str, int]:
+def assign_folds(
+    subjects: Sequence[str],
+    *,
+    folds: int,
+    seed: int,
+    groups: Mapping[str, str] | None = None,
+) -> dict[str, int]:
     """Deterministic, balanced fold of each subject: ``{subject: 0..folds-1}``.
 
+    With ``groups`` (``{subject: group}``), folds are dealt to groups and every
+    subject of a group shares its fold (a subject without a group is a group
+    of its own): scans of one person never sit on both sides of a fold.
     Subjects are sorted first, so the assignment depends only on the set of
-    subjects and the seed, not on their order.
+    subjects, the groups and the seed, not on their order.
     """
-    ordered = sorted(set(subjects))
+    groups = groups or {}
+    group_of = {s: groups.get(s, f"subject:{s}") for s in set(subjects)}
+    ordered = sorted(set(group_of.values()))
     order = np.random.default_rng([int(seed), 0xF01D]).permutation(len(ordered))
-    return {ordered[i]: int(rank % folds) for rank, i in enumerate(order)}
+    fold_of = {ordered[i]: int(rank % folds) for rank, i in enumerate(order)}
+    return {s: fold_of[g] for s, g in sorted(group_of.items())}
+
+
+def group_count(subjects: Sequence[str], groups: Mapping[str, str] | None) -> int:
+    """Distinct fold groups among ``subjects`` (see ``assign_folds``)."""
+    return len({(groups or {}).get(s, f"subject:{s}") for s in subjects})
 
 
 def slice_inputs(volume: np.ndarray, z: np.ndarray, *, context: int) -> np.ndarray:

@@ -73,8 +73,10 @@ DEFAULT_SCORING: dict[str, Any] = {
     # Erosion of the template brain mask, in voxels: the brain edge after an
     # affine registration differs between subjects by a few mm.
     "erode_voxels": 2,
-    # Focal summary: peak of the map smoothed with this Gaussian, in voxels.
-    "focal_sigma": 1.5,
+    # Focal summaries: peaks of the map smoothed with these Gaussians, in voxels (3, 6
+    # and 9 mm on the 2 mm grid). One scale missed large lesions on real heads: the
+    # normal residual peaks of real anatomy are sharp, a lesion of 1-3 cm is broad.
+    "focal_sigmas": (1.5, 3.0, 4.5),
     # Regions: connected voxels above this percentile of the map inside the mask.
     "region_percentile": 99.5,
     # Floor of the calibration spread, as a fraction of its median in the mask.
@@ -200,21 +202,31 @@ def calibrated_map(
     return value
 
 
-def focal_and_diffuse(
-    anomaly: np.ndarray, mask: np.ndarray, *, sigma: float
-) -> tuple[float, float]:
-    """Two summaries of a map inside ``mask`` (higher = more anomalous).
+def focal_sigmas(scoring: dict[str, Any]) -> list[float]:
+    """The focal scales of a checkpoint's scoring (one ``focal_sigma`` in older ones)."""
+    sigmas = scoring.get("focal_sigmas")
+    return [float(s) for s in sigmas] if sigmas else [float(scoring["focal_sigma"])]
 
-    ``focal``: the peak of the map smoothed with a Gaussian of ``sigma`` voxels,
-    the upper tail that a lesion of a few mm raises. ``diffuse``: the mean of
-    the map, which noise, ghosting or a wrong contrast raise everywhere while
-    their peaks stay ordinary.
+
+def focal_and_diffuse(
+    anomaly: np.ndarray, mask: np.ndarray, *, sigmas: Sequence[float]
+) -> tuple[list[float], float]:
+    """Summaries of a map inside ``mask`` (higher = more anomalous).
+
+    ``focal``: per scale, the peak of the map smoothed with a Gaussian of that
+    many voxels (0: unsmoothed), the upper tail that a lesion raises; the scale
+    that matches the lesion's size gives its strongest evidence. ``diffuse``:
+    the mean of the map, which noise, ghosting or a wrong contrast raise
+    everywhere while their peaks stay ordinary.
     """
     if not mask.any():
         message = "the scoring mask is empty"
         raise ValueError(message)
-    smooth = ndimage.gaussian_filter(anomaly, sigma) if sigma > 0 else anomaly
-    return float(smooth[mask].max()), float(anomaly[mask].mean())
+    focals = [
+        float((ndimage.gaussian_filter(anomaly, s) if s > 0 else anomaly)[mask].max())
+        for s in sigmas
+    ]
+    return focals, float(anomaly[mask].mean())
 
 
 def robust_scale(values: Sequence[float]) -> list[float]:
@@ -226,12 +238,15 @@ def robust_scale(values: Sequence[float]) -> list[float]:
     return [median, max(mad, 0.1 * abs(median), 1e-6)]
 
 
-def subject_score(focal: float, diffuse: float, calibration: dict[str, Any]) -> float:
-    """``anomaly_raw``: the larger of the focal and diffuse summaries as robust z
-    against the out-of-fold reference subjects of the model's calibration."""
-    z_focal = (focal - calibration["focal"][0]) / calibration["focal"][1]
-    z_diffuse = (diffuse - calibration["diffuse"][0]) / calibration["diffuse"][1]
-    return float(max(z_focal, z_diffuse))
+def subject_score(focals: Sequence[float], diffuse: float, calibration: dict[str, Any]) -> float:
+    """``anomaly_raw``: the largest of the focal (one per scale) and diffuse summaries
+    as robust z against the out-of-fold reference subjects of the model's calibration
+    (``calibration["focal"]``: one ``[median, scale]`` per scale, or one pair)."""
+    pairs = calibration["focal"]
+    pairs = pairs if isinstance(pairs[0], (list, tuple)) else [pairs]
+    z = [(f - m) / s for f, (m, s) in zip(focals, pairs, strict=True)]
+    z.append((diffuse - calibration["diffuse"][0]) / calibration["diffuse"][1])
+    return float(max(z))
 
 
 def top_regions(
@@ -294,8 +309,8 @@ def score_volume(
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Anomaly map on the crop and subject metrics, averaged over the fold models ``folds``.
 
-    Metrics: ``anomaly_raw`` (see :func:`subject_score`), ``anomaly_focal`` and
-    ``anomaly_diffuse`` (see :func:`focal_and_diffuse`). Scores are the means
+    Metrics: ``anomaly_raw`` (see :func:`subject_score`), ``anomaly_focal`` (the
+    finest scale's) and ``anomaly_diffuse`` (see :func:`focal_and_diffuse`). Scores are the means
     of the per-model scores (each model's score of an unseen subject is
     distributed like an out-of-fold score, so reference and non-reference
     subjects stay comparable); the map is the mean of the maps.
@@ -311,9 +326,9 @@ def score_volume(
         raw = raw_map(volume, recon, scoring=scoring)
         calibration = checkpoint["calibration"][fold]
         anomaly = calibrated_map(raw, calibration, mask, scoring=scoring)
-        focal, diffuse = focal_and_diffuse(anomaly, mask, sigma=float(scoring["focal_sigma"]))
+        focals, diffuse = focal_and_diffuse(anomaly, mask, sigmas=focal_sigmas(scoring))
         maps.append(anomaly)
-        metrics.append((subject_score(focal, diffuse, calibration), focal, diffuse))
+        metrics.append((subject_score(focals, diffuse, calibration), focals[0], diffuse))
     raw_score, focal, diffuse = (float(v) for v in np.mean(metrics, axis=0))
     summary = {"anomaly_raw": raw_score, "anomaly_focal": focal, "anomaly_diffuse": diffuse}
     return np.mean(maps, axis=0).astype(np.float32), summary
@@ -367,7 +382,13 @@ def _score_work(scorer: Scorer, image: Path, subject: str, out_map: Path) -> dic
     digests = state.get("reference_sha256", {})
     if fold is not None and digests.get(subject) != file_sha256(image):
         fold = None  # the label of a reference subject, but another image: never seen
-    folds = [int(fold)] if fold is not None else list(range(len(state["state_dicts"])))
+    held_out = state.get("held_out_folds", {}).get(subject) if fold is None else None
+    if fold is not None:
+        folds = [int(fold)]
+    elif held_out is not None:  # its fold group trained without it: that group's model
+        folds = [int(held_out)]
+    else:
+        folds = list(range(len(state["state_dicts"])))
     anomaly, metrics = score_volume(volume, state, folds=folds, device=scorer.device, grid=grid)
     full = np.zeros(grid.shape, np.float32)
     full[grid.index] = anomaly
@@ -384,12 +405,12 @@ def _score_work(scorer: Scorer, image: Path, subject: str, out_map: Path) -> dic
         "%s: anomaly_raw %.3f (%s)",
         subject,
         metrics["anomaly_raw"],
-        f"fold {fold}" if fold is not None else f"mean of {len(folds)} models",
+        f"fold {folds[0]}" if len(folds) == 1 else f"mean of {len(folds)} models",
     )
     return make_record(
         STAGE,
         metrics=metrics,
-        fold=None if fold is None else int(fold),
+        fold=int(folds[0]) if len(folds) == 1 else None,
         in_reference=fold is not None,
         top_regions=regions,
     )

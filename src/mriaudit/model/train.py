@@ -23,7 +23,7 @@ import logging
 import math
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from mriaudit.model.data import (
     data_hash,
     file_sha256,
     fold_count,
+    group_count,
     load_normalised,
     reference_problem,
     slice_inputs,
@@ -54,6 +55,7 @@ from mriaudit.model.score import (
     calibrated_map,
     calibration_stats,
     focal_and_diffuse,
+    focal_sigmas,
     raw_map,
     reconstruct,
     robust_scale,
@@ -401,11 +403,14 @@ def _calibrate(
                 raw[subject].astype(np.float32), calibration[f], mask, scoring=options.scoring
             )
             summaries[subject] = focal_and_diffuse(
-                anomaly, mask, sigma=float(options.scoring["focal_sigma"])
+                anomaly, mask, sigmas=focal_sigmas(options.scoring)
             )
     for k in range(folds):
         others = [summaries[s] for f, members in chosen.items() if f != k for s in members]
-        calibration[k]["focal"] = robust_scale([focal for focal, _ in others])
+        calibration[k]["focal"] = [
+            robust_scale([focals[i] for focals, _ in others])
+            for i in range(len(focal_sigmas(options.scoring)))
+        ]
         calibration[k]["diffuse"] = robust_scale([diffuse for _, diffuse in others])
     return calibration
 
@@ -488,9 +493,16 @@ def train_cohort(
     device: str = "auto",
     threads: int = 1,
     resolution: int = 2,
+    fold_groups: Mapping[str, str] | None = None,
     options: TrainOptions | None = None,
 ) -> dict:
     """Train the K out-of-fold models on the usable reference subjects.
+
+    ``fold_groups`` (``{subject label: group}``, e.g. the person scanned)
+    keeps a group's subjects in one fold, and a subject of a group that did
+    not train (failed registration, not in the reference) is scored by its
+    group's model too (``held_out_folds`` in the checkpoint), so no model
+    scores a person it saw.
 
     ``images`` (registered, template grid), ``records`` (register stage) and
     ``subjects`` (BIDS labels) are aligned; ``reference`` holds the labels
@@ -550,6 +562,9 @@ def train_cohort(
     sidecar["n_reference"] = len(volumes)
     landmarks = _standardise(volumes, grid)
     n_folds = fold_count(len(volumes), folds)
+    if fold_groups:
+        n_folds = min(n_folds, group_count(list(volumes), fold_groups))
+        n_folds = 0 if n_folds < 2 else n_folds
     if n_folds == 0:
         reason = f"{len(volumes)} usable reference subject(s), at least 3 are needed to train"
         sidecar["training_time_s"] = round(time.perf_counter() - started, 2)
@@ -570,6 +585,9 @@ def train_cohort(
             landmarks=landmarks,
             device=torch_device,
             options=options,
+            groups=(
+                {s: fold_groups[s] for s in subjects if s in fold_groups} if fold_groups else {}
+            ),
             started=started,
             out_checkpoint=out_checkpoint,
             out_sidecar=out_sidecar,
@@ -615,6 +633,7 @@ def _fit(
     landmarks: list[float],
     device: torch.device,
     options: TrainOptions,
+    groups: dict[str, str],
     started: float,
     out_checkpoint: Path,
     out_sidecar: Path,
@@ -624,7 +643,11 @@ def _fit(
     epochs, batch_size = config["epochs"], config["batch_size"]
     learning_rate, seed = config["learning_rate"], config["seed"]
     resolution = config["resolution"]
-    assignment = assign_folds(sorted(volumes), folds=n_folds, seed=seed)
+    assignment = assign_folds(sorted(volumes), folds=n_folds, seed=seed, groups=groups)
+    group_fold = {groups[s]: k for s, k in assignment.items() if s in groups}
+    held_out = {
+        s: group_fold[g] for s, g in sorted(groups.items()) if s not in volumes and g in group_fold
+    }
     log.info(
         "training %d fold models on %d reference subjects (%s)", n_folds, len(volumes), torch_device
     )
@@ -662,6 +685,7 @@ def _fit(
         "normalisation": dict(NORMALISATION, mask="mni152_brain", landmarks=landmarks),
         "scoring": dict(options.scoring),
         "fold_assignment": assignment,
+        "held_out_folds": held_out,
         # Which image each reference label was: a reused checkpoint must not take a new
         # cohort's subject for the reference subject that happened to have its label.
         "reference_sha256": {s: file_sha256(p) for s, p in paths.items()},
@@ -676,6 +700,7 @@ def _fit(
         training_time_s=round(time.perf_counter() - started, 2),
         fold_final_loss=[round(v, 6) for v in final_losses],
         fold_assignment=assignment,
+        held_out_folds=held_out,
         landmarks=landmarks,
     )
     write_json(out_sidecar, sidecar)

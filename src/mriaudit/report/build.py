@@ -301,10 +301,11 @@ def build_report(
         metrics = json.loads(Path(metrics_json).read_text())
 
     status = frame["status"].to_numpy(dtype=str)
-    score = frame["anomaly_score"].to_numpy(dtype=float)
+    score = frame["audit_score"].to_numpy(dtype=float)
+    model_score = frame["anomaly_score"].to_numpy(dtype=float)
     flagged = frame["flagged"].to_numpy(dtype=bool)
     reference = reference_mask(
-        status, frame["in_reference"].to_numpy(dtype=bool), np.isfinite(score)
+        status, frame["in_reference"].to_numpy(dtype=bool), np.isfinite(model_score)
     )
     threshold = table_threshold(frame, flag=config.get("flag") or {})
     true_labels = _true_labels(frame)
@@ -320,7 +321,7 @@ def build_report(
         card.update(
             subject=row["subject"],
             status=row["status"],
-            score=_number(row["anomaly_score"]),
+            score=_number(row["audit_score"]),
             reasons=[r for r in row["flag_reasons"].split("; ") if r],
             notes=[n for n in row["notes"].split("; ") if n],
             evidence=iqm_evidence.get(row["subject"], ""),
@@ -336,7 +337,9 @@ def build_report(
         {
             "subject": r["subject"],
             "status": r["status"],
-            "score": _number(r["anomaly_score"]),
+            "score": _number(r["audit_score"]),
+            "model_score": _number(r["anomaly_score"]),
+            "group": str(r.get("scanner_group") or ""),
             "flagged": bool(r["flagged"]),
             "reasons": r["flag_reasons"],
             "findings": "; ".join(filter(None, (r["findings"], r["notes"]))),
@@ -369,7 +372,7 @@ def build_report(
             "status": [(s, int((status == s).sum())) for s in ("ok", "failed", "no_series")],
             "flagged": int(flagged.sum()),
             "flagged_rate": f"{100 * flagged.mean():.1f} %" if n else "n/a",
-            "scored": int(np.isfinite(score).sum()),
+            "scored": int(np.isfinite(model_score).sum()),
             "reference": int(reference.sum()),
             "threshold": _number(threshold),
             "excluded_rows": len(exclusions),

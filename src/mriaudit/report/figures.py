@@ -27,6 +27,7 @@ PANEL_PX = 150
 _GAP_PX = 2
 _TICK_PX = 6
 _NORMAL, _ANOMALOUS, _FLAGGED = "#4c72b0", "#dd5555", "#d62728"
+_MODEL = "#8c8c8c"
 
 
 def png_data_uri(png: bytes) -> str:
@@ -207,12 +208,26 @@ def roc_figure(metrics: dict[str, Any]) -> bytes:
     curve = metrics["roc_curve"]
     ax.plot([0, 1], [0, 1], color="0.7", lw=1, ls="--")
     ax.plot(
-        curve["fpr"], curve["tpr"], color=_NORMAL, lw=2, label=f"AUROC {_with_ci(metrics, 'auroc')}"
+        curve["fpr"],
+        curve["tpr"],
+        color=_NORMAL,
+        lw=2,
+        label=f"audit score AUROC {_with_ci(metrics, 'auroc')}",
     )
+    model = metrics.get("model_only") or {}
+    if model.get("roc_curve"):
+        ax.plot(
+            model["roc_curve"]["fpr"],
+            model["roc_curve"]["tpr"],
+            color=_MODEL,
+            lw=1.5,
+            ls="-.",
+            label=f"model alone {_with_ci(model, 'auroc')}",
+        )
     _operating_points(ax, metrics, x="fpr", y="tpr")
     ax.set(xlabel="false-positive rate", ylabel="true-positive rate", xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(loc="lower right", fontsize=8)
-    ax.set_title("ROC: anomaly score vs labels", fontsize=10)
+    ax.legend(loc="lower right", fontsize=7)
+    ax.set_title("ROC: audit score vs labels", fontsize=10)
     return _png(fig)
 
 
@@ -228,11 +243,21 @@ def pr_figure(metrics: dict[str, Any]) -> bytes:
         curve["precision"],
         color=_NORMAL,
         lw=2,
-        label=f"AUPRC {_with_ci(metrics, 'auprc')}",
+        label=f"audit score AUPRC {_with_ci(metrics, 'auprc')}",
     )
+    model = metrics.get("model_only") or {}
+    if model.get("pr_curve"):
+        ax.plot(
+            model["pr_curve"]["recall"],
+            model["pr_curve"]["precision"],
+            color=_MODEL,
+            lw=1.5,
+            ls="-.",
+            label=f"model alone {_with_ci(model, 'auprc')}",
+        )
     _operating_points(ax, metrics, x="tpr", y="precision")
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="lower left", fontsize=7)
     ax.set_title("Precision-recall", fontsize=10)
     return _png(fig)
 
@@ -267,7 +292,7 @@ def _operating_points(ax: Any, metrics: dict[str, Any], *, x: str, y: str) -> No
 
 
 def score_histogram(scores: np.ndarray, labels: np.ndarray | None, *, threshold: float) -> bytes:
-    """Histogram of anomaly scores (robust z), split by label when given, with the threshold.
+    """Histogram of audit scores, split by label when given, with the threshold.
 
     ``scores`` (n,) float, NaN ignored; ``labels`` (n,) 0/1 with -1 for unlabelled, or None.
     """
@@ -293,7 +318,7 @@ def score_histogram(scores: np.ndarray, labels: np.ndarray | None, *, threshold:
                 ax.hist(s[unlabelled], bins=bins, color="0.6", alpha=0.5, label="unlabelled")
     if math.isfinite(threshold):
         ax.axvline(threshold, color="black", ls="--", lw=1.5, label=f"threshold {threshold:.2f}")
-    ax.set(xlabel="anomaly score (robust z; higher = more anomalous)", ylabel="subjects")
+    ax.set(xlabel="audit score (calibrated; higher = more anomalous)", ylabel="subjects")
     ax.legend(fontsize=8)
     return _png(fig)
 
