@@ -13,6 +13,7 @@ rule collect:
     params:
         output_dir=output_root,
         subjects=SUBJECTS,
+        flag=config["flag"],
     threads: 1
     resources:
         mem_mb=mem_per_attempt(1000),

@@ -4,6 +4,7 @@ if TRAIN_MODEL:
         input:
             images=each_subject(paths.preproc),
             records=each_subject(paths.record, "register"),
+            stages=str(paths.stage_table(OUT)),
         output:
             checkpoint=str(paths.model_checkpoint(OUT)),
             sidecar=str(paths.model_sidecar(OUT)),

@@ -10,4 +10,5 @@ write_stage_table(
     Path(snakemake.params.output_dir),
     list(snakemake.params.subjects),
     out_tsv=Path(snakemake.output.table),
+    flag=dict(snakemake.params.flag),
 )

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from mriaudit.aggregate import read_prescreen
 from mriaudit.model.train import train_cohort
 from mriaudit.records import setup_logging
 
@@ -23,4 +24,5 @@ train_cohort(
     threads=snakemake.threads,
     resolution=snakemake.params.resolution,
     fold_groups=dict(snakemake.params.fold_groups),
+    prescreened=read_prescreen(Path(snakemake.input.stages)),
 )

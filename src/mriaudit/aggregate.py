@@ -532,37 +532,98 @@ def read_scores(path: Path) -> pd.DataFrame:
     return frame
 
 
-def write_stage_table(out_dir: Path, labels: Sequence[str], *, out_tsv: Path) -> pd.DataFrame:
+def write_stage_table(
+    out_dir: Path, labels: Sequence[str], *, out_tsv: Path, flag: dict[str, Any] | None = None
+) -> pd.DataFrame:
     """The status of each ``paths.PREPROCESS_STAGES`` record of each subject, and its first problem.
 
     One row per label: ``subject`` (label), a column per stage (``ok``,
     ``failed``, ``no_series``, or ``missing``), ``status``, ``failed_stage``
-    and ``reason`` of the first stage that is not ok. The model and cohort
-    rules start from this table instead of the subjects' files.
+    and ``reason`` of the first stage that is not ok, and ``prescreen``: why
+    the audit without the model already flags the subject (a hard finding, or
+    an audit score of its IQMs, artefact measures and registration at or above
+    the threshold of ``flag``), empty otherwise. Such a subject does not train
+    the normative model: a noisy, ghosted or folded image is not normal
+    anatomy, and a reference made of them widens what the model calls normal.
+    The model and cohort rules start from this table instead of the subjects' files.
     """
     stages = paths.PREPROCESS_STAGES
 
-    def row(label: str) -> dict[str, Any]:
+    def row(label: str) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
         loaded = {s: _read_record(paths.record(out_dir, label, s), s) for s in stages}
         status, reason, stage = _first_problem(loaded)
         cells = {s: (r or {}).get("status", "missing") for s, r in loaded.items()}
-        return {
+        metrics: dict[str, Any] = {}
+        findings: list[str] = []
+        for record in loaded.values():
+            metrics.update((record or {}).get("metrics") or {})
+            findings += [str(code) for code in (record or {}).get("findings") or []]
+        table_row = {
             "subject": label,
             **cells,
             "status": status,
             "failed_stage": stage,
             "reason": reason,
         }
+        return table_row, metrics, findings
 
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
-        rows = list(pool.map(row, labels))
-    columns = ["subject", *stages, "status", "failed_stage", "reason"]
-    frame = pd.DataFrame(rows, columns=columns)
+        loaded_rows = list(pool.map(row, labels))
+    columns = ["subject", *stages, "status", "failed_stage", "reason", "prescreen"]
+    frame = pd.DataFrame([r for r, _, _ in loaded_rows], columns=columns[:-1])
+    frame["prescreen"] = _prescreen(frame, loaded_rows, flag_settings(flag))
     write_tsv(frame, Path(out_tsv))
     log.info(
         "%d subjects, %d ok after %s", len(frame), int((frame["status"] == OK).sum()), stages[-1]
     )
     return frame
+
+
+def read_prescreen(stage_table: Path) -> dict[str, str]:
+    """``{subject label: reason}`` of the rows of ``stages.tsv`` whose ``prescreen`` is set."""
+    frame = pd.read_csv(stage_table, sep="\t", dtype=str, keep_default_na=False)
+    if "prescreen" not in frame:
+        return {}
+    return {s: r for s, r in zip(frame["subject"], frame["prescreen"], strict=True) if r}
+
+
+def _prescreen(
+    frame: pd.DataFrame,
+    loaded_rows: list[tuple[dict[str, Any], dict[str, Any], list[str]]],
+    settings: dict[str, float],
+) -> list[str]:
+    """Per row, why the audit without the model flags it ("" when it does not)."""
+    metrics = pd.DataFrame(
+        [
+            {k: _plain(v) for k, v in m.items() if k.startswith(METRIC_PREFIXES)}
+            for _, m, _ in loaded_rows
+        ],
+        index=frame.index,
+    )
+    ok = frame["status"].to_numpy(dtype=str) == OK
+    hard_reasons = [
+        next((FLAGGING_FINDINGS[c] for c in codes if c in FLAGGING_FINDINGS), "")
+        for _, _, codes in loaded_rows
+    ]
+    hard = np.array([bool(r) for r in hard_reasons]) | ~ok
+    result = audit.audit_scores(
+        metrics,
+        usable=ok,
+        hard=hard,
+        audit_z=settings["audit_z"],
+        fp_budget=settings["fp_budget"],
+    )
+    reasons = []
+    for i in range(len(frame)):
+        if not ok[i]:
+            reasons.append(f"status {frame.at[i, 'status']}")
+        elif hard_reasons[i]:
+            reasons.append(hard_reasons[i])
+        elif np.isfinite(result.score[i]) and result.score[i] >= result.threshold:
+            reasons.append(f"{AUDIT_REASON}{result.score[i]:.1f} without the model")
+        else:
+            reasons.append("")
+    return reasons
 
 
 def aggregate_cohort(

@@ -26,16 +26,16 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy.stats import mstats
+from scipy import stats
 
 #: Fewest subjects a robust statistic is computed over.
 MIN_COHORT = 5
 #: Fewest subjects of a scanner group whose own statistics are used (shrunk).
 MIN_GROUP = 4
-#: Passes of leaving the flagged out of the statistics (stops when nothing changes).
-MAX_PASSES = 6
-TAIL = True
 MAD_TO_SD = 1.4826
+#: Evidence of a family up to this many robust SD is what normal subjects show in some
+#: family or other; only the excess beyond it adds up across families.
+SLACK = 1.0
 #: 75th percentile of the standard normal: the upper-half spread of a z is (q75 - median) / this.
 Q75_Z = 0.6745
 #: Sampling variance of a sample median over sigma^2 / n for normal data (pi / 2).
@@ -64,17 +64,9 @@ FAMILIES: dict[str, tuple[tuple[str, int], ...]] = {
 
 
 #: Measures that are ratios of positive quantities: judged on a log scale, where a
-#: subject at half the cohort's SNR is as far from it as one at twice.
-LOG_PREFIXES = (
-    "iqm_snr_",
-    "iqm_snrd_",
-    "iqm_cnr",
-    "iqm_cjv",
-    "iqm_fber",
-    "iqm_fwhm_",
-    "iqm_inu_range",
-    "iqm_inu_wm_range",
-)
+#: subject at half the cohort's SNR is as far from it as one at twice. (The INU ranges
+#: are spreads of a unit-median field already, and a log would compress a strong one.)
+LOG_PREFIXES = ("iqm_snr_", "iqm_snrd_", "iqm_cnr", "iqm_cjv", "iqm_fber", "iqm_fwhm_")
 
 
 #: Smallest spread of measures that are exactly 0 for most clean images (a fraction of
@@ -170,10 +162,10 @@ def _location_scale(values: np.ndarray) -> tuple[float, float]:
 
 def _tail_spread(values: np.ndarray, median: float, direction: int) -> float:
     """Spread of the bad side (``direction`` -1: above the median is bad, +1: below):
-    the distance from the median to the bad-side quartile (Harrell-Davis), as an SD."""
+    the distance from the median to the bad-side quartile, as an SD. A sample
+    quartile: it depends on the ranks beyond it, not on how far the anomalies are."""
     quartile = 0.75 if direction < 0 else 0.25
-    (value,) = mstats.hdquantiles(values, prob=[quartile])
-    return abs(float(value) - median) / Q75_Z
+    return abs(float(np.quantile(values, quartile)) - median) / Q75_Z
 
 
 def site_robust_z(
@@ -209,21 +201,21 @@ def site_robust_z(
     if scale <= 0:
         return z
     # How much wider the bad side is than the MAD says; carried over to every group.
-    tail = max(1.0, _tail_spread(x[use], centre, direction) / scale) if direction and TAIL else 1.0
+    tail = max(1.0, _tail_spread(x[use], centre, direction) / scale) if direction else 1.0
     key = np.asarray(groups, dtype=object)
     names = [g for g in sorted(set(key[use])) if (use & (key == g)).sum() >= MIN_GROUP]
     location = np.full(x.shape, centre)
     spread = np.full(x.shape, scale)
     if len(names) >= 2:
-        stats = {g: _location_scale(x[use & (key == g)]) for g in names}
+        group_stats = {g: _location_scale(x[use & (key == g)]) for g in names}
         sizes = {g: int((use & (key == g)).sum()) for g in names}
-        residual = np.concatenate([x[use & (key == g)] - stats[g][0] for g in names])
+        residual = np.concatenate([x[use & (key == g)] - group_stats[g][0] for g in names])
         _, within = _location_scale(residual)
         within = within if within > 0 else scale
-        medians = np.array([stats[g][0] for g in names])
+        medians = np.array([group_stats[g][0] for g in names])
         sampling = np.array([MEDIAN_VARIANCE * within**2 / sizes[g] for g in names])
         tau2 = max(0.0, float(np.var(medians, ddof=1) - sampling.mean()))
-        logs = np.log([max(stats[g][1], 1e-12) for g in names])
+        logs = np.log([max(group_stats[g][1], 1e-12) for g in names])
         log_sampling = np.array([LOG_MAD_VARIANCE / sizes[g] for g in names])
         tau2_log = max(0.0, float(np.var(logs, ddof=1) - log_sampling.mean()))
         for g, m_g, s_sampling, l_g, l_sampling in zip(
@@ -243,7 +235,7 @@ def site_robust_z(
 
 @dataclass
 class AuditResult:
-    """Per subject (n,): ``score`` (audit_score), ``raw`` (audit_raw); per feature column
+    """Per subject (n,): ``score`` (audit_score); per feature column
     (n, columns): ``z`` (signed site-aware robust z) and ``bad`` (bad-side z, >= 0);
     ``families`` (n, families) evidence; ``threshold`` and the reference ``pool`` used."""
 
@@ -251,7 +243,6 @@ class AuditResult:
     z: np.ndarray
     bad: np.ndarray
     families: np.ndarray
-    raw: np.ndarray
     score: np.ndarray
     pool: np.ndarray
     threshold: float
@@ -288,21 +279,6 @@ def _evidence(
     return z, bad, families
 
 
-def _calibrate(raw: np.ndarray, pool: np.ndarray) -> np.ndarray:
-    """``(raw - median) / spread`` over the pool: the upper-half spread from Harrell-Davis
-    quantiles (far steadier than sample quantiles in cohorts of tens), never below the
-    MAD-based SD, so leaving the flagged out cannot shrink it into a cascade of flags."""
-    values = raw[pool & np.isfinite(raw)]
-    if values.size < MIN_COHORT:
-        return np.full(raw.shape, np.nan)
-    median, upper = (float(q) for q in mstats.hdquantiles(values, prob=[0.5, 0.75]))
-    _, mad_sd = _location_scale(values)
-    spread = max((upper - median) / Q75_Z, mad_sd)
-    if spread <= 0:
-        spread = float(np.mean(np.abs(values - median))) or 1.0
-    return (raw - median) / spread
-
-
 def audit_threshold(
     score: np.ndarray, pool: np.ndarray, *, audit_z: float, fp_budget: float
 ) -> float:
@@ -311,8 +287,6 @@ def audit_threshold(
     The fp_budget point is where a Gaussian with the spread of the upper half
     of the pool's scores leaves ``fp_budget`` above it.
     """
-    from scipy import stats
-
     if fp_budget <= 0:
         return math.inf
     values = np.asarray(score, dtype=float)[np.asarray(pool, dtype=bool)]
@@ -343,23 +317,20 @@ def audit_scores(
     features = feature_columns(list(frame.columns))
     groups = scanner_groups(frame)
     pool = usable & ~np.asarray(hard, dtype=bool)
-    for _ in range(MAX_PASSES):
-        z, bad, families = _evidence(frame, features, pool, groups)
-        raw = np.where(usable, np.sqrt((families**2).sum(axis=1)), np.nan)
-        score = _calibrate(raw, pool)
-        threshold = audit_threshold(score, pool, audit_z=audit_z, fp_budget=fp_budget)
-        final_pool = pool
-        pool = pool & ~(np.nan_to_num(score, nan=0.0) >= threshold)
-        if (pool == final_pool).all():
-            break
+    z, bad, families = _evidence(frame, features, pool, groups)
+    excess = np.clip(families - SLACK, 0.0, None)
+    score = np.where(usable, np.sqrt((excess**2).sum(axis=1)) + SLACK, np.nan)
+    # The fp_budget point from the pool's subjects below audit_z: the anomalies of a
+    # cohort audited with ``reference: all`` must not raise the bar that finds them.
+    below = pool & ~(np.nan_to_num(score, nan=0.0) >= audit_z)
+    threshold = audit_threshold(score, below, audit_z=audit_z, fp_budget=fp_budget)
     return AuditResult(
         columns=list(features),
         z=z,
         bad=bad,
         families=families,
-        raw=raw,
-        score=np.where(usable, score, np.nan),
-        pool=final_pool,
+        score=score,
+        pool=pool,
         threshold=threshold,
         groups=groups,
     )

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from mriaudit import demo, heads
 from mriaudit.aggregate import read_scores
@@ -43,7 +44,7 @@ log = logging.getLogger(__name__)
 PROJECT = Path(__file__).resolve().parents[2]
 #: Score columns of scores.tsv compared (the first is the audit's verdict score).
 SCORE_COLUMNS = ("audit_score", "anomaly_score")
-READINGS = {"random_folds": {}, "leave_one_person_out": None}
+READINGS = ("random_folds", "leave_one_person_out")
 
 
 def build_cohort(
@@ -71,12 +72,23 @@ def build_cohort(
 
 
 def run_workflow(
-    input_dir: Path, out_dir: Path, labels: Path, *, cores: int, config: dict[str, str]
+    input_dir: Path,
+    out_dir: Path,
+    labels: Path,
+    *,
+    cores: int,
+    config: dict[str, Any],
+    configfile: Path,
 ) -> float:
-    """Run the Snakefile on the cohort; returns wall seconds. Raises on a failed run."""
+    """Run the Snakefile on the cohort with ``config`` on top; returns wall seconds.
+
+    Raises on a failed run. The config goes through ``configfile``: ``--config``
+    would read nested values as strings.
+    """
+    full = {"input_dir": str(input_dir), "output_dir": str(out_dir), "labels": str(labels)}
+    configfile.write_text(yaml.safe_dump({**full, **config}))
     command = [str(Path(sys.executable).with_name("snakemake")), "--cores", str(cores), "--quiet"]
-    command += ["--config", f"input_dir={input_dir}", f"output_dir={out_dir}", f"labels={labels}"]
-    command += [f"{key}={value}" for key, value in config.items()]
+    command += ["--configfile", str(configfile)]
     started = time.perf_counter()
     result = subprocess.run(command, cwd=PROJECT, capture_output=True, text=True)
     if result.returncode:
@@ -196,13 +208,22 @@ def run(
         "readings": {},
         "wall_s": {},
     }
+    # One output folder: the second reading reuses the preprocessing and retrains.
     out_dir = work / "out"
     for reading in readings:
-        config = {}
+        config: dict[str, Any] = {}
         if reading == "leave_one_person_out":
-            config = {"training": f"{{fold_groups: {groups}, folds: {persons}}}"}
+            config = {"training": {"fold_groups": str(groups), "folds": int(persons)}}
         result["wall_s"][reading] = round(
-            run_workflow(input_dir, out_dir, labels, cores=cores, config=config), 1
+            run_workflow(
+                input_dir,
+                out_dir,
+                labels,
+                cores=cores,
+                config=config,
+                configfile=work / f"config-{reading}.yaml",
+            ),
+            1,
         )
         result["readings"][reading] = detection_figures(out_dir / "cohort" / "scores.tsv", labels)
     return result

@@ -438,3 +438,35 @@ def test_a_t2w_cohort_renders_a_3d_t2_of_the_same_head(base_plan, normal_frames)
     assert any("3D T2 " in note for note in scan.notes)
     with pytest.raises(ValueError, match="unknown contrast"):
         demo.render_subject(base_plan, voxel_size_mm=VOXEL_MM, contrast="PD")
+
+
+def test_real_head_plan_puts_every_person_among_the_normals_and_every_kind_twice(tmp_path):
+    heads = {name: tmp_path / f"head-{name}.nii.gz" for name in "ABC"}
+    plans = demo.plan_real_heads(heads, renditions=2, per_kind=2, seed=0)
+    normals = collections.Counter(p.person for p in plans if p.kind == "normal")
+    assert normals == {"A": 2, "B": 2, "C": 2}
+    kinds = collections.Counter(p.kind for p in plans if p.kind != "normal")
+    assert kinds == dict.fromkeys(demo.ANOMALY_KINDS, 2)
+    # Anomalies are dealt to people in turn, and every plan renders its person's head.
+    assert len({p.person for p in plans if p.kind != "normal"}) == 3
+    assert all(p.head_path == str(heads[p.person]) for p in plans)
+    assert len({p.folder for p in plans}) == len(plans)
+    assert plans == demo.plan_real_heads(heads, renditions=2, per_kind=2, seed=0)
+    with pytest.raises(ValueError, match="renditions"):
+        demo.plan_real_heads(heads, renditions=0, per_kind=1, seed=0)
+
+
+def test_a_real_head_renders_like_the_template_head(tmp_path):
+    """A head volume on the template grid replaces the template head (person in the labels)."""
+    plan = next(p for p in demo.plan_cohort(N_SUBJECTS, seed=SEED) if p.kind == "normal")
+    template_head = demo._head_volume()
+    shifted = np.roll(template_head, 6, axis=1) * 0.9  # another head on the same grid
+    path = tmp_path / "head-X.nii.gz"
+    nib.save(nib.Nifti1Image(shifted, np.eye(4)), path)
+    real = replace(plan, person="X", head_path=str(path))
+    base = demo.render_subject(plan, voxel_size_mm=VOXEL_MM).t1()
+    other = demo.render_subject(real, voxel_size_mm=VOXEL_MM).t1()
+    assert base.frames.shape != other.frames.shape or not np.array_equal(base.frames, other.frames)
+    row = demo._label_row(demo.render_subject(real, voxel_size_mm=VOXEL_MM))
+    assert row["person"] == "X"
+    assert demo._label_row(demo.render_subject(plan, voxel_size_mm=VOXEL_MM))["person"] == "MNI152"

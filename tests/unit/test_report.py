@@ -134,7 +134,7 @@ def test_report_hooks_escaping_and_montages(built_cohort, tmp_path):  # noqa: F8
     assert hooks.montages["sub-11"] and hooks.montages["sub-12"]
     assert not hooks.montages["sub-bad"] and not hooks.montages["a-b"]
     assert "dcm2niix produced no image" in html
-    assert "IQM robust z: iqm_snr_wm z=-" in html  # exclusions.tsv evidence on the card
+    assert "IQM robust z (bad side): iqm_snr_wm z=-" in html  # exclusions.tsv evidence on the card
     assert_self_contained(html, hooks)
     # Header strings and folder names are text, never markup.
     assert HTML_STRING not in html and "&lt;b&gt;x&lt;/b&gt;" in html

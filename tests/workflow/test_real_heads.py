@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from mriaudit.bench_detection import build_cohort, detection_figures
 
@@ -31,17 +32,20 @@ def real_head_run(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -
         work, shared_data, renditions=2, per_kind=1, seed=0, voxel_size_mm=1.5
     )
     out = work / "out"
-    result = snakemake(
-        "--cores",
-        "2",
-        "--config",
-        f"input_dir={input_dir}",
-        f"output_dir={out}",
-        f"labels={labels}",
-        "device=cpu",
-        f"training={{fold_groups: {groups}, folds: 6, epochs: 8}}",
-        timeout=1800,
+    configfile = work / "config.yaml"
+    # A file, not --config: --config reads nested values as strings.
+    configfile.write_text(
+        yaml.safe_dump(
+            {
+                "input_dir": str(input_dir),
+                "output_dir": str(out),
+                "labels": str(labels),
+                "device": "cpu",
+                "training": {"fold_groups": str(groups), "folds": 6, "epochs": 8},
+            }
+        )
     )
+    result = snakemake("--cores", "2", "--configfile", str(configfile), timeout=1800)
     return {"result": result, "out": out, "labels": labels}
 
 

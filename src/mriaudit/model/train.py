@@ -494,6 +494,7 @@ def train_cohort(
     threads: int = 1,
     resolution: int = 2,
     fold_groups: Mapping[str, str] | None = None,
+    prescreened: Mapping[str, str] | None = None,
     options: TrainOptions | None = None,
 ) -> dict:
     """Train the K out-of-fold models on the usable reference subjects.
@@ -502,7 +503,9 @@ def train_cohort(
     keeps a group's subjects in one fold, and a subject of a group that did
     not train (failed registration, not in the reference) is scored by its
     group's model too (``held_out_folds`` in the checkpoint), so no model
-    scores a person it saw.
+    scores a person it saw. ``prescreened`` (``{subject label: reason}``, see
+    ``aggregate.write_stage_table``) are reference subjects the audit already
+    flags without the model; they do not train it.
 
     ``images`` (registered, template grid), ``records`` (register stage) and
     ``subjects`` (BIDS labels) are aligned; ``reference`` holds the labels
@@ -548,6 +551,8 @@ def train_cohort(
         if subject not in allowed:
             continue
         problem = reference_problem(image, record)
+        if not problem and prescreened and subject in prescreened:
+            problem = f"prescreen: {prescreened[subject]}"
         if not problem:
             try:
                 # float16 halves the memory of large reference sets; the model runs in float32.
