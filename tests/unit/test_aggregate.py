@@ -11,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from mriaudit import aggregate, audit, paths, records, template
@@ -342,12 +343,17 @@ def test_subject_json_merges_records(cohort):
 
 
 def test_fp_budget_raises_the_threshold(cohort):
-    flag = {"audit_z": 0.0, "fp_budget": 0.25}
+    # A tiny budget: the threshold rises above audit_z to where a Gaussian with the
+    # spread of the upper half of the pool's scores below audit_z leaves 0.1 %.
+    flag = {"audit_z": 3.0, "fp_budget": 0.001}
     frame = run_aggregate(cohort, flag=flag)
     scores = frame["audit_score"].to_numpy()
     data = json.loads(paths.subject_scores(cohort["out"], "01").read_text())
     threshold = data["cohort"]["audit_threshold"]
-    assert threshold > 0.0
+    below = scores[np.isfinite(scores) & (scores < 3.0) & frame["status"].eq("ok").to_numpy()]
+    median, upper = np.median(below), np.quantile(below, 0.75)
+    expected = median + (upper - median) * stats.norm.isf(0.001) / stats.norm.isf(0.25)
+    assert threshold == pytest.approx(max(3.0, expected))
     # Evaluate and the report recompute the same threshold from scores.tsv.
     recomputed = aggregate.table_threshold(
         aggregate.read_scores(paths.cohort_dir(cohort["out"]) / "scores.tsv"), flag=flag
@@ -356,7 +362,10 @@ def test_fp_budget_raises_the_threshold(cohort):
     by_score = frame["flag_reasons"].str.contains("audit score ").to_numpy()
     assert (scores[by_score] >= threshold).all()
     assert (scores[~by_score & np.isfinite(scores)] < threshold).all()
-    assert f"(threshold {threshold:.1f})" in frame.loc[by_score, "flag_reasons"].iloc[0]
+    # A budget of 0 turns the audit flag off; hard findings still flag.
+    off = run_aggregate(cohort, flag={"fp_budget": 0.0})
+    assert not off["flag_reasons"].str.contains("audit score ").any()
+    assert off.set_index("subject").loc["sub-13", "flagged"]
 
 
 def test_permuted_labels_change_no_score_and_no_flag(cohort, tmp_path):
@@ -527,6 +536,21 @@ def test_audit_threshold_follows_a_long_upper_tail():
     assert audit.audit_threshold(scores, pool, audit_z=3.0, fp_budget=0.0) == math.inf
 
 
+def test_prescreen_keeps_flagged_images_out_of_the_model_reference(cohort, tmp_path):
+    """collect's prescreen: what the audit flags without the model does not train it."""
+    labels = [s.label for s in cohort_module.list_subjects(cohort["input"]) if s.processed]
+    table = tmp_path / "stages.tsv"
+    aggregate.write_stage_table(cohort["out"], labels, out_tsv=table)
+    prescreen = aggregate.read_prescreen(table)
+    assert prescreen["13"] == "missing slices in the series"
+    assert prescreen["12"].startswith("audit score ") and prescreen["12"].endswith(
+        "without the model"
+    )
+    assert prescreen["bad"] == "status failed"
+    # The anomaly-score outlier is the model's to judge: its images are fine.
+    assert "11" not in prescreen and not {f"{i:02d}" for i in range(1, 11)} & set(prescreen)
+
+
 def test_flagged_otherwise_reads_the_reasons_column():
     reasons = [
         "",
@@ -552,8 +576,10 @@ def test_stage_table_names_each_subjects_first_problem(tmp_path):
         "status",
         "failed_stage",
         "reason",
+        "prescreen",
     ]
     rows = written.set_index("subject")
+    assert rows.loc["01", "prescreen"] == "" and rows.loc["bad", "prescreen"] == "status failed"
     assert list(rows.loc["01", list(paths.PREPROCESS_STAGES)]) == ["ok"] * 5
     assert rows.loc["bad", "convert"] == "ok" and rows.loc["bad", "iqm"] == "failed"
     assert tuple(rows.loc["bad", ["status", "failed_stage", "reason"]]) == (

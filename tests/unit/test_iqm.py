@@ -254,6 +254,10 @@ def test_directions_and_labels_cover_every_metric():
         "iqm_spacing_z": 0,
         "iqm_summary_wm_mean": 0,
         "iqm_icvs_csf": 0,
+        "iqm_ghost_ratio": -1,
+        "iqm_edge_anatomy": -1,
+        "iqm_bg_peak": -1,
+        "iqm_inu_wm_range": -1,
     }
     assert {name: iqm.IQM_DIRECTIONS[name] for name in expected} == expected
     assert iqm.IQM_LABELS["iqm_snr_wm"] == "SNR (WM)"
@@ -263,7 +267,10 @@ def test_directions_and_labels_cover_every_metric():
     assert set(iqm.IQM_CAUSES) == flaggable
     assert iqm.IQM_CAUSES["iqm_efc"] == "ghosting or blur"
     singles, snrs, fwhms, tissue_maps, summaries, geometry = 6, 8, 4, 3 * 3, 4 * 8, 6
-    assert len(iqm.IQM_NAMES) == singles + snrs + fwhms + tissue_maps + summaries + geometry
+    artefacts, wm_bias = 3, 1  # mriaudit.artefacts; N4's field inside white matter
+    assert len(iqm.IQM_NAMES) == (
+        singles + snrs + fwhms + tissue_maps + summaries + geometry + artefacts + wm_bias
+    )
 
 
 # --------------------------------------------------------------------------- subject stage
@@ -573,6 +580,7 @@ def test_real_brain_bias_field_is_monotonic(real_brain, tmp_path):
         assert warnings == [], warnings
         results.append({**metrics, **n4_metrics})
     _strictly_increasing(results, "iqm_inu_range")
+    _strictly_increasing(results, "iqm_inu_wm_range")
     _strictly_increasing(results, "iqm_cjv")
     _strictly_decreasing(results, "iqm_cnr")
 
@@ -620,3 +628,6 @@ def test_real_brain_ghosting_is_monotonic(real_brain, tmp_path):
     _strictly_increasing(results, "iqm_efc")
     _strictly_increasing(results, "iqm_qi_1")
     _strictly_decreasing(results, "iqm_fber")
+    # The ghost band shifted by N/2 along the phase axis holds the ghost (mriaudit.artefacts).
+    _strictly_increasing(results, "iqm_ghost_ratio")
+    assert results[1]["iqm_ghost_ratio"] > 5 * max(results[0]["iqm_ghost_ratio"], 0.01)
