@@ -834,9 +834,9 @@ def _drivers(result: audit.AuditResult, row: int, *, component_z: float) -> list
 
 
 def _component_reason(column: str, z: float, labels: dict[str, str], causes: dict[str, str]) -> str:
-    """``CJV 4.2 robust SD above its scanner group (noise, ...)``; the model: ``anomaly score z 4.2``."""
+    """``CJV 4.2 robust SD above the cohort (noise, ...)``; the model: ``model anomaly 4.2 ...``."""
     if column == "anomaly_raw":
-        return f"model anomaly {z:.1f} robust SD above the reference"
+        return f"model anomaly {z:.1f} robust SD above the cohort"
     if column == "reg_similarity":
         return f"template similarity {abs(z):.1f} robust SD below the cohort (wrong contrast or misregistration)"
     return _iqm_reason(column, z, labels, causes)

@@ -124,7 +124,7 @@ def _metric_table() -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
     # Native-space artefact measures (mriaudit.artefacts), not MRIQC metrics.
     add("ghost_ratio", _LOWER_IS_BETTER, "Ghost ratio", "ghosting along the phase-encode direction")
     add("edge_anatomy", _LOWER_IS_BETTER, "Anatomy at both FOV edges", "wrap-around")
-    add("bg_peak", _LOWER_IS_BETTER, "Air spectrum peak (log10)", "a k-space spike (stripes)")
+    add("bg_peak", _LOWER_IS_BETTER, "Air spectrum peak (log10)", "stripes from a k-space spike")
     for tissue in (*TISSUES, "total"):
         add(f"snr_{tissue}", _HIGHER_IS_BETTER, f"SNR ({names[tissue]})", "noisy image")
     for tissue in (*TISSUES, "total"):
