@@ -19,8 +19,11 @@ and the scanner's zero-filled frame, and are recorded as IQMs:
   smaller of the two end slabs' head fractions is taken, the largest over axes.
 - ``bg_peak``: periodic structure in the air. A k-space spike adds one plane
   wave to the whole volume; in the air it is a single peak of the power
-  spectrum far above the noise floor. log10 of the strongest peak above
-  ``MIN_FREQUENCY`` over the median power; NaN for zero-filled air.
+  spectrum far above its neighbourhood. The log power is whitened by its own
+  local mean (``WHITEN_BINS``), since real backgrounds are coloured noise
+  (interpolation, parallel imaging) whose smooth spectrum is no artefact;
+  the measure is the strongest whitened peak above ``MIN_FREQUENCY``, in
+  log10 units; NaN for zero-filled air.
 
 All take float arrays (X, Y, Z) in any intensity unit and bool masks of the
 same shape, and return dimensionless floats (NaN when undefined).
@@ -46,6 +49,8 @@ EDGE_SLAB = 0.02
 MIN_FREQUENCY = 0.06
 #: Air further than this (voxels) from the head enters the spike spectrum.
 SPIKE_CLEARANCE = 4
+#: Side (frequency bins) of the box whose mean log power whitens the air's spectrum.
+WHITEN_BINS = 5
 
 
 def ghost_ratio(data: np.ndarray, head: np.ndarray, *, frame: np.ndarray | None = None) -> float:
@@ -120,7 +125,7 @@ def edge_anatomy(head: np.ndarray, *, frame: np.ndarray | None = None) -> float:
 def bg_peak(
     data: np.ndarray, head: np.ndarray, *, frame: np.ndarray | None = None, workers: int = 1
 ) -> float:
-    """log10 of the strongest air-spectrum peak over the median power (spikes; see module).
+    """The strongest whitened peak of the air's power spectrum, log10 (spikes; see module).
 
     ``data`` (X, Y, Z) float, ``head`` bool, ``frame`` bool. NaN when the air is
     zero-filled (no noise floor) or too small.
@@ -135,18 +140,19 @@ def bg_peak(
     level = float(values[air].mean())
     centred = np.where(air, values - level, 0.0).astype(np.float32)
     power = np.abs(fft.rfftn(centred, workers=workers)) ** 2
-    floor = float(np.median(power))
-    if floor <= 0:
+    if float(np.median(power)) <= 0:
         return math.nan
+    log_power = np.log10(np.maximum(power, np.finfo(np.float32).tiny))
+    del power
+    whitened = log_power - ndimage.uniform_filter(log_power, WHITEN_BINS, mode="wrap")
     # Frequencies of the rfftn axes (the last one is half-sized).
-    low = np.ones(power.shape, dtype=bool)
+    low = np.ones(whitened.shape, dtype=bool)
     for axis, n in enumerate(values.shape):
         freq = np.abs(fft.rfftfreq(n) if axis == 2 else fft.fftfreq(n))
         shape = [1, 1, 1]
         shape[axis] = -1
         low &= (freq < MIN_FREQUENCY).reshape(shape)
-    peak = float(power[~low].max()) if (~low).any() else math.nan
-    return math.log10(peak / floor) if math.isfinite(peak) and peak > 0 else math.nan
+    return float(whitened[~low].max()) if (~low).any() else math.nan
 
 
 def artefact_metrics(
