@@ -225,17 +225,24 @@ def flagged_otherwise(flag_reasons: Sequence[str]) -> np.ndarray:
     )
 
 
-def table_threshold(frame: pd.DataFrame, *, flag: dict[str, Any]) -> float:
-    """The audit threshold that aggregate used, recomputed from a scores.tsv table."""
-    settings = flag_settings(flag)
-    result = audit.audit_scores(
+def _audit(
+    frame: pd.DataFrame, usable: np.ndarray, hard: np.ndarray, settings: dict[str, float]
+) -> audit.AuditResult:
+    return audit.audit_scores(
         frame,
-        usable=frame["status"].to_numpy(dtype=str) == OK,
-        hard=flagged_otherwise(frame["flag_reasons"].fillna("").astype(str).tolist()),
+        usable=usable,
+        hard=hard,
         audit_z=settings["audit_z"],
         fp_budget=settings["fp_budget"],
     )
-    return result.threshold
+
+
+def table_threshold(frame: pd.DataFrame, *, flag: dict[str, Any]) -> float:
+    """The audit threshold that aggregate used, recomputed from a scores.tsv table."""
+    settings = flag_settings(flag)
+    usable = frame["status"].to_numpy(dtype=str) == OK
+    hard = flagged_otherwise(frame["flag_reasons"].fillna("").astype(str).tolist())
+    return _audit(frame, usable, hard, settings).threshold
 
 
 def _read_record(path: Path, stage: str) -> dict[str, Any] | None:
@@ -606,13 +613,7 @@ def _prescreen(
         for _, _, codes in loaded_rows
     ]
     hard = np.array([bool(r) for r in hard_reasons]) | ~ok
-    result = audit.audit_scores(
-        metrics,
-        usable=ok,
-        hard=hard,
-        audit_z=settings["audit_z"],
-        fp_budget=settings["fp_budget"],
-    )
+    result = _audit(metrics, ok, hard, settings)
     reasons = []
     for i in range(len(frame)):
         if not ok[i]:
@@ -763,13 +764,7 @@ def _judge(
         extra["notes"] = notes
         extra["flag_reasons"] = reasons
     hard = np.array([bool(extra["flag_reasons"]) for extra in extras], dtype=bool)
-    result = audit.audit_scores(
-        frame,
-        usable=ok,
-        hard=hard,
-        audit_z=settings["audit_z"],
-        fp_budget=settings["fp_budget"],
-    )
+    result = _audit(frame, ok, hard, settings)
     _, labels = iqm_tables()
     causes = iqm_causes()
     flagged, reasons_col, findings_col, notes_col = [], [], [], []

@@ -30,8 +30,12 @@ from scipy import stats
 
 #: Fewest subjects a robust statistic is computed over.
 MIN_COHORT = 5
-#: Fewest subjects of a scanner group whose own statistics are used (shrunk).
-MIN_GROUP = 4
+#: Fewest subjects of a scanner group whose own statistics are used (shrunk): a
+#: smaller group's median and MAD are too noisy to judge its members by.
+MIN_GROUP = 8
+#: Groups smaller than this judge each member by the others (leave one out): in a
+#: group of ten, one anomaly would otherwise widen the statistics that judge it.
+LEAVE_ONE_OUT_BELOW = 30
 MAD_TO_SD = 1.4826
 #: Evidence of a family up to this many robust SD is what normal subjects show in some
 #: family or other; only the excess beyond it adds up across families.
@@ -223,11 +227,20 @@ def site_robust_z(
         ):
             weight = tau2 / (tau2 + s_sampling) if tau2 > 0 else 0.0
             weight_log = tau2_log / (tau2_log + l_sampling) if tau2_log > 0 else 0.0
-            members = key == g
-            location[members] = weight * m_g + (1 - weight) * centre
-            spread[members] = max(
-                min_scale, math.exp(weight_log * l_g + (1 - weight_log) * math.log(within))
-            )
+            members = np.flatnonzero(key == g)
+            own = {i: (m_g, l_g) for i in members}
+            if sizes[g] < LEAVE_ONE_OUT_BELOW:
+                peers = use & (key == g)
+                for i in np.flatnonzero(peers):
+                    others = peers.copy()
+                    others[i] = False
+                    m_i, s_i = _location_scale(x[others])
+                    own[i] = (m_i, math.log(max(s_i, 1e-12)))
+            for i, (m_i, l_i) in own.items():
+                location[i] = weight * m_i + (1 - weight) * centre
+                spread[i] = max(
+                    min_scale, math.exp(weight_log * l_i + (1 - weight_log) * math.log(within))
+                )
     z = (x - location) / (spread * tail)
     z[~np.isfinite(x)] = np.nan
     return z

@@ -214,16 +214,7 @@ def roc_figure(metrics: dict[str, Any]) -> bytes:
         lw=2,
         label=f"audit score AUROC {_with_ci(metrics, 'auroc')}",
     )
-    model = metrics.get("model_only") or {}
-    if model.get("roc_curve"):
-        ax.plot(
-            model["roc_curve"]["fpr"],
-            model["roc_curve"]["tpr"],
-            color=_MODEL,
-            lw=1.5,
-            ls="-.",
-            label=f"model alone {_with_ci(model, 'auroc')}",
-        )
+    _model_curve(ax, metrics, curve="roc_curve", x="fpr", y="tpr", area="auroc")
     _operating_points(ax, metrics, x="fpr", y="tpr")
     ax.set(xlabel="false-positive rate", ylabel="true-positive rate", xlim=(0, 1), ylim=(0, 1.02))
     ax.legend(loc="lower right", fontsize=7)
@@ -245,21 +236,23 @@ def pr_figure(metrics: dict[str, Any]) -> bytes:
         lw=2,
         label=f"audit score AUPRC {_with_ci(metrics, 'auprc')}",
     )
-    model = metrics.get("model_only") or {}
-    if model.get("pr_curve"):
-        ax.plot(
-            model["pr_curve"]["recall"],
-            model["pr_curve"]["precision"],
-            color=_MODEL,
-            lw=1.5,
-            ls="-.",
-            label=f"model alone {_with_ci(model, 'auprc')}",
-        )
+    _model_curve(ax, metrics, curve="pr_curve", x="recall", y="precision", area="auprc")
     _operating_points(ax, metrics, x="tpr", y="precision")
     ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02))
     ax.legend(loc="lower left", fontsize=7)
     ax.set_title("Precision-recall", fontsize=10)
     return _png(fig)
+
+
+def _model_curve(
+    ax: Any, metrics: dict[str, Any], *, curve: str, x: str, y: str, area: str
+) -> None:
+    """The model-alone curve (``metrics["model_only"]``) beside the audit score's."""
+    model = metrics.get("model_only") or {}
+    if model.get(curve):
+        points = model[curve]
+        label = f"model alone {_with_ci(model, area)}"
+        ax.plot(points[x], points[y], color=_MODEL, lw=1.5, ls="-.", label=label)
 
 
 def _with_ci(metrics: dict[str, Any], name: str) -> str:
