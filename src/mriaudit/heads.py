@@ -103,11 +103,13 @@ def _to_template_scale(data: np.ndarray, brain: np.ndarray, reference: np.ndarra
     return np.clip(mapped, *HEAD_RANGE).astype(np.float32)
 
 
-def prepare_head(entry: Person, data_root: Path, out_path: Path, *, threads: int = 2) -> Path:
+def prepare_head(entry: Person, data_root: Path, out_path: Path, *, threads: int = 1) -> Path:
     """Convert, bias-correct and register one person; write its head on the template 1 mm grid.
 
     ``data_root`` is the unpacked shared data (``unpack.sh DEST``). Returns
     ``out_path`` (float32 NIfTI, template affine, template intensity scale).
+    One ITK thread by default: a multi-threaded registration differs from run to
+    run, and so would every cohort rendered from the head.
     """
     source = Path(data_root) / entry.source
     if not source.exists():
@@ -159,7 +161,7 @@ def prepare_head(entry: Person, data_root: Path, out_path: Path, *, threads: int
 
 
 def prepared_heads(
-    data_root: Path, cache_dir: Path, *, persons: tuple[str, ...] = PERSON_IDS, threads: int = 2
+    data_root: Path, cache_dir: Path, *, persons: tuple[str, ...] = PERSON_IDS, threads: int = 1
 ) -> dict[str, Path]:
     """``{person: head path}`` for ``persons``, preparing those not yet in ``cache_dir``."""
     heads = {}
