@@ -1,19 +1,19 @@
 """One audit score per subject: model, IQMs, artefact measures and registration fused.
 
-Each image-quality metric, the normative model's ``anomaly_raw`` and the
-registration similarity is turned into a robust z of its bad side, against
-the subjects of the subject's own scanner group where those differ from the
-cohort (site-aware standardisation, ``site_robust_z``). Measures that see the
-same fault are one *family* (``FAMILIES``: all SNR variants are one piece of
-evidence of noise, not eight), whose evidence is its worst member's bad-side
-z. The subject's ``audit_raw`` is the root sum of squares of its families'
-evidence (zero for a subject better than typical everywhere), and
-``audit_score`` is ``audit_raw`` calibrated on the reference: ``(raw -
-median) / s`` with ``s`` the upper-half spread (75th percentile minus median,
-over the normal quantile's 0.6745), so a clean subject's score reads like a z
-on the side that matters. The statistics are estimated twice: the second pass
-leaves out the subjects the first pass flagged, so a cohort with many
-anomalies does not hide them by widening its own spread.
+Each image-quality metric, the artefact measures of ``mriaudit.artefacts``,
+the normative model's ``anomaly_raw`` and the registration similarity become a
+robust z of their bad side against the pool (the ok subjects without a hard
+finding), per scanner group where groups differ (``site_robust_z``). Ratios
+are judged on a log scale, and a measure whose normal values have a long tail
+on the bad side is scaled by that tail. Measures that see the same fault are
+one *family* (``FAMILIES``: the SNR variants are one piece of evidence of
+noise, not eight) whose evidence is its worst member's bad-side z. The score
+is ``1 + sqrt(sum over families of max(0, evidence - 1)^2)``: in units of one
+measure's robust z (a subject whose worst family is 4 SD out scores 4), with
+the moderate deviations normal subjects show somewhere (``SLACK``) not adding
+up. It needs no calibration of its own, so a cohort rich in anomalies cannot
+widen what hides them; the flag threshold is ``audit_z``, raised by
+``fp_budget`` only by the spread of the pool's subjects below ``audit_z``.
 
 No label enters anywhere: every statistic comes from the images and headers.
 """
@@ -40,7 +40,7 @@ MAD_TO_SD = 1.4826
 #: Evidence of a family up to this many robust SD is what normal subjects show in some
 #: family or other; only the excess beyond it adds up across families.
 SLACK = 1.0
-#: 75th percentile of the standard normal: the upper-half spread of a z is (q75 - median) / this.
+#: 75th percentile of the standard normal: a bad side's spread is (quartile - median) / this.
 Q75_Z = 0.6745
 #: Sampling variance of a sample median over sigma^2 / n for normal data (pi / 2).
 MEDIAN_VARIANCE = math.pi / 2
@@ -172,6 +172,17 @@ def _tail_spread(values: np.ndarray, median: float, direction: int) -> float:
     return abs(float(np.quantile(values, quartile)) - median) / Q75_Z
 
 
+def _leave_one_out(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per element of ``values`` (n,), the ``_location_scale`` of the others: (n,), (n,)."""
+    n = values.size
+    others = np.broadcast_to(values, (n, n))[~np.eye(n, dtype=bool)].reshape(n, n - 1)
+    median = np.median(others, axis=1)
+    deviation = np.abs(others - median[:, None])
+    scale = MAD_TO_SD * np.median(deviation, axis=1)
+    fallback = 1.2533 * deviation.mean(axis=1)
+    return median, np.where(scale > 0, scale, fallback)
+
+
 def site_robust_z(
     values: np.ndarray,
     pool: np.ndarray,
@@ -227,20 +238,17 @@ def site_robust_z(
         ):
             weight = tau2 / (tau2 + s_sampling) if tau2 > 0 else 0.0
             weight_log = tau2_log / (tau2_log + l_sampling) if tau2_log > 0 else 0.0
-            members = np.flatnonzero(key == g)
-            own = {i: (m_g, l_g) for i in members}
+            members = key == g
+            m_i = np.full(x.shape, m_g)
+            l_i = np.full(x.shape, l_g)
             if sizes[g] < LEAVE_ONE_OUT_BELOW:
-                peers = use & (key == g)
-                for i in np.flatnonzero(peers):
-                    others = peers.copy()
-                    others[i] = False
-                    m_i, s_i = _location_scale(x[others])
-                    own[i] = (m_i, math.log(max(s_i, 1e-12)))
-            for i, (m_i, l_i) in own.items():
-                location[i] = weight * m_i + (1 - weight) * centre
-                spread[i] = max(
-                    min_scale, math.exp(weight_log * l_i + (1 - weight_log) * math.log(within))
-                )
+                peers = np.flatnonzero(use & members)
+                m_i[peers], s_out = _leave_one_out(x[peers])
+                l_i[peers] = np.log(np.maximum(s_out, 1e-12))
+            location[members] = weight * m_i[members] + (1 - weight) * centre
+            spread[members] = np.maximum(
+                min_scale, np.exp(weight_log * l_i[members] + (1 - weight_log) * math.log(within))
+            )
     z = (x - location) / (spread * tail)
     z[~np.isfinite(x)] = np.nan
     return z
@@ -250,7 +258,8 @@ def site_robust_z(
 class AuditResult:
     """Per subject (n,): ``score`` (audit_score); per feature column
     (n, columns): ``z`` (signed site-aware robust z) and ``bad`` (bad-side z, >= 0);
-    ``families`` (n, families) evidence; ``threshold`` and the reference ``pool`` used."""
+    ``families`` (n, families) evidence; ``threshold``, the statistics' ``pool`` (n,)
+    and each row's ``groups`` key."""
 
     columns: list[str]
     z: np.ndarray
