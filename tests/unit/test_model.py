@@ -22,7 +22,13 @@ from scipy import ndimage
 
 from mriaudit import paths
 from mriaudit.model import resolve_device, score_subject, train_cohort
-from mriaudit.model.data import assign_folds, brain_grid, fold_count, reference_problem
+from mriaudit.model.data import (
+    assign_folds,
+    brain_grid,
+    fold_count,
+    group_count,
+    reference_problem,
+)
 from mriaudit.model.score import (
     focal_and_diffuse,
     load_checkpoint,
@@ -170,6 +176,18 @@ def test_folds_are_deterministic_balanced_and_order_free() -> None:
     assert first == assign_folds(labels[::-1], folds=3, seed=0)
     assert sorted(np.bincount(list(first.values()))) == [3, 3, 4]
     assert any(assign_folds(labels, folds=3, seed=s) != first for s in range(1, 4))
+
+
+def test_fold_groups_keep_a_group_in_one_fold() -> None:
+    """Subjects of one group (a person, a participant's sessions) share a fold."""
+    labels = [f"s{i}" for i in range(12)]
+    groups = {label: f"person{i % 4}" for i, label in enumerate(labels[:10])}
+    folds = assign_folds(labels, folds=4, seed=0, groups=groups)
+    for person in {f"person{i}" for i in range(4)}:
+        assert len({folds[s] for s, g in groups.items() if g == person}) == 1
+    assert sorted(set(folds.values())) == [0, 1, 2, 3]
+    assert folds == assign_folds(labels[::-1], folds=4, seed=0, groups=groups)
+    assert group_count(labels, groups) == 6  # s10 and s11 are groups of their own
 
 
 @pytest.mark.parametrize(("n", "expected"), [(0, 0), (2, 0), (3, 2), (5, 2), (6, 3), (25, 3)])
