@@ -16,6 +16,9 @@ A labelled minority is anomalous (label 1): lesions, motion ghosting, k-space
 spikes, wrap-around, heavy noise, strong bias, missing slices, wrong contrast;
 plus broken inputs: a truncated DICOM file, an empty folder, a subject with
 only a localizer.
+
+``plan_real_heads`` and ``write_cohort`` run the same machinery on real heads
+(``mriaudit.heads``) instead of the template: the detection benchmark.
 """
 
 from __future__ import annotations
