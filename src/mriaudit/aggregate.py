@@ -62,12 +62,7 @@ METRIC_PREFIXES: tuple[str, ...] = ("anomaly_", "iqm_", "hdr_", "reg_", "conv_",
 IO_THREADS = 8
 
 #: Fewest subjects a robust z (or a cohort mode) is computed over.
-MIN_COHORT = 5
-
-MAD_TO_SD = 1.4826
-# Mean absolute deviation to SD for a normal distribution (sqrt(pi / 2)); used
-# when more than half the values are identical and the MAD is zero.
-MEAN_AD_TO_SD = 1.2533
+MIN_COHORT = audit.MIN_COHORT
 
 #: Relative tolerance around the cohort mode for protocol parameters.
 PROTOCOL_TOLERANCE = 0.10
@@ -170,21 +165,17 @@ def iqm_label(column: str, labels: dict[str, str]) -> str:
 def robust_z(values: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, float, float]:
     """Robust z of ``values`` (n,) against the entries selected by ``reference`` (n,) bool.
 
-    ``z = (x - median_ref) / scale`` with ``scale = 1.4826 * MAD_ref`` (an SD for
-    normal data); when the MAD is zero (more than half the reference values
-    tie) the mean absolute deviation is used instead. Returns ``(z, median,
-    scale)``; z is NaN everywhere when the reference has fewer than
-    ``MIN_COHORT`` finite values or no spread, and NaN where ``values`` is.
+    ``z = (x - median_ref) / scale`` with the scale of ``audit.location_scale``
+    (1.4826 * MAD, or the mean absolute deviation when more than half the
+    reference values tie). Returns ``(z, median, scale)``; z is NaN everywhere
+    when the reference has fewer than ``MIN_COHORT`` finite values or no
+    spread, and NaN where ``values`` is.
     """
     x = np.asarray(values, dtype=float)
     ref = x[np.asarray(reference, dtype=bool) & np.isfinite(x)]
     if ref.size < MIN_COHORT:
         return np.full(x.shape, np.nan), math.nan, math.nan
-    median = float(np.median(ref))
-    deviation = np.abs(ref - median)
-    scale = MAD_TO_SD * float(np.median(deviation))
-    if scale <= 0:
-        scale = MEAN_AD_TO_SD * float(np.mean(deviation))
+    median, scale = audit.location_scale(ref)
     if scale <= 0:
         return np.full(x.shape, np.nan), median, 0.0
     return (x - median) / scale, median, scale
@@ -612,7 +603,7 @@ def _prescreen(
         next((FLAGGING_FINDINGS[c] for c in codes if c in FLAGGING_FINDINGS), "")
         for _, _, codes in loaded_rows
     ]
-    hard = np.array([bool(r) for r in hard_reasons]) | ~ok
+    hard = np.array([bool(r) for r in hard_reasons], dtype=bool) | ~ok
     result = _audit(metrics, ok, hard, settings)
     reasons = []
     for i in range(len(frame)):

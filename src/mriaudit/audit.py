@@ -36,7 +36,9 @@ MIN_GROUP = 8
 #: Groups smaller than this judge each member by the others (leave one out): in a
 #: group of ten, one anomaly would otherwise widen the statistics that judge it.
 LEAVE_ONE_OUT_BELOW = 30
+#: MAD and mean absolute deviation of a normal distribution, as multiples of its SD.
 MAD_TO_SD = 1.4826
+MEAN_AD_TO_SD = 1.2533
 #: Evidence of a family up to this many robust SD is what normal subjects show in some
 #: family or other; only the excess beyond it adds up across families.
 SLACK = 1.0
@@ -154,13 +156,15 @@ def scanner_groups(frame: pd.DataFrame) -> list[str]:
     return keys
 
 
-def _location_scale(values: np.ndarray) -> tuple[float, float]:
-    """Median and MAD-based SD of ``values`` (mean absolute deviation when the MAD is 0)."""
+def location_scale(values: np.ndarray) -> tuple[float, float]:
+    """Median and MAD-based SD of ``values`` (n,), the project's one robust estimate:
+    ``1.4826 * MAD`` (an SD for normal data), or the mean absolute deviation scaled
+    to an SD when more than half the values tie (MAD 0). 0 for constant values."""
     median = float(np.median(values))
     deviation = np.abs(values - median)
     scale = MAD_TO_SD * float(np.median(deviation))
     if scale <= 0:
-        scale = 1.2533 * float(np.mean(deviation))
+        scale = MEAN_AD_TO_SD * float(np.mean(deviation))
     return median, scale
 
 
@@ -179,7 +183,7 @@ def _leave_one_out(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     median = np.median(others, axis=1)
     deviation = np.abs(others - median[:, None])
     scale = MAD_TO_SD * np.median(deviation, axis=1)
-    fallback = 1.2533 * deviation.mean(axis=1)
+    fallback = MEAN_AD_TO_SD * deviation.mean(axis=1)
     return median, np.where(scale > 0, scale, fallback)
 
 
@@ -211,7 +215,7 @@ def site_robust_z(
     z = np.full(x.shape, np.nan)
     if use.sum() < MIN_COHORT:
         return z
-    centre, scale = _location_scale(x[use])
+    centre, scale = location_scale(x[use])
     scale = max(scale, min_scale)
     if scale <= 0:
         return z
@@ -222,10 +226,10 @@ def site_robust_z(
     location = np.full(x.shape, centre)
     spread = np.full(x.shape, scale)
     if len(names) >= 2:
-        group_stats = {g: _location_scale(x[use & (key == g)]) for g in names}
+        group_stats = {g: location_scale(x[use & (key == g)]) for g in names}
         sizes = {g: int((use & (key == g)).sum()) for g in names}
         residual = np.concatenate([x[use & (key == g)] - group_stats[g][0] for g in names])
-        _, within = _location_scale(residual)
+        _, within = location_scale(residual)
         within = within if within > 0 else scale
         medians = np.array([group_stats[g][0] for g in names])
         sampling = np.array([MEDIAN_VARIANCE * within**2 / sizes[g] for g in names])

@@ -1299,8 +1299,9 @@ def _link_files(subject_dir: Path, files: list[str], folder: Path) -> None:
             shutil.copyfile(source, target)
 
 
-def _run_dcm2niix(in_dir: Path, out_dir: Path) -> tuple[int, list[str], list[str]]:
-    """Run the packaged dcm2niix; returns (exit code, warning lines, other output lines)."""
+def run_dcm2niix(in_dir: Path, out_dir: Path) -> tuple[int, list[str], list[str]]:
+    """Run the packaged dcm2niix with the project's flags; returns (exit code, warning lines,
+    other output lines). The images land in ``out_dir`` as ``series*.nii.gz``."""
     command = [
         str(dcm2niix.bin),  # the PyPI package's own binary, never one found on PATH
         "-g", "i",  # ignore a user's ~/.dcm2nii.ini: same flags on every machine
@@ -1534,7 +1535,7 @@ def _convert_dicom(
         in_dir, out_dir = Path(tmp) / "in", Path(tmp) / "out"
         out_dir.mkdir()
         _link_files(subject_dir, files, in_dir)
-        code, dcm_warnings, other = _run_dcm2niix(in_dir, out_dir)
+        code, dcm_warnings, other = run_dcm2niix(in_dir, out_dir)
         if not _nifti_outputs(out_dir):
             last = next((line for line in reversed(other) if "error" in line.lower()), "")
             detail = last or (dcm_warnings[-1] if dcm_warnings else "no output")

@@ -18,16 +18,15 @@ from __future__ import annotations
 import gzip
 import logging
 import shutil
-import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import dcm2niix
 import nibabel as nib
 import numpy as np
 
 from mriaudit import preprocess, template
+from mriaudit.dicom import run_dcm2niix
 from mriaudit.intensity import histogram_landmarks
 
 log = logging.getLogger(__name__)
@@ -81,13 +80,12 @@ def _dicom_to_nifti(folder: Path, work: Path) -> Path:
                 shutil.copyfileobj(packed, plain)
     out = work / "nifti"
     out.mkdir()
-    command = [str(dcm2niix.bin), "-g", "i", "-b", "n", "-z", "y", "-f", "head", "-o", str(out)]
-    subprocess.run([*command, str(source)], check=True, capture_output=True, timeout=600)
+    code, _, output = run_dcm2niix(source, out)
     images = sorted(out.glob("*.nii.gz"))
     # Irregular slice spacing (person F): dcm2niix's equidistant ``_Eq`` copy has the geometry right.
     equidistant = [p for p in images if "_Eq" in p.name]
-    if not images:
-        message = f"dcm2niix wrote no image for {folder}"
+    if code or not images:
+        message = f"dcm2niix wrote no image for {folder} (exit {code}): {output[-3:]}"
         raise RuntimeError(message)
     return max(equidistant or images, key=lambda p: p.stat().st_size)
 

@@ -406,6 +406,9 @@ def test_missing_records_and_empty_cohort(tmp_path):
     )
     assert frame.empty
     assert (out / "s.tsv").read_text().startswith("subject\tlabel\tstatus")
+    # collect on an empty cohort writes its header, prescreen included.
+    stages = aggregate.write_stage_table(out, [], out_tsv=out / "stages.tsv")
+    assert stages.empty and aggregate.read_prescreen(out / "stages.tsv") == {}
 
 
 def test_robust_z_handles_ties_and_small_references():
