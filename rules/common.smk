@@ -1,14 +1,14 @@
 # Cohort listing and named input functions; everything else lives in src/mriaudit.
 from pathlib import Path
 
-from mriaudit import cohort, dicom, paths
+from mriaudit import cohort, paths, series
 
 OUT = config["output_dir"]
 INPUT_DIR = Path(config["input_dir"])
 LABELS = config["labels"]
 TRAIN_MODEL = config["model"] == "train"
 # A bad series regex is a configuration error: fail before any job, naming the key.
-dicom.resolve_rules(config["series"])
+series.resolve_rules(config["series"])
 
 # Subjects are known from a directory listing, so the DAG is fixed before the run.
 # A missing input_dir leaves the cohort empty here (lint and --help still work)

@@ -2,7 +2,6 @@ if TRAIN_MODEL:
 
     rule train_model:
         input:
-            images=each_subject(paths.preproc),
             records=each_subject(paths.record, "register"),
             stages=str(paths.stage_table(OUT)),
         output:
@@ -13,6 +12,7 @@ if TRAIN_MODEL:
         benchmark:
             str(paths.benchmark(OUT, "train_model"))
         params:
+            images=each_subject(paths.preproc),
             subjects=SUBJECTS,
             reference=reference_labels,
             fold_groups=fold_groups,
@@ -32,15 +32,15 @@ if TRAIN_MODEL:
 
 # One job scores the whole cohort: the model is loaded once per worker (one per thread on
 # the CPU, one on a GPU) instead of once per subject, and the DAG keeps no per-subject
-# score job. The downstream rules depend on its table; the maps and records are listed
-# too, so each of them is a target.
+# score job. The downstream rules depend on its table; the records are listed too, so
+# each is a target. The maps are written only for scored subjects, so they are not
+# outputs: a subject without a map has no file that looks like one.
 rule score:
     input:
         stages=str(paths.stage_table(OUT)),
         checkpoint=model_checkpoint,
     output:
         table=str(paths.model_scores(OUT)),
-        anomaly_maps=each_subject(paths.anomaly_map),
         records=each_subject(paths.record, "score"),
     log:
         str(paths.log(OUT, "score")),

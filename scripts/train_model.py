@@ -9,7 +9,7 @@ from mriaudit.records import setup_logging
 setup_logging(snakemake.log[0])
 training = dict(snakemake.params.training)
 train_cohort(
-    [Path(p) for p in snakemake.input.images],
+    [Path(p) for p in snakemake.params.images],
     [Path(p) for p in snakemake.input.records],
     list(snakemake.params.subjects),
     reference=list(snakemake.params.reference),

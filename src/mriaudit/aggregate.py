@@ -27,6 +27,9 @@ Reported but not flagged (column ``notes``, and ``findings``):
 
 - ``2d_only``: the audited series is the 2D fallback; it is usable and the
   IQMs and the anomaly model still judge it, so it is a note for the curator;
+- ``derived_only``, ``post_contrast_only``, ``repeat_series``: what the series
+  selection had to settle for or choose between (``mriaudit.series``); the image
+  is judged like any other;
 - ``not_scored``: the anomaly model gave no score; the other checks still ran;
 - protocol deviations from the cohort mode (field strength, manufacturer,
   TR/TE/TI, flip angle, voxel size): multi-site cohorts mix protocols on purpose,
@@ -87,6 +90,12 @@ FLAGGING_FINDINGS: dict[str, str] = {
 #: Findings reported as notes only (see the module docstring for why).
 NOTE_FINDINGS: dict[str, str] = {
     "2d_only": "only a 2D T1-weighted series was available (thick slices); it was audited instead",
+    "derived_only": (
+        "only a derived T1 copy (DERIVED/SECONDARY, e.g. re-created from NIfTI) was available;"
+        " it was audited"
+    ),
+    "post_contrast_only": "only a post-contrast T1 was available; it was audited",
+    "repeat_series": "repeat T1 acquisitions: the best was audited (see the series table)",
     "not_scored": "not scored by the anomaly model",
 }
 
@@ -703,7 +712,14 @@ def aggregate_cohort(
         row, extra = item
         if row["subject"] in processed:
             path = paths.subject_scores(out_dir, row["label"])
-            _write_compact_json(path, _subject_json(row, extra, summary))
+            data = _subject_json(row, extra, summary)
+            # The manifest of what exists, relative to the output folder.
+            data["images"] = {
+                name: image.relative_to(out_dir).as_posix()
+                for name, image in paths.subject_images(out_dir, row["label"]).items()
+                if image.is_file()
+            }
+            _write_compact_json(path, data)
 
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
         list(pool.map(write_subject, zip(frame.to_dict("records"), extras, strict=True)))

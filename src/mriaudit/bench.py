@@ -336,9 +336,7 @@ def synthetic_cohort(root: Path, n: int, *, seed: int = 0) -> dict[str, Path]:
             path.write_text(json.dumps(record))
         preproc, amap = paths.preproc(out, label), paths.anomaly_map(out, label)
         preproc.parent.mkdir(parents=True, exist_ok=True)
-        if failed:
-            records.write_placeholders([preproc, amap])
-        else:
+        if not failed:
             preproc.symlink_to(image)
             amap.symlink_to(anomaly)
     labels = root / "labels.tsv"

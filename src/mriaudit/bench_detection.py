@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -61,8 +62,23 @@ def build_cohort(
     prepared = heads.prepared_heads(data_root, work / "heads", persons=persons)
     plans = demo.plan_real_heads(prepared, renditions=renditions, per_kind=per_kind, seed=seed)
     input_dir, labels = work / "input", work / "labels.tsv"
-    if not labels.is_file():
+    # The cohort is rendered once per recipe: a new head preparation or other options
+    # render it (and run the workflow) anew instead of judging the old one.
+    recipe = {
+        "heads": heads.RECIPE,
+        "persons": list(persons),
+        "renditions": renditions,
+        "per_kind": per_kind,
+        "seed": seed,
+        "voxel_size_mm": voxel_size_mm,
+    }
+    stamp = work / "cohort.json"
+    if not labels.is_file() or not stamp.is_file() or json.loads(stamp.read_text()) != recipe:
+        for stale in (input_dir, work / "out"):
+            shutil.rmtree(stale, ignore_errors=True)
+        labels.unlink(missing_ok=True)
         demo.write_cohort(plans, input_dir, voxel_size_mm=voxel_size_mm, labels_path=labels)
+        stamp.write_text(json.dumps(recipe))
     groups = work / "person_groups.tsv"
     table = pd.read_csv(labels, sep="\t", dtype={"subject": str, "person": str})
     table.rename(columns={"person": "group"})[["subject", "group"]].to_csv(

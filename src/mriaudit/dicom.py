@@ -1,10 +1,12 @@
 """Inventory and conversion of one subject folder: DICOM series, or NIfTI files.
 
-``inventory_subject`` reads DICOM headers only (pydicom; pixel data stay on disk),
+``inventory_subject`` reads DICOM headers only (pydicom; pixel data of plain
+files stay on disk; compressed files and archives through ``mriaudit.sources``),
 groups the files by SeriesInstanceUID, writes one TSV row per series with its
-selection verdict, chooses the audited series with the config rules (the best
-3D T1-weighted series, else the best 2D T1 series with the finding
-``2d_only``) and audits the chosen series' headers: missing or duplicated
+header class (``mriaudit.series``) and selection verdict, chooses the audited
+series (the best 3D T1-weighted series by what the headers say, the user's
+name rules on top; else the best 2D T1 series with the finding ``2d_only``)
+and audits the chosen series' headers: missing or duplicated
 slices, non-uniform spacing, mixed orientations or sizes, inconsistent
 rescaling, unreadable files, and which identifying tags are filled. A folder
 with NIfTI files and no DICOM is a NIfTI subject.
@@ -17,8 +19,8 @@ affine, and strips identifying keys from the sidecar.
 PHI: only tag *names* ever leave this module; identifying values are never
 logged, stored or returned. Header strings (descriptions, protocols) are stored
 as plain data with control characters removed; they are never interpreted.
-The subject folder is only read: conversion works on links to the chosen files
-in a private temporary folder.
+The subject folder is only read: conversion works on links to (or decompressed
+copies of) the chosen files in a private temporary folder.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import io
 import json
 import logging
 import os
@@ -49,6 +52,8 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 
+from mriaudit import series as series_class
+from mriaudit import sources
 from mriaudit.records import (
     NO_SERIES,
     OK,
@@ -59,25 +64,16 @@ from mriaudit.records import (
     temporary_sibling,
     write_json,
 )
+from mriaudit.series import Selection, resolve_rules, select_series
 
 log = logging.getLogger(__name__)
-
-#: Series rules when a key is missing from the ``series`` config (schema defaults).
-#: ``_mpr(?![a-z])`` excludes Siemens reformats (``t1_mpr_cor``) without also
-#: excluding every MPRAGE (``T1_mprage_...``), which a bare ``_mpr`` would.
-DEFAULT_RULES: dict[str, Any] = {
-    "include": "t1|mprage|mp-rage|mp2rage|spgr|bravo|tfl|fl3d|flash|ffe|tfe|fspgr",
-    "exclude": (
-        "localizer|scout|survey|loc\\b|aahead|3-plane|3plane|mip|_mpr(?![a-z])|mpr_|"
-        "reformat|flair|t2|dwi|diff|bold|fmri|asl|pd\\b"
-    ),
-    "min_slices": 16,
-    "max_slice_thickness_3d": 2.0,
-}
 
 #: Header-audit findings, in the order they are reported.
 FINDINGS: tuple[str, ...] = (
     "2d_only",
+    "derived_only",
+    "post_contrast_only",
+    "repeat_series",
     "missing_slices",
     "duplicate_slices",
     "nonuniform_spacing",
@@ -86,6 +82,9 @@ FINDINGS: tuple[str, ...] = (
     "inconsistent_rescale",
     "unreadable_files",
 )
+
+#: Findings of the selection itself: notes on what was audited, never a flag.
+SELECTION_FINDINGS: tuple[str, ...] = FINDINGS[:4]
 
 #: Identifying DICOM attributes whose presence (never value) is reported.
 PHI_TAGS: tuple[str, ...] = (
@@ -146,9 +145,14 @@ SERIES_COLUMNS: tuple[str, ...] = (
     "sequence_name",
     "scanning_sequence",
     "sequence_variant",
+    "pulse_sequence",
     "image_type",
     "original",
     "localizer",
+    "contrast",
+    "post_contrast",
+    "contrast_evidence",
+    "coverage_mm",
     "acquisition",
     "rows",
     "cols",
@@ -203,7 +207,6 @@ METRIC_KEYS: tuple[str, ...] = (
 _LOCALIZER = re.compile(
     r"localizer|localiser|scout|survey|3.?plane|aahead|(?<![a-z])loc(?![a-z])", re.IGNORECASE
 )
-_NIFTI_T1 = re.compile(r"(?<![a-z0-9])t1w?(?![a-z0-9])", re.IGNORECASE)
 _NIFTI_NOT_IMAGE = re.compile(r"mask|seg|label|lesion|roi|probseg|dseg", re.IGNORECASE)
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 # Pixel data and large private elements (Siemens CSA headers) stay on disk, unread.
@@ -371,36 +374,42 @@ class _Scan:
     problems: list[str] = field(default_factory=list)
 
 
-def _is_nifti(name: str) -> bool:
-    lower = name.lower()
-    return lower.endswith(".nii") or lower.endswith(".nii.gz")
-
-
-def _read_header(path: Path) -> tuple[str, Dataset | None]:
-    """Classify a file as ``dicom`` (with its header), ``non_dicom`` or ``unreadable``.
+def _read_header(entry: sources.Entry) -> tuple[str, Dataset | None, int]:
+    """Classify a file as ``dicom`` (with its header), ``non_dicom`` or ``unreadable``,
+    with its size in bytes (decompressed).
 
     A file is DICOM when it carries the ``DICM`` prefix (``force=False``
-    semantics); an empty file, one that cannot be opened, or a DICOM file whose
-    header does not parse is unreadable. Pixel data are never loaded: every
-    value over ``_DEFER_SIZE`` (pixel data included) stays on disk, and only its
-    offset and length are read, which is what reveals a truncated file. Error
-    messages are not kept: pydicom's can quote header values.
+    semantics); an empty file, one that cannot be opened or decompressed, or a
+    DICOM file whose header does not parse is unreadable. Pixel data of a plain
+    file are never loaded: every value over ``_DEFER_SIZE`` (pixel data
+    included) stays on disk, and only its offset and length are read, which is
+    what reveals a truncated file; a compressed file or archive member is read
+    from its decompressed bytes. Error messages are not kept: pydicom's can
+    quote header values.
     """
     try:
-        with path.open("rb") as handle:
-            prefix = handle.read(132)
-    except OSError:
-        return "unreadable", None
+        if entry.path is not None:
+            size = entry.path.stat().st_size
+            with entry.path.open("rb") as handle:
+                prefix = handle.read(132)
+            source: Any = entry.path
+        else:
+            data = entry.read() if entry.read is not None else b""
+            size, prefix, source = len(data), data[:132], io.BytesIO(data)
+    except sources.READ_ERRORS as error:
+        log.warning("unreadable file: %s (%s)", Path(entry.rel).name, type(error).__name__)
+        return "unreadable", None, 0
     if not prefix:
-        return "unreadable", None
+        return "unreadable", None, size
     if len(prefix) < 132 or prefix[128:132] != b"DICM":
-        return "non_dicom", None
+        return "non_dicom", None, size
     try:
-        dataset = pydicom.dcmread(path, defer_size=_DEFER_SIZE, force=False)
+        defer = _DEFER_SIZE if entry.path is not None else None
+        dataset = pydicom.dcmread(source, defer_size=defer, force=False)
     except Exception as error:
-        log.warning("unreadable DICOM header: %s (%s)", path.name, type(error).__name__)
-        return "unreadable", None
-    return "dicom", dataset
+        log.warning("unreadable DICOM header: %s (%s)", Path(entry.rel).name, type(error).__name__)
+        return "unreadable", None, size
+    return "dicom", dataset, size
 
 
 def _sop_class(dataset: Dataset) -> str:
@@ -439,26 +448,73 @@ def _header_fields(dataset: Dataset) -> dict[str, Any]:
     if field_strength is not None and field_strength > 20:
         field_strength /= 10000.0  # some exports store gauss
     series_number = _number(dataset.get("SeriesNumber"))
+    enhanced = _enhanced_timing(dataset)
     return {
         "modality": _text(dataset.get("Modality")),
         "description": _text(dataset.get("SeriesDescription")),
         "protocol": _text(dataset.get("ProtocolName")),
         "sequence_name": _text(dataset.get("SequenceName")),
-        "scanning_sequence": _text(dataset.get("ScanningSequence")),
+        "pulse_sequence": _text(dataset.get("PulseSequenceName") or _private(dataset)),
+        "scanning_sequence": _text(dataset.get("ScanningSequence")) or enhanced["scanning"],
         "sequence_variant": _text(dataset.get("SequenceVariant")),
         "image_type": image_type,
         "acquisition": _text(dataset.get("MRAcquisitionType")).upper(),
         "manufacturer": _text(dataset.get("Manufacturer")),
         "model": _text(dataset.get("ManufacturerModelName")),
         "field_strength": field_strength,
-        "tr": _number(dataset.get("RepetitionTime")),
-        "te": _number(dataset.get("EchoTime")),
-        "ti": _number(dataset.get("InversionTime")),
-        "flip_angle": _number(dataset.get("FlipAngle")),
+        "tr": _number(dataset.get("RepetitionTime")) or enhanced["tr"],
+        "te": _number(dataset.get("EchoTime")) or enhanced["te"],
+        "ti": _number(dataset.get("InversionTime")) or enhanced["ti"],
+        "flip_angle": _number(dataset.get("FlipAngle")) or enhanced["flip_angle"],
+        "contrast_agent": _text(dataset.get("ContrastBolusAgent")),
         "series_number": None if series_number is None else int(series_number),
         "slice_thickness": _number(dataset.get("SliceThickness")),
         "spacing_between_slices": _number(dataset.get("SpacingBetweenSlices")),
         "transfer_syntax": "" if syntax is None else _text(syntax.name),
+    }
+
+
+#: GE's private pulse sequence name (``efgre3d``, ``fsfgre``), where pydicom exposes it.
+_GE_PULSE_SEQUENCE = Tag(0x0019, 0x109C)
+
+
+def _private(dataset: Dataset) -> Any:
+    element = dataset.get(_GE_PULSE_SEQUENCE)
+    value = None if element is None else element.value
+    # Without a private dictionary the value may come as raw bytes (VR UN).
+    return value.decode("ascii", "replace").strip("\0 ") if isinstance(value, bytes) else value
+
+
+def _enhanced_timing(dataset: Dataset) -> dict[str, Any]:
+    """TR, TE, TI (ms), flip angle and the sequence families of an enhanced (multi-frame)
+    MR file, whose timings live in functional groups (first frame, then shared)."""
+    per_frame = dataset.get("PerFrameFunctionalGroupsSequence")
+    groups = (
+        per_frame[0] if per_frame else None,
+        _first_item(dataset, "SharedFunctionalGroupsSequence"),
+    )
+    inversion = _functional(groups, "MRModifierSequence", "InversionTimes")
+    if isinstance(inversion, (list, tuple, MultiValue)):
+        inversion = inversion[0] if len(inversion) else None
+    families = []
+    echo = _text(dataset.get("EchoPulseSequence")).upper()
+    families += ["GR"] if echo in ("GRADIENT", "BOTH") else []
+    families += ["SE"] if echo in ("SPIN", "BOTH") else []
+    recovery = _text(dataset.get("InversionRecovery")).upper()
+    recovery = (
+        recovery or _text(_functional(groups, "MRModifierSequence", "InversionRecovery")).upper()
+    )
+    families += ["IR"] if recovery == "YES" else []
+    return {
+        "tr": _number(
+            _functional(groups, "MRTimingAndRelatedParametersSequence", "RepetitionTime")
+        ),
+        "te": _number(_functional(groups, "MREchoSequence", "EffectiveEchoTime")),
+        "ti": _number(inversion),
+        "flip_angle": _number(
+            _functional(groups, "MRTimingAndRelatedParametersSequence", "FlipAngle")
+        ),
+        "scanning": "\\".join(families),
     }
 
 
@@ -552,64 +608,52 @@ def _filled_phi_tags(dataset: Dataset) -> set[str]:
 
 
 def _scan_folder(subject_dir: Path) -> _Scan:
-    """Walk ``subject_dir`` (any depth, symlinked folders not followed) and read DICOM headers."""
+    """Walk ``subject_dir`` (any depth, symlinked folders not followed, compressed files
+    and archives opened; see ``mriaudit.sources``) and read DICOM headers."""
     scan = _Scan()
-
-    def walk_error(error: OSError) -> None:
-        scan.problems.append(f"a folder could not be listed ({type(error).__name__})")
-
     with _quiet_pydicom():
-        for dirpath, dirnames, filenames in os.walk(
-            subject_dir, followlinks=False, onerror=walk_error
-        ):
-            dirnames.sort()
-            for name in sorted(filenames):
-                path = Path(dirpath) / name
-                rel = path.relative_to(subject_dir).as_posix()
-                scan.n_files += 1
-                if _is_nifti(name):
-                    scan.nifti.append(rel)
+        for entry in sources.walk(subject_dir, on_error=scan.problems.append):
+            rel = entry.rel
+            scan.n_files += 1
+            if entry.path is not None and sources.is_nifti(entry.path.name):
+                scan.nifti.append(rel)
+                continue
+            kind, dataset, size = _read_header(entry)
+            if kind == "non_dicom":
+                scan.non_dicom.append(rel)
+                continue
+            if kind == "unreadable" or dataset is None:
+                scan.unreadable.append(rel)
+                continue
+            try:
+                uid = _text(dataset.get("SeriesInstanceUID"))
+                if not uid:
+                    # DICOMDIR and other objects with a SOP class but no series are not
+                    # images; a "DICM" file without a SOP class, or whose data set ends
+                    # right after its file meta (a header cut off), is damaged.
+                    damaged = len(dataset) == 0 or not _sop_class(dataset)
+                    (scan.unreadable if damaged else scan.non_dicom).append(rel)
                     continue
-                kind, dataset = _read_header(path)
-                if kind == "non_dicom":
-                    scan.non_dicom.append(rel)
-                    continue
-                if kind == "unreadable" or dataset is None:
+                # Everything that can fail on a malformed attribute runs before the file
+                # joins a series, so a file is either in its series or counted unreadable.
+                phi_tags = _filled_phi_tags(dataset)
+                fields = _header_fields(dataset)
+                problem = _pixel_problem(dataset, size)
+                slices = [] if problem else _slices(dataset, rel)
+                scan.phi_tags |= phi_tags
+                series = scan.series.setdefault(uid, _Series(uid, fields))
+                series.files.append(rel)
+                if problem:
+                    log.warning("unusable DICOM file: %s (%s)", rel, problem)
+                    series.unusable.append(rel)
                     scan.unreadable.append(rel)
                     continue
-                try:
-                    uid = _text(dataset.get("SeriesInstanceUID"))
-                    if not uid:
-                        # DICOMDIR and other objects with a SOP class but no series are not
-                        # images; a "DICM" file without a SOP class, or whose data set ends
-                        # right after its file meta (a header cut off), is damaged.
-                        damaged = len(dataset) == 0 or not _sop_class(dataset)
-                        (scan.unreadable if damaged else scan.non_dicom).append(rel)
-                        continue
-                    # Everything that can fail on a malformed attribute runs before the file
-                    # joins a series, so a file is either in its series or counted unreadable.
-                    phi_tags = _filled_phi_tags(dataset)
-                    fields = _header_fields(dataset)
-                    try:
-                        size = path.stat().st_size
-                    except OSError:
-                        size = 0
-                    problem = _pixel_problem(dataset, size)
-                    slices = [] if problem else _slices(dataset, rel)
-                    scan.phi_tags |= phi_tags
-                    series = scan.series.setdefault(uid, _Series(uid, fields))
-                    series.files.append(rel)
-                    if problem:
-                        log.warning("unusable DICOM file: %s (%s)", rel, problem)
-                        series.unusable.append(rel)
-                        scan.unreadable.append(rel)
-                        continue
-                    series.slices.extend(slices)
-                except Exception as error:
-                    # One file with a malformed attribute must not end the inventory; the
-                    # message may quote header values, so only its type is logged.
-                    log.warning("unusable DICOM file: %s (%s)", rel, type(error).__name__)
-                    scan.unreadable.append(rel)
+                series.slices.extend(slices)
+            except Exception as error:
+                # One file with a malformed attribute must not end the inventory; the
+                # message may quote header values, so only its type is logged.
+                log.warning("unusable DICOM file: %s (%s)", rel, type(error).__name__)
+                scan.unreadable.append(rel)
     return scan
 
 
@@ -733,7 +777,7 @@ def _series_row(series: _Series, geometry: _Geometry, rules: dict[str, Any]) -> 
         thin = max(thickness or 0.0, spacing or 0.0) <= rules["max_slice_thickness_3d"]
         acquisition = "3D" if thin else "2D"
     pixel_spacing = geometry.pixel_spacing
-    return {
+    row = {
         "kind": "dicom",
         "series_uid": series.uid,
         "series_number": header["series_number"],
@@ -744,6 +788,8 @@ def _series_row(series: _Series, geometry: _Geometry, rules: dict[str, Any]) -> 
         "sequence_name": header["sequence_name"],
         "scanning_sequence": header["scanning_sequence"],
         "sequence_variant": header["sequence_variant"],
+        "pulse_sequence": header["pulse_sequence"],
+        "contrast_agent": header["contrast_agent"],
         "image_type": "\\".join(image_type),
         "original": original,
         "localizer": localizer,
@@ -771,106 +817,36 @@ def _series_row(series: _Series, geometry: _Geometry, rules: dict[str, Any]) -> 
         "verdict": "",
         "reason": "",
     }
+    return _classified(row)
+
+
+def _coverage_mm(row: dict[str, Any]) -> float | None:
+    """The smallest extent (mm) of the box a series' slices span."""
+    extents = [
+        (row.get("rows") or 0) * (row.get("pixel_spacing_row") or 0.0),
+        (row.get("cols") or 0) * (row.get("pixel_spacing_col") or 0.0),
+        (row.get("n_slices") or 0) * (row.get("slice_spacing") or 0.0),
+    ]
+    return round(min(extents), 1) if all(e > 0 for e in extents) else None
+
+
+def _classified(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with its header class (``class``, and the table's ``contrast``,
+    ``post_contrast``, ``contrast_evidence``) and ``coverage_mm``."""
+    kind = series_class.classify(row)
+    row.update(
+        {
+            "class": kind,
+            "contrast": kind.contrast,
+            "post_contrast": kind.post_contrast,
+            "contrast_evidence": kind.why,
+            "coverage_mm": _coverage_mm(row),
+        }
+    )
+    return row
 
 
 # ----------------------------------------------------------------------- selection
-
-
-def resolve_rules(rules: dict[str, Any] | None) -> dict[str, Any]:
-    """The series rules with defaults for missing keys; regexes compiled (case-insensitive)."""
-    merged = {**DEFAULT_RULES, **{k: v for k, v in (rules or {}).items() if v is not None}}
-    for key in ("include", "exclude"):
-        try:
-            merged[f"{key}_re"] = re.compile(str(merged[key]), re.IGNORECASE)
-        except re.error as error:
-            message = f"config series.{key} is not a valid regular expression: {error}"
-            raise StageError(message) from error
-    merged["min_slices"] = int(merged["min_slices"])
-    merged["max_slice_thickness_3d"] = float(merged["max_slice_thickness_3d"])
-    return merged
-
-
-def _is_volumetric(row: dict[str, Any], rules: dict[str, Any]) -> bool:
-    """3D acquisition, or 2D slices thin and close enough to count as a volume."""
-    if row["acquisition"] == "3D":
-        return True
-    sizes = [v for v in (row["slice_thickness"], row["slice_spacing"]) if v is not None]
-    return bool(sizes) and max(sizes) <= rules["max_slice_thickness_3d"]
-
-
-def _rejection(row: dict[str, Any], rules: dict[str, Any]) -> str:
-    """Why a series cannot be audited, or "" when it is a T1 candidate."""
-    if row["modality"] and row["modality"] != "MR":
-        return f"not MR ({row['modality']})"
-    if row["original"] == "DERIVED":
-        return "derived image"
-    if row["localizer"]:
-        return "localizer"
-    if row["rows"] is None or row["cols"] is None:
-        return "no image geometry"
-    names = [row["description"], row["protocol"], row["sequence_name"]]
-    excluded = next((m for n in names if (m := rules["exclude_re"].search(n))), None)
-    if excluded:
-        return f"excluded by rule (matches {excluded.group(0)!r})"
-    if not any(rules["include_re"].search(n) for n in names):
-        return "not T1-weighted (no include match)"
-    if row["n_slices"] < rules["min_slices"]:
-        return f"too few slices ({row['n_slices']} < {rules['min_slices']})"
-    return ""
-
-
-def _rank_key(row: dict[str, Any]) -> tuple[Any, ...]:
-    """Most slices first, then the smallest voxel; series number and UID break ties."""
-    sizes = (row["pixel_spacing_row"], row["pixel_spacing_col"], row["slice_spacing"])
-    volume = float(np.prod(sizes)) if all(v is not None for v in sizes) else float("inf")
-    return (-row["n_slices"], volume, row["series_number"] or 0, row["series_uid"])
-
-
-@dataclass(frozen=True)
-class Selection:
-    """The chosen series (``uid`` None when none is usable) and each series' verdict."""
-
-    uid: str | None
-    two_d_only: bool
-    verdicts: dict[str, tuple[str, str]]
-
-
-def select_series(rows: list[dict[str, Any]], rules: dict[str, Any]) -> Selection:
-    """Choose the audited series from series-table rows.
-
-    Candidates are MR, not derived, not localizers, match ``include`` and not
-    ``exclude`` (on description, protocol and sequence name) and have at least
-    ``min_slices`` slices. Volumetric candidates (3D, or slices at most
-    ``max_slice_thickness_3d`` mm) win; otherwise the best 2D candidate is
-    chosen with ``two_d_only``. Within a tier: most slices, then smallest voxel.
-    ``rules`` comes from ``resolve_rules``.
-    """
-    verdicts: dict[str, tuple[str, str]] = {}
-    candidates = []
-    for row in rows:
-        reason = _rejection(row, rules)
-        if reason:
-            verdicts[row["series_uid"]] = ("rejected", reason)
-        else:
-            candidates.append(row)
-    volumetric = sorted((r for r in candidates if _is_volumetric(r, rules)), key=_rank_key)
-    flat = sorted((r for r in candidates if not _is_volumetric(r, rules)), key=_rank_key)
-    ranked = volumetric + flat
-    if not ranked:
-        return Selection(None, False, verdicts)
-    best = ranked[0]
-    two_d_only = not volumetric
-    verdicts[best["series_uid"]] = (
-        "selected",
-        "best 2D T1 series (no 3D T1)" if two_d_only else "best 3D T1 series",
-    )
-    label = best["description"] or best["series_uid"]
-    flat_uids = {r["series_uid"] for r in flat}
-    for row in ranked[1:]:
-        two_d = row["series_uid"] in flat_uids and volumetric
-        tier = "2D" if two_d else "fewer slices or coarser voxels"
-        verdicts[row["series_uid"]] = ("rejected", f"T1 candidate, ranked below {label!r} ({tier})")
-    return Selection(best["series_uid"], two_d_only, verdicts)
 
 
 def _no_series_reason(scan: _Scan, rows: list[dict[str, Any]]) -> str:
@@ -890,7 +866,7 @@ def _no_series_reason(scan: _Scan, rows: list[dict[str, Any]]) -> str:
         return (
             "only a localizer series" if len(rows) == 1 else f"only localizer series ({len(rows)})"
         )
-    reasons = Counter(r["reason"].split(" (")[0] for r in rows)
+    reasons = Counter(r["reason"].split(" (")[0].split(", ")[0] for r in rows)
     summary = ", ".join(f"{reason}: {count}" for reason, count in reasons.most_common())
     reason = f"no usable T1-weighted series among {len(rows)} series ({summary})"
     return reason[:300]
@@ -974,7 +950,9 @@ def choose_nifti(rows: list[dict[str, Any]]) -> tuple[int | None, str]:
     """Index of the NIfTI row to audit and why.
 
     A 3D (or 4D) image with at least 2 voxels per axis and an invertible, finite
-    affine is eligible. With one eligible file, it is chosen. With several,
+    affine is eligible, unless its BIDS suffix or name declares another contrast
+    (``_T2w``, ``_FLAIR``, ``_dwi``, ``t2_tse``: ``series.file_class``), which
+    rejects it with that reason. With one eligible file, it is chosen. With several,
     files whose name says T1w/T1 (``sub-01_T1w``, ``t1``; not ``t1c``) win over
     the others, names that look like masks or labels lose, then the largest
     image wins.
@@ -984,31 +962,40 @@ def choose_nifti(rows: list[dict[str, Any]]) -> tuple[int | None, str]:
         shape = row.get("shape")
         return bool(shape) and len(shape) >= 3 and min(shape[:3]) >= 2
 
-    eligible = [i for i, row in enumerate(rows) if is_volume(row) and row["geometry_ok"]]
-    for i, row in enumerate(rows):
-        if i in eligible or row["verdict"]:
-            continue
-        if not is_volume(row):
-            shape = "x".join(str(n) for n in row.get("shape") or ())
-            row.update(verdict="rejected", reason=f"not a 3D image ({shape or 'no shape'})")
-        else:
-            row.update(verdict="rejected", reason="affine not invertible or not finite")
-    if not eligible:
-        return None, ""
-    if len(eligible) == 1:
-        return eligible[0], f"only NIfTI image ({rows[eligible[0]]['path']})"
-
     def name(i: int) -> str:
         return Path(rows[i]["path"]).name
 
+    eligible = []
+    for i, row in enumerate(rows):
+        if row["verdict"]:
+            continue
+        contrast, how = series_class.file_class(name(i))
+        row["contrast"] = contrast
+        if not is_volume(row):
+            shape = "x".join(str(n) for n in row.get("shape") or ())
+            row.update(verdict="rejected", reason=f"not a 3D image ({shape or 'no shape'})")
+        elif not row["geometry_ok"]:
+            row.update(verdict="rejected", reason="affine not invertible or not finite")
+        elif contrast and contrast != "T1w":
+            row.update(verdict="rejected", reason=f"a {contrast} image ({how}), not T1w")
+        else:
+            eligible.append(i)
+    if not eligible:
+        return None, ""
+    if len(eligible) == 1:
+        path = rows[eligible[0]]["path"]
+        if len(rows) == 1:
+            return eligible[0], f"only NIfTI image ({path})"
+        return eligible[0], f"the one T1w candidate among {len(rows)} NIfTI images ({path})"
+
     def key(i: int) -> tuple[Any, ...]:
-        says_t1 = bool(_NIFTI_T1.search(name(i)))
+        says_t1 = rows[i]["contrast"] == "T1w"
         not_image = bool(_NIFTI_NOT_IMAGE.search(name(i)))
         return (not says_t1, not_image, -int(np.prod(rows[i]["shape"][:3])), rows[i]["path"])
 
     ordered = sorted(eligible, key=key)
     best = ordered[0]
-    named = [i for i in eligible if _NIFTI_T1.search(name(i))]
+    named = [i for i in eligible if rows[i]["contrast"] == "T1w"]
     if len(named) == 1:
         why = f"name says T1 ({name(best)}) among {len(eligible)} NIfTI images"
     elif named:
@@ -1018,6 +1005,21 @@ def choose_nifti(rows: list[dict[str, Any]]) -> tuple[int | None, str]:
     for i in ordered[1:]:
         rows[i].update(verdict="rejected", reason=f"ranked below {name(best)}")
     return best, why
+
+
+def _no_nifti_reason(rows: list[dict[str, Any]]) -> str:
+    """Why no NIfTI image of a subject is audited as its T1w, in a curator's words."""
+    contrasts = Counter(
+        r.get("contrast") for r in rows if r.get("contrast") not in ("", None, "T1w")
+    )
+    if contrasts and sum(contrasts.values()) == len(rows):
+        if len(rows) == 1:
+            return f"only a {next(iter(contrasts))} image ({Path(rows[0]['path']).name}), no T1w"
+        listed = ", ".join(f"{c}: {n}" for c, n in contrasts.most_common())
+        return f"no T1w image among {_plural(len(rows), 'NIfTI file')} ({listed})"
+    verdicts = Counter(r["reason"] for r in rows)
+    summary = ", ".join(f"{why}: {count}" for why, count in verdicts.most_common())
+    return f"no usable 3D NIfTI image among {_plural(len(rows), 'file')} ({summary})"
 
 
 # ----------------------------------------------------------------------- outputs
@@ -1089,7 +1091,7 @@ def _row_metrics(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _series_findings(
-    scan: _Scan, series: _Series, geometry: _Geometry, *, two_d_only: bool
+    scan: _Scan, series: _Series, geometry: _Geometry, *, notes: Sequence[str]
 ) -> tuple[list[str], int]:
     """Header-audit findings of the chosen series and its count of unreadable files.
 
@@ -1101,7 +1103,7 @@ def _series_findings(
         f for f in scan.unreadable if str(Path(f).parent) in folders
     }
     present = {
-        "2d_only": two_d_only,
+        **{name: name in notes for name in SELECTION_FINDINGS},
         "missing_slices": geometry.gaps.missing > 0,
         "duplicate_slices": geometry.gaps.duplicates > 0,
         "nonuniform_spacing": geometry.gaps.nonuniform,
@@ -1124,7 +1126,7 @@ def _dicom_record(
     series = scan.series[uid]
     row = next(r for r in rows if r["series_uid"] == uid)
     findings, n_unreadable = _series_findings(
-        scan, series, geometries[uid], two_d_only=selection.two_d_only
+        scan, series, geometries[uid], notes=selection.findings
     )
     metrics = _base_metrics(scan, len(rows))
     metrics.update(_row_metrics(row))
@@ -1181,9 +1183,7 @@ def _nifti_record(
     metrics = _base_metrics(scan, len(dicom_rows) + len(rows))
     if index is None:
         write_series_table(dicom_rows + rows, series_table)
-        verdicts = Counter(r["reason"] for r in rows)
-        summary = ", ".join(f"{why}: {count}" for why, count in verdicts.most_common())
-        reason = f"no usable 3D NIfTI image among {_plural(len(rows), 'file')} ({summary})"
+        reason = _no_nifti_reason(rows)
         return make_record(
             "inventory", status=NO_SERIES, reason=reason, metrics=metrics, warnings=warnings_
         )
@@ -1232,7 +1232,22 @@ def _inventory(subject_dir: Path, series_table: Path, rules: dict[str, Any]) -> 
     geometries = {uid: _series_geometry(s) for uid, s in scan.series.items()}
     rows = [_series_row(scan.series[uid], geometries[uid], rules) for uid in scan.series]
     rows.sort(key=lambda r: (r["series_number"] is None, r["series_number"] or 0, r["series_uid"]))
-    selection = select_series(rows, rules)
+    chosen = series_class.chosen_series(rules, subject_dir.name)
+    if chosen is not None:
+        selection, reason = series_class.select_chosen(rows, chosen)
+        if selection.uid is None:
+            for row in rows:
+                row["verdict"], row["reason"] = selection.verdicts[row["series_uid"]]
+            write_series_table(rows, series_table)
+            return make_record(
+                "inventory",
+                status=NO_SERIES,
+                reason=reason,
+                metrics=_base_metrics(scan, len(rows)),
+                warnings=warnings_,
+            )
+    else:
+        selection = select_series(rows, rules)
     for row in rows:
         row["verdict"], row["reason"] = selection.verdicts[row["series_uid"]]
     if selection.uid is not None:
@@ -1268,7 +1283,7 @@ def inventory_subject(
     codes from ``FINDINGS`` (each one is a reason to flag the subject), and
     whose ``selected`` names the files to convert (paths relative to
     ``subject_dir``). ``rules`` is the ``series`` config (missing keys take
-    ``DEFAULT_RULES``). Status ``no_series`` when nothing usable is found.
+    ``series.DEFAULT_RULES``). Status ``no_series`` when nothing usable is found.
     """
     subject_dir, series_table = Path(subject_dir), Path(series_table)
     record = run_stage(
@@ -1282,21 +1297,6 @@ def inventory_subject(
 
 
 # ---------------------------------------------------------------------- conversion
-
-
-def _link_files(subject_dir: Path, files: list[str], folder: Path) -> None:
-    """Link (or copy, where links fail) the chosen files into ``folder`` under neutral names."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for index, rel in enumerate(files):
-        source = (subject_dir / rel).absolute()
-        if not source.is_file():
-            message = f"selected file disappeared since the inventory: {rel}"
-            raise StageError(message)
-        target = folder / f"{index:06d}.dcm"
-        try:
-            os.symlink(source, target)
-        except OSError:
-            shutil.copyfile(source, target)
 
 
 def run_dcm2niix(in_dir: Path, out_dir: Path) -> tuple[int, list[str], list[str]]:
@@ -1534,7 +1534,14 @@ def _convert_dicom(
     with tempfile.TemporaryDirectory(prefix="mriaudit-dcm2niix-") as tmp:
         in_dir, out_dir = Path(tmp) / "in", Path(tmp) / "out"
         out_dir.mkdir()
-        _link_files(subject_dir, files, in_dir)
+        try:
+            sources.materialise(subject_dir, files, in_dir)
+        except sources.READ_ERRORS as error:
+            raise StageError(
+                str(error)
+                if isinstance(error, FileNotFoundError)
+                else f"selected files cannot be read ({type(error).__name__})"
+            ) from error
         code, dcm_warnings, other = run_dcm2niix(in_dir, out_dir)
         if not _nifti_outputs(out_dir):
             last = next((line for line in reversed(other) if "error" in line.lower()), "")

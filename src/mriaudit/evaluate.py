@@ -188,7 +188,7 @@ def localisation_summary(
         case: dict[str, Any] = {"subject": row["subject"], "radius_mm": radius, "hit": False}
         anomaly_map = paths.anomaly_map(out_dir, row["label"])
         try:
-            if row["status"] != OK or anomaly_map.stat().st_size == 0:
+            if row["status"] != OK or not anomaly_map.is_file():
                 message = f"no anomaly map (status {row['status']})"
                 raise ValueError(message)
             case.update(lesion_localisation(anomaly_map, centre_mm=tuple(centre), radius_mm=radius))

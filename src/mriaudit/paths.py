@@ -74,6 +74,21 @@ def anomaly_map(out: str | Path, sub: str) -> Path:
     return _anat(out, sub, "space-MNI152_desc-anomaly_map.nii.gz")
 
 
+def subject_images(out: str | Path, sub: str) -> dict[str, Path]:
+    """Every image (and transform) a subject can have, by name. Only the ones its stages
+    made exist: a subject that failed or has no series has none (no placeholders)."""
+    return {
+        "T1w": t1w(out, sub),
+        "T1w_sidecar": t1w_sidecar(out, sub),
+        "n4": n4(out, sub),
+        "head_mask": head_mask(out, sub),
+        "preproc": preproc(out, sub),
+        "brain_mask": brain_mask(out, sub),
+        "transform": transform(out, sub),
+        "anomaly_map": anomaly_map(out, sub),
+    }
+
+
 def subject_scores(out: str | Path, sub: str) -> Path:
     """Everything known about the subject, one JSON."""
     return subject_dir(out, sub) / f"sub-{sub}_scores.json"

@@ -7,8 +7,9 @@ Each per-subject stage writes one JSON record next to its outputs::
 
 ``status`` is ``ok``, ``failed`` or ``no_series``. A stage whose upstream
 record is not ``ok`` does not run: it copies the upstream status and reason and
-writes empty placeholder files for the images it would have made, so the DAG
-stays complete and the report lists the subject with its reason. An exception
+leaves no image at all (no file that looks like an image without being one:
+pipelines glob a curated folder for images); the records are the stage's
+Snakemake outputs, and the report lists the subject with its reason. An exception
 inside a stage is caught, its traceback logged, and recorded as ``failed``.
 """
 
@@ -130,12 +131,11 @@ def make_record(
     return record
 
 
-def write_placeholders(paths: Iterable[str | Path]) -> None:
-    """Empty files for images a stage could not make (their record says why)."""
+def remove_images(paths: Iterable[str | Path]) -> None:
+    """Delete images a stage did not make this time (stale from an earlier run, or left
+    half-written by a failure): a subject's folder holds only images that are results."""
     for path in paths:
-        target = Path(path)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(b"")
+        Path(path).unlink(missing_ok=True)
 
 
 def upstream_problem(records: Iterable[str | Path]) -> dict[str, Any] | None:
@@ -322,11 +322,13 @@ def run_stage(
     When an upstream record is not ``ok`` (or unreadable) the work is skipped.
     When ``work`` raises, or its process dies (segfault, abort), the error
     becomes a ``failed`` record (``StageError`` carries its own status and
-    reason) and its traceback goes to the log. Missing image outputs are
-    written as empty placeholders, so the step never fails the run for a data
-    problem.
+    reason) and its traceback goes to the log, so the step never fails the run
+    for a data problem. ``image_outputs`` of an earlier run are deleted first,
+    and those of a stage that does not end ``ok`` are deleted after it: only the
+    record is certain to exist.
     """
     image_outputs = [Path(p) for p in image_outputs]
+    remove_images(image_outputs)
     for path in image_outputs:
         path.parent.mkdir(parents=True, exist_ok=True)
     keep_freed_memory()
@@ -356,10 +358,10 @@ def run_stage(
             cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
             # In-process: the peak is this process's so far (MB).
             record |= {"cpu_s": round(cpu, 3), "peak_rss_mb": round(after.ru_maxrss / 1024, 1)}
-    succeeded = record["status"] == OK
-    # A failed stage may have left a partial image: replace it, so no half-written
-    # file is ever mistaken for a result.
-    write_placeholders(p for p in image_outputs if not (succeeded and p.exists()))
+    if record["status"] != OK:
+        # A failed stage may have left a partial image: no half-written file is ever
+        # mistaken for a result.
+        remove_images(image_outputs)
     record["elapsed_s"] = round(time.perf_counter() - start, 3)
     write_json(record_path, record)
     return record

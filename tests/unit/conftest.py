@@ -94,6 +94,7 @@ def write_dicom_series(
     description: str = "t1_mprage_sag",
     protocol: str | None = None,
     sequence_name: str = "*tfl3d1",
+    scanning_sequence: Sequence[str] = ("GR", "IR"),
     image_type: Sequence[str] = ("ORIGINAL", "PRIMARY", "M", "ND"),
     acquisition: str | None = "3D",
     modality: str = "MR",
@@ -110,6 +111,7 @@ def write_dicom_series(
     ti: float | None = 900.0,
     flip_angle: float = 9.0,
     overrides: Mapping[int, Mapping[str, Any]] | None = None,
+    tags: Mapping[str, Any] | None = None,
     prefix: str = "IM",
 ) -> list[Path]:
     """Write one MR series as single-frame DICOM files and return their paths.
@@ -120,7 +122,8 @@ def write_dicom_series(
     ``origin + s * spacing[2] * normal``. ``missing`` slice indices are not
     written, ``duplicated`` ones are written twice (new SOPInstanceUID, same
     position). ``overrides`` maps a slice index to header values set last
-    (changing ``Rows``/``Columns`` there resizes that slice's pixels).
+    (changing ``Rows``/``Columns`` there resizes that slice's pixels); ``tags``
+    are header values set on every slice (``None`` deletes one).
     ``orientation`` is a name from ``ORIENTATIONS`` or six direction cosines.
     """
     folder = Path(folder)
@@ -152,7 +155,7 @@ def write_dicom_series(
         ds.SeriesDescription = description
         ds.ProtocolName = description if protocol is None else protocol
         ds.SequenceName = sequence_name
-        ds.ScanningSequence = ["GR", "IR"]
+        ds.ScanningSequence = list(scanning_sequence)
         ds.SequenceVariant = ["SK", "SP", "MP"]
         ds.ImageType = list(image_type)
         if acquisition is not None:
@@ -185,8 +188,11 @@ def write_dicom_series(
         ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
         ds.PixelRepresentation = 0
         ds.RescaleSlope, ds.RescaleIntercept = "1", "0"
-        for keyword, value in overrides.get(s, {}).items():
-            setattr(ds, keyword, value)
+        for keyword, value in {**(tags or {}), **overrides.get(s, {})}.items():
+            if value is None:
+                delattr(ds, keyword)
+            else:
+                setattr(ds, keyword, value)
         rows, cols = int(ds.Rows), int(ds.Columns)
         grid_r, grid_c = np.mgrid[0:rows, 0:cols]
         pixels = 1 + grid_c + n_cols * grid_r + n_cols * n_rows * s
@@ -212,12 +218,16 @@ def write_enhanced_series(
     origin: Sequence[float] = (-8.0, -8.0, -6.0),
     description: str = "T1 3D TFE",
     missing: Sequence[int] = (),
+    timing: Mapping[str, float] | None = None,
 ) -> Path:
     """Write one enhanced (multi-frame) MR file, one frame per slice, and return its path.
 
     Geometry and pixel values follow ``write_dicom_series`` (same ``shape``,
     ``spacing`` and value code); positions and orientation live in the
     per-frame and shared functional groups, as Philips and newer scanners write them.
+    ``timing`` (``tr``, ``te``, ``ti``, ``flip`` in ms and degrees) goes into the shared
+    MR timing, echo and modifier groups with a gradient-echo pulse sequence, as Siemens
+    XA writes an MPRAGE; without it the file carries no timing.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -256,6 +266,15 @@ def write_enhanced_series(
             [_item(RescaleSlope="1", RescaleIntercept="0", RescaleType="US")]
         ),
     )
+    if timing:
+        shared.MRTimingAndRelatedParametersSequence = DicomSequence(
+            [_item(RepetitionTime=timing["tr"], FlipAngle=timing["flip"])]
+        )
+        shared.MREchoSequence = DicomSequence([_item(EffectiveEchoTime=timing["te"])])
+        shared.MRModifierSequence = DicomSequence(
+            [_item(InversionRecovery="YES", InversionTimes=[timing["ti"]])]
+        )
+        ds.EchoPulseSequence = "GRADIENT"
     ds.SharedFunctionalGroupsSequence = DicomSequence([shared])
     normal = series_normal(iop)
     per_frame = []

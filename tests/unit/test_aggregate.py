@@ -106,10 +106,10 @@ def write_subject(
 
 
 def write_images(out: Path, label: str, grid: nib.Nifti1Image, *, empty: bool = False) -> None:
+    """The subject's registered image and map; none where ``empty`` (a stage failed)."""
     for path in (paths.preproc(out, label), paths.anomaly_map(out, label)):
         path.parent.mkdir(parents=True, exist_ok=True)
     if empty:
-        records.write_placeholders([paths.preproc(out, label), paths.anomaly_map(out, label)])
         return
     nib.save(grid, paths.preproc(out, label))
     nib.save(_anomaly_map(grid, BLOB_MM), paths.anomaly_map(out, label))

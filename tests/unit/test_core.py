@@ -88,6 +88,14 @@ def test_labels_and_reference(tmp_path):
 def test_run_stage_turns_errors_into_records(tmp_path, caplog):
     image = tmp_path / "img.nii.gz"
     record_path = tmp_path / "rec.json"
+    # A rerun first removes the image an earlier run left.
+    records.run_stage(
+        "n4",
+        lambda: image.write_bytes(b"ok") and records.make_record("n4"),
+        record_path=record_path,
+        image_outputs=[image],
+    )
+    assert image.read_bytes() == b"ok"
 
     def broken():
         image.write_bytes(b"half-written")
@@ -97,7 +105,7 @@ def test_run_stage_turns_errors_into_records(tmp_path, caplog):
         record = records.run_stage("n4", broken, record_path=record_path, image_outputs=[image])
     assert record["status"] == "failed" and "RuntimeError: boom" in record["reason"]
     assert "Traceback" in caplog.text
-    assert image.read_bytes() == b"", "a partial image must be replaced by an empty placeholder"
+    assert not image.exists(), "a partial image must be removed (no image-shaped leftover)"
     assert json.loads(record_path.read_text())["status"] == "failed"
 
 
@@ -113,7 +121,7 @@ def test_run_stage_survives_a_native_crash(tmp_path):
         "register", segfault, record_path=tmp_path / "rec.json", image_outputs=[image], isolate=True
     )
     assert record["status"] == "failed" and "SIGSEGV" in record["reason"]
-    assert image.read_bytes() == b""
+    assert not image.exists()
     assert records.read_record(tmp_path / "rec.json") == record
 
 
@@ -155,7 +163,7 @@ def test_run_stage_skips_after_failed_upstream(tmp_path):
     )
     assert not calls
     assert record["status"] == "no_series" and record["reason"] == "x" and record["skipped"]
-    assert (tmp_path / "a.nii.gz").stat().st_size == 0
+    assert not (tmp_path / "a.nii.gz").exists()
 
 
 def test_run_stage_keeps_stage_error_status_and_json_safety(tmp_path):

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from mriaudit import dicom
+from mriaudit import dicom, series
 from mriaudit.records import FAILED, NO_SERIES, OK, StageError, write_json
 
 from .conftest import ORIENTATIONS, PHI_VALUES, series_normal
@@ -22,6 +22,15 @@ from .conftest import ORIENTATIONS, PHI_VALUES, series_normal
 ROOT = Path(__file__).resolve().parents[2]
 # The synthetic series are tiny (12 slices): lower min_slices, keep the other defaults.
 RULES = {"min_slices": 8}
+#: Header values of a Siemens 2D T2 turbo spin echo.
+T2_TSE = {
+    "sequence_name": "*tse2d1_15",
+    "scanning_sequence": ("SE",),
+    "tr": 4000.0,
+    "te": 100.0,
+    "ti": None,
+    "flip_angle": 150.0,
+}
 
 
 def run_inventory(subject: Path, out: Path, rules: dict | None = None) -> tuple[dict, pd.DataFrame]:
@@ -110,26 +119,21 @@ def test_orientation_label(name):
 
 
 def test_rules_take_defaults_and_reject_bad_regex():
-    rules = dicom.resolve_rules({"min_slices": 4, "exclude": None})
+    rules = series.resolve_rules({"min_slices": 4, "exclude": None})
     assert rules["min_slices"] == 4
-    assert rules["exclude"] == dicom.DEFAULT_RULES["exclude"]
-    assert rules["include_re"].search("T1_MPRAGE")
+    assert rules["exclude"] == series.DEFAULT_RULES["exclude"] == ""
+    # No name rule by default: the headers choose.
+    assert rules["include_re"] is None and rules["exclude_re"] is None
+    assert series.resolve_rules({"include": "mprage"})["include_re"].search("T1_MPRAGE")
     with pytest.raises(StageError, match=r"series\.include"):
-        dicom.resolve_rules({"include": "t1("})
+        series.resolve_rules({"include": "t1("})
 
 
 def test_schema_defaults_match_module_defaults():
     """The workflow passes the schema defaults: they must be the rules this module documents."""
     schema = yaml.safe_load((ROOT / "schemas" / "config.schema.yaml").read_text())
-    series = schema["properties"]["series"]["properties"]
-    assert {key: spec["default"] for key, spec in series.items()} == dicom.DEFAULT_RULES
-
-
-def test_default_exclude_keeps_mprage_and_drops_reformats():
-    rules = dicom.resolve_rules({})
-    assert not rules["exclude_re"].search("T1_mprage_ns_sag_p2_iso 1.0mm_192")
-    for name in ["t1_mpr_cor", "T1_MPR_tra", "MPR_sag", "AAHead_Scout", "t2_spc_sag"]:
-        assert rules["exclude_re"].search(name), name
+    rules = schema["properties"]["series"]["properties"]
+    assert {key: spec["default"] for key, spec in rules.items()} == series.DEFAULT_RULES
 
 
 # ---------------------------------------------------------------------------- inventory
@@ -149,6 +153,7 @@ def test_inventory_groups_nested_series_and_selects_3d_t1(tmp_path, dicom_series
     t2 = dicom_series(
         subject / "x" / "2",
         description="t2_tse_tra",
+        **T2_TSE,
         spacing=(1.0, 1.0, 4.0),
         acquisition="2D",
         series_number=3,
@@ -189,7 +194,8 @@ def test_inventory_groups_nested_series_and_selects_3d_t1(tmp_path, dicom_series
     assert rows.loc["t1_mprage_sag", "path"] == "deep/er/still"
     assert rows.loc["localizer", "localizer"] == "true"
     assert rows.loc["localizer", "reason"] == "localizer"
-    assert "excluded by rule" in rows.loc["t2_tse_tra", "reason"]
+    assert rows.loc["t2_tse_tra", "reason"].startswith("T2-weighted (spin echo")
+    assert rows.loc["t2_tse_tra", "contrast"] == "T2w"
     assert rows.loc["t2_tse_tra", "acquisition"] == "2D"
     assert rows.loc["t2_tse_tra", "slice_spacing"] == "4"
     assert rows["transfer_syntax"].eq("Explicit VR Little Endian").all()
@@ -210,7 +216,7 @@ def test_best_3d_t1_has_most_slices_then_finest_voxels(tmp_path, dicom_series):
     record, table = run_inventory(subject, tmp_path / "out")
     assert record["selected"]["description"] == "t1_fine"
     verdicts = dict(zip(table["description"], table["reason"], strict=True))
-    assert verdicts["t1_derived"] == "derived image"
+    assert verdicts["t1_derived"] == "derived multiplanar reformat (MPR), not an acquisition"
     assert "ranked below 't1_fine'" in verdicts["t1_coarse"]
 
 
@@ -262,7 +268,7 @@ def _junk_only(subject: Path, dicom_series) -> None:
 
 
 def _t2_only(subject: Path, dicom_series) -> None:
-    dicom_series(subject, description="t2_tse_tra", acquisition="2D")
+    dicom_series(subject, description="t2_tse_tra", acquisition="2D", **T2_TSE)
 
 
 @pytest.mark.parametrize(
@@ -271,7 +277,7 @@ def _t2_only(subject: Path, dicom_series) -> None:
         (_empty, "folder is empty"),
         (_localizer_only, "only a localizer series"),
         (_junk_only, "no DICOM or NIfTI files (3 non-DICOM files)"),
-        (_t2_only, "no usable T1-weighted series among 1 series (excluded by rule: 1)"),
+        (_t2_only, "no usable T1-weighted series among 1 series (T2-weighted: 1)"),
     ],
 )
 def test_no_series(tmp_path, dicom_series, make, reason):
@@ -607,8 +613,9 @@ def test_convert_skips_after_no_series(tmp_path):
     convert = run_convert(subject, tmp_path / "out")
     assert convert["status"] == NO_SERIES
     assert convert["reason"] == "folder is empty"
-    assert (tmp_path / "out" / "anat" / "sub-x_T1w.nii.gz").stat().st_size == 0
-    assert (tmp_path / "out" / "anat" / "sub-x_T1w.json").stat().st_size == 0
+    # No image-shaped placeholder: the record says why there is no image.
+    assert not (tmp_path / "out" / "anat" / "sub-x_T1w.nii.gz").exists()
+    assert not (tmp_path / "out" / "anat" / "sub-x_T1w.json").exists()
 
 
 def test_convert_rejects_a_single_slice(tmp_path, dicom_series):
@@ -619,7 +626,7 @@ def test_convert_rejects_a_single_slice(tmp_path, dicom_series):
     convert = run_convert(subject, tmp_path / "out")
     assert convert["status"] == FAILED
     assert "not a 3D volume" in convert["reason"]
-    assert (tmp_path / "out" / "anat" / "sub-x_T1w.nii.gz").stat().st_size == 0
+    assert not (tmp_path / "out" / "anat" / "sub-x_T1w.nii.gz").exists()
 
 
 def test_convert_fails_cleanly_when_a_file_vanished(tmp_path, dicom_series):

@@ -397,10 +397,9 @@ def test_noise_lowers_snr_and_cnr_and_raises_cjv(template_subject, tmp_path):
 def test_without_registration_the_other_metrics_remain(template_subject, tmp_path):
     _, _, _, head_path, _, _ = template_subject
     image = _noisy_subject(template_subject, 15.0, "noreg")
-    placeholder = tmp_path / "xfm.mat"
-    placeholder.write_bytes(b"")  # what run_stage leaves when registration failed
+    missing = tmp_path / "xfm.mat"  # a failed registration leaves no transform
     record = iqm.iqm_subject(
-        image, image, head_path, placeholder, record_path=tmp_path / "r.json", upstream=[]
+        image, image, head_path, missing, record_path=tmp_path / "r.json", upstream=[]
     )
     metrics = _metrics(record)
     assert any("no tissue segmentation" in w for w in record["warnings"])

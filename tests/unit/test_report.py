@@ -10,7 +10,7 @@ from html.parser import HTMLParser
 import matplotlib.image
 import pytest
 
-from mriaudit import paths, records
+from mriaudit import paths
 from mriaudit.bench import synthetic_cohort
 from mriaudit.evaluate import evaluate_cohort
 from mriaudit.report import MAX_MONTAGES, build_report, make_subject_montage
@@ -129,7 +129,7 @@ def test_report_hooks_escaping_and_montages(built_cohort, tmp_path):  # noqa: F8
     assert hooks.table_rows == frame["subject"].tolist()
     flagged = set(frame.loc[frame["flagged"], "subject"])
     assert set(hooks.montages) == flagged
-    # Ok subjects with images get a picture; the failed one (empty placeholders) and
+    # Ok subjects with images get a picture; the failed one (no images) and
     # folders that were never processed show their reasons only.
     assert hooks.montages["sub-11"] and hooks.montages["sub-12"]
     assert not hooks.montages["sub-bad"] and not hooks.montages["a-b"]
@@ -165,10 +165,12 @@ def test_montage_shows_the_region(grid):  # noqa: F811
     assert not ((plain[..., 0] > 0.6) & (plain[..., 2] < 0.3)).any()
 
 
-def test_montage_rejects_placeholders(tmp_path):
+def test_montage_rejects_a_missing_or_empty_image(tmp_path):
+    with pytest.raises(ValueError, match="no image"):
+        make_subject_montage(tmp_path / "missing.nii.gz", None, centre_mm=None)
     empty = tmp_path / "empty.nii.gz"
-    records.write_placeholders([empty])
-    with pytest.raises(ValueError, match="empty placeholder"):
+    empty.write_bytes(b"")
+    with pytest.raises(ValueError, match="no image"):
         make_subject_montage(empty, None, centre_mm=None)
 
 

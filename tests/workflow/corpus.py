@@ -26,8 +26,8 @@ MESSY = "sub-messy"
 #: The messy subject's extra series by description, with why the inventory must reject each.
 MESSY_REJECTIONS = {
     "localizer": "localizer",
-    "t1_se_tra_2d": "T1 candidate, ranked below",
-    "ep2d_diff_b1000": "excluded by rule (matches 'diff')",
+    "t1_se_tra_2d": "2D T1, ranked below",
+    "ep2d_diff_b1000": "diffusion-weighted (ImageType says DIFFUSION)",
 }
 JUNK_FILES = {
     "README.txt": b"exported by PACS\n",

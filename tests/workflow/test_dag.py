@@ -49,7 +49,7 @@ def test_dry_run_builds_one_chain_per_subject(placeholder_cohort, tmp_path):
 
 def test_contract_paths_are_targets_with_absolute_output_dir(placeholder_cohort, tmp_path):
     out = (tmp_path / "out").resolve()
-    target = paths.anomaly_map(out, "Patient7")
+    target = paths.record(out, "Patient7", "score")
     result = snakemake(
         "-n", str(target), "--config", f"input_dir={placeholder_cohort}", f"output_dir={out}"
     )

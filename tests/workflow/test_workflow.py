@@ -146,6 +146,36 @@ def test_contract_images_exist_with_consistent_geometry(workflow_run):
     assert len(grids) == 1, "registered images of all subjects must share one template grid"
 
 
+def test_no_image_shaped_placeholder_anywhere(workflow_run):
+    """Pipelines glob a curated folder for images: every file under OUT that looks like an
+    image is one (no zero-byte file, every ``.nii.gz`` loads), a subject that is not ok
+    has none, and its manifest lists exactly the images that exist."""
+    out = workflow_run.output_dir
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert [p for p in files if p.stat().st_size == 0] == []
+    images = [p for p in files if p.name.endswith((".nii.gz", ".nii"))]
+    assert images
+    for path in images:
+        data = nib.load(path).get_fdata(dtype=np.float32)  # raises on a damaged file
+        assert data.ndim == 3 and min(data.shape) >= 2, path
+    scores = _scores(workflow_run)
+    for folder, status in zip(scores["subject"], scores["status"], strict=True):
+        label = cohort.bids_label(folder)
+        if not paths.subject_scores(out, label).is_file():
+            continue  # not processed (label collision)
+        manifest = json.loads(paths.subject_scores(out, label).read_text())["images"]
+        existing = {
+            name: image.relative_to(out).as_posix()
+            for name, image in paths.subject_images(out, label).items()
+            if image.is_file()
+        }
+        assert manifest == existing, folder
+        if status == "no_series":
+            assert existing == {}, folder
+        if status == "ok":
+            assert {"T1w", "preproc"} <= set(existing), folder
+
+
 PHI_TAGS = (
     "PatientName",
     "PatientID",

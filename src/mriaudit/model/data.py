@@ -38,7 +38,7 @@ NORMALISATION = {
 
 
 class ImageError(ValueError):
-    """A registered image that cannot be used (empty placeholder, wrong grid, flat)."""
+    """A registered image that cannot be used (missing or empty, wrong grid, flat)."""
 
 
 @dataclass(frozen=True)
@@ -106,12 +106,12 @@ def load_normalised(path: str | Path, *, grid: BrainGrid) -> np.ndarray:
     """Registered image at ``path`` normalised inside the brain mask, cropped.
 
     Returns float32 of the crop shape, 0 outside the brain mask. Raises
-    ``ImageError`` for an empty placeholder, an unreadable file, a grid other
+    ``ImageError`` for a missing or empty file, an unreadable file, a grid other
     than the template's, or an image without contrast inside the brain.
     """
     path = Path(path)
     if not path.is_file() or path.stat().st_size == 0:
-        message = f"registered image {path.name} is missing or an empty placeholder"
+        message = f"registered image {path.name} is missing or empty"
         raise ImageError(message)
     try:
         img = nib.load(str(path))

@@ -77,6 +77,12 @@ DEFAULT_SCORING: dict[str, Any] = {
     # and 9 mm on the 2 mm grid). One scale missed large lesions on real heads: the
     # normal residual peaks of real anatomy are sharp, a lesion of 1-3 cm is broad.
     "focal_sigmas": (1.5, 3.0, 4.5),
+    # Focal summary per scale: "contrast", the peak's height above the subject's own
+    # map (median and MAD inside the mask), or "peak", the height itself (older
+    # checkpoints). A real person unlike the training heads raises the whole map, a
+    # lesion one place: on real heads the peaks of normal people overlapped a 9 mm
+    # lesion's, their contrasts did not.
+    "focal_summary": "contrast",
     # Regions: connected voxels above this percentile of the map inside the mask.
     "region_percentile": 99.5,
     # Floor of the calibration spread, as a fraction of its median in the mask.
@@ -208,25 +214,46 @@ def focal_sigmas(scoring: dict[str, Any]) -> list[float]:
     return [float(s) for s in sigmas] if sigmas else [float(scoring["focal_sigma"])]
 
 
+#: Smallest spread of a subject's own smoothed map for the focal contrast (map units,
+#: robust SD): normal maps spread 0.06-0.6, so only an almost empty map reaches it.
+CONTRAST_FLOOR = 0.05
+
+
 def focal_and_diffuse(
-    anomaly: np.ndarray, mask: np.ndarray, *, sigmas: Sequence[float]
+    anomaly: np.ndarray, mask: np.ndarray, *, sigmas: Sequence[float], relative: bool = False
 ) -> tuple[list[float], float]:
     """Summaries of a map inside ``mask`` (higher = more anomalous).
 
     ``focal``: per scale, the peak of the map smoothed with a Gaussian of that
     many voxels (0: unsmoothed), the upper tail that a lesion raises; the scale
-    that matches the lesion's size gives its strongest evidence. ``diffuse``:
-    the mean of the map, which noise, ghosting or a wrong contrast raise
-    everywhere while their peaks stay ordinary.
+    that matches the lesion's size gives its strongest evidence. ``relative``:
+    the peak's contrast instead, ``(peak - median) / max(1.4826 * MAD,
+    CONTRAST_FLOOR)`` of the smoothed map inside ``mask`` (unitless), which a
+    map raised everywhere (an unusual head) does not raise. ``diffuse``: the
+    mean of the map, which noise, ghosting or a wrong contrast raise everywhere
+    while their peaks stay ordinary.
     """
     if not mask.any():
         message = "the scoring mask is empty"
         raise ValueError(message)
-    focals = [
-        float((ndimage.gaussian_filter(anomaly, s) if s > 0 else anomaly)[mask].max())
-        for s in sigmas
-    ]
+    focals = []
+    for sigma in sigmas:
+        values = (ndimage.gaussian_filter(anomaly, sigma) if sigma > 0 else anomaly)[mask]
+        peak = float(values.max())
+        if relative:
+            centre = float(np.median(values))
+            spread = 1.4826 * float(np.median(np.abs(values - centre)))
+            peak = (peak - centre) / max(spread, CONTRAST_FLOOR)
+        focals.append(peak)
     return focals, float(anomaly[mask].mean())
+
+
+def subject_summaries(
+    anomaly: np.ndarray, mask: np.ndarray, *, scoring: dict[str, Any]
+) -> tuple[list[float], float]:
+    """:func:`focal_and_diffuse` as a checkpoint's ``scoring`` asks for it."""
+    relative = scoring.get("focal_summary", "peak") == "contrast"
+    return focal_and_diffuse(anomaly, mask, sigmas=focal_sigmas(scoring), relative=relative)
 
 
 def robust_scale(values: Sequence[float]) -> list[float]:
@@ -326,7 +353,7 @@ def score_volume(
         raw = raw_map(volume, recon, scoring=scoring)
         calibration = checkpoint["calibration"][fold]
         anomaly = calibrated_map(raw, calibration, mask, scoring=scoring)
-        focals, diffuse = focal_and_diffuse(anomaly, mask, sigmas=focal_sigmas(scoring))
+        focals, diffuse = subject_summaries(anomaly, mask, scoring=scoring)
         maps.append(anomaly)
         metrics.append((subject_score(focals, diffuse, calibration), focals[0], diffuse))
     raw_score, focal, diffuse = (float(v) for v in np.mean(metrics, axis=0))
@@ -361,7 +388,6 @@ def _score_work(scorer: Scorer, image: Path, subject: str, out_map: Path) -> dic
     state, grid = scorer.state, scorer.grid
     if state.get("status") != OK:
         reason = state.get("reason", "the model was not trained")
-        _write_map(out_map, np.zeros(grid.shape, np.float32), grid.affine)
         return make_record(
             STAGE,
             findings=["not_scored"],
@@ -539,7 +565,7 @@ def score_cohort(
         log.error("%s", reason)
         for label in shard:
             if not record_path(label).exists():
-                records.write_placeholders([paths.anomaly_map(out_dir, label)])
+                records.remove_images([paths.anomaly_map(out_dir, label)])
                 records.write_json(
                     record_path(label), make_record(STAGE, status=records.FAILED, reason=reason)
                 )

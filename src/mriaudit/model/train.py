@@ -54,12 +54,12 @@ from mriaudit.model.score import (
     DEFAULT_SCORING,
     calibrated_map,
     calibration_stats,
-    focal_and_diffuse,
     focal_sigmas,
     raw_map,
     reconstruct,
     robust_scale,
     scoring_mask,
+    subject_summaries,
 )
 from mriaudit.records import FAILED, OK, write_json
 
@@ -402,9 +402,7 @@ def _calibrate(
             anomaly = calibrated_map(
                 raw[subject].astype(np.float32), calibration[f], mask, scoring=options.scoring
             )
-            summaries[subject] = focal_and_diffuse(
-                anomaly, mask, sigmas=focal_sigmas(options.scoring)
-            )
+            summaries[subject] = subject_summaries(anomaly, mask, scoring=options.scoring)
     for k in range(folds):
         others = [summaries[s] for f, members in chosen.items() if f != k for s in members]
         calibration[k]["focal"] = [

@@ -42,11 +42,11 @@ def _png(fig: Figure, *, dpi: int = 100) -> bytes:
 
 
 def _load(image: nib.Nifti1Image | str | Path) -> nib.Nifti1Image:
-    """A 3D image from a path or an image; empty placeholders raise ValueError."""
+    """A 3D image from a path or an image; a missing or empty file raises ValueError."""
     if isinstance(image, (str, Path)):
         path = Path(image)
         if not path.is_file() or path.stat().st_size == 0:
-            message = f"{path.name}: no image (missing or empty placeholder)"
+            message = f"{path.name}: no image (missing or empty)"
             raise ValueError(message)
         try:
             image = nib.load(path)
