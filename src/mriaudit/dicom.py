@@ -153,6 +153,7 @@ SERIES_COLUMNS: tuple[str, ...] = (
     "post_contrast",
     "contrast_evidence",
     "coverage_mm",
+    "core_skew",
     "acquisition",
     "rows",
     "cols",
@@ -943,6 +944,15 @@ def _nifti_row(subject_dir: Path, rel: str, rules: dict[str, Any]) -> dict[str, 
     row["geometry_ok"] = bool(
         np.all(np.isfinite(affine)) and abs(float(np.linalg.det(linear))) > 1e-9
     )
+    if len(shape) >= 3 and min(shape[:3]) >= 8:
+        # What the image itself says of its contrast (a check of its name).
+        try:
+            volume = image.dataobj[..., 0] if len(shape) > 3 else image.dataobj
+            row["core_skew"] = round(series_class.core_skew(volume, zooms[:3]), 3)
+        except Exception as error:
+            log.warning(
+                "NIfTI data unreadable for the contrast check: %s (%s)", rel, type(error).__name__
+            )
     return row
 
 
@@ -977,7 +987,10 @@ def choose_nifti(rows: list[dict[str, Any]]) -> tuple[int | None, str]:
         elif not row["geometry_ok"]:
             row.update(verdict="rejected", reason="affine not invertible or not finite")
         elif contrast and contrast != "T1w":
-            row.update(verdict="rejected", reason=f"a {contrast} image ({how}), not T1w")
+            reason = f"a {contrast} image ({how}), not T1w"
+            if contrast == "T2w" and _looks(row) == "T1w":
+                reason += f"; but its intensities look T1-weighted ({_SKEW_WORDS}): check its name"
+            row.update(verdict="rejected", reason=reason)
         else:
             eligible.append(i)
     if not eligible:
@@ -1007,6 +1020,14 @@ def choose_nifti(rows: list[dict[str, Any]]) -> tuple[int | None, str]:
     return best, why
 
 
+_SKEW_WORDS = "CSF darker than white matter"
+
+
+def _looks(row: dict[str, Any]) -> str:
+    skew = row.get("core_skew")
+    return series_class.contrast_look(float(skew)) if skew is not None else ""
+
+
 def _no_nifti_reason(rows: list[dict[str, Any]]) -> str:
     """Why no NIfTI image of a subject is audited as its T1w, in a curator's words."""
     contrasts = Counter(
@@ -1014,7 +1035,14 @@ def _no_nifti_reason(rows: list[dict[str, Any]]) -> str:
     )
     if contrasts and sum(contrasts.values()) == len(rows):
         if len(rows) == 1:
-            return f"only a {next(iter(contrasts))} image ({Path(rows[0]['path']).name}), no T1w"
+            hint = (
+                ": its intensities look T1-weighted, check its name"
+                if "look T1" in rows[0]["reason"]
+                else ""
+            )
+            return (
+                f"only a {next(iter(contrasts))} image ({Path(rows[0]['path']).name}), no T1w{hint}"
+            )
         listed = ", ".join(f"{c}: {n}" for c, n in contrasts.most_common())
         return f"no T1w image among {_plural(len(rows), 'NIfTI file')} ({listed})"
     verdicts = Counter(r["reason"] for r in rows)
@@ -1189,6 +1217,11 @@ def _nifti_record(
         )
     row = rows[index]
     row.update(verdict="selected", reason=why)
+    if _looks(row) == "T2w":
+        warnings_.append(
+            f"{Path(row['path']).name}: its intensities look T2-weighted (CSF brighter than"
+            " white matter), not like the T1w audited"
+        )
     write_series_table(dicom_rows + rows, series_table)
     metrics.update(_row_metrics(row))
     metrics.update(hdr_missing_slices=0, hdr_duplicate_slices=0)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from scipy import ndimage
 
 from mriaudit.cohort import bids_label
 from mriaudit.records import StageError
@@ -287,6 +288,47 @@ BIDS_SUFFIXES: dict[str, str] = {
 
 
 _T1_FILE_NAME = re.compile(r"(?<![a-z0-9])t1w?(?![a-z0-9])|mp.?rage|spgr|bravo", re.I)
+
+
+#: ``core_skew`` beyond which an image looks T2-weighted, and below which T1-weighted. On
+#: the real NIfTI of ../shared: T1w (native, post-contrast, PD too) -0.39..-0.03, T2w
+#: 0.38..0.61; FLAIR spans -0.37..0.18 and is judged by neither.
+T2_LIKE_SKEW = 0.3
+T1_LIKE_SKEW = 0.1
+#: Erosion of the head mask (mm) that leaves the brain's core: no scalp, skull or cortex rim.
+CORE_MM = 15.0
+
+
+def core_skew(data: np.ndarray, zooms: tuple[float, float, float]) -> float:
+    """Bowley skewness ``(q90 + q10 - 2 q50) / (q90 - q10)`` of the intensities in the core
+    of the head (``data`` 3D, ``zooms`` mm; resampled to about 2 mm first), unitless, NaN
+    when there is no head. White matter is the bulk of the core: the brightest tissue of
+    a T1-weighted image (a dark tail of CSF: negative), the darkest of a T2-weighted one
+    (a bright tail of CSF: positive)."""
+    # Imported here: this module is read when the Snakefile is parsed, ANTs is heavy.
+    from mriaudit.preprocess import head_mask
+
+    steps = [max(1, round(2.0 / z)) if z > 0 else 1 for z in zooms]
+    small = np.nan_to_num(np.asarray(data, dtype=np.float32)[:: steps[0], :: steps[1], :: steps[2]])
+    spacing = tuple(float(z * s) for z, s in zip(zooms, steps, strict=True))
+    if min(small.shape) < 8 or not np.ptp(small) > 0:
+        return float("nan")
+    mask = head_mask(small, spacing_mm=spacing)
+    core = ndimage.binary_erosion(mask, iterations=max(1, round(CORE_MM / float(np.mean(spacing)))))
+    values = small[core if core.sum() >= 100 else mask]
+    if values.size < 100:
+        return float("nan")
+    q10, q50, q90 = np.percentile(values, [10, 50, 90])
+    return float((q90 + q10 - 2 * q50) / (q90 - q10)) if q90 > q10 else float("nan")
+
+
+def contrast_look(skew: float) -> str:
+    """``T1w``, ``T2w`` or "" (undecided, or NaN) from ``core_skew``."""
+    if skew > T2_LIKE_SKEW:
+        return "T2w"
+    if skew < T1_LIKE_SKEW:
+        return "T1w"
+    return ""
 
 
 def file_class(name: str) -> tuple[str, str]:

@@ -22,7 +22,7 @@ import pandas as pd
 import pydicom
 import pytest
 
-from mriaudit import dicom, series, sources
+from mriaudit import demo, dicom, series, sources
 from mriaudit.records import NO_SERIES, OK
 
 RULES = {"min_slices": 8}
@@ -373,6 +373,64 @@ def test_a_nifti_cohort_audits_only_t1w_images(tmp_path, nifti_file, files, stat
     assert text in said
     if status == OK:
         assert record["selected"]["files"] == ["anat/sub-1_T1w.nii.gz"]
+
+
+def _t1_and_t2_heads() -> tuple[np.ndarray, np.ndarray]:
+    """The demo's template head (T1-weighted) and its T2-weighted rendering, 1 mm."""
+    head = demo._head_volume()
+    return head, np.interp(head, *demo._T2_LUT).astype(np.float32)
+
+
+def test_the_image_itself_says_t1_or_t2():
+    t1, t2 = _t1_and_t2_heads()
+    assert series.contrast_look(series.core_skew(t1, (1.0, 1.0, 1.0))) == "T1w"
+    assert series.contrast_look(series.core_skew(t2, (1.0, 1.0, 1.0))) == "T2w"
+    assert np.isnan(series.core_skew(np.zeros((20, 20, 20)), (1.0, 1.0, 1.0)))
+
+
+@pytest.mark.shared
+@pytest.mark.parametrize(
+    ("path", "look"),
+    [
+        ("nifti/niivue-demo-images/chris_t1.nii.gz", "T1w"),
+        ("nifti/niivue/otsu_T1.nii.gz", "T1w"),
+        ("nifti/BraTS-GLI-00001-000/BraTS-GLI-00001-000-t1c.nii.gz", "T1w"),
+        ("nifti/niivue-demo-images/register_T2w.nii.gz", "T2w"),
+        ("nifti/neurolabusc-Clinical/T2.nii", "T2w"),
+        ("nifti/BraTS-GLI-00001-000/BraTS-GLI-00001-000-t2w.nii.gz", "T2w"),
+    ],
+)
+def test_real_images_look_like_their_contrast(shared_data, path, look):
+    image = nib.load(shared_data / path)
+    skew = series.core_skew(np.asarray(image.dataobj), image.header.get_zooms()[:3])
+    assert series.contrast_look(skew) == look, skew
+
+
+def test_a_t1_like_image_named_t2_is_said_so(tmp_path):
+    t1, t2 = _t1_and_t2_heads()
+    affine = np.diag([1.0, 1.0, 1.0, 1.0])
+    misnamed = tmp_path / "misnamed"
+    (misnamed / "anat").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(t1, affine), misnamed / "anat" / "sub-1_T2w.nii.gz")
+    record, _ = inventory(misnamed, tmp_path / "o1")
+    assert record["status"] == NO_SERIES
+    assert record["reason"] == (
+        "only a T2w image (sub-1_T2w.nii.gz), no T1w: its intensities look T1-weighted,"
+        " check its name"
+    )
+    honest = tmp_path / "honest"
+    (honest / "anat").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(t2, affine), honest / "anat" / "sub-1_T2w.nii.gz")
+    record, _ = inventory(honest, tmp_path / "o2")
+    assert record["reason"] == "only a T2w image (sub-1_T2w.nii.gz), no T1w"
+    # A T2-like image named T1w is audited (the registration check judges it), with a warning.
+    swapped = tmp_path / "swapped"
+    (swapped / "anat").mkdir(parents=True)
+    nib.save(nib.Nifti1Image(t2, affine), swapped / "anat" / "sub-1_T1w.nii.gz")
+    record, table = inventory(swapped, tmp_path / "o3")
+    assert record["status"] == OK
+    assert any("look T2-weighted" in w for w in record["warnings"])
+    assert float(table["core_skew"].iloc[0]) > series.T2_LIKE_SKEW
 
 
 def _compress(folder: Path, how: str) -> None:
