@@ -1266,19 +1266,10 @@ def _inventory(subject_dir: Path, series_table: Path, rules: dict[str, Any]) -> 
     rows = [_series_row(scan.series[uid], geometries[uid], rules) for uid in scan.series]
     rows.sort(key=lambda r: (r["series_number"] is None, r["series_number"] or 0, r["series_uid"]))
     chosen = series_class.chosen_series(rules, subject_dir.name)
+    # The user's choice that names no usable series ends the subject with its own reason.
+    choice_problem = ""
     if chosen is not None:
-        selection, reason = series_class.select_chosen(rows, chosen)
-        if selection.uid is None:
-            for row in rows:
-                row["verdict"], row["reason"] = selection.verdicts[row["series_uid"]]
-            write_series_table(rows, series_table)
-            return make_record(
-                "inventory",
-                status=NO_SERIES,
-                reason=reason,
-                metrics=_base_metrics(scan, len(rows)),
-                warnings=warnings_,
-            )
+        selection, choice_problem = series_class.select_chosen(rows, chosen)
     else:
         selection = select_series(rows, rules)
     for row in rows:
@@ -1288,12 +1279,12 @@ def _inventory(subject_dir: Path, series_table: Path, rules: dict[str, Any]) -> 
             warnings_.append(f"{_plural(len(scan.nifti), 'NIfTI file')} ignored: DICOM audited")
         write_series_table(rows, series_table)
         return _dicom_record(scan, rows, geometries, selection, warnings_)
-    if scan.nifti:
+    if scan.nifti and not choice_problem:
         if rows:
             warnings_.append("no usable DICOM T1 series: audited a NIfTI file instead")
         return _nifti_record(subject_dir, scan, rules, warnings_, rows, series_table)
     write_series_table(rows, series_table)
-    reason = _no_series_reason(scan, rows)
+    reason = choice_problem or _no_series_reason(scan, rows)
     log.warning("no series: %s", reason)
     return make_record(
         "inventory",
