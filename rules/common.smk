@@ -15,7 +15,7 @@ series.resolve_rules(config["series"])
 # and fails with a message naming the key as soon as targets are needed.
 COHORT = cohort.list_subjects(INPUT_DIR) if INPUT_DIR.is_dir() else []
 SUBJECTS = cohort.processed_labels(COHORT)
-FOLDERS = {s.label: s.folder for s in COHORT if s.processed}
+FOLDERS = {s.label: s.entry for s in COHORT if s.processed}
 # Labels that name no subject folder are a configuration error too.
 if LABELS and COHORT:
     try:

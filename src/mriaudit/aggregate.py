@@ -699,7 +699,7 @@ def aggregate_cohort(
     write_tsv(
         pd.DataFrame(
             {
-                "folder": [s.folder for s in subjects],
+                "folder": [s.entry for s in subjects],
                 "label": [s.label for s in subjects],
                 "problem": [s.problem for s in subjects],
             }

@@ -1,9 +1,12 @@
 """The cohort: which subjects ``input_dir`` holds, and their BIDS labels.
 
 Subjects are the first-level folders of ``input_dir`` (or its ``sub-*`` folders
-when it is a BIDS root, recognised by ``dataset_description.json``). The label
-is the folder name without a leading ``sub-`` and with every character outside
-``[A-Za-z0-9]`` removed. Folders whose labels collide, or are empty, are kept
+when it is a BIDS root, recognised by ``dataset_description.json``), and the
+first-level archive files of a plain ``input_dir`` (``sub-07.zip``, ``.tar``,
+``.tar.gz``/``.tgz``, ...: one subject's export packed as one file). A subject's
+name is its folder's name, or its archive's without the suffix; the label is
+the name without a leading ``sub-`` and with every character outside
+``[A-Za-z0-9]`` removed. Subjects whose labels collide, or are empty, are kept
 in the listing with a problem so the report can name them, but get no label in
 the DAG: they are never merged.
 """
@@ -17,20 +20,31 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from mriaudit import sources
+
 _NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
 
 
 @dataclass(frozen=True)
 class Subject:
-    """One first-level folder of ``input_dir``.
+    """One first-level folder (or archive file) of ``input_dir``.
 
-    ``label`` is the BIDS label used in output names; ``problem`` is empty for
-    subjects that are processed, else the reason they are not.
+    ``folder`` is the subject's name in the labels file and every table (an
+    archive's name without its suffix); ``label`` is the BIDS label used in
+    output names; ``problem`` is empty for subjects that are processed, else the
+    reason they are not; ``source`` is the entry of ``input_dir`` read (the folder,
+    or the archive file), when it differs from ``folder``.
     """
 
     folder: str
     label: str
     problem: str = ""
+    source: str = ""
+
+    @property
+    def entry(self) -> str:
+        """The name of the folder or archive file in ``input_dir``."""
+        return self.source or self.folder
 
     @property
     def processed(self) -> bool:
@@ -48,10 +62,10 @@ def is_bids_root(input_dir: str | Path) -> bool:
 
 
 def list_subjects(input_dir: str | Path) -> list[Subject]:
-    """Subjects of ``input_dir``, sorted by folder name.
+    """Subjects of ``input_dir``, sorted by folder or archive name.
 
-    Hidden folders (``.git``, ``.DS_Store`` folders) are skipped; in a BIDS root
-    only ``sub-*`` folders count. Raises ``FileNotFoundError`` with the path when
+    Hidden entries (``.git``, ``.DS_Store``) are skipped; in a BIDS root only
+    ``sub-*`` folders count (archives only in a plain ``input_dir``). Raises ``FileNotFoundError`` with the path when
     ``input_dir`` is not a folder, since that is a configuration error.
     """
     root = Path(input_dir)
@@ -59,27 +73,33 @@ def list_subjects(input_dir: str | Path) -> list[Subject]:
         message = f"input_dir {str(root)!r} is not a folder (set config key input_dir)"
         raise FileNotFoundError(message)
     bids = is_bids_root(root)
-    folders = sorted(
+    entries = sorted(
         entry.name
         for entry in root.iterdir()
-        if entry.is_dir()
-        and not entry.name.startswith(".")
-        and (not bids or entry.name.startswith("sub-"))
+        if not entry.name.startswith(".")
+        and (
+            (entry.is_dir() and (not bids or entry.name.startswith("sub-")))
+            or (not bids and sources.is_subject_archive(entry))
+        )
     )
+    stems = [sources.archive_stem(entry) for entry in entries]
     by_label: dict[str, list[str]] = {}
-    for folder in folders:
-        by_label.setdefault(bids_label(folder), []).append(folder)
+    for entry, stem in zip(entries, stems, strict=True):
+        by_label.setdefault(bids_label(stem), []).append(entry)
     subjects = []
-    for folder in folders:
-        label = bids_label(folder)
+    for entry, stem in zip(entries, stems, strict=True):
+        label = bids_label(stem)
         if not label:
             problem = "folder name has no letters or digits to build a BIDS label from"
         elif len(by_label[label]) > 1:
-            others = ", ".join(repr(f) for f in by_label[label] if f != folder)
-            problem = f"label collision: {folder!r} and {others} both map to sub-{label}"
+            others = ", ".join(repr(f) for f in by_label[label] if f != entry)
+            problem = f"label collision: {entry!r} and {others} both map to sub-{label}"
         else:
             problem = ""
-        subjects.append(Subject(folder=folder, label=label, problem=problem))
+        # A folder and an archive of one stem keep their entry names, so rows stay distinct.
+        name = stem if stems.count(stem) == 1 else entry
+        source = entry if entry != name else ""
+        subjects.append(Subject(folder=name, label=label, problem=problem, source=source))
     return subjects
 
 

@@ -1248,7 +1248,7 @@ def _nifti_record(
 
 
 def _inventory(subject_dir: Path, series_table: Path, rules: dict[str, Any]) -> dict[str, Any]:
-    if not subject_dir.is_dir():
+    if not (subject_dir.is_dir() or sources.is_subject_archive(subject_dir)):
         message = f"subject folder not found: {subject_dir.name}"
         raise StageError(message)
     rules = resolve_rules(rules)
@@ -1265,7 +1265,7 @@ def _inventory(subject_dir: Path, series_table: Path, rules: dict[str, Any]) -> 
     geometries = {uid: _series_geometry(s) for uid, s in scan.series.items()}
     rows = [_series_row(scan.series[uid], geometries[uid], rules) for uid in scan.series]
     rows.sort(key=lambda r: (r["series_number"] is None, r["series_number"] or 0, r["series_uid"]))
-    chosen = series_class.chosen_series(rules, subject_dir.name)
+    chosen = series_class.chosen_series(rules, sources.archive_stem(subject_dir.name))
     # The user's choice that names no usable series ends the subject with its own reason.
     choice_problem = ""
     if chosen is not None:

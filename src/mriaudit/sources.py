@@ -69,6 +69,25 @@ def is_archive(name: str) -> bool:
     return _lower(name).endswith(ARCHIVE_SUFFIXES)
 
 
+def archive_stem(name: str) -> str:
+    """``name`` without its archive suffix (``sub-07.tar.gz`` -> ``sub-07``); ``name``
+    itself when it is no archive."""
+    lower = _lower(name)
+    suffix = next((s for s in ARCHIVE_SUFFIXES if lower.endswith(s)), "")
+    return name[: len(name) - len(suffix)] if suffix else name
+
+
+def is_subject_archive(path: Path) -> bool:
+    """A subject exported as one archive file (``input_dir/sub-07.zip``)."""
+    return path.is_file() and is_archive(path.name)
+
+
+def subject_root(subject: Path) -> Path:
+    """The folder that ``walk``'s names are relative to: ``subject`` itself, or the
+    folder holding it when the subject is one archive file (``sub-07.zip``)."""
+    return subject.parent if subject.is_file() else subject
+
+
 def compression_of(name: str) -> str:
     """The single-file compression suffix of ``name`` ("" for a plain file, a NIfTI or an
     archive)."""
@@ -148,13 +167,21 @@ def walk(
     subject_dir: Path, *, on_error: Callable[[str], None] = lambda message: None
 ) -> Iterator[Entry]:
     """Every file of ``subject_dir`` (any depth, sorted, symlinked folders not followed),
-    archive members included. A folder that cannot be listed or an archive that cannot
-    be opened is reported to ``on_error`` (a message without file contents) and its
-    files are skipped."""
+    archive members included; ``subject_dir`` may also be one archive file (a subject
+    exported as ``sub-07.zip``), whose members are then named ``sub-07.zip::<member>``.
+    A folder that cannot be listed or an archive that cannot be opened is reported to
+    ``on_error`` (a message without file contents) and its files are skipped."""
 
     def walk_error(error: OSError) -> None:
         on_error(f"a folder could not be listed ({type(error).__name__})")
 
+    if subject_dir.is_file():
+        if is_archive(subject_dir.name):
+            try:
+                yield from _archive_entries(subject_dir, subject_dir.name)
+            except READ_ERRORS as error:
+                on_error(f"archive {subject_dir.name} could not be read ({type(error).__name__})")
+        return
     for dirpath, dirnames, filenames in os.walk(subject_dir, followlinks=False, onerror=walk_error):
         dirnames.sort()
         for name in sorted(filenames):
@@ -184,6 +211,7 @@ def materialise(subject_dir: Path, files: Sequence[str], folder: Path) -> list[P
     compressed files and archive members decompressed. Returns the paths, in order.
     Raises ``FileNotFoundError`` naming a file that is gone, ``OSError`` for one that
     cannot be read."""
+    root = subject_root(subject_dir)
     folder.mkdir(parents=True, exist_ok=True)
     targets = [folder / f"{index:06d}.dcm" for index in range(len(files))]
     members: dict[str, dict[str, Path]] = {}
@@ -192,7 +220,7 @@ def materialise(subject_dir: Path, files: Sequence[str], folder: Path) -> list[P
         if member:
             members.setdefault(archive, {})[member] = target
             continue
-        source = (subject_dir / rel).absolute()
+        source = (root / rel).absolute()
         if not source.is_file():
             message = f"selected file disappeared since the inventory: {rel}"
             raise FileNotFoundError(message)
@@ -205,7 +233,7 @@ def materialise(subject_dir: Path, files: Sequence[str], folder: Path) -> list[P
         except OSError:
             shutil.copyfile(source, target)
     for archive, wanted in members.items():
-        path = subject_dir / archive
+        path = root / archive
         if not path.is_file():
             message = f"selected archive disappeared since the inventory: {archive}"
             raise FileNotFoundError(message)

@@ -56,7 +56,31 @@ def test_bids_root_lists_only_sub_folders(tmp_path):
     (tmp_path / "dataset_description.json").write_text("{}")
     for name in ["sub-01", "sub-02", "derivatives", "code"]:
         (tmp_path / name).mkdir()
+    (tmp_path / "sub-03.zip").write_bytes(b"PK")
     assert [s.folder for s in cohort.list_subjects(tmp_path)] == ["sub-01", "sub-02"]
+
+
+def test_a_subject_exported_as_one_archive_is_a_subject(tmp_path):
+    (tmp_path / "sub-01").mkdir()
+    for name in ["sub-02.zip", "sub-03.tar.gz", "Sub 04.TGZ", "sub-05.zip", "notes.txt"]:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "sub-05").mkdir()
+    subjects = {s.folder: s for s in cohort.list_subjects(tmp_path)}
+    assert set(subjects) == {"sub-01", "sub-02", "sub-03", "Sub 04", "sub-05", "sub-05.zip"}
+    assert subjects["sub-02"].entry == "sub-02.zip" and subjects["sub-02"].label == "02"
+    assert subjects["sub-03"].entry == "sub-03.tar.gz" and subjects["sub-03"].processed
+    assert subjects["Sub 04"].label == "Sub04" and subjects["sub-01"].entry == "sub-01"
+    # A folder and an archive of one name are never merged: both named, neither audited.
+    assert (
+        "collision" in subjects["sub-05"].problem and "'sub-05.zip'" in subjects["sub-05"].problem
+    )
+    assert not subjects["sub-05.zip"].processed
+    labels = tmp_path / "labels.tsv"
+    labels.write_text("subject\tlabel\nsub-02\t1\nsub-03\t0\n")
+    assert cohort.check_labels(labels, list(subjects.values())) == {
+        "sub-02": 1,
+        "sub-03": 0,
+    }
 
 
 def test_missing_input_dir_names_the_key(tmp_path):

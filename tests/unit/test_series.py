@@ -459,8 +459,17 @@ def test_compressed_dicom_files_are_read_and_converted(tmp_path, dicom_series, h
     assert {p: p.read_bytes() for p in subject.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("suffix", [".zip", ".tar", ".tar.gz", ".tgz"])
-def test_an_archived_subject_folder_is_read_like_the_folder(tmp_path, dicom_series, suffix):
+@pytest.mark.parametrize(
+    ("suffix", "layout"),
+    [
+        *((suffix, "in_folder") for suffix in (".zip", ".tar", ".tar.gz", ".tgz")),
+        (".zip", "as_subject"),
+        (".tar.gz", "as_subject"),
+    ],
+)
+def test_an_archived_subject_folder_is_read_like_the_folder(tmp_path, dicom_series, suffix, layout):
+    """An export packed as one archive, inside the subject's folder or as the subject
+    itself (``input_dir/export.zip``), reads and converts like the plain folder."""
     plain = tmp_path / "plain"
     dicom_series(plain / "export" / "t1", shape=SHAPE, series_number=2)
     dicom_series(plain / "export" / "t2", series_number=3, **T2_TSE)
@@ -475,6 +484,8 @@ def test_an_archived_subject_folder_is_read_like_the_folder(tmp_path, dicom_seri
         mode = {".tar": "w", ".tar.gz": "w:gz", ".tgz": "w:gz"}[suffix]
         with tarfile.open(archive, mode) as handle:
             handle.add(plain / "export", arcname="export")
+    if layout == "as_subject":
+        packed = archive
     record_plain, table_plain = inventory(plain, tmp_path / "o1")
     record_packed, table_packed = inventory(packed, tmp_path / "o2")
     assert record_packed["status"] == OK

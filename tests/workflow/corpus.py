@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import random
+import zipfile
 from pathlib import Path
 
 import nibabel as nib
@@ -38,6 +39,8 @@ JUNK_FILES = {
 HOSTILE_TEXT = "$(rm -rf ~); ls ../../etc"
 #: The second copy of a normal scan: shell-special characters in its folder name.
 TWIN = "sub-twin $(rm -rf ~); ls"
+#: A third normal subject's folder packed as one zip file in input_dir (``sub-zipped.zip``).
+ZIPPED = "sub-zipped"
 
 #: folder -> (status, the scores.tsv column that explains it, text it must contain).
 EXPECTED: dict[str, tuple[str, str, str]] = {
@@ -62,6 +65,8 @@ EXPECTED: dict[str, tuple[str, str, str]] = {
     "sub-mixed-dimensions": ("ok", "flag_reasons", "slices with mixed matrix sizes"),
     "sub-enhanced": ("ok", "", ""),
     TWIN: ("ok", "flag_reasons", "identical image data to "),
+    # The zip holds a normal subject's files, so it is that subject's duplicate.
+    ZIPPED: ("ok", "flag_reasons", "identical image data to "),
     "sub-noise": ("ok", "flag_reasons", "registration to the MNI152 template failed"),
     "sub-nan": ("failed", "reason", "non-finite voxels"),
     "sub-singular-affine": ("no_series", "reason", "affine not invertible or not finite: 1"),
@@ -233,6 +238,19 @@ def _twin(t1_files: list[Path], target: Path) -> None:
         dataset.save_as(target / f"{index:04d}; ls.dcm", enforce_file_format=True)
 
 
+def zipped_source(labels: Path) -> str:
+    """The normal subject whose folder ``sub-zipped.zip`` packs."""
+    table = pd.read_csv(labels, sep="\t", dtype=str, keep_default_na=False)
+    return table[table["kind"] == "normal"]["subject"].tolist()[2]
+
+
+def _zipped(folder: Path, target: Path) -> None:
+    """A subject's export packed as one zip file, members under ``export/``."""
+    with zipfile.ZipFile(target, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            archive.write(path, f"export/{path.relative_to(folder).as_posix()}")
+
+
 def _noise(t1_files: list[Path], target: Path, rng: np.random.Generator) -> None:
     """A T1 series whose pixels are uniform noise: headers of a head, no head at all."""
     target.mkdir(parents=True)
@@ -270,7 +288,8 @@ def add_bad_inputs(input_dir: Path, labels: Path) -> None:
     """Add every folder of ``EXPECTED`` to a generated cohort, and their labels.
 
     The DICOM ones are built from two normal subjects' T1 series (so the twin
-    and that normal subject are duplicates); the messy, 2D-only and 4D subjects
+    and that normal subject are duplicates), and a third normal subject's folder
+    is zipped as ``sub-zipped.zip`` (its duplicate too); the messy, 2D-only and 4D subjects
     are labelled 0 (usable), every other added folder 1 (to be excluded).
     """
     table = pd.read_csv(labels, sep="\t", dtype=str, keep_default_na=False)
@@ -311,6 +330,7 @@ def add_bad_inputs(input_dir: Path, labels: Path) -> None:
         input_dir / "sub-enhanced" / "MF0001", shape=(48, 56, 40), spacing=(3.0, 3.0, 3.0)
     )
     _twin(second, input_dir / TWIN)
+    _zipped(input_dir / normals[2], input_dir / f"{ZIPPED}.zip")
     _noise(second, input_dir / "sub-noise", rng)
     _broken_niftis(input_dir, rng)
     normal = {MESSY, "sub-2d-only", "sub-4d"}

@@ -123,6 +123,24 @@ def test_a_scan_under_two_names_flags_both(workflow_run):
     assert html_lib.escape(corpus.HOSTILE_TEXT, quote=False) in html
 
 
+def test_a_subject_zipped_as_one_file_is_audited_like_its_folder(workflow_run):
+    scores = _scores(workflow_run).set_index("subject")
+    zipped = scores.loc[corpus.ZIPPED]
+    source = scores.loc[corpus.zipped_source(workflow_run.labels)]
+    assert zipped["status"] == "ok"
+    assert zipped["conv_data_sha256"] == source["conv_data_sha256"]
+    for column in ("hdr_n_series", "hdr_dim_z", "reg_similarity", "iqm_snr_total"):
+        assert float(zipped[column]) == pytest.approx(float(source[column]), rel=1e-3), column
+    assert (
+        f"identical image data to {corpus.zipped_source(workflow_run.labels)}"
+        in (zipped["flag_reasons"])
+    )
+    subjects = pd.read_csv(
+        paths.cohort_dir(workflow_run.output_dir) / "subjects.tsv", sep="\t", dtype=str
+    ).set_index("folder")
+    assert subjects.at[f"{corpus.ZIPPED}.zip", "label"] == "zipped"
+
+
 def test_contract_images_exist_with_consistent_geometry(workflow_run):
     scores = _scores(workflow_run)
     ok = scores[scores["status"] == "ok"]
