@@ -32,6 +32,16 @@ def snakemake(*args: str, cwd: Path = ROOT, timeout: int = 1500) -> subprocess.C
     )
 
 
+def job_counts(output: str) -> dict[str, int]:
+    """Rule -> job count from the table a dry run prints."""
+    counts = {}
+    for line in output.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
+            counts[parts[0]] = int(parts[1])
+    return counts
+
+
 @dataclass(frozen=True)
 class Run:
     input_dir: Path

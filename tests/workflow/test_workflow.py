@@ -22,7 +22,7 @@ import yaml
 from mriaudit import cohort, paths
 
 from . import corpus
-from .conftest import ROOT, SNAKEMAKE, snakemake
+from .conftest import ROOT, SNAKEMAKE, job_counts, snakemake
 
 pytestmark = pytest.mark.workflow
 
@@ -286,16 +286,6 @@ def test_snakemake_report_carries_the_audit_report(workflow_run, tmp_path):
     assert "Cohort audit" in text and "audit report" in text
 
 
-def _job_counts(output: str) -> dict[str, int]:
-    """Rule -> job count from the table a dry run prints."""
-    counts = {}
-    for line in output.splitlines():
-        parts = line.split()
-        if len(parts) == 2 and parts[1].isdigit() and parts[0] != "total":
-            counts[parts[0]] = int(parts[1])
-    return counts
-
-
 def test_an_added_subject_is_the_only_one_preprocessed_again(workflow_run):
     """A new folder in input_dir: its own chain, then the cohort steps.
 
@@ -309,7 +299,7 @@ def test_an_added_subject_is_the_only_one_preprocessed_again(workflow_run):
         shutil.copytree(source, added, symlinks=True)
         result = snakemake("-n", "--configfile", str(workflow_run.configfile))
         assert result.returncode == 0, result.stderr[-3000:]
-        jobs = _job_counts(result.stdout)
+        jobs = job_counts(result.stdout)
         n_processed = len(cohort.processed_labels(cohort.list_subjects(workflow_run.input_dir)))
         assert jobs.get("preprocess") == 1, jobs
         assert jobs["train_model"] == jobs["score"] == jobs["collect"] == 1, jobs
