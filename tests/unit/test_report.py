@@ -13,7 +13,7 @@ import pytest
 from mriaudit import paths
 from mriaudit.bench import synthetic_cohort
 from mriaudit.evaluate import evaluate_cohort
-from mriaudit.report import MAX_MONTAGES, build_report, make_subject_montage
+from mriaudit.report import MAX_MONTAGES, build_report, make_subject_montage, sites
 from tests.unit.test_aggregate import (  # the shared fake cohort
     BLOB_MM,
     HTML_FOLDER,
@@ -123,6 +123,10 @@ def test_report_hooks_escaping_and_montages(built_cohort, tmp_path):  # noqa: F8
     html = render(cohort, with_metrics=True)
     hooks = parse(html)
     assert {"subjects", "filter", "export-decisions", "roc", "pr", "localisation"} <= hooks.ids
+    # The scanner view: one row per scanner group of scores.tsv.
+    groups = frame["scanner_group"].fillna("").astype(str).replace("", sites.NO_HEADERS)
+    assert "scanner-groups" in hooks.ids
+    assert html.count("<tr data-group=") == groups.nunique()
     assert "within 5 mm of it in 1 of 1 labelled lesion cases" in html
     assert sorted(hooks.table_rows) == sorted(cohort["folders"])
     # Flagged first: the table keeps the scores.tsv order.

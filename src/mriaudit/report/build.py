@@ -35,7 +35,7 @@ from mriaudit.aggregate import (
     table_threshold,
 )
 from mriaudit.records import OK
-from mriaudit.report import figures
+from mriaudit.report import figures, sites
 
 log = logging.getLogger(__name__)
 
@@ -380,6 +380,7 @@ def build_report(
         },
         "vendors": _counts(frame["hdr_manufacturer"]) if "hdr_manufacturer" in frame else [],
         "protocols": _protocols(frame),
+        "scanners": sites.scanner_view(frame, threshold=_float(threshold)),
         "findings": _finding_counts(frame),
         "rows": rows,
         "has_labels": true_labels is not None,
