@@ -22,7 +22,7 @@ import pandas as pd
 import pydicom
 import pytest
 
-from mriaudit import dicom, series, sources
+from mriaudit import dicom, series, sources, tables
 from mriaudit.demo import anatomy, physics
 from mriaudit.records import NO_SERIES, OK
 
@@ -170,7 +170,7 @@ def inventory(subject: Path, out: Path, rules: dict | None = None) -> tuple[dict
         record_path=out / "inventory.json",
         rules=RULES if rules is None else rules,
     )
-    table = pd.read_csv(out / "series.tsv", sep="\t", dtype=str, keep_default_na=False)
+    table = tables.read_tsv(out / "series.tsv", text=True)
     return record, table.set_index("series_number")
 
 

@@ -8,8 +8,6 @@ for it (``mriaudit.series.classify``), head coverage, and later its verdict;
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import os
 import re
 from pathlib import Path
@@ -18,7 +16,7 @@ from typing import Any
 from mriaudit import series as series_class
 from mriaudit.dicom.geometry import _Geometry, orientation_label
 from mriaudit.dicom.scan import _Series, _text
-from mriaudit.records import temporary_sibling
+from mriaudit.tables import write_tsv
 
 #: Columns of the series table (``sub-<id>_series.tsv``), one row per series or NIfTI file.
 SERIES_COLUMNS: tuple[str, ...] = (
@@ -162,32 +160,8 @@ def _classified(row: dict[str, Any]) -> dict[str, Any]:
     return row
 
 
-def _cell(value: Any) -> str:
-    if value is None:
-        return ""
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return _text(value)
-
-
 def write_series_table(rows: list[dict[str, Any]], path: Path) -> None:
-    """Write the series table atomically: tab-separated, header line, one line per series.
-
-    Cells never hold tabs or newlines (header strings are cleaned), so every
-    row is one line; quotes are CSV-escaped.
-    """
-    fd, tmp = temporary_sibling(path)
-    try:
-        # backslashreplace: folder names that are not valid UTF-8 still write.
-        with os.fdopen(fd, "w", newline="", encoding="utf-8", errors="backslashreplace") as handle:
-            writer = csv.writer(handle, delimiter="\t", lineterminator="\n")
-            writer.writerow(SERIES_COLUMNS)
-            for row in rows:
-                writer.writerow([_cell(row.get(column)) for column in SERIES_COLUMNS])
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    """Write the series table (``SERIES_COLUMNS``, one row per series) in the project's
+    TSV dialect (``mriaudit.tables``); header strings lose control characters."""
+    cleaned = [{k: _text(v) if isinstance(v, str) else v for k, v in row.items()} for row in rows]
+    write_tsv(cleaned, path, columns=SERIES_COLUMNS, digits=6)
