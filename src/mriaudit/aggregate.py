@@ -53,6 +53,7 @@ import pandas as pd
 
 from mriaudit import audit, cohort, paths
 from mriaudit.records import FAILED, NO_SERIES, OK, STATUSES, write_json
+from mriaudit.tables import read_tsv, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,6 @@ _BASE_COLUMNS = (
     "fold",
     "scanner_group",
 )
-_LINE_BREAKS = re.compile(r"[\t\r\n]+")
 
 
 def flag_settings(flag: dict[str, Any] | None) -> dict[str, float]:
@@ -490,53 +490,9 @@ def _ordered_columns(frame: pd.DataFrame, *, with_labels: bool) -> list[str]:
     return columns
 
 
-def _cell(value: Any) -> str:
-    if value is None or value is pd.NA:
-        return ""
-    if isinstance(value, (bool, np.bool_)):
-        return "true" if value else "false"
-    if isinstance(value, (float, np.floating)):
-        return "" if not math.isfinite(value) else f"{value:.10g}"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    if isinstance(value, str):
-        return _LINE_BREAKS.sub(" ", value)
-    return _LINE_BREAKS.sub(" ", str(value))
-
-
-def write_tsv(frame: pd.DataFrame, path: Path) -> None:
-    """Tab-separated, NaN as empty, booleans as ``true``/``false``, no quoting.
-
-    Tabs and line breaks inside strings become spaces, so every line is one row
-    and the file splits on tabs without a CSV parser.
-    """
-    lines = ["\t".join(frame.columns)]
-    columns = [frame[c].tolist() for c in frame.columns]
-    lines += ["\t".join(_cell(v) for v in row) for row in zip(*columns, strict=True)]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    tmp.replace(path)
-
-
 def read_scores(path: Path) -> pd.DataFrame:
     """scores.tsv as written by ``aggregate_cohort``: text columns as str, booleans as bool."""
-    frame = pd.read_csv(
-        path,
-        sep="\t",
-        quoting=3,  # csv.QUOTE_NONE: the writer never quotes
-        keep_default_na=False,
-        na_values=[""],
-        dtype={c: str for c in _STRING_COLUMNS},
-        encoding="utf-8",
-    )
-    for column in _STRING_COLUMNS:
-        if column in frame:
-            frame[column] = frame[column].fillna("")
-    for column in _BOOL_COLUMNS:
-        if column in frame:
-            frame[column] = frame[column].astype(str).str.lower().eq("true")
-    return frame
+    return read_tsv(path, text_columns=_STRING_COLUMNS, bool_columns=_BOOL_COLUMNS)
 
 
 def write_stage_table(
@@ -588,7 +544,7 @@ def write_stage_table(
 
 def read_prescreen(stage_table: Path) -> dict[str, str]:
     """``{subject label: reason}`` of the rows of ``stages.tsv`` whose ``prescreen`` is set."""
-    frame = pd.read_csv(stage_table, sep="\t", dtype=str, keep_default_na=False)
+    frame = read_tsv(stage_table, text=True)
     if "prescreen" not in frame:
         return {}
     return {s: r for s, r in zip(frame["subject"], frame["prescreen"], strict=True) if r}

@@ -20,6 +20,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
 from mriaudit import cohort, demo, heads
+from mriaudit.demo import anatomy, generate, physics, writer
 
 SEED = 3
 VOXEL_MM = 3.0
@@ -203,16 +204,16 @@ def test_series_encoder_writes_what_dcmwrite_writes():
     scan = demo.render_subject(
         replace(plan, has_localizer=True, has_t2=True), voxel_size_mm=VOXEL_MM
     )
-    study = demo._study_tags(scan)
+    study = writer._study_tags(scan)
     for series in scan.series:
-        static = demo._series_dataset(scan, series, study)
-        frame = demo._frame_dataset(scan, series, len(series.frames) // 2)
+        static = writer._series_dataset(scan, series, study)
+        frame = writer._frame_dataset(scan, series, len(series.frames) // 2)
         full = copy.deepcopy(static)
         for element in frame:
             full[element.tag] = element
         expected = io.BytesIO()
         pydicom.dcmwrite(expected, full, enforce_file_format=True)
-        assert demo._SeriesEncoder(static).encode(frame) == expected.getvalue(), series.role
+        assert writer._SeriesEncoder(static).encode(frame) == expected.getvalue(), series.role
 
 
 # ------------------------------------------------------------------ broken inputs
@@ -384,7 +385,7 @@ def test_artefacts_put_signal_into_the_background(base_plan, normal_frames, kind
 
 def test_fold_aliases_everything_outside_the_kept_field_of_view():
     signal = np.arange(2 * 10 * 3, dtype=float).reshape(2, 10, 3)
-    folded, start = demo._fold(signal, 1, 0.6)
+    folded, start = physics._fold(signal, 1, 0.6)
     assert folded.shape == (2, 6, 3) and start == 2
     assert folded.sum() == signal.sum()
     # Row 0 of the new field holds original rows 2 and 8; row 5 holds rows 1 and 7.
@@ -459,7 +460,7 @@ def test_real_head_plan_puts_every_person_among_the_normals_and_every_kind_twice
 def test_a_real_head_renders_like_the_template_head(tmp_path):
     """A head volume on the template grid replaces the template head (person in the labels)."""
     plan = next(p for p in demo.plan_cohort(N_SUBJECTS, seed=SEED) if p.kind == "normal")
-    template_head = demo._head_volume()
+    template_head = anatomy._head_volume()
     shifted = np.roll(template_head, 6, axis=1) * 0.9  # another head on the same grid
     path = tmp_path / "head-X.nii.gz"
     nib.save(nib.Nifti1Image(shifted, np.eye(4)), path)
@@ -467,16 +468,18 @@ def test_a_real_head_renders_like_the_template_head(tmp_path):
     base = demo.render_subject(plan, voxel_size_mm=VOXEL_MM).t1()
     other = demo.render_subject(real, voxel_size_mm=VOXEL_MM).t1()
     assert base.frames.shape != other.frames.shape or not np.array_equal(base.frames, other.frames)
-    row = demo._label_row(demo.render_subject(real, voxel_size_mm=VOXEL_MM))
+    row = generate._label_row(demo.render_subject(real, voxel_size_mm=VOXEL_MM))
     assert row["person"] == "X"
-    assert demo._label_row(demo.render_subject(plan, voxel_size_mm=VOXEL_MM))["person"] == "MNI152"
+    assert (
+        generate._label_row(demo.render_subject(plan, voxel_size_mm=VOXEL_MM))["person"] == "MNI152"
+    )
 
 
 def test_flatten_removes_a_smooth_field_and_keeps_the_anatomy():
     """A prepared head carries anatomy only: a +-30 % field on the template head is
     taken out (one N4 pass leaves part of it, so ``flatten`` repeats), the tissue
     contrast stays."""
-    head = demo._head_volume()[::2, ::2, ::2].copy()  # 2 mm: a quick N4, same physics
+    head = anatomy._head_volume()[::2, ::2, ::2].copy()  # 2 mm: a quick N4, same physics
     inside = head > 0.05
     x = np.linspace(-1.0, 1.0, head.shape[0])[:, None, None]
     field = 1.0 + 0.3 * x * np.ones_like(head)

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from mriaudit import dicom, series
+from mriaudit import dicom, series, tables
 from mriaudit.records import FAILED, NO_SERIES, OK, StageError, write_json
 
 from .conftest import ORIENTATIONS, PHI_VALUES, series_normal
@@ -41,7 +41,7 @@ def run_inventory(subject: Path, out: Path, rules: dict | None = None) -> tuple[
         rules=RULES if rules is None else rules,
     )
     assert json.loads((out / "inventory.json").read_text()) == json.loads(json.dumps(record))
-    table = pd.read_csv(out / "series.tsv", sep="\t", dtype=str, keep_default_na=False)
+    table = tables.read_tsv(out / "series.tsv", text=True)
     assert list(table.columns) == list(dicom.SERIES_COLUMNS)
     return record, table
 

@@ -22,7 +22,8 @@ import pandas as pd
 import pydicom
 import pytest
 
-from mriaudit import demo, dicom, series, sources
+from mriaudit import dicom, series, sources, tables
+from mriaudit.demo import anatomy, physics
 from mriaudit.records import NO_SERIES, OK
 
 RULES = {"min_slices": 8}
@@ -169,7 +170,7 @@ def inventory(subject: Path, out: Path, rules: dict | None = None) -> tuple[dict
         record_path=out / "inventory.json",
         rules=RULES if rules is None else rules,
     )
-    table = pd.read_csv(out / "series.tsv", sep="\t", dtype=str, keep_default_na=False)
+    table = tables.read_tsv(out / "series.tsv", text=True)
     return record, table.set_index("series_number")
 
 
@@ -377,8 +378,8 @@ def test_a_nifti_cohort_audits_only_t1w_images(tmp_path, nifti_file, files, stat
 
 def _t1_and_t2_heads() -> tuple[np.ndarray, np.ndarray]:
     """The demo's template head (T1-weighted) and its T2-weighted rendering, 1 mm."""
-    head = demo._head_volume()
-    return head, np.interp(head, *demo._T2_LUT).astype(np.float32)
+    head = anatomy._head_volume()
+    return head, np.interp(head, *physics._T2_LUT).astype(np.float32)
 
 
 def test_the_image_itself_says_t1_or_t2():

@@ -19,7 +19,7 @@ import pydicom
 import pytest
 import yaml
 
-from mriaudit import cohort, paths
+from mriaudit import cohort, paths, tables
 
 from . import corpus
 from .conftest import ROOT, SNAKEMAKE, job_counts, snakemake
@@ -75,11 +75,8 @@ def test_messy_subject_audits_its_3d_t1_and_explains_the_rest(workflow_run):
     assert "mprage" in row["hdr_series_description"].lower()
     assert (row["hdr_n_series"], row["hdr_n_non_dicom"], row["hdr_n_unreadable"]) == (4, 3, 1)
     assert np.isfinite(row["anomaly_score"])
-    series = pd.read_csv(
-        paths.series_table(workflow_run.output_dir, "messy"),
-        sep="\t",
-        dtype=str,
-        keep_default_na=False,
+    series = tables.read_tsv(
+        paths.series_table(workflow_run.output_dir, "messy"), text=True
     ).set_index("description")
     assert series.loc[row["hdr_series_description"], "verdict"] == "selected"
     for description, reason in corpus.MESSY_REJECTIONS.items():

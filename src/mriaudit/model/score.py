@@ -31,7 +31,6 @@ import torch
 from scipy import ndimage
 
 from mriaudit import paths, records
-from mriaudit.aggregate import write_tsv
 from mriaudit.intensity import standardize_histogram
 from mriaudit.model.data import (
     BrainGrid,
@@ -44,6 +43,7 @@ from mriaudit.model.data import (
 from mriaudit.model.device import resolve_device
 from mriaudit.model.network import AtlasWarpNet, build_network
 from mriaudit.records import OK, StageError, make_record, run_stage
+from mriaudit.tables import read_tsv, write_tsv
 
 log = logging.getLogger(__name__)
 
@@ -535,7 +535,7 @@ def score_cohort(
     """
     out_dir = Path(out_dir)
     # Labels are strings as written ("001", "NA" included), never numbers or NaN.
-    stages = pd.read_csv(stage_table, sep="\t", dtype=str, keep_default_na=False)
+    stages = read_tsv(stage_table, text=True)
     labels = stages["subject"].tolist()
     workers = min(_score_workers(device, threads), max(1, len(labels)))
     torch_threads = max(1, threads) if workers == 1 else 1

@@ -36,6 +36,7 @@ from mriaudit.aggregate import (
 )
 from mriaudit.records import OK
 from mriaudit.report import figures, sites
+from mriaudit.tables import read_tsv
 
 log = logging.getLogger(__name__)
 
@@ -286,9 +287,7 @@ def build_report(
     """
     started = datetime.datetime.now(datetime.UTC)
     frame = read_scores(scores_tsv)
-    exclusions = pd.read_csv(
-        exclusions_tsv, sep="\t", quoting=3, dtype=str, keep_default_na=False, encoding="utf-8"
-    )
+    exclusions = read_tsv(exclusions_tsv, text=True)
     iqm_evidence = dict(
         zip(
             exclusions["subject"],
