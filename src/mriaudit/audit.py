@@ -28,6 +28,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from mriaudit.robust import MAD_TO_SD, MEAN_AD_TO_SD, location_scale
+
 #: Fewest subjects a robust statistic is computed over.
 MIN_COHORT = 5
 #: Fewest subjects of a scanner group whose own statistics are used (shrunk): a
@@ -36,9 +38,6 @@ MIN_GROUP = 8
 #: Groups smaller than this judge each member by the others (leave one out): in a
 #: group of ten, one anomaly would otherwise widen the statistics that judge it.
 LEAVE_ONE_OUT_BELOW = 30
-#: MAD and mean absolute deviation of a normal distribution, as multiples of its SD.
-MAD_TO_SD = 1.4826
-MEAN_AD_TO_SD = 1.2533
 #: Evidence of a family up to this many robust SD is what normal subjects show in some
 #: family or other; only the excess beyond it adds up across families.
 SLACK = 1.0
@@ -156,18 +155,6 @@ def scanner_groups(frame: pd.DataFrame) -> list[str]:
     return keys
 
 
-def location_scale(values: np.ndarray) -> tuple[float, float]:
-    """Median and MAD-based SD of ``values`` (n,), the project's one robust estimate:
-    ``1.4826 * MAD`` (an SD for normal data), or the mean absolute deviation scaled
-    to an SD when more than half the values tie (MAD 0). 0 for constant values."""
-    median = float(np.median(values))
-    deviation = np.abs(values - median)
-    scale = MAD_TO_SD * float(np.median(deviation))
-    if scale <= 0:
-        scale = MEAN_AD_TO_SD * float(np.mean(deviation))
-    return median, scale
-
-
 def _tail_spread(values: np.ndarray, median: float, direction: int) -> float:
     """Spread of the bad side (``direction`` -1: above the median is bad, +1: below):
     the distance from the median to the bad-side quartile, as an SD. A sample
@@ -177,7 +164,7 @@ def _tail_spread(values: np.ndarray, median: float, direction: int) -> float:
 
 
 def _leave_one_out(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per element of ``values`` (n,), the ``_location_scale`` of the others: (n,), (n,)."""
+    """Per element of ``values`` (n,), the ``location_scale`` of the others: (n,), (n,)."""
     n = values.size
     others = np.broadcast_to(values, (n, n))[~np.eye(n, dtype=bool)].reshape(n, n - 1)
     median = np.median(others, axis=1)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mriaudit import audit
+from mriaudit import audit, robust
 from mriaudit.aggregate.reasons import (
     _STATUS_PREFIX,
     AUDIT_REASON,
@@ -60,7 +60,7 @@ def flag_settings(flag: dict[str, Any] | None) -> dict[str, float]:
 def robust_z(values: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, float, float]:
     """Robust z of ``values`` (n,) against the entries selected by ``reference`` (n,) bool.
 
-    ``z = (x - median_ref) / scale`` with the scale of ``audit.location_scale``
+    ``z = (x - median_ref) / scale`` with the scale of ``robust.location_scale``
     (1.4826 * MAD, or the mean absolute deviation when more than half the
     reference values tie). Returns ``(z, median, scale)``; z is NaN everywhere
     when the reference has fewer than ``MIN_COHORT`` finite values or no
@@ -70,7 +70,7 @@ def robust_z(values: np.ndarray, reference: np.ndarray) -> tuple[np.ndarray, flo
     ref = x[np.asarray(reference, dtype=bool) & np.isfinite(x)]
     if ref.size < MIN_COHORT:
         return np.full(x.shape, np.nan), math.nan, math.nan
-    median, scale = audit.location_scale(ref)
+    median, scale = robust.location_scale(ref)
     if scale <= 0:
         return np.full(x.shape, np.nan), median, 0.0
     return (x - median) / scale, median, scale

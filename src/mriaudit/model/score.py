@@ -43,6 +43,7 @@ from mriaudit.model.data import (
 from mriaudit.model.device import resolve_device
 from mriaudit.model.network import AtlasWarpNet, build_network
 from mriaudit.records import OK, StageError, make_record, run_stage
+from mriaudit.robust import mad_sd
 from mriaudit.tables import read_tsv, write_tsv
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,7 @@ def calibration_stats(maps: Sequence[np.ndarray], mask: np.ndarray, *, floor: fl
     """
     stack = np.stack(maps, axis=0).astype(np.float32)
     median = np.median(stack, axis=0)
-    spread = 1.4826 * np.median(np.abs(stack - median[None]), axis=0)
+    spread = mad_sd(stack, axis=0)
     spread = ndimage.gaussian_filter(spread, (0, 1.5, 1.5, 1.5))
     median = ndimage.gaussian_filter(median, (0, 0.5, 0.5, 0.5))
     for term in range(spread.shape[0]):
@@ -244,7 +245,7 @@ def focal_and_diffuse(
         peak = float(values.max())
         if relative:
             centre = float(np.median(values))
-            spread = 1.4826 * float(np.median(np.abs(values - centre)))
+            spread = mad_sd(values)
             peak = (peak - centre) / max(spread, CONTRAST_FLOOR)
         focals.append(peak)
     return focals, float(anomaly[mask].mean())
@@ -263,7 +264,7 @@ def robust_scale(values: Sequence[float]) -> list[float]:
     at 10 % of the median so a handful of similar subjects cannot make it ~0."""
     values = np.asarray(values, dtype=float)
     median = float(np.median(values))
-    mad = 1.4826 * float(np.median(np.abs(values - median)))
+    mad = mad_sd(values)
     return [median, max(mad, 0.1 * abs(median), 1e-6)]
 
 
