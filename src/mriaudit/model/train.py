@@ -4,13 +4,9 @@ Usable reference subjects are split into K folds; model k trains on the other
 folds, so every reference subject is later scored by a model that never saw
 it. Each model (:mod:`mriaudit.model.network`) reconstructs a slice by warping
 its fold's atlas (the voxelwise median of its training subjects). Training
-inputs are augmented (intensity gamma and scale, small shifts against the atlas,
-fine noise) and corrupted (coarse noise blobs, elliptical patches of random
-intensity) while the target stays the clean slice, so the encoder learns to
-estimate anatomy while ignoring anomalies instead of bending the atlas towards
-them. The loss is an L1 inside the brain mask that ignores the worst ``trim``
-fraction of pixels of each batch (a cohort-wide reference may hold a few
-anomalous scans), plus a smoothness penalty on the displacement.
+inputs are augmented and corrupted (:mod:`mriaudit.model.augment`) while the
+target stays the clean slice; the loss (:mod:`mriaudit.model.objective`) is a
+trimmed L1 inside the brain mask plus a smoothness penalty on the displacement.
 
 After training, the out-of-fold maps of up to ``calibration_subjects`` per fold
 give each fold model a voxelwise median and spread built from subjects of the
@@ -24,16 +20,16 @@ import math
 import time
 import traceback
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import ndimage
 
 from mriaudit.intensity import histogram_landmarks, standardize_histogram
+from mriaudit.model.augment import augment_batch
 from mriaudit.model.data import (
     NORMALISATION,
     BrainGrid,
@@ -49,9 +45,10 @@ from mriaudit.model.data import (
     slice_inputs,
 )
 from mriaudit.model.device import resolve_device, seed_everything
-from mriaudit.model.network import DEFAULT_ARCHITECTURE, AtlasWarpNet, build_network
+from mriaudit.model.network import AtlasWarpNet, build_network
+from mriaudit.model.objective import displacement_smoothness, lr_factor, multiscale_l1
+from mriaudit.model.options import TrainOptions
 from mriaudit.model.score import (
-    DEFAULT_SCORING,
     calibrated_map,
     calibration_stats,
     focal_sigmas,
@@ -65,201 +62,8 @@ from mriaudit.records import FAILED, OK, write_json
 
 log = logging.getLogger(__name__)
 
+
 FORMAT_VERSION = 1
-
-
-@dataclass(frozen=True)
-class TrainOptions:
-    """Training settings beyond the config keys (stored in the checkpoint)."""
-
-    #: Random axial slices drawn per training subject and epoch (all when larger).
-    slices_per_subject: int = 32
-    #: Probability that a training slice gets coarse noise, and its standard
-    #: deviation (normalised intensity), drawn in [0, max].
-    noise_probability: float = 0.5
-    noise_std: float = 0.25
-    #: Coarse noise grid: the slice is divided by one of these factors, then upsampled.
-    noise_scales: tuple[int, ...] = (4, 8, 16)
-    #: Probability that a slice gets 1-2 elliptical patches of random uniform
-    #: intensity, and their radii in voxels: the network learns to repaint anatomy.
-    patch_probability: float = 0.5
-    patch_radius: tuple[float, float] = (2.0, 10.0)
-    #: Fine Gaussian noise added to the input, standard deviation drawn in [0, max].
-    fine_noise_std: float = 0.03
-    #: Intensity jitter: gamma in [1 - g, 1 + g] and scale in [1 - s, 1 + s].
-    gamma_jitter: float = 0.15
-    scale_jitter: float = 0.1
-    #: Integer shift of the subject slices against the atlas in x and y, voxels
-    #: (residual misregistration).
-    max_shift: int = 2
-    #: Weight of the displacement smoothness penalty (mean squared gradient, voxels/voxel).
-    smoothness: float = 0.1
-    #: Extra L1 terms on 2x and 4x downsampled slices: their wider basin lets the
-    #: displacement learn faster than full-resolution edges alone allow.
-    coarse_loss: float = 1.0
-    #: Fraction of the highest-loss brain pixels of each batch left out of the loss.
-    trim: float = 0.01
-    #: Linear warm-up, as a fraction of all steps, before the cosine decay.
-    warmup: float = 0.1
-    #: Times the atlas is rebuilt during training from the training subjects
-    #: brought into atlas space by the current model (sharper than a plain median).
-    atlas_updates: int = 1
-    #: Reference subjects per fold whose out-of-fold maps calibrate the others.
-    calibration_subjects: int = 32
-    architecture: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_ARCHITECTURE))
-    scoring: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_SCORING))
-
-
-def _uniform(rng: np.random.Generator, low: float, high: float, n: int) -> torch.Tensor:
-    """(n, 1, 1, 1) float32 draws from NumPy's generator (the one source of randomness)."""
-    return torch.from_numpy(rng.uniform(low, high, (n, 1, 1, 1)).astype(np.float32))
-
-
-def _coarse_noise(
-    n: int, size: tuple[int, int], *, rng: np.random.Generator, options: TrainOptions
-) -> torch.Tensor:
-    """Smooth noise (n, 1, X, Y): Gaussian on a coarse grid, bilinearly upsampled."""
-    noise = torch.zeros((n, 1, *size))
-    chosen = rng.random(n) < options.noise_probability
-    factors = rng.choice(options.noise_scales, n)
-    std = _uniform(rng, 0.0, options.noise_std, n)
-    for factor in options.noise_scales:
-        picked = torch.from_numpy(np.flatnonzero(chosen & (factors == factor)))
-        if picked.numel() == 0:
-            continue
-        coarse = rng.standard_normal(
-            (picked.numel(), 1, max(1, size[0] // factor), max(1, size[1] // factor))
-        ).astype(np.float32)
-        upsampled = F.interpolate(
-            torch.from_numpy(coarse), size=size, mode="bilinear", align_corners=False
-        )
-        noise[picked] = upsampled * std[picked]
-    return noise
-
-
-def _patches(
-    n: int, size: tuple[int, int], *, rng: np.random.Generator, options: TrainOptions
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Soft elliptical patches: weights (n, 1, X, Y) in [0, 1] and fill values (n, 1, X, Y).
-
-    A chosen slice gets one or two ellipses (radii in ``options.patch_radius``
-    voxels, random angle) filled with one random intensity in [0, 1.3] plus
-    a little texture.
-    """
-    k = 2
-    shape = (n, k, 1, 1)
-    active = (rng.random(n) < options.patch_probability)[:, None] & (
-        np.arange(k)[None, :] < rng.integers(1, k + 1, n)[:, None]
-    )
-    centre_x = torch.from_numpy(rng.uniform(0.15, 0.85, shape).astype(np.float32)) * size[0]
-    centre_y = torch.from_numpy(rng.uniform(0.15, 0.85, shape).astype(np.float32)) * size[1]
-    radius = torch.from_numpy(
-        rng.uniform(*options.patch_radius, (n, k, 2, 1, 1)).astype(np.float32)
-    )
-    angle = torch.from_numpy(rng.uniform(0, np.pi, shape).astype(np.float32))
-    value = torch.from_numpy(rng.uniform(0.0, 1.3, shape).astype(np.float32))
-    texture = torch.from_numpy(0.05 * rng.standard_normal((n, 1, *size)).astype(np.float32))
-    x = torch.arange(size[0], dtype=torch.float32)[:, None] - centre_x
-    y = torch.arange(size[1], dtype=torch.float32)[None, :] - centre_y
-    u = x * torch.cos(angle) + y * torch.sin(angle)
-    v = -x * torch.sin(angle) + y * torch.cos(angle)
-    distance = torch.sqrt((u / radius[:, :, 0]) ** 2 + (v / radius[:, :, 1]) ** 2)
-    edge = torch.minimum(radius[:, :, 0], radius[:, :, 1])
-    weights = ((1.0 - distance) * edge + 0.5).clamp(0.0, 1.0)
-    weights = weights * torch.from_numpy(active.astype(np.float32))[:, :, None, None]
-    weight, which = weights.max(dim=1, keepdim=True)
-    fill = torch.gather(value.expand(-1, -1, *size), 1, which) + texture
-    return weight, fill
-
-
-def _augment(
-    batch: np.ndarray,
-    masks: np.ndarray,
-    *,
-    context: int,
-    rng: np.random.Generator,
-    options: TrainOptions,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Corrupted inputs, clean targets and loss masks for a batch of subject slices.
-
-    ``batch`` is (N, 2 * context + 1, X, Y) from :func:`slice_inputs` and
-    ``masks`` (N, X, Y) the brain mask of each centre slice. Returns float32
-    CPU tensors: inputs of the same shape, targets (N, 1, X, Y) and loss masks
-    (N, 1, X, Y). All randomness comes from ``rng``.
-    """
-    n, _, size_x, size_y = batch.shape
-    mask = torch.from_numpy(masks[:, None].astype(np.float32))
-    gamma = _uniform(rng, 1 - options.gamma_jitter, 1 + options.gamma_jitter, n)
-    scale = _uniform(rng, 1 - options.scale_jitter, 1 + options.scale_jitter, n)
-    image = torch.from_numpy(batch).clamp_min(0.0).pow(gamma) * scale
-    if options.max_shift > 0:
-        shifts = rng.integers(-options.max_shift, options.max_shift + 1, (n, 2))
-        for i, (dx, dy) in enumerate(shifts.tolist()):
-            if dx or dy:
-                image[i] = torch.roll(image[i], (dx, dy), dims=(1, 2))
-                mask[i] = torch.roll(mask[i], (dx, dy), dims=(1, 2))
-    target = image[:, context : context + 1].clone()
-    # Corruptions are shared by the neighbouring slices: anomalies are 3D.
-    size = (size_x, size_y)
-    noise = _coarse_noise(n, size, rng=rng, options=options)
-    weight, fill = _patches(n, size, rng=rng, options=options)
-    # Bulk Gaussian noise from torch (faster), seeded from the NumPy generator.
-    generator = torch.Generator().manual_seed(int(rng.integers(2**62)))
-    fine = torch.randn(image.shape, generator=generator)
-    fine = fine * _uniform(rng, 0.0, options.fine_noise_std, n)
-    corrupted = (image + noise) * (1.0 - weight) + fill * weight + fine
-    inputs = torch.where(image > 0, corrupted.clamp(0.0, 1.5), torch.zeros(()))
-    return inputs, target, mask
-
-
-def _smoothness(flow: torch.Tensor) -> torch.Tensor:
-    """Mean squared spatial gradient of a displacement field (N, 3, X, Y)."""
-    dx = flow[:, :, 1:, :] - flow[:, :, :-1, :]
-    dy = flow[:, :, :, 1:] - flow[:, :, :, :-1]
-    return dx.pow(2).mean() + dy.pow(2).mean()
-
-
-def _trimmed_l1(
-    output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, trim: float
-) -> torch.Tensor:
-    """Mean absolute error where ``mask`` (0/1) is set, without the ``trim`` fraction
-    of largest errors (pixels that the reference's few anomalies make unlearnable)."""
-    errors = (output - target).abs()
-    weight = mask
-    if trim > 0:
-        # The cut-off from a strided subsample of the masked pixels: sorting
-        # every pixel would cost more than the training step.
-        flat_errors = errors.detach().flatten()
-        stride = max(1, flat_errors.numel() // 40000)
-        sample = flat_errors[::stride][mask.flatten()[::stride] > 0.5]
-        if sample.numel() > 0:
-            cutoff = torch.quantile(sample, 1.0 - trim)
-            weight = mask * (errors.detach() <= cutoff)
-    return (errors * weight).sum() / weight.sum().clamp_min(1.0)
-
-
-def _multiscale_l1(
-    output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, *, trim: float, coarse: float
-) -> torch.Tensor:
-    """Trimmed L1 at full resolution plus ``coarse`` times the mean of the L1 at 1/2 and 1/4."""
-    loss = _trimmed_l1(output, target, mask, trim)
-    if coarse > 0:
-        extra = []
-        for _ in range(2):
-            output, target = F.avg_pool2d(output, 2), F.avg_pool2d(target, 2)
-            # Only blocks entirely inside the brain.
-            mask = (F.avg_pool2d(mask, 2) > 0.99).float()
-            extra.append(_trimmed_l1(output, target, mask, trim))
-        loss = loss + coarse * (extra[0] + extra[1]) / 2
-    return loss
-
-
-def _lr_factor(step: int, total: int, warmup: float) -> float:
-    warm = max(1, int(total * warmup))
-    if step < warm:
-        return (step + 1) / warm
-    progress = (step - warm) / max(1, total - warm)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
 def train_fold(
@@ -315,22 +119,22 @@ def train_fold(
             batch = np.concatenate(
                 [slice_inputs(volumes[s], np.array([z]), context=context) for s, z in chunk]
             )
-            inputs, target, mask = _augment(
+            inputs, target, mask = augment_batch(
                 batch, slice_masks[chunk[:, 1]], context=context, rng=rng, options=options
             )
             for group in optimiser.param_groups:
-                group["lr"] = learning_rate * _lr_factor(step, total, options.warmup)
+                group["lr"] = learning_rate * lr_factor(step, total, options.warmup)
             output, flow = model(
                 inputs.to(device), torch.from_numpy(chunk[:, 1]).to(device), with_flow=True
             )
-            loss = _multiscale_l1(
+            loss = multiscale_l1(
                 output,
                 target.to(device),
                 mask.to(device),
                 trim=options.trim,
                 coarse=options.coarse_loss,
             )
-            loss = loss + options.smoothness * _smoothness(flow)
+            loss = loss + options.smoothness * displacement_smoothness(flow)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
