@@ -14,6 +14,7 @@ the DAG: they are never merged.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,8 +66,9 @@ def list_subjects(input_dir: str | Path) -> list[Subject]:
     """Subjects of ``input_dir``, sorted by folder or archive name.
 
     Hidden entries (``.git``, ``.DS_Store``) are skipped; in a BIDS root only
-    ``sub-*`` folders count (archives only in a plain ``input_dir``). Raises ``FileNotFoundError`` with the path when
-    ``input_dir`` is not a folder, since that is a configuration error.
+    ``sub-*`` folders count (archives only in a plain ``input_dir``). Raises
+    ``FileNotFoundError`` with the path when ``input_dir`` is not a folder,
+    since that is a configuration error.
     """
     root = Path(input_dir)
     if not root.is_dir():
@@ -83,6 +85,7 @@ def list_subjects(input_dir: str | Path) -> list[Subject]:
         )
     )
     stems = [sources.archive_stem(entry) for entry in entries]
+    stem_counts = Counter(stems)
     by_label: dict[str, list[str]] = {}
     for entry, stem in zip(entries, stems, strict=True):
         by_label.setdefault(bids_label(stem), []).append(entry)
@@ -97,7 +100,7 @@ def list_subjects(input_dir: str | Path) -> list[Subject]:
         else:
             problem = ""
         # A folder and an archive of one stem keep their entry names, so rows stay distinct.
-        name = stem if stems.count(stem) == 1 else entry
+        name = stem if stem_counts[stem] == 1 else entry
         source = entry if entry != name else ""
         subjects.append(Subject(folder=name, label=label, problem=problem, source=source))
     return subjects
