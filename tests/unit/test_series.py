@@ -520,6 +520,14 @@ def test_an_archived_subject_folder_is_read_like_the_folder(tmp_path, dicom_seri
     np.testing.assert_array_equal(images["packed"].get_fdata(), images["plain"].get_fdata())
 
 
+def test_a_subject_that_is_a_damaged_archive_says_so(tmp_path):
+    subject = tmp_path / "sub-9.zip"
+    subject.write_bytes(b"PK\x03\x04 not really a zip")
+    record, _ = inventory(subject, tmp_path / "o")
+    assert record["status"] == NO_SERIES
+    assert record["reason"] == "no readable files: archive sub-9.zip could not be read (BadZipFile)"
+
+
 def test_a_damaged_archive_or_compressed_file_is_reported_not_fatal(tmp_path, dicom_series):
     subject = tmp_path / "s"
     dicom_series(subject / "t1", shape=SHAPE)

@@ -82,7 +82,10 @@ METRIC_KEYS: tuple[str, ...] = (
 def _no_series_reason(scan: _Scan, rows: list[dict[str, Any]]) -> str:
     """A short, human-readable reason why a subject has no usable T1 series."""
     if scan.n_files == 0:
-        return "folder is empty"
+        # An archive that cannot be opened is not an empty folder: say what failed.
+        return (
+            f"no readable files: {'; '.join(scan.problems)}" if scan.problems else "folder is empty"
+        )
     if not rows:
         parts = []
         if scan.non_dicom:
