@@ -1,4 +1,4 @@
-# mriaudit: audit a cohort of MRI scans. Contract: DESIGN.md; config keys: schemas/config.schema.yaml.
+# mriaudit: audit a cohort of MRI scans. Contract: DESIGN.md; config keys: src/mriaudit/schemas/config.schema.yaml.
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -7,7 +7,10 @@ min_version("9.0")
 configfile: "config.yaml"
 
 
-validate(config, "schemas/config.schema.yaml", set_default=True)
+report: "rules/report/workflow.rst"
+
+
+validate(config, "src/mriaudit/schemas/config.schema.yaml", set_default=True)
 
 
 include: "rules/common.smk"

@@ -11,7 +11,7 @@ rule collect:
     benchmark:
         str(paths.benchmark(OUT, "collect"))
     params:
-        output_dir=output_root,
+        output_dir=output_dir,
         subjects=SUBJECTS,
         flag=config["flag"],
     threads: 1
@@ -30,8 +30,14 @@ rule aggregate:
         model_scores=str(paths.model_scores(OUT)),
         labels=labels_input,
     output:
-        scores=str(paths.scores_table(OUT)),
-        exclusions=str(paths.exclusions_table(OUT)),
+        scores=report(
+            str(paths.scores_table(OUT)), caption="report/scores.rst", category="Cohort tables"
+        ),
+        exclusions=report(
+            str(paths.exclusions_table(OUT)),
+            caption="report/exclusions.rst",
+            category="Cohort tables",
+        ),
         subjects=str(paths.cohort_table(OUT)),
         subject_scores=each_subject(paths.subject_scores),
     log:
@@ -40,7 +46,7 @@ rule aggregate:
         str(paths.benchmark(OUT, "aggregate"))
     params:
         input_dir=config["input_dir"],
-        output_dir=output_root,
+        output_dir=output_dir,
         labels=LABELS,
         flag=config["flag"],
     threads: 1
@@ -59,14 +65,14 @@ rule evaluate:
         labels=labels_input,
         model_scores=str(paths.model_scores(OUT)),
     output:
-        metrics=str(paths.metrics(OUT)),
+        metrics=report(str(paths.metrics(OUT)), caption="report/metrics.rst", category="Detection"),
     log:
         str(paths.log(OUT, "evaluate")),
     benchmark:
         str(paths.benchmark(OUT, "evaluate"))
     params:
         flag=config["flag"],
-        output_dir=output_root,
+        output_dir=output_dir,
     threads: 1
     resources:
         mem_mb=mem_per_attempt(2000),
@@ -85,14 +91,17 @@ rule report:
         model_scores=str(paths.model_scores(OUT)),
     output:
         html=report(
-            str(paths.report(OUT)), category="Cohort audit", labels={"figure": "audit report"}
+            str(paths.report(OUT)),
+            caption="report/audit_report.rst",
+            category="Cohort audit",
+            labels={"figure": "audit report"},
         ),
     log:
         str(paths.log(OUT, "report")),
     benchmark:
         str(paths.benchmark(OUT, "report"))
     params:
-        output_dir=output_root,
+        output_dir=output_dir,
         config=config,
     threads: 1
     resources:

@@ -14,8 +14,8 @@ series.resolve_rules(config["series"])
 # A missing input_dir leaves the cohort empty here (lint and --help still work)
 # and fails with a message naming the key as soon as targets are needed.
 COHORT = cohort.list_subjects(INPUT_DIR) if INPUT_DIR.is_dir() else []
-SUBJECTS = cohort.processed_labels(COHORT)
-FOLDERS = {s.label: s.entry for s in COHORT if s.processed}
+SUBJECTS = cohort.processed_ids(COHORT)
+FOLDERS = {s.bids_id: s.entry for s in COHORT if s.processed}
 # Labels that name no subject folder are a configuration error too.
 if LABELS and COHORT:
     try:
@@ -25,12 +25,12 @@ if LABELS and COHORT:
 
 
 wildcard_constraints:
-    subject="[A-Za-z0-9]+",
+    bids_id="[A-Za-z0-9]+",
 
 
 def each_subject(path_function, *args):
-    """The path ``path_function(OUT, label, *args)`` of every processed subject."""
-    return [str(path_function(OUT, label, *args)) for label in SUBJECTS]
+    """The path ``path_function(OUT, bids_id, *args)`` of every processed subject."""
+    return [str(path_function(OUT, bids_id, *args)) for bids_id in SUBJECTS]
 
 
 def cohort_outputs():
@@ -50,7 +50,7 @@ def all_targets(wildcards):
 
 
 def subject_folder(wildcards):
-    return str(INPUT_DIR / FOLDERS[wildcards.subject])
+    return str(INPUT_DIR / FOLDERS[wildcards.bids_id])
 
 
 def labels_input(wildcards):
@@ -69,7 +69,7 @@ def fold_groups(wildcards):
     return cohort.read_fold_groups(config["training"]["fold_groups"], subjects=COHORT)
 
 
-def reference_labels(wildcards):
+def reference_ids(wildcards):
     return cohort.resolve_reference(config["reference"], subjects=COHORT, labels_path=LABELS)
 
 
@@ -96,6 +96,7 @@ def model_gpus(wildcards):
     return 0 if config["device"] == "cpu" else 1
 
 
-def output_root(wildcards, output):
-    """output_dir, derived from the rule's first output (``OUT/<folder>/<file>``), so it follows the files (lint-clean)."""
-    return str(Path(output[0]).parent.parent)
+def output_dir(wildcards):
+    """config output_dir, where a script writes what is not a Snakemake output (images beside
+    the records, a subject's JSON). A function: lint reads a plain path prefix as hard-coded."""
+    return OUT

@@ -14,7 +14,7 @@ if TRAIN_MODEL:
         params:
             images=each_subject(paths.preproc),
             subjects=SUBJECTS,
-            reference=reference_labels,
+            reference=reference_ids,
             fold_groups=fold_groups,
             training=config["training"],
             device=config["device"],
@@ -47,7 +47,7 @@ rule score:
     benchmark:
         str(paths.benchmark(OUT, "score"))
     params:
-        output_dir=output_root,
+        output_dir=output_dir,
         device=config["device"],
     threads: 8
     resources:

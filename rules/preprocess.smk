@@ -10,18 +10,18 @@ rule preprocess:
     input:
         folder=subject_folder,
     output:
-        inventory=str(paths.record(OUT, "{subject}", "inventory")),
-        series=str(paths.series_table(OUT, "{subject}")),
-        convert=str(paths.record(OUT, "{subject}", "convert")),
-        n4=str(paths.record(OUT, "{subject}", "n4")),
-        register=str(paths.record(OUT, "{subject}", "register")),
-        iqm=str(paths.record(OUT, "{subject}", "iqm")),
+        inventory=str(paths.record(OUT, "{bids_id}", "inventory")),
+        series=str(paths.series_table(OUT, "{bids_id}")),
+        convert=str(paths.record(OUT, "{bids_id}", "convert")),
+        n4=str(paths.record(OUT, "{bids_id}", "n4")),
+        register=str(paths.record(OUT, "{bids_id}", "register")),
+        iqm=str(paths.record(OUT, "{bids_id}", "iqm")),
     log:
-        str(paths.log(OUT, "preprocess", "{subject}")),
+        str(paths.log(OUT, "preprocess", "{bids_id}")),
     benchmark:
-        str(paths.benchmark(OUT, "preprocess", "{subject}"))
+        str(paths.benchmark(OUT, "preprocess", "{bids_id}"))
     params:
-        output_dir=output_root,
+        output_dir=output_dir,
         rules=config["series"],
         resolution=config["template_resolution"],
     threads: 1

@@ -9,7 +9,7 @@ setup_logging(snakemake.log[0])
 preprocess_subject(
     Path(snakemake.input.folder),
     out_dir=Path(snakemake.params.output_dir),
-    label=snakemake.wildcards.subject,
+    bids_id=snakemake.wildcards.bids_id,
     rules=dict(snakemake.params.rules),
     resolution=snakemake.params.resolution,
     threads=snakemake.threads,

@@ -36,10 +36,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
-import numpy as np
-
 from mriaudit import paths, records
+from mriaudit.demo.records import synthetic_cohort
 
 #: The per-subject stages, by the name of their status record, in the order they run.
 SUBJECT_STAGES = (*paths.PREPROCESS_STAGES, "score")
@@ -62,18 +60,18 @@ def _copies() -> list[str]:
 
 
 def _score_cohort_inputs(work: Path) -> Path:
-    """The bench subject's registered image and record under ``SCORE_COPIES`` labels."""
+    """The bench subject's registered image and record under ``SCORE_COPIES`` ids."""
     out = _work_paths(work)["out"]
-    labels = _copies()
-    for label in labels:
+    bids_ids = _copies()
+    for bids_id in bids_ids:
         for source, target in [
-            (paths.preproc(out, SUBJECT), paths.preproc(out, label)),
-            (paths.record(out, SUBJECT, "register"), paths.record(out, label, "register")),
+            (paths.preproc(out, SUBJECT), paths.preproc(out, bids_id)),
+            (paths.record(out, SUBJECT, "register"), paths.record(out, bids_id, "register")),
         ]:
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
     table = work / "stages.tsv"
-    table.write_text("subject\n" + "\n".join(labels) + "\n")
+    table.write_text("bids_id\n" + "\n".join(bids_ids) + "\n")
     return table
 
 
@@ -89,7 +87,7 @@ def run_stage(stage: str, work: Path, *, threads: int) -> dict[str, Any]:
         from mriaudit.subject import preprocess_subject
 
         return preprocess_subject(
-            where["folder"], out_dir=out, label=SUBJECT, rules={}, threads=threads
+            where["folder"], out_dir=out, bids_id=SUBJECT, rules={}, threads=threads
         )
     if stage == "train_model":
         from mriaudit.model import train
@@ -212,9 +210,9 @@ def inventory_ms_per_file(work: Path, *, runs: int) -> float:
     return round(1000.0 * best / max(n_files, 1), 3)
 
 
-def _stage_figures(out: Path, label: str, stage: str) -> dict[str, float]:
+def _stage_figures(out: Path, bids_id: str, stage: str) -> dict[str, float]:
     """Wall s, CPU s and peak RSS (MB) of one stage, from its status record."""
-    record = records.read_record(paths.record(out, label, stage))
+    record = records.read_record(paths.record(out, bids_id, stage))
     if record["status"] != records.OK:
         print(f"warning: {stage} of the bench subject: {record['status']} ({record['reason']})")
     return {
@@ -245,7 +243,7 @@ def per_subject(work: Path, *, runs: int, threads: int, shared_data: Path | None
     _score_cohort_inputs(work)
     for _ in range(runs):
         jobs["score"].append(measure("score", work, threads=1))
-        copies = [_stage_figures(out, label, "score") for label in _copies()]
+        copies = [_stage_figures(out, bids_id, "score") for bids_id in _copies()]
         stage_runs["score"].append(_median(copies))
     stages = {stage: _median(figures) for stage, figures in stage_runs.items()}
     job_figures = {name: _median(figures) for name, figures in jobs.items()}
@@ -266,82 +264,6 @@ def per_subject(work: Path, *, runs: int, threads: int, shared_data: Path | None
 
 
 # ------------------------------------------------------------------------------ scale
-
-
-def synthetic_cohort(root: Path, n: int, *, seed: int = 0) -> dict[str, Path]:
-    """``n`` subjects' stage records as the workflow writes them (6 % anomalous, 2 % failed).
-
-    Every IQM column is present (the table has its real width); subjects that
-    are not failed link one shared registered image and anomaly map (an 8 mm
-    ball), so the report can draw montages. Returns ``input``, ``out``, ``labels``.
-    """
-    from mriaudit import aggregate, template
-
-    rng = np.random.default_rng(seed)
-    grid = template.load_template(resolution=2)
-    iqm_names = [f"iqm_{name}" for name in aggregate.iqm_tables()[0] if name != "inu_range"]
-    input_dir, out = root / "input", root / "out"
-    image, anomaly = root / "image.nii.gz", root / "map.nii.gz"
-    root.mkdir(parents=True, exist_ok=True)
-    nib.save(grid, image)
-    centre_mm = np.array([20.0, -10.0, 10.0])
-    ijk = np.indices(grid.shape).reshape(3, -1).T
-    world = nib.affines.apply_affine(grid.affine, ijk).reshape(*grid.shape, 3)
-    ball = np.linalg.norm(world - centre_mm, axis=-1) < 8.0
-    nib.save(nib.Nifti1Image((0.1 + 5.0 * ball).astype(np.float32), grid.affine), anomaly)
-    lines = ["subject\tlabel"]
-    for i in range(n):
-        label = f"{i:05d}"
-        (input_dir / f"sub-{label}").mkdir(parents=True)
-        anomalous, failed = rng.random() < 0.06, rng.random() < 0.02
-        lines.append(f"sub-{label}\t{int(anomalous)}")
-        header = {
-            "hdr_manufacturer": "SIEMENS" if i % 3 else "GE MEDICAL SYSTEMS",
-            "hdr_field_strength": 3.0,
-            "hdr_tr": 2300.0 if i % 3 else 7.3,
-            "hdr_te": 2.98 if i % 3 else 3.0,
-            "hdr_voxel_x": 1.0,
-            "hdr_voxel_y": 1.0,
-            "hdr_voxel_z": 1.0,
-        }
-        iqms = dict(zip(iqm_names, rng.normal(10, 1, len(iqm_names)), strict=True))
-        iqms["iqm_snr_wm"] = rng.normal(10, 1) - 6 * anomalous * rng.random()
-        stage_records = {
-            "inventory": records.make_record("inventory", metrics=header),
-            "convert": records.make_record("convert", metrics={"conv_n_warnings": 0}),
-            "n4": records.make_record("n4", metrics={"iqm_inu_range": rng.normal(0.3, 0.03)}),
-            "register": records.make_record("register", metrics={"reg_similarity": 0.8}),
-            "iqm": records.make_record("iqm", metrics=iqms),
-            "score": records.make_record(
-                "score",
-                metrics={"anomaly_raw": rng.normal(1.0, 0.1) + anomalous * rng.uniform(0.2, 1.0)},
-                fold=i % 3,
-                in_reference=True,
-                top_regions=[{"centroid_mm": centre_mm.tolist(), "volume_ml": 1.0, "peak": 3.0}],
-            ),
-        }
-        if failed:
-            reason = "dcm2niix: no image"
-            stage_records["convert"] = records.make_record(
-                "convert", status="failed", reason=reason
-            )
-            for stage in ("n4", "register", "iqm", "score"):
-                stage_records[stage] = records.make_record(
-                    stage, status="failed", reason=reason, skipped=True
-                )
-        for stage, record in stage_records.items():
-            path = paths.record(out, label, stage)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            # Compact JSON: the same content as records.write_json, much faster to make.
-            path.write_text(json.dumps(record))
-        preproc, amap = paths.preproc(out, label), paths.anomaly_map(out, label)
-        preproc.parent.mkdir(parents=True, exist_ok=True)
-        if not failed:
-            preproc.symlink_to(image)
-            amap.symlink_to(anomaly)
-    labels = root / "labels.tsv"
-    labels.write_text("\n".join(lines) + "\n")
-    return {"input": input_dir, "out": out, "labels": labels}
 
 
 def _aggregate_and_report(work: Path) -> dict[str, Any]:

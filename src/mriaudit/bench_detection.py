@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from mriaudit import demo, heads
+from mriaudit import cohort, demo, heads
 from mriaudit.aggregate import read_scores
 from mriaudit.evaluate import rank_auroc, step_average_precision
 
@@ -80,8 +80,8 @@ def build_cohort(
         demo.write_cohort(plans, input_dir, voxel_size_mm=voxel_size_mm, labels_path=labels)
         stamp.write_text(json.dumps(recipe))
     groups = work / "person_groups.tsv"
-    table = pd.read_csv(labels, sep="\t", dtype={"subject": str, "person": str})
-    table.rename(columns={"person": "group"})[["subject", "group"]].to_csv(
+    table = cohort.read_labels_table(labels)
+    table.rename(columns={"person": "group"})[["folder", "group"]].to_csv(
         groups, sep="\t", index=False
     )
     return input_dir, labels, groups
@@ -139,8 +139,8 @@ def detection_figures(scores_tsv: Path, labels_tsv: Path) -> dict[str, Any]:
     Each kind is measured against all normals; ``overall`` against all anomalies.
     """
     frame = read_scores(scores_tsv)
-    labels = pd.read_csv(labels_tsv, sep="\t", dtype={"subject": str})
-    frame = frame.merge(labels[["subject", "kind", "person"]], on="subject", how="inner")
+    labels = cohort.read_labels_table(labels_tsv)
+    frame = frame.merge(labels[["folder", "kind", "person"]], on="folder", how="inner")
     normal = frame["kind"].to_numpy(dtype=str) == "normal"
     flagged = frame["flagged"].to_numpy(dtype=bool)
     ranking = {column: _ranking_score(frame, column) for column in SCORE_COLUMNS}
@@ -149,7 +149,7 @@ def detection_figures(scores_tsv: Path, labels_tsv: Path) -> dict[str, Any]:
         "n_normal": int(normal.sum()),
         "n_anomalous": int((~normal).sum()),
         "fpr": round(float(flagged[normal].mean()), 4) if normal.any() else None,
-        "false_flags": sorted(frame.loc[normal & flagged, "subject"].tolist()),
+        "false_flags": sorted(frame.loc[normal & flagged, "folder"].tolist()),
         "kinds": {},
     }
     for kind in ["overall", *kinds]:
@@ -160,7 +160,7 @@ def detection_figures(scores_tsv: Path, labels_tsv: Path) -> dict[str, Any]:
         for column, score in ranking.items():
             entry[column] = _scores_for(truth, score[keep])
         entry["tpr"] = round(float(flagged[members].mean()), 4) if members.any() else None
-        entry["missed"] = sorted(frame.loc[members & ~flagged, "subject"].tolist())
+        entry["missed"] = sorted(frame.loc[members & ~flagged, "folder"].tolist())
         figures["kinds"][kind] = entry
     return figures
 

@@ -24,11 +24,11 @@ from pathlib import Path
 
 import yaml
 
-#: The project folder: the Snakefile, config.yaml, profiles/ and schemas/ (an editable
-#: install, as ``make venv`` makes, keeps the package inside it).
+#: The project folder: the Snakefile, config.yaml and profiles/ (an editable install, as
+#: ``make venv`` makes, keeps the package inside it).
 PROJECT = Path(__file__).resolve().parents[2]
 SNAKEFILE = PROJECT / "Snakefile"
-SCHEMA = PROJECT / "schemas" / "config.schema.yaml"
+SCHEMA = Path(__file__).resolve().parent / "schemas" / "config.schema.yaml"
 LEVELS = ("participant", "group")
 #: The rule a participant-level run stops after.
 PARTICIPANT_RULE = "preprocess"
@@ -105,7 +105,7 @@ def parser() -> argparse.ArgumentParser:
         help="participant: each subject up to its quality metrics; group (default): the whole audit",
     )
     result.add_argument(
-        "--labels", type=Path, help="TSV subject, label (1 = should be excluded): ROC/PR curves"
+        "--labels", type=Path, help="TSV folder, truth (1 = should be excluded): ROC/PR curves"
     )
     result.add_argument(
         "--cores", help="CPU cores (default: all; with a profile, the profile's own setting)"

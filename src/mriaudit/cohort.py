@@ -1,14 +1,17 @@
-"""The cohort: which subjects ``input_dir`` holds, and their BIDS labels.
+"""The cohort: which subjects ``input_dir`` holds, their BIDS ids, and the user's tables.
 
 Subjects are the first-level folders of ``input_dir`` (or its ``sub-*`` folders
 when it is a BIDS root, recognised by ``dataset_description.json``), and the
 first-level archive files of a plain ``input_dir`` (``sub-07.zip``, ``.tar``,
 ``.tar.gz``/``.tgz``, ...: one subject's export packed as one file). A subject's
-name is its folder's name, or its archive's without the suffix; the label is
-the name without a leading ``sub-`` and with every character outside
-``[A-Za-z0-9]`` removed. Subjects whose labels collide, or are empty, are kept
-in the listing with a problem so the report can name them, but get no label in
-the DAG: they are never merged.
+``folder`` is its folder's name, or its archive's without the suffix; its
+``bids_id`` is that name without a leading ``sub-`` and with every character
+outside ``[A-Za-z0-9]`` removed (outputs are ``sub-<bids_id>``). Subjects whose
+ids collide, or are empty, are kept in the listing with a problem so the report
+can name them, but get no id in the DAG: they are never merged.
+
+The user's tables (labels file, fold groups, reference list) are read with
+``tables.read_user_tsv`` against their schemas.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mriaudit import sources
+from mriaudit import sources, tables
 
 _NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
 
@@ -31,14 +34,14 @@ class Subject:
     """One first-level folder (or archive file) of ``input_dir``.
 
     ``folder`` is the subject's name in the labels file and every table (an
-    archive's name without its suffix); ``label`` is the BIDS label used in
-    output names; ``problem`` is empty for subjects that are processed, else the
+    archive's name without its suffix); ``bids_id`` names its outputs
+    (``sub-<bids_id>``); ``problem`` is empty for subjects that are processed, else the
     reason they are not; ``source`` is the entry of ``input_dir`` read (the folder,
     or the archive file), when it differs from ``folder``.
     """
 
     folder: str
-    label: str
+    bids_id: str
     problem: str = ""
     source: str = ""
 
@@ -52,7 +55,7 @@ class Subject:
         return not self.problem
 
 
-def bids_label(folder_name: str) -> str:
+def to_bids_id(folder_name: str) -> str:
     """``sub-01`` -> ``01``; ``Patient 7 (ü)`` -> ``Patient7``."""
     name = folder_name[4:] if folder_name.startswith("sub-") else folder_name
     return _NOT_ALNUM.sub("", name)
@@ -86,84 +89,69 @@ def list_subjects(input_dir: str | Path) -> list[Subject]:
     )
     stems = [sources.archive_stem(entry) for entry in entries]
     stem_counts = Counter(stems)
-    by_label: dict[str, list[str]] = {}
+    by_id: dict[str, list[str]] = {}
     for entry, stem in zip(entries, stems, strict=True):
-        by_label.setdefault(bids_label(stem), []).append(entry)
+        by_id.setdefault(to_bids_id(stem), []).append(entry)
     subjects = []
     for entry, stem in zip(entries, stems, strict=True):
-        label = bids_label(stem)
-        if not label:
-            problem = "folder name has no letters or digits to build a BIDS label from"
-        elif len(by_label[label]) > 1:
-            others = ", ".join(repr(f) for f in by_label[label] if f != entry)
-            problem = f"label collision: {entry!r} and {others} both map to sub-{label}"
+        bids_id = to_bids_id(stem)
+        if not bids_id:
+            problem = "folder name has no letters or digits to build a BIDS id from"
+        elif len(by_id[bids_id]) > 1:
+            others = ", ".join(repr(f) for f in by_id[bids_id] if f != entry)
+            problem = f"BIDS id collision: {entry!r} and {others} both map to sub-{bids_id}"
         else:
             problem = ""
         # A folder and an archive of one stem keep their entry names, so rows stay distinct.
         name = stem if stem_counts[stem] == 1 else entry
         source = entry if entry != name else ""
-        subjects.append(Subject(folder=name, label=label, problem=problem, source=source))
+        subjects.append(Subject(folder=name, bids_id=bids_id, problem=problem, source=source))
     return subjects
 
 
-def processed_labels(subjects: list[Subject]) -> list[str]:
-    return [s.label for s in subjects if s.processed]
+def processed_ids(subjects: list[Subject]) -> list[str]:
+    return [s.bids_id for s in subjects if s.processed]
 
 
 #: Optional labels columns: a lesion's centre (MNI mm, RAS) and radius (mm).
 LESION_COLUMNS = ("lesion_x_mm", "lesion_y_mm", "lesion_z_mm", "lesion_radius_mm")
 
 
+def read_labels_table(path: str | Path) -> pd.DataFrame:
+    """The labels file as validated by ``schemas/labels.schema.yaml`` (``ValueError`` if not)."""
+    return tables.read_user_tsv(path, "labels", what="labels file")
+
+
 def read_lesions(path: str | Path) -> dict[str, tuple[float, float, float, float]]:
-    """Known lesions of the labels TSV as {folder: (x, y, z, radius)}, all in mm.
+    """Known lesions of the labels file as {folder: (x, y, z, radius)}, all in mm.
 
     Only rows with all of ``LESION_COLUMNS`` set to finite numbers, radius > 0,
     count; a file without those columns has none. (x, y, z) is the centre in
     template (MNI, RAS) coordinates.
     """
-    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    if "subject" not in table.columns or not set(LESION_COLUMNS) <= set(table.columns):
+    table = read_labels_table(path)
+    if not set(LESION_COLUMNS) <= set(table.columns):
         return {}
-    values = table[list(LESION_COLUMNS)].apply(pd.to_numeric, errors="coerce")
-    usable = np.isfinite(values.to_numpy(dtype=float)).all(axis=1) & (
-        values["lesion_radius_mm"] > 0
-    )
+    values = table[list(LESION_COLUMNS)].to_numpy(dtype=float)
+    usable = np.isfinite(values).all(axis=1) & (values[:, 3] > 0)
     return {
-        subject: tuple(float(v) for v in row)
-        for subject, row in zip(table["subject"][usable], values[usable].to_numpy(), strict=True)
+        folder: tuple(float(v) for v in row)
+        for folder, row in zip(table["folder"][usable], values[usable], strict=True)
     }
 
 
 def read_labels(path: str | Path) -> dict[str, int]:
-    """Labels TSV (columns ``subject`` = folder name, ``label`` 0/1) as {folder: label}.
+    """The labels file's known truths as {folder: 0 or 1}; rows with an empty truth are skipped.
 
-    Blank lines and rows with an empty label are skipped; any other label than
-    0 or 1 is a configuration error and raises ``ValueError`` naming the row.
+    A truth other than 0 or 1, or a file without the ``folder`` and ``truth``
+    columns, raises ``ValueError`` naming the file and the line.
     """
-    lines = Path(path).read_text().splitlines()
-    if not lines:
-        message = f"labels file {str(path)!r} is empty (expected columns subject, label)"
-        raise ValueError(message)
-    header = lines[0].split("\t")
-    if "subject" not in header or "label" not in header:
-        message = f"labels file {str(path)!r} needs tab-separated columns 'subject' and 'label', found {header}"
-        raise ValueError(message)
-    col_subject, col_label = header.index("subject"), header.index("label")
-    labels: dict[str, int] = {}
-    for number, line in enumerate(lines[1:], start=2):
-        fields = line.split("\t")
-        if not line.strip() or len(fields) <= max(col_subject, col_label):
-            continue
-        value = fields[col_label].strip()
-        if value == "":
-            continue
-        if value not in ("0", "1"):
-            message = (
-                f"labels file {str(path)!r} line {number}: label must be 0 or 1, got {value!r}"
-            )
-            raise ValueError(message)
-        labels[fields[col_subject]] = int(value)
-    return labels
+    table = read_labels_table(path)
+    known = table["truth"].notna()
+    return {
+        folder: int(truth)
+        for folder, truth in zip(table["folder"][known], table["truth"][known], strict=True)
+    }
 
 
 def check_labels(path: str | Path, subjects: list[Subject]) -> dict[str, int]:
@@ -192,7 +180,7 @@ def check_labels(path: str | Path, subjects: list[Subject]) -> dict[str, int]:
 
 
 def read_fold_groups(path: str | Path, *, subjects: list[Subject]) -> dict[str, str]:
-    """``{BIDS label: group}`` from a TSV with columns ``subject`` (folder) and ``group``.
+    """``{bids_id: group}`` from a TSV with columns ``folder`` and ``group``.
 
     The groups (e.g. the person scanned, for sessions of one participant) keep
     subjects together in one training fold. Empty ``path``: no groups. A folder
@@ -200,20 +188,16 @@ def read_fold_groups(path: str | Path, *, subjects: list[Subject]) -> dict[str, 
     """
     if not path:
         return {}
-    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
-    missing = {"subject", "group"} - set(table.columns)
-    if missing:
-        message = f"training.fold_groups {str(path)!r} needs columns subject and group (missing {sorted(missing)})"
-        raise ValueError(message)
-    labels = {s.folder: s.label for s in subjects if s.processed}
-    unknown = sorted(set(table["subject"]) - {s.folder for s in subjects})
+    table = tables.read_user_tsv(path, "fold_groups", what="training.fold_groups")
+    ids = {s.folder: s.bids_id for s in subjects if s.processed}
+    unknown = sorted(set(table["folder"]) - {s.folder for s in subjects})
     if unknown:
         message = f"training.fold_groups names subjects not found in input_dir: {unknown[:5]}"
         raise ValueError(message)
     return {
-        labels[folder]: group
-        for folder, group in zip(table["subject"], table["group"], strict=True)
-        if folder in labels and group
+        ids[folder]: group
+        for folder, group in zip(table["folder"], table["group"], strict=True)
+        if folder in ids and group
     }
 
 
@@ -223,31 +207,25 @@ def resolve_reference(
     subjects: list[Subject],
     labels_path: str | Path | None = None,
 ) -> list[str]:
-    """BIDS labels of the subjects allowed to train the normative model.
+    """BIDS ids of the subjects allowed to train the normative model.
 
-    ``spec`` is ``"all"`` (every processed subject), ``"labels"`` (label-0
-    subjects of ``labels_path``), a path to a TSV with a ``subject`` column, or
+    ``spec`` is ``"all"`` (every processed subject), ``"labels"`` (truth-0
+    subjects of ``labels_path``), a path to a TSV with a ``folder`` column, or
     a list of folder names. Unknown folder names raise ``ValueError``.
     """
-    processed = {s.folder: s.label for s in subjects if s.processed}
+    processed = {s.folder: s.bids_id for s in subjects if s.processed}
     if spec == "all":
         return sorted(processed.values())
     if spec == "labels":
         if not labels_path:
-            message = "reference: labels needs the config key labels (a TSV with subject, label)"
+            message = "reference: labels needs the config key labels (a TSV with folder, truth)"
             raise ValueError(message)
-        folders = [folder for folder, label in read_labels(labels_path).items() if label == 0]
+        folders = [folder for folder, truth in read_labels(labels_path).items() if truth == 0]
     elif isinstance(spec, str):
-        table = Path(spec)
-        if not table.is_file():
+        if not Path(spec).is_file():
             message = f"reference {spec!r} is neither all, labels nor an existing TSV file"
             raise ValueError(message)
-        rows = [line.split("\t") for line in table.read_text().splitlines() if line.strip()]
-        column = rows[0].index("subject") if rows and "subject" in rows[0] else None
-        if column is None:
-            message = f"reference table {spec!r} needs a 'subject' column"
-            raise ValueError(message)
-        folders = [row[column] for row in rows[1:] if len(row) > column]
+        folders = tables.read_user_tsv(spec, "reference", what="reference")["folder"].tolist()
     else:
         folders = list(spec)
     unknown = sorted(set(folders) - {s.folder for s in subjects})

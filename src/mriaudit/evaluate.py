@@ -177,16 +177,16 @@ def localisation_summary(
 ) -> dict[str, Any]:
     """``lesion_localisation`` of every subject with a known lesion, and the cohort summary.
 
-    ``frame_rows`` are scores.tsv rows (``subject``, ``label``, ``status``). A
+    ``frame_rows`` are scores.tsv rows (``folder``, ``bids_id``, ``status``). A
     lesion subject without a usable anomaly map counts as a miss, with the reason.
     """
     cases = []
     for row in frame_rows:
-        if row["subject"] not in lesions:
+        if row["folder"] not in lesions:
             continue
-        *centre, radius = lesions[row["subject"]]
-        case: dict[str, Any] = {"subject": row["subject"], "radius_mm": radius, "hit": False}
-        anomaly_map = paths.anomaly_map(out_dir, row["label"])
+        *centre, radius = lesions[row["folder"]]
+        case: dict[str, Any] = {"folder": row["folder"], "radius_mm": radius, "hit": False}
+        anomaly_map = paths.anomaly_map(out_dir, row["bids_id"])
         try:
             if row["status"] != OK or not anomaly_map.is_file():
                 message = f"no anomaly map (status {row['status']})"
@@ -252,7 +252,7 @@ def evaluate_cohort(
 ) -> dict[str, Any]:
     """Compute detection metrics from scores.tsv and the labels TSV; write metrics.json.
 
-    Positive class: label 1 (anomalous); score: ``audit_score`` (higher = more
+    Positive class: truth 1 (anomalous); score: ``audit_score`` (higher = more
     anomalous), and ``model_only`` for ``anomaly_score``. AUROC/AUPRC are None
     when the scored subjects hold one class only. ``localisation`` (``localisation_summary``, anomaly maps read from
     ``output_dir``) is None when the labels give no lesion. Returns the metrics
@@ -260,23 +260,23 @@ def evaluate_cohort(
     """
     frame = read_scores(scores_tsv)
     labels = cohort.read_labels(labels_path)
-    subjects = frame["subject"].tolist()
-    known = set(subjects)
+    folders = frame["folder"].tolist()
+    known = set(folders)
     unmatched = sorted(set(labels) - known)
     if unmatched:
         log.warning(
             "%d labelled subjects are not in scores.tsv, e.g. %s", len(unmatched), unmatched[:3]
         )
-    label = np.array([labels.get(s, -1) for s in subjects])
-    labelled = label >= 0
+    truth = np.array([labels.get(f, -1) for f in folders])
+    labelled = truth >= 0
     score = frame["audit_score"].to_numpy(dtype=float)
     status = frame["status"].to_numpy(dtype=str)
     scored = labelled & np.isfinite(score)
-    y, s = label[scored], score[scored]
+    y, s = truth[scored], score[scored]
 
     threshold = table_threshold(frame, flag=flag)
     unscored = [
-        {"subject": subjects[i], "label": int(label[i]), "status": status[i]}
+        {"folder": folders[i], "truth": int(truth[i]), "status": status[i]}
         for i in np.flatnonzero(labelled & ~scored)
     ]
     metrics: dict[str, Any] = {
@@ -286,8 +286,8 @@ def evaluate_cohort(
         "n_pos": int((y == 1).sum()),
         "n_neg": int((y == 0).sum()),
         "n_unscored": len(unscored),
-        "n_unscored_pos": sum(u["label"] == 1 for u in unscored),
-        "n_unscored_neg": sum(u["label"] == 0 for u in unscored),
+        "n_unscored_pos": sum(u["truth"] == 1 for u in unscored),
+        "n_unscored_neg": sum(u["truth"] == 0 for u in unscored),
         "unscored": unscored,
         "flag": flag_settings(flag),
         "audit_threshold": threshold,
@@ -310,7 +310,7 @@ def evaluate_cohort(
         )
     model = frame["anomaly_score"].to_numpy(dtype=float)
     model_scored = labelled & np.isfinite(model)
-    y_model = label[model_scored]
+    y_model = truth[model_scored]
     metrics["model_only"] = {
         "score": "anomaly_score",
         "n_pos": int((y_model == 1).sum()),
@@ -330,7 +330,7 @@ def evaluate_cohort(
     flagged = frame["flagged"].to_numpy(dtype=bool) | (status != OK)
     metrics["flagged"] = {
         "n": int(labelled.sum()),
-        **confusion(label[labelled], flagged[labelled]),
+        **confusion(truth[labelled], flagged[labelled]),
     }
     lesions = cohort.read_lesions(labels_path)
     metrics["localisation"] = (

@@ -2,8 +2,8 @@
 
 Every rule, script and test that needs an output path asks this module; no
 path is concatenated anywhere else. ``out`` is the workflow's ``output_dir``
-and ``sub`` the subject's BIDS label (without ``sub-``). Passing the literal
-string ``"{subject}"`` as ``sub`` yields Snakemake wildcard patterns.
+and ``sub`` the subject's BIDS id (without ``sub-``). Passing the literal
+string ``"{bids_id}"`` as ``sub`` yields Snakemake wildcard patterns.
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def model_sidecar(out: str | Path) -> Path:
 
 def model_scores(out: str | Path) -> Path:
     """Every subject's score-stage status and raw score, one row each (the score job's table)."""
-    return Path(out) / "model" / "scores.tsv"
+    return Path(out) / "model" / "anomaly_scores.tsv"
 
 
 def cohort_dir(out: str | Path) -> Path:
@@ -133,7 +133,7 @@ def stage_table(out: str | Path) -> Path:
 
 
 def cohort_table(out: str | Path) -> Path:
-    """Subjects found in input_dir (folder, label, collision or naming problems)."""
+    """Subjects found in input_dir (folder, bids_id, collision or naming problems)."""
     return cohort_dir(out) / "subjects.tsv"
 
 

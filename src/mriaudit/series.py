@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from mriaudit.cohort import bids_label
+from mriaudit.cohort import to_bids_id
 from mriaudit.records import StageError
 
 #: The classes a series is sorted into.
@@ -378,9 +378,9 @@ def resolve_rules(rules: dict[str, Any] | None) -> dict[str, Any]:
 
 def chosen_series(rules: dict[str, Any], folder: str) -> int | str | None:
     """The series ``rules["choose"]`` names for a subject folder (by its folder name or its
-    BIDS label): a SeriesNumber (int) or a SeriesInstanceUID (str); None when none."""
+    BIDS id): a SeriesNumber (int) or a SeriesInstanceUID (str); None when none."""
     choose = rules.get("choose") or {}
-    for key in (folder, bids_label(folder), f"sub-{bids_label(folder)}"):
+    for key in (folder, to_bids_id(folder), f"sub-{to_bids_id(folder)}"):
         if key in choose:
             return choose[key]
     return None

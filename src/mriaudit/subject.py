@@ -20,14 +20,14 @@ def preprocess_subject(
     folder: Path,
     *,
     out_dir: Path,
-    label: str,
+    bids_id: str,
     rules: dict[str, Any],
     resolution: int = 2,
     threads: int = 1,
 ) -> dict[str, dict[str, Any]]:
     """Run the per-subject stages of ``folder`` (DICOM or NIfTI) into ``out_dir``.
 
-    ``label`` is the subject's BIDS label (``paths`` names every output from
+    ``bids_id`` is the subject's BIDS id (``paths`` names every output from
     it); ``rules`` the ``series`` config; ``resolution`` the template grid (mm);
     ``threads`` the ITK threads of N4, registration and IQMs. Returns the
     stage records by stage name (``paths.STAGES`` up to ``iqm``).
@@ -35,45 +35,45 @@ def preprocess_subject(
     folder, out_dir = Path(folder), Path(out_dir)
 
     def record(stage: str) -> Path:
-        return paths.record(out_dir, label, stage)
+        return paths.record(out_dir, bids_id, stage)
 
     done: dict[str, dict[str, Any]] = {}
     done["inventory"] = dicom.inventory_subject(
         folder,
-        series_table=paths.series_table(out_dir, label),
+        series_table=paths.series_table(out_dir, bids_id),
         record_path=record("inventory"),
         rules=rules,
     )
     done["convert"] = dicom.convert_subject(
         folder,
         inventory_record=record("inventory"),
-        out_image=paths.t1w(out_dir, label),
-        out_sidecar=paths.t1w_sidecar(out_dir, label),
+        out_image=paths.t1w(out_dir, bids_id),
+        out_sidecar=paths.t1w_sidecar(out_dir, bids_id),
         record_path=record("convert"),
     )
     done["n4"] = preprocess.bias_correct_subject(
-        paths.t1w(out_dir, label),
-        out_image=paths.n4(out_dir, label),
-        out_mask=paths.head_mask(out_dir, label),
+        paths.t1w(out_dir, bids_id),
+        out_image=paths.n4(out_dir, bids_id),
+        out_mask=paths.head_mask(out_dir, bids_id),
         record_path=record("n4"),
         upstream=[record("convert")],
         threads=threads,
     )
     done["register"] = preprocess.register_subject(
-        paths.n4(out_dir, label),
-        out_image=paths.preproc(out_dir, label),
-        out_mask=paths.brain_mask(out_dir, label),
-        out_transform=paths.transform(out_dir, label),
+        paths.n4(out_dir, bids_id),
+        out_image=paths.preproc(out_dir, bids_id),
+        out_mask=paths.brain_mask(out_dir, bids_id),
+        out_transform=paths.transform(out_dir, bids_id),
         record_path=record("register"),
         upstream=[record("n4")],
         threads=threads,
         resolution=resolution,
     )
     done["iqm"] = iqm.iqm_subject(
-        paths.t1w(out_dir, label),
-        paths.n4(out_dir, label),
-        paths.head_mask(out_dir, label),
-        paths.transform(out_dir, label),
+        paths.t1w(out_dir, bids_id),
+        paths.n4(out_dir, bids_id),
+        paths.head_mask(out_dir, bids_id),
+        paths.transform(out_dir, bids_id),
         record_path=record("iqm"),
         upstream=[record("register")],
         resolution=resolution,

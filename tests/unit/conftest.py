@@ -30,7 +30,7 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import format_number_as_ds
 
-from mriaudit import records
+from mriaudit import isolation
 
 _TILT = math.radians(35.0)
 
@@ -41,7 +41,7 @@ def stages_in_process():
     pools, after which a forked child can deadlock (a rule's fresh process cannot).
     Only this process: the workflow tests' Snakemake jobs still fork."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(records, "FORK_STAGES", False)
+        patch.setattr(isolation, "FORK_STAGES", False)
         yield
 
 

@@ -121,7 +121,7 @@ def build_cohort(tmp: Path, grid: nib.Nifti1Image) -> dict:
     sub-01..sub-10 normal; sub-11 anomaly score outlier; sub-12 SNR outlier;
     sub-13 missing slices; sub-14 2D only; sub-15 TR deviation; sub-16 header
     strings with HTML; sub-bad failed at convert; sub-empty no_series;
-    a-b / ab label collision; "<i>odd" a folder name with HTML.
+    a-b / ab BIDS id collision; "<i>odd" a folder name with HTML.
     """
     input_dir, out = tmp / "input", tmp / "out"
     folders = [f"sub-{i:02d}" for i in range(1, 17)] + [
@@ -167,7 +167,7 @@ def build_cohort(tmp: Path, grid: nib.Nifti1Image) -> dict:
     write_images(out, "bad", grid, empty=True)
     labels_path = tmp / "labels.tsv"
     positives = {"sub-11", "sub-12", "sub-bad", "sub-13"}
-    lines = ["subject\tlabel"] + [
+    lines = ["folder\ttruth"] + [
         f"{f}\t{int(f in positives)}" for f in folders if f not in ("a-b", "ab")
     ]
     labels_path.write_text("\n".join(lines) + "\n")
@@ -214,12 +214,12 @@ def cohort(built_cohort: Path, tmp_path: Path) -> dict:
 
 
 def _by_subject(frame: pd.DataFrame) -> dict[str, dict]:
-    return {row["subject"]: row for row in frame.to_dict("records")}
+    return {row["folder"]: row for row in frame.to_dict("records")}
 
 
 def test_one_row_per_folder_with_statuses(cohort):
     table = aggregate.read_scores(paths.cohort_dir(cohort["out"]) / "scores.tsv")
-    assert sorted(table["subject"]) == sorted(cohort["folders"])
+    assert sorted(table["folder"]) == sorted(cohort["folders"])
     rows = _by_subject(table)
     assert rows["sub-bad"]["status"] == "failed"
     assert rows["sub-bad"]["reason"] == "dcm2niix produced no image"
@@ -228,12 +228,12 @@ def test_one_row_per_folder_with_statuses(cohort):
     for folder in ("a-b", "ab"):
         assert rows[folder]["status"] == "failed" and rows[folder]["flagged"]
         assert "collision" in rows[folder]["reason"]
-    assert rows[HTML_FOLDER]["status"] == "ok" and rows[HTML_FOLDER]["label"] == "iodd"
+    assert rows[HTML_FOLDER]["status"] == "ok" and rows[HTML_FOLDER]["bids_id"] == "iodd"
     assert {rows[f"sub-{i:02d}"]["status"] for i in range(1, 17)} == {"ok"}
     subjects = pd.read_csv(
         paths.cohort_dir(cohort["out"]) / "subjects.tsv", sep="\t", keep_default_na=False
     )
-    assert set(subjects.columns) == {"folder", "label", "problem"}
+    assert set(subjects.columns) == {"folder", "entry", "bids_id", "problem"}
     assert len(subjects) == len(cohort["folders"])
 
 
@@ -254,8 +254,8 @@ def test_flags_and_reasons(cohort):
     assert rows["sub-11"]["flagged"]
     assert rows["sub-11"]["flag_reasons"].startswith("audit score ")
     assert "(threshold 3.0) driven by model anomaly" in rows["sub-11"]["flag_reasons"]
-    _, labels = aggregate.iqm_tables()
-    snr_name = aggregate.iqm_label("iqm_snr_wm", labels)
+    _, titles = aggregate.iqm_tables()
+    snr_name = aggregate.iqm_title("iqm_snr_wm", titles)
     assert rows["sub-12"]["flagged"]
     assert f"{snr_name} " in rows["sub-12"]["flag_reasons"]
     assert "robust SD below the cohort (noisy image)" in rows["sub-12"]["flag_reasons"]
@@ -270,7 +270,7 @@ def test_flags_and_reasons(cohort):
     assert rows["sub-empty"]["flagged"] and rows["sub-empty"]["flag_reasons"].startswith(
         "no usable T1-weighted series"
     )
-    assert rows["a-b"]["flag_reasons"].startswith("not processed: label collision")
+    assert rows["a-b"]["flag_reasons"].startswith("not processed: BIDS id collision")
     # 2D-only and protocol deviations are findings, not flags.
     assert not rows["sub-14"]["flagged"] and "2d_only" in rows["sub-14"]["findings"]
     assert "2D" in rows["sub-14"]["notes"]
@@ -290,7 +290,7 @@ def test_tsv_formatting_and_exclusions(cohort):
     cohort_dir = paths.cohort_dir(cohort["out"])
     lines = (cohort_dir / "scores.tsv").read_text().splitlines()
     header = lines[0].split("\t")
-    assert header[:4] == ["subject", "label", "status", "reason"]
+    assert header[:4] == ["folder", "bids_id", "status", "reason"]
     for column in (
         "audit_score",
         "anomaly_score",
@@ -300,7 +300,7 @@ def test_tsv_formatting_and_exclusions(cohort):
         "iqm_snr_wm",
         "hdr_tr",
         "reg_similarity",
-        "true_label",
+        "truth",
     ):
         assert column in header
     cells = [line.split("\t") for line in lines[1:]]
@@ -310,24 +310,24 @@ def test_tsv_formatting_and_exclusions(cohort):
     assert flagged["sub-11"] == "true" and flagged["sub-01"] == "false"
     score_of = {row[0]: row[header.index("anomaly_score")] for row in cells}
     assert score_of["sub-bad"] == ""  # NaN is written empty
-    label_of = {row[0]: row[header.index("true_label")] for row in cells}
+    label_of = {row[0]: row[header.index("truth")] for row in cells}
     assert label_of["sub-11"] == "1" and label_of["a-b"] == ""
     exclusions = pd.read_csv(
         cohort_dir / "exclusions.tsv", sep="\t", dtype=str, keep_default_na=False
     )
     expected = {"sub-11", "sub-12", "sub-13", "sub-bad", "sub-empty", "a-b", "ab"}
-    assert set(exclusions["subject"]) == expected
-    assert {"subject", "status", "reasons", "audit_score", "anomaly_score"} <= set(
+    assert set(exclusions["folder"]) == expected
+    assert {"folder", "status", "reasons", "audit_score", "anomaly_score"} <= set(
         exclusions.columns
     )
-    evidence = exclusions.set_index("subject")
+    evidence = exclusions.set_index("folder")
     assert evidence.loc["sub-12", "iqm_outliers"].startswith("iqm_snr_wm z=-")
     assert evidence.loc["sub-11", "top_region"].startswith("(30, -20, 20) mm")
 
 
 def test_subject_json_merges_records(cohort):
     data = json.loads(paths.subject_scores(cohort["out"], "12").read_text())
-    assert data["subject"] == "sub-12" and data["flagged"] is True
+    assert data["folder"] == "sub-12" and data["flagged"] is True
     assert set(data["records"]) == set(paths.STAGES)
     assert data["records"]["convert"]["status"] == "ok" and "metrics" not in data["records"]["iqm"]
     assert data["metrics"]["hdr_tr"] == 2300.0 and data["metrics"]["iqm_snr_wm"] == 2.0
@@ -335,7 +335,7 @@ def test_subject_json_merges_records(cohort):
     assert data["cohort"]["audit_threshold"] >= 3.0
     assert data["audit_score"] >= data["cohort"]["audit_threshold"]
     assert data["audit_drivers"][0].startswith("SNR (WM)")
-    assert data["true_label"] == 1
+    assert data["truth"] == 1
     bad = json.loads(paths.subject_scores(cohort["out"], "bad").read_text())
     assert bad["status"] == "failed" and bad["anomaly_score"] is None
     # Colliding folders have no output of their own.
@@ -365,19 +365,19 @@ def test_fp_budget_raises_the_threshold(cohort):
     # A budget of 0 turns the audit flag off; hard findings still flag.
     off = run_aggregate(cohort, flag={"fp_budget": 0.0})
     assert not off["flag_reasons"].str.contains("audit score ").any()
-    assert off.set_index("subject").loc["sub-13", "flagged"]
+    assert off.set_index("folder").loc["sub-13", "flagged"]
 
 
 def test_permuted_labels_change_no_score_and_no_flag(cohort, tmp_path):
     """Labels never influence scores: a shuffled labels file leaves every score and flag."""
     table = pd.read_csv(cohort["labels"], sep="\t", dtype=str)
-    table["label"] = np.random.default_rng(3).permutation(table["label"].to_numpy())
+    table["truth"] = np.random.default_rng(3).permutation(table["truth"].to_numpy())
     table.to_csv(cohort["labels"], sep="\t", index=False)
-    permuted = run_aggregate(cohort).set_index("subject").sort_index()
-    original = cohort["frame"].set_index("subject").sort_index()
-    columns = [c for c in original.columns if c != "true_label"]
+    permuted = run_aggregate(cohort).set_index("folder").sort_index()
+    original = cohort["frame"].set_index("folder").sort_index()
+    columns = [c for c in original.columns if c != "truth"]
     pd.testing.assert_frame_equal(permuted[columns], original[columns])
-    assert not permuted["true_label"].equals(original["true_label"])
+    assert not permuted["truth"].equals(original["truth"])
 
 
 def test_missing_records_and_empty_cohort(tmp_path):
@@ -405,7 +405,7 @@ def test_missing_records_and_empty_cohort(tmp_path):
         out_subjects=out / "f.tsv",
     )
     assert frame.empty
-    assert (out / "s.tsv").read_text().startswith("subject\tlabel\tstatus")
+    assert (out / "s.tsv").read_text().startswith("folder\tbids_id\tstatus")
     # collect on an empty cohort writes its header, prescreen included.
     stages = aggregate.write_stage_table(out, [], out_tsv=out / "stages.tsv")
     assert stages.empty and aggregate.read_prescreen(out / "stages.tsv") == {}
@@ -435,8 +435,8 @@ def test_evaluate_matches_sklearn(cohort, tmp_path):
     table = aggregate.read_scores(scores_tsv)
     labels = dict(line.split("\t") for line in cohort["labels"].read_text().splitlines()[1:])
     for column, figures in (("audit_score", metrics), ("anomaly_score", metrics["model_only"])):
-        scored = table[table[column].notna() & table["subject"].isin(labels)]
-        y = scored["subject"].map(labels).astype(int).to_numpy()
+        scored = table[table[column].notna() & table["folder"].isin(labels)]
+        y = scored["folder"].map(labels).astype(int).to_numpy()
         s = scored[column].to_numpy()
         assert figures["auroc"] == roc_auc_score(y, s)
         assert figures["auprc"] == average_precision_score(y, s)
@@ -447,7 +447,7 @@ def test_evaluate_matches_sklearn(cohort, tmp_path):
     assert metrics["n_pos"] == int(y.sum()) and metrics["n_neg"] == int((y == 0).sum())
     # sub-bad (label 1) and sub-empty (label 0) have no score; the collisions have no label.
     assert metrics["n_unscored"] == 2
-    assert {u["subject"]: u["label"] for u in metrics["unscored"]} == {"sub-bad": 1, "sub-empty": 0}
+    assert {u["folder"]: u["truth"] for u in metrics["unscored"]} == {"sub-bad": 1, "sub-empty": 0}
     # Flags: the four positives are flagged (sub-bad as a failure); sub-empty is a false positive.
     assert metrics["flagged"]["tp"] == 4 and metrics["flagged"]["fn"] == 0
     assert metrics["flagged"]["fp"] == 1
@@ -464,7 +464,7 @@ def test_evaluate_localises_known_lesions(cohort, tmp_path):
     # blob; sub-bad failed and has no map. sub-01 has a map but no lesion.
     far = (BLOB_MM[0] - 40.0, BLOB_MM[1], BLOB_MM[2])
     lesions = {"sub-11": (*BLOB_MM, 8.0), "sub-12": (*far, 10.0), "sub-bad": (*BLOB_MM, 8.0)}
-    rows = ["subject\tlabel\t" + "\t".join(cohort_module.LESION_COLUMNS)]
+    rows = ["folder\ttruth\t" + "\t".join(cohort_module.LESION_COLUMNS)]
     for line in cohort["labels"].read_text().splitlines()[1:]:
         lesion = lesions.get(line.split("\t")[0], ("", "", "", ""))
         rows.append(line + "\t" + "\t".join(map(str, lesion)))
@@ -479,7 +479,7 @@ def test_evaluate_localises_known_lesions(cohort, tmp_path):
         n_bootstrap=20,
     )
     summary = metrics["localisation"]
-    cases = {c["subject"]: c for c in summary["cases"]}
+    cases = {c["folder"]: c for c in summary["cases"]}
     assert set(cases) == set(lesions)
     assert (summary["n"], summary["n_hit"], summary["hit_rate"]) == (3, 1, pytest.approx(1 / 3))
     hit, miss = cases["sub-11"], cases["sub-12"]
@@ -509,7 +509,7 @@ def test_bootstrap_metrics_equal_sklearn_with_ties():
 def test_duplicate_images_pairs_ok_subjects_with_the_same_voxel_digest():
     frame = pd.DataFrame(
         {
-            "subject": ["sub-a", "sub-b", "sub-c", "sub-d", "sub-e", "sub-f"],
+            "folder": ["sub-a", "sub-b", "sub-c", "sub-d", "sub-e", "sub-f"],
             "status": ["ok", "ok", "ok", "failed", "ok", "ok"],
             "conv_data_sha256": ["1f", "2e", "1f", "2e", None, "1f"],
         }
@@ -541,7 +541,7 @@ def test_audit_threshold_follows_a_long_upper_tail():
 
 def test_prescreen_keeps_flagged_images_out_of_the_model_reference(cohort, tmp_path):
     """collect's prescreen: what the audit flags without the model does not train it."""
-    labels = [s.label for s in cohort_module.list_subjects(cohort["input"]) if s.processed]
+    labels = [s.bids_id for s in cohort_module.list_subjects(cohort["input"]) if s.processed]
     table = tmp_path / "stages.tsv"
     aggregate.write_stage_table(cohort["out"], labels, out_tsv=table)
     prescreen = aggregate.read_prescreen(table)
@@ -574,14 +574,14 @@ def test_stage_table_names_each_subjects_first_problem(tmp_path):
     )
     written = pd.read_csv(tmp_path / "s.tsv", sep="\t", dtype=str, keep_default_na=False)
     assert list(written.columns) == [
-        "subject",
+        "bids_id",
         *paths.PREPROCESS_STAGES,
         "status",
         "failed_stage",
         "reason",
         "prescreen",
     ]
-    rows = written.set_index("subject")
+    rows = written.set_index("bids_id")
     assert rows.loc["01", "prescreen"] == "" and rows.loc["bad", "prescreen"] == "status failed"
     assert list(rows.loc["01", list(paths.PREPROCESS_STAGES)]) == ["ok"] * 5
     assert rows.loc["bad", "convert"] == "ok" and rows.loc["bad", "iqm"] == "failed"

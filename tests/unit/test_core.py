@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mriaudit import cohort, paths, records, template
+from mriaudit import cohort, isolation, paths, records, template
 from mriaudit.intensity import histogram_landmarks, normalize_intensity, standardize_histogram
 
 
@@ -25,19 +25,19 @@ def test_paths_follow_bids_derivatives():
     assert paths.preproc("/o", "01").name == "sub-01_space-MNI152_desc-preproc_T1w.nii.gz"
     assert paths.anomaly_map("/o", "01").name == "sub-01_space-MNI152_desc-anomaly_map.nii.gz"
     assert paths.subject_scores("/o", "01") == Path("/o/sub-01/sub-01_scores.json")
-    assert paths.record("o", "{subject}", "n4") == Path(
-        "o/sub-{subject}/sub-{subject}_desc-n4_qc.json"
+    assert paths.record("o", "{bids_id}", "n4") == Path(
+        "o/sub-{bids_id}/sub-{bids_id}_desc-n4_qc.json"
     )
     with pytest.raises(ValueError, match="unknown stage"):
         paths.record("o", "01", "nope")
 
 
 @pytest.mark.parametrize(
-    ("folder", "label"),
+    ("folder", "bids_id"),
     [("sub-01", "01"), ("Patient 7 (ü)", "Patient7"), ("sub-a_b.c", "abc"), ("ü", "")],
 )
-def test_bids_label(folder, label):
-    assert cohort.bids_label(folder) == label
+def test_to_bids_id(folder, bids_id):
+    assert cohort.to_bids_id(folder) == bids_id
 
 
 def test_list_subjects_reports_collisions_and_ignores_files(tmp_path):
@@ -46,10 +46,10 @@ def test_list_subjects_reports_collisions_and_ignores_files(tmp_path):
     (tmp_path / "README").write_text("top-level files are not subjects")
     subjects = {s.folder: s for s in cohort.list_subjects(tmp_path)}
     assert set(subjects) == {"sub-01", "a-b", "ab", "Patient 7 (ü)", "ü"}
-    assert subjects["sub-01"].processed and subjects["Patient 7 (ü)"].label == "Patient7"
+    assert subjects["sub-01"].processed and subjects["Patient 7 (ü)"].bids_id == "Patient7"
     assert "collision" in subjects["a-b"].problem and "collision" in subjects["ab"].problem
     assert not subjects["ü"].processed
-    assert sorted(cohort.processed_labels(list(subjects.values()))) == ["01", "Patient7"]
+    assert sorted(cohort.processed_ids(list(subjects.values()))) == ["01", "Patient7"]
 
 
 def test_bids_root_lists_only_sub_folders(tmp_path):
@@ -67,16 +67,16 @@ def test_a_subject_exported_as_one_archive_is_a_subject(tmp_path):
     (tmp_path / "sub-05").mkdir()
     subjects = {s.folder: s for s in cohort.list_subjects(tmp_path)}
     assert set(subjects) == {"sub-01", "sub-02", "sub-03", "Sub 04", "sub-05", "sub-05.zip"}
-    assert subjects["sub-02"].entry == "sub-02.zip" and subjects["sub-02"].label == "02"
+    assert subjects["sub-02"].entry == "sub-02.zip" and subjects["sub-02"].bids_id == "02"
     assert subjects["sub-03"].entry == "sub-03.tar.gz" and subjects["sub-03"].processed
-    assert subjects["Sub 04"].label == "Sub04" and subjects["sub-01"].entry == "sub-01"
+    assert subjects["Sub 04"].bids_id == "Sub04" and subjects["sub-01"].entry == "sub-01"
     # A folder and an archive of one name are never merged: both named, neither audited.
     assert (
         "collision" in subjects["sub-05"].problem and "'sub-05.zip'" in subjects["sub-05"].problem
     )
     assert not subjects["sub-05.zip"].processed
     labels = tmp_path / "labels.tsv"
-    labels.write_text("subject\tlabel\nsub-02\t1\nsub-03\t0\n")
+    labels.write_text("folder\ttruth\nsub-02\t1\nsub-03\t0\n")
     assert cohort.check_labels(labels, list(subjects.values())) == {
         "sub-02": 1,
         "sub-03": 0,
@@ -93,7 +93,7 @@ def test_labels_and_reference(tmp_path):
         (tmp_path / name).mkdir()
     subjects = cohort.list_subjects(tmp_path)
     labels = tmp_path / "labels.tsv"
-    labels.write_text("subject\tlabel\nsub-01\t0\nsub-02\t1\nsub-03\t0\n\n")
+    labels.write_text("folder\ttruth\nsub-01\t0\nsub-02\t1\nsub-03\t0\n\n")
     assert cohort.read_labels(labels) == {"sub-01": 0, "sub-02": 1, "sub-03": 0}
     assert cohort.resolve_reference("all", subjects=subjects) == ["01", "02", "03"]
     assert cohort.resolve_reference("labels", subjects=subjects, labels_path=labels) == [
@@ -104,7 +104,7 @@ def test_labels_and_reference(tmp_path):
     with pytest.raises(ValueError, match="not found"):
         cohort.resolve_reference(["sub-99"], subjects=subjects)
     bad = tmp_path / "bad.tsv"
-    bad.write_text("subject\tlabel\nsub-01\tyes\n")
+    bad.write_text("folder\ttruth\nsub-01\tyes\n")
     with pytest.raises(ValueError, match="line 2"):
         cohort.read_labels(bad)
 
@@ -150,7 +150,7 @@ def test_run_stage_survives_a_native_crash(tmp_path):
 
 
 def test_workers_survive_a_crash_and_lose_only_its_item(tmp_path, monkeypatch):
-    monkeypatch.setattr(records, "FORK_STAGES", True)
+    monkeypatch.setattr(isolation, "FORK_STAGES", True)
     crashed: list[tuple[int, str]] = []
 
     def done(item: int) -> Path:
@@ -167,7 +167,7 @@ def test_workers_survive_a_crash_and_lose_only_its_item(tmp_path, monkeypatch):
         crashed.append((item, how))
         done(item).write_text("crashed")
 
-    records.run_in_workers(
+    isolation.run_in_workers(
         list(range(9)), work, workers=2, finished=lambda i: done(i).exists(), crashed=on_crash
     )
     assert crashed == [(4, "killed by SIGSEGV")]
@@ -203,7 +203,7 @@ def test_run_stage_keeps_stage_error_status_and_json_safety(tmp_path):
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
 def test_stages_keep_freed_memory_under_glibc():
     # In a fresh interpreter, as a rule's script process calls it.
-    code = "from mriaudit import records; raise SystemExit(0 if records.keep_freed_memory() else 1)"
+    code = "from mriaudit import isolation; raise SystemExit(0 if isolation.keep_freed_memory() else 1)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 

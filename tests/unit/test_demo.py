@@ -56,7 +56,7 @@ def _t1(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
 
 
 def _kind_folders(table: pd.DataFrame, kind: str) -> list[str]:
-    return list(table.loc[table["kind"] == kind, "subject"])
+    return list(table.loc[table["kind"] == kind, "folder"])
 
 
 def _normal(plan: demo.SubjectPlan) -> demo.SubjectPlan:
@@ -86,21 +86,21 @@ def test_plan_mixes_kinds_by_cohort_size():
 
 def test_labels_table_lists_every_folder(generated):
     out, table = generated
-    on_disk = pd.read_csv(out / "labels.tsv", sep="\t", dtype={"subject": str})
+    on_disk = pd.read_csv(out / "labels.tsv", sep="\t", dtype={"folder": str})
     assert list(on_disk.columns) == list(demo.LABEL_COLUMNS)
     assert len(on_disk) == N_SUBJECTS
     pd.testing.assert_frame_equal(
-        on_disk[["subject", "label", "kind"]], table[["subject", "label", "kind"]]
+        on_disk[["folder", "truth", "kind"]], table[["folder", "truth", "kind"]]
     )
     folders = sorted(p.name for p in out.iterdir() if p.is_dir())
-    assert sorted(on_disk["subject"]) == folders
+    assert sorted(on_disk["folder"]) == folders
     assert [p.name for p in out.iterdir() if not p.is_dir()] == ["labels.tsv"]
     assert set(on_disk["kind"]) <= set(demo.KINDS)
-    assert (on_disk["label"] == (on_disk["kind"] != "normal").astype(int)).all()
+    assert (on_disk["truth"] == (on_disk["kind"] != "normal").astype(int)).all()
     assert cohort.read_labels(out / "labels.tsv") == dict(
-        zip(on_disk["subject"], on_disk["label"], strict=True)
+        zip(on_disk["folder"], on_disk["truth"], strict=True)
     )
-    # One messy archive name whose BIDS label stays unique and processed.
+    # One messy archive name whose BIDS id stays unique and processed.
     subjects = cohort.list_subjects(out)
     assert any(" " in s.folder and "(" in s.folder for s in subjects)
     assert all(s.processed for s in subjects)
@@ -151,7 +151,7 @@ def test_refuses_a_non_empty_output_folder(tmp_path):
 def test_headers_are_valid_and_geometry_is_consistent(generated):
     out, table = generated
     sop_uids = []
-    for folder in table["subject"]:
+    for folder in table["folder"]:
         series = _series(out / folder)
         studies = {items[0][1].StudyInstanceUID for items in series.values()}
         frames = {items[0][1].FrameOfReferenceUID for items in series.values()}
@@ -290,10 +290,10 @@ def test_dcm2niix_converts_a_normal_subject_to_the_expected_geometry(generated, 
 def test_dcm2niix_puts_the_lesion_where_the_labels_say(generated, tmp_path):
     out, table = generated
     row = table[table["kind"] == "lesion"].iloc[0]
-    plan = next(p for p in demo.plan_cohort(N_SUBJECTS, seed=SEED) if p.folder == row["subject"])
+    plan = next(p for p in demo.plan_cohort(N_SUBJECTS, seed=SEED) if p.folder == row["folder"])
     scan = demo.render_subject(plan, voxel_size_mm=VOXEL_MM)
     assert scan.lesion is not None and scan.lesion.contrast == "hyperintense"
-    result = _convert(out / row["subject"], tmp_path / "nii")
+    result = _convert(out / row["folder"], tmp_path / "nii")
     assert result.returncode == 0, result.stdout + result.stderr
     (volume,) = [
         p
@@ -468,10 +468,10 @@ def test_a_real_head_renders_like_the_template_head(tmp_path):
     base = demo.render_subject(plan, voxel_size_mm=VOXEL_MM).t1()
     other = demo.render_subject(real, voxel_size_mm=VOXEL_MM).t1()
     assert base.frames.shape != other.frames.shape or not np.array_equal(base.frames, other.frames)
-    row = generate._label_row(demo.render_subject(real, voxel_size_mm=VOXEL_MM))
+    row = generate._truth_row(demo.render_subject(real, voxel_size_mm=VOXEL_MM))
     assert row["person"] == "X"
     assert (
-        generate._label_row(demo.render_subject(plan, voxel_size_mm=VOXEL_MM))["person"] == "MNI152"
+        generate._truth_row(demo.render_subject(plan, voxel_size_mm=VOXEL_MM))["person"] == "MNI152"
     )
 
 

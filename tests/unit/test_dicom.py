@@ -131,7 +131,9 @@ def test_rules_take_defaults_and_reject_bad_regex():
 
 def test_schema_defaults_match_module_defaults():
     """The workflow passes the schema defaults: they must be the rules this module documents."""
-    schema = yaml.safe_load((ROOT / "schemas" / "config.schema.yaml").read_text())
+    schema = yaml.safe_load(
+        (ROOT / "src" / "mriaudit" / "schemas" / "config.schema.yaml").read_text()
+    )
     rules = schema["properties"]["series"]["properties"]
     assert {key: spec["default"] for key, spec in rules.items()} == series.DEFAULT_RULES
 

@@ -235,7 +235,7 @@ def test_segment_tissues_recovers_classes_under_noise():
 
 
 def test_directions_and_labels_cover_every_metric():
-    assert set(iqm.IQM_DIRECTIONS) == set(iqm.IQM_LABELS)
+    assert set(iqm.IQM_DIRECTIONS) == set(iqm.IQM_TITLES)
     assert set(iqm.IQM_NAMES) | {"iqm_inu_med", "iqm_inu_range"} == set(iqm.IQM_DIRECTIONS)
     assert set(iqm.IQM_DIRECTIONS.values()) <= {-1, 0, 1}
     expected = {
@@ -260,8 +260,8 @@ def test_directions_and_labels_cover_every_metric():
         "iqm_inu_wm_range": -1,
     }
     assert {name: iqm.IQM_DIRECTIONS[name] for name in expected} == expected
-    assert iqm.IQM_LABELS["iqm_snr_wm"] == "SNR (WM)"
-    assert iqm.IQM_LABELS["iqm_efc"] == "EFC"
+    assert iqm.IQM_TITLES["iqm_snr_wm"] == "SNR (WM)"
+    assert iqm.IQM_TITLES["iqm_efc"] == "EFC"
     # Every metric that can be flagged says what its bad side usually means; descriptive ones don't.
     flaggable = {name for name, direction in iqm.IQM_DIRECTIONS.items() if direction}
     assert set(iqm.IQM_CAUSES) == flaggable

@@ -395,7 +395,7 @@ def test_score_cohort_scores_like_one_by_one_and_writes_its_table(
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(source, target)
     stages = tmp_path / "stages.tsv"
-    stages.write_text("subject\tstatus\n" + "".join(f"{label}\tok\n" for label in labels))
+    stages.write_text("bids_id\tstatus\n" + "".join(f"{label}\tok\n" for label in labels))
     table = score_cohort(
         stages,
         checkpoint=trained["out"] / "model.pt",
@@ -404,8 +404,8 @@ def test_score_cohort_scores_like_one_by_one_and_writes_its_table(
         device="cpu",
         threads=2,
     )
-    assert list(table["subject"]) == labels
-    written = pd.read_csv(paths.model_scores(out), sep="\t", dtype={"subject": str})
+    assert list(table["bids_id"]) == labels
+    written = pd.read_csv(paths.model_scores(out), sep="\t", dtype={"bids_id": str})
     assert list(written["status"]) == ["ok", "ok", "failed"]
     for label in ("n00", "les"):
         record = read_record(paths.record(out, label, "score"))
@@ -416,7 +416,7 @@ def test_score_cohort_scores_like_one_by_one_and_writes_its_table(
             expected["metrics"]["anomaly_raw"], rel=1e-4
         )
         assert record["fold"] == expected["fold"]
-        row = written.set_index("subject").loc[label]
+        row = written.set_index("bids_id").loc[label]
         assert row["anomaly_raw"] == pytest.approx(record["metrics"]["anomaly_raw"], rel=1e-6)
         assert record["peak_rss_mb"] > 0 and record["cpu_s"] >= 0
     assert not paths.anomaly_map(out, "broken").exists()

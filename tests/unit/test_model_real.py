@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from mriaudit import demo, dicom, preprocess
-from mriaudit.cohort import bids_label
+from mriaudit.cohort import to_bids_id
 from mriaudit.model import score, train
 from mriaudit.records import OK
 
@@ -157,7 +157,7 @@ def _real_scores(scans: RealScans, shared_data: Path, root: Path) -> dict[str, f
         }
         training = [future.result() for future in heads]
         registered = {name: future.result() for name, future in real_scans.items()}
-    subjects = [bids_label(plan.folder) for plan in normals]
+    subjects = [to_bids_id(plan.folder) for plan in normals]
     sidecar = train.train_cohort(
         [image for image, _ in training],
         [record for _, record in training],

@@ -11,7 +11,7 @@ import matplotlib.image
 import pytest
 
 from mriaudit import paths
-from mriaudit.bench import synthetic_cohort
+from mriaudit.demo.records import synthetic_cohort
 from mriaudit.evaluate import evaluate_cohort
 from mriaudit.report import MAX_MONTAGES, build_report, make_subject_montage, sites
 from tests.unit.test_aggregate import (  # the shared fake cohort
@@ -130,8 +130,8 @@ def test_report_hooks_escaping_and_montages(built_cohort, tmp_path):  # noqa: F8
     assert "within 5 mm of it in 1 of 1 labelled lesion cases" in html
     assert sorted(hooks.table_rows) == sorted(cohort["folders"])
     # Flagged first: the table keeps the scores.tsv order.
-    assert hooks.table_rows == frame["subject"].tolist()
-    flagged = set(frame.loc[frame["flagged"], "subject"])
+    assert hooks.table_rows == frame["folder"].tolist()
+    flagged = set(frame.loc[frame["flagged"], "folder"])
     assert set(hooks.montages) == flagged
     # Ok subjects with images get a picture; the failed one (no images) and
     # folders that were never processed show their reasons only.

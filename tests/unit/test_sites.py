@@ -19,7 +19,7 @@ def _cohort(groups: dict[str, tuple[int, int]], seed: int = 0) -> pd.DataFrame:
             flagged = i < n_flagged
             rows.append(
                 {
-                    "subject": f"{name}-{i}",
+                    "folder": f"{name}-{i}",
                     "status": "ok",
                     "scanner_group": name,
                     "flagged": flagged,

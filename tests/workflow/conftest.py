@@ -110,7 +110,7 @@ def plant_hostile_series_description(input_dir: Path, labels: Path) -> str:
     Returns that subject's folder name.
     """
     table = pd.read_csv(labels, sep="\t", dtype=str)
-    folder = table[table["kind"] == PLANTED_KIND]["subject"].iloc[0]
+    folder = table[table["kind"] == PLANTED_KIND]["folder"].iloc[0]
     for path in sorted((input_dir / folder).rglob("*")):
         if not path.is_file():
             continue

@@ -241,7 +241,7 @@ def _twin(t1_files: list[Path], target: Path) -> None:
 def zipped_source(labels: Path) -> str:
     """The normal subject whose folder ``sub-zipped.zip`` packs."""
     table = pd.read_csv(labels, sep="\t", dtype=str, keep_default_na=False)
-    return table[table["kind"] == "normal"]["subject"].tolist()[2]
+    return table[table["kind"] == "normal"]["folder"].tolist()[2]
 
 
 def _zipped(folder: Path, target: Path) -> None:
@@ -293,7 +293,7 @@ def add_bad_inputs(input_dir: Path, labels: Path) -> None:
     are labelled 0 (usable), every other added folder 1 (to be excluded).
     """
     table = pd.read_csv(labels, sep="\t", dtype=str, keep_default_na=False)
-    normals = table[table["kind"] == "normal"]["subject"].tolist()
+    normals = table[table["kind"] == "normal"]["folder"].tolist()
     t1_of = {name: max(_series_files(input_dir / name).values(), key=len) for name in normals[:2]}
     first, second = (t1_of[name] for name in normals[:2])
     rng = np.random.default_rng(7)
@@ -335,7 +335,7 @@ def add_bad_inputs(input_dir: Path, labels: Path) -> None:
     _broken_niftis(input_dir, rng)
     normal = {MESSY, "sub-2d-only", "sub-4d"}
     rows = [
-        {"subject": folder, "label": "0" if folder in normal else "1", "kind": "corpus"}
+        {"folder": folder, "truth": "0" if folder in normal else "1", "kind": "corpus"}
         for folder in EXPECTED
     ]
     pd.concat([table, pd.DataFrame(rows)]).fillna("").to_csv(labels, sep="\t", index=False)

@@ -40,7 +40,7 @@ def test_dry_run_builds_one_chain_per_subject(placeholder_cohort, tmp_path):
     result = snakemake("-n", "--config", f"input_dir={placeholder_cohort}", f"output_dir={out}")
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = _jobs(result.stdout)
-    # a-b and ab collide on the label "ab": reported, not processed.
+    # a-b and ab collide on the BIDS id "ab": reported, not processed.
     assert jobs["preprocess"] == 3, jobs
     for rule in ["collect", "train_model", "score", "aggregate", "report"]:
         assert jobs[rule] == 1, jobs
@@ -109,7 +109,7 @@ def test_invalid_series_regex_fails_before_any_job(placeholder_cohort, tmp_path)
 
 def test_labels_naming_unknown_subjects_fail_before_any_job(placeholder_cohort, tmp_path):
     labels = tmp_path / "labels.tsv"
-    labels.write_text("subject\tlabel\nsub-01\t0\nsub-1\t1\nPatient 7 (ü)\t1\n")
+    labels.write_text("folder\ttruth\nsub-01\t0\nsub-1\t1\nPatient 7 (ü)\t1\n")
     out = tmp_path / "out"
     result = snakemake(
         "-n", "--config", f"input_dir={placeholder_cohort}", f"output_dir={out}", f"labels={labels}"
@@ -118,7 +118,7 @@ def test_labels_naming_unknown_subjects_fail_before_any_job(placeholder_cohort, 
     printed = result.stdout + result.stderr
     assert "config key labels: 1 subject(s) of" in printed and "'sub-1'" in printed, printed
     assert not out.exists()
-    labels.write_text("subject\tlabel\nsub-01\t0\nPatient 7 (ü)\t1\n")
+    labels.write_text("folder\ttruth\nsub-01\t0\nPatient 7 (ü)\t1\n")
     result = snakemake(
         "-n", "--config", f"input_dir={placeholder_cohort}", f"output_dir={out}", f"labels={labels}"
     )

@@ -68,7 +68,7 @@ def test_every_subject_is_scored_by_a_model_that_never_saw_its_person(real_head_
     sidecar = json.loads((real_head_run["out"] / "model" / "model.json").read_text())
     persons = pd.read_csv(real_head_run["labels"], sep="\t", dtype=str)
     person_of = dict(
-        zip(persons["subject"].str.removeprefix("sub-"), persons["person"], strict=True)
+        zip(persons["folder"].str.removeprefix("sub-"), persons["person"], strict=True)
     )
     folds = {**sidecar["fold_assignment"], **sidecar["held_out_folds"]}
     assert set(folds) == set(person_of)

@@ -15,7 +15,7 @@ import pytest
 
 from mriaudit import cohort, paths
 from mriaudit.aggregate import aggregate_cohort
-from mriaudit.bench import synthetic_cohort
+from mriaudit.demo.records import synthetic_cohort
 from mriaudit.report import build_report
 
 from .browser import Browser, find_chromium
@@ -83,7 +83,7 @@ def test_demo_report_works_in_chromium(browser, workflow_run, tmp_path):
     assert found["requests"] == [], "the report must load nothing"
 
     scores = pd.read_csv(paths.scores_table(workflow_run.output_dir), sep="\t", dtype=str)
-    flagged = sorted(scores.loc[scores["flagged"] == "true", "subject"])
+    flagged = sorted(scores.loc[scores["flagged"] == "true", "folder"])
     assert flagged
     # The ROC figure and every flagged subject's montage are there and decoded.
     assert browser.evaluate(
@@ -97,7 +97,7 @@ def test_demo_report_works_in_chromium(browser, workflow_run, tmp_path):
     )
     assert sorted(montages) == flagged
     # Flagged subjects that were audited show their slices; broken inputs say why there are none.
-    audited = set(scores.loc[scores["status"] == "ok", "subject"])
+    audited = set(scores.loc[scores["status"] == "ok", "folder"])
     assert {s for s, drawn in montages.items() if drawn} == audited & set(flagged), montages
 
     # The filter: one subject by its folder name, then everyone again.
@@ -133,9 +133,9 @@ def test_demo_report_works_in_chromium(browser, workflow_run, tmp_path):
     exported = list(downloads.glob("*.tsv"))
     assert exported, "the export button downloaded nothing"
     decisions = pd.read_csv(exported[0], sep="\t", dtype=str, keep_default_na=False)
-    assert list(decisions.columns) == ["subject", "label", "decision", "note"]
-    assert sorted(decisions["subject"]) == sorted(scores["subject"])
-    suggested = dict(zip(decisions["subject"], decisions["decision"], strict=True))
+    assert list(decisions.columns) == ["folder", "truth", "decision", "note"]
+    assert sorted(decisions["folder"]) == sorted(scores["folder"])
+    suggested = dict(zip(decisions["folder"], decisions["decision"], strict=True))
     assert {suggested[s] for s in flagged} == {"exclude"}
     # The export is a labels file the next run accepts: exclude = 1, keep = 0.
     next_labels = cohort.read_labels(exported[0])
@@ -147,9 +147,9 @@ def test_demo_report_works_in_chromium(browser, workflow_run, tmp_path):
 
 def test_a_script_in_a_header_is_shown_as_text(browser, workflow_run):
     labels = pd.read_csv(workflow_run.labels, sep="\t", dtype=str)
-    planted = labels.loc[labels["kind"] == PLANTED_KIND, "subject"].iloc[0]
+    planted = labels.loc[labels["kind"] == PLANTED_KIND, "folder"].iloc[0]
     scores = pd.read_csv(paths.scores_table(workflow_run.output_dir), sep="\t", dtype=str)
-    row = scores.set_index("subject").loc[planted]
+    row = scores.set_index("folder").loc[planted]
     assert row["hdr_series_description"].startswith(HOSTILE_DESCRIPTION.strip())
     assert row["flagged"] == "true", "the planted subject must have a montage for this test"
     page = paths.report(workflow_run.output_dir)

@@ -124,7 +124,7 @@ def test_grouped_plan_for_1000_subjects_submits_at_most_100_jobs(tmp_path):
     jobs = _submissions(result.stdout + result.stderr, local_rules={"all"})
     assert sum(jobs.values()) <= 100, jobs
     components = _profile(PROFILE)["group-components"]
-    assert jobs["group subject"] == math.ceil(1000 / components["subject"]), jobs
+    assert jobs["group subject"] == math.ceil(1000 / components["folder"]), jobs
     assert jobs["collect"] == jobs["train_model"] == jobs["score"] == jobs["group cohort"] == 1, (
         jobs
     )
@@ -261,9 +261,9 @@ def slurm_run(slurm_cluster, tmp_path_factory) -> SlurmRun:
 def test_slurm_run_produces_the_cohort_outputs(slurm_run):
     result = slurm_run.result
     assert result.returncode == 0, result.stderr[-5000:]
-    scores = pd.read_csv(paths.scores_table(slurm_run.output_dir), sep="\t", dtype={"subject": str})
+    scores = pd.read_csv(paths.scores_table(slurm_run.output_dir), sep="\t", dtype={"folder": str})
     folders = sorted(s.folder for s in cohort.list_subjects(slurm_run.input_dir))
-    assert sorted(scores["subject"]) == folders
+    assert sorted(scores["folder"]) == folders
     assert set(scores["status"]) <= {"ok", "failed", "no_series"}
     html = paths.report(slurm_run.output_dir).read_text()
     assert 'id="subjects"' in html
@@ -286,13 +286,13 @@ def test_model_rules_ran_with_a_gpu_on_the_gpu_partition(slurm_run):
 
 def test_per_subject_rules_ran_in_groups(slurm_run):
     assert slurm_run.result.returncode == 0, slurm_run.result.stderr[-5000:]
-    labels = [cohort.bids_label(s.folder) for s in cohort.list_subjects(slurm_run.input_dir)]
+    bids_ids = [s.bids_id for s in cohort.list_subjects(slurm_run.input_dir)]
     instances = 0
     for rule in SUBJECT_RULES:
         ran = [
-            label
-            for label in labels
-            if paths.benchmark(slurm_run.output_dir, rule, label).is_file()
+            bids_id
+            for bids_id in bids_ids
+            if paths.benchmark(slurm_run.output_dir, rule, bids_id).is_file()
         ]
         assert ran, f"no {rule} job ran"
         instances += len(ran)

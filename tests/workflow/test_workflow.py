@@ -28,7 +28,7 @@ pytestmark = pytest.mark.workflow
 
 
 def _scores(run):
-    return pd.read_csv(paths.scores_table(run.output_dir), sep="\t", dtype={"subject": str})
+    return pd.read_csv(paths.scores_table(run.output_dir), sep="\t", dtype={"folder": str})
 
 
 def test_run_succeeds(workflow_run):
@@ -46,7 +46,7 @@ def test_inputs_are_read_only_and_unchanged(workflow_run):
 def test_scores_table_has_every_subject_with_a_valid_status(workflow_run):
     scores = _scores(workflow_run)
     folders = sorted(s.folder for s in cohort.list_subjects(workflow_run.input_dir))
-    assert sorted(scores["subject"]) == folders
+    assert sorted(scores["folder"]) == folders
     assert set(scores["status"]) <= {"ok", "failed", "no_series"}
     assert set(scores["flagged"].astype(str).str.lower()) <= {"true", "false"}
     for column in ["reason", "anomaly_score", "flag_reasons"]:
@@ -56,10 +56,10 @@ def test_scores_table_has_every_subject_with_a_valid_status(workflow_run):
 
 
 def test_broken_inputs_are_findings_with_reasons(workflow_run):
-    labels = pd.read_csv(workflow_run.labels, sep="\t", dtype={"subject": str})
-    broken = labels[labels["kind"].isin(["empty_folder", "localizer_only"])]["subject"]
+    labels = pd.read_csv(workflow_run.labels, sep="\t", dtype={"folder": str})
+    broken = labels[labels["kind"].isin(["empty_folder", "localizer_only"])]["folder"]
     assert len(broken) >= 2
-    scores = _scores(workflow_run).set_index("subject")
+    scores = _scores(workflow_run).set_index("folder")
     for folder in broken:
         row = scores.loc[folder]
         assert row["status"] == "no_series", row.to_dict()
@@ -69,7 +69,7 @@ def test_broken_inputs_are_findings_with_reasons(workflow_run):
 
 def test_messy_subject_audits_its_3d_t1_and_explains_the_rest(workflow_run):
     """Localizer, 2D T1, DWI, junk and a cut file under random names in nested folders."""
-    row = _scores(workflow_run).set_index("subject").loc[corpus.MESSY]
+    row = _scores(workflow_run).set_index("folder").loc[corpus.MESSY]
     assert row["status"] == "ok", row["reason"]
     assert row["hdr_acquisition"] == "3D"
     assert "mprage" in row["hdr_series_description"].lower()
@@ -91,7 +91,7 @@ def test_messy_subject_audits_its_3d_t1_and_explains_the_rest(workflow_run):
 def test_every_bad_input_is_a_row_with_a_reason(workflow_run, folder):
     """The whole bad-input corpus ran in the one workflow run (which exited 0)."""
     status, column, text = corpus.EXPECTED[folder]
-    row = _scores(workflow_run).set_index("subject").loc[folder]
+    row = _scores(workflow_run).set_index("folder").loc[folder]
     assert row["status"] == status, row.to_dict()
     if column in ("", "notes"):
         assert not column or text in row[column], row.to_dict()
@@ -99,13 +99,13 @@ def test_every_bad_input_is_a_row_with_a_reason(workflow_run, folder):
     assert text in row[column], row.to_dict()
     assert str(row["flagged"]).lower() == "true"
     exclusions = pd.read_csv(paths.exclusions_table(workflow_run.output_dir), sep="\t", dtype=str)
-    assert folder in set(exclusions["subject"])
+    assert folder in set(exclusions["folder"])
     html = paths.report(workflow_run.output_dir).read_text()
     assert html_lib.escape(text, quote=False) in html
 
 
 def test_a_scan_under_two_names_flags_both(workflow_run):
-    scores = _scores(workflow_run).set_index("subject")
+    scores = _scores(workflow_run).set_index("folder")
     twin = scores.loc[corpus.TWIN]
     (original,) = [
         name
@@ -121,7 +121,7 @@ def test_a_scan_under_two_names_flags_both(workflow_run):
 
 
 def test_a_subject_zipped_as_one_file_is_audited_like_its_folder(workflow_run):
-    scores = _scores(workflow_run).set_index("subject")
+    scores = _scores(workflow_run).set_index("folder")
     zipped = scores.loc[corpus.ZIPPED]
     source = scores.loc[corpus.zipped_source(workflow_run.labels)]
     assert zipped["status"] == "ok"
@@ -135,7 +135,8 @@ def test_a_subject_zipped_as_one_file_is_audited_like_its_folder(workflow_run):
     subjects = pd.read_csv(
         paths.cohort_dir(workflow_run.output_dir) / "subjects.tsv", sep="\t", dtype=str
     ).set_index("folder")
-    assert subjects.at[f"{corpus.ZIPPED}.zip", "label"] == "zipped"
+    assert subjects.at[corpus.ZIPPED, "bids_id"] == "zipped"
+    assert subjects.at[corpus.ZIPPED, "entry"] == f"{corpus.ZIPPED}.zip"
 
 
 def test_contract_images_exist_with_consistent_geometry(workflow_run):
@@ -143,20 +144,20 @@ def test_contract_images_exist_with_consistent_geometry(workflow_run):
     ok = scores[scores["status"] == "ok"]
     assert len(ok) >= 5
     grids = set()
-    for label in (cohort.bids_label(folder) for folder in ok["subject"]):
+    for bids_id in (cohort.to_bids_id(folder) for folder in ok["folder"]):
         out = workflow_run.output_dir
-        native = nib.load(paths.t1w(out, label))
-        corrected = nib.load(paths.n4(out, label))
+        native = nib.load(paths.t1w(out, bids_id))
+        corrected = nib.load(paths.n4(out, bids_id))
         assert native.shape == corrected.shape
         np.testing.assert_allclose(native.affine, corrected.affine, atol=1e-4)
-        assert json.loads(paths.t1w_sidecar(out, label).read_text())
-        registered = nib.load(paths.preproc(out, label))
-        anomaly = nib.load(paths.anomaly_map(out, label))
+        assert json.loads(paths.t1w_sidecar(out, bids_id).read_text())
+        registered = nib.load(paths.preproc(out, bids_id))
+        anomaly = nib.load(paths.anomaly_map(out, bids_id))
         assert registered.shape == anomaly.shape
         np.testing.assert_allclose(registered.affine, anomaly.affine, atol=1e-4)
         grids.add((registered.shape, tuple(np.round(registered.affine, 3).ravel())))
         assert np.isfinite(anomaly.get_fdata()).all()
-        summary = json.loads(paths.subject_scores(out, label).read_text())
+        summary = json.loads(paths.subject_scores(out, bids_id).read_text())
         assert summary
     assert len(grids) == 1, "registered images of all subjects must share one template grid"
 
@@ -174,14 +175,14 @@ def test_no_image_shaped_placeholder_anywhere(workflow_run):
         data = nib.load(path).get_fdata(dtype=np.float32)  # raises on a damaged file
         assert data.ndim == 3 and min(data.shape) >= 2, path
     scores = _scores(workflow_run)
-    for folder, status in zip(scores["subject"], scores["status"], strict=True):
-        label = cohort.bids_label(folder)
-        if not paths.subject_scores(out, label).is_file():
-            continue  # not processed (label collision)
-        manifest = json.loads(paths.subject_scores(out, label).read_text())["images"]
+    for folder, status in zip(scores["folder"], scores["status"], strict=True):
+        bids_id = cohort.to_bids_id(folder)
+        if not paths.subject_scores(out, bids_id).is_file():
+            continue  # not processed (BIDS id collision)
+        manifest = json.loads(paths.subject_scores(out, bids_id).read_text())["images"]
         existing = {
             name: image.relative_to(out).as_posix()
-            for name, image in paths.subject_images(out, label).items()
+            for name, image in paths.subject_images(out, bids_id).items()
             if image.is_file()
         }
         assert manifest == existing, folder
@@ -281,6 +282,14 @@ def test_snakemake_report_carries_the_audit_report(workflow_run, tmp_path):
     text = target.read_text(encoding="utf-8")
     # The audit report is registered under its category, with its label.
     assert "Cohort audit" in text and "audit report" in text
+    # Every registered output carries its caption, and the workflow its description.
+    for caption in (
+        "self-contained page",
+        "one row per subject of input_dir",
+        "the flagged subjects only",
+    ):
+        assert caption in text, caption
+    assert "mriaudit audits a cohort of MRI scans" in text
 
 
 def test_an_added_subject_is_the_only_one_preprocessed_again(workflow_run):
@@ -297,7 +306,7 @@ def test_an_added_subject_is_the_only_one_preprocessed_again(workflow_run):
         result = snakemake("-n", "--configfile", str(workflow_run.configfile))
         assert result.returncode == 0, result.stderr[-3000:]
         jobs = job_counts(result.stdout)
-        n_processed = len(cohort.processed_labels(cohort.list_subjects(workflow_run.input_dir)))
+        n_processed = len(cohort.processed_ids(cohort.list_subjects(workflow_run.input_dir)))
         assert jobs.get("preprocess") == 1, jobs
         assert jobs["train_model"] == jobs["score"] == jobs["collect"] == 1, jobs
         assert jobs["aggregate"] == jobs["report"] == jobs["evaluate"] == 1
@@ -329,9 +338,9 @@ def test_a_run_killed_halfway_resumes_to_the_same_result(workflow_run, tmp_path)
     assert not paths.report(output_dir).exists()
     resumed = snakemake(*command[1:])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    first = _scores(workflow_run).set_index("subject").sort_index()
-    again = pd.read_csv(paths.scores_table(output_dir), sep="\t", dtype={"subject": str})
-    again = again.set_index("subject").sort_index()
+    first = _scores(workflow_run).set_index("folder").sort_index()
+    again = pd.read_csv(paths.scores_table(output_dir), sep="\t", dtype={"folder": str})
+    again = again.set_index("folder").sort_index()
     assert list(again.index) == list(first.index)
     for column in ["status", "flagged", "reason", "flag_reasons"]:
         assert again[column].equals(first[column]), column

@@ -56,8 +56,8 @@ from mriaudit.aggregate.reasons import (
     NOTE_FINDINGS,
     flagged_otherwise,
     iqm_causes,
-    iqm_label,
     iqm_tables,
+    iqm_title,
 )
 from mriaudit.aggregate.rows import METRIC_PREFIXES, read_subject_records
 from mriaudit.aggregate.scores import aggregate_cohort, read_scores
@@ -74,8 +74,8 @@ __all__ = [
     "flag_settings",
     "flagged_otherwise",
     "iqm_causes",
-    "iqm_label",
     "iqm_tables",
+    "iqm_title",
     "protocol_deviations",
     "read_prescreen",
     "read_scores",

@@ -162,7 +162,7 @@ def duplicate_images(frame: pd.DataFrame) -> list[list[str]]:
         groups.setdefault(digests[i], []).append(int(i))
     for members in groups.values():
         for i in members if len(members) > 1 else []:
-            found[i] = [str(frame.at[j, "subject"]) for j in members if j != i]
+            found[i] = [str(frame.at[j, "folder"]) for j in members if j != i]
     return found
 
 
@@ -251,7 +251,7 @@ def _judge(
         extra["flag_reasons"] = reasons
     hard = np.array([bool(extra["flag_reasons"]) for extra in extras], dtype=bool)
     result = _audit(frame, ok, hard, settings)
-    _, labels = iqm_tables()
+    _, titles = iqm_tables()
     causes = iqm_causes()
     flagged, reasons_col, findings_col, notes_col = [], [], [], []
     for i, extra in enumerate(extras):
@@ -262,7 +262,7 @@ def _judge(
             if column.startswith("iqm_") and math.isfinite(result.z[i, j])
         }
         extra["iqm_outliers"] = [f"{c} z={v:.1f}" for c, v in drivers if c.startswith("iqm_")]
-        extra["audit_drivers"] = [_component_reason(c, v, labels, causes) for c, v in drivers]
+        extra["audit_drivers"] = [_component_reason(c, v, titles, causes) for c, v in drivers]
         if np.isfinite(result.score[i]) and result.score[i] >= result.threshold:
             # The audit score is the first reason of an ok subject it flags.
             text = f"{AUDIT_REASON}{result.score[i]:.1f} (threshold {result.threshold:.1f})"

@@ -55,25 +55,25 @@ _STATUS_PREFIX = {FAILED: "failed", NO_SERIES: "no usable T1-weighted series"}
 
 
 def iqm_tables() -> tuple[dict[str, int], dict[str, str]]:
-    """IQM directions (+1 higher is better, -1 lower is better, 0 descriptive) and labels.
+    """IQM directions (+1 higher is better, -1 lower is better, 0 descriptive) and display names.
 
     Keys are MRIQC names without the ``iqm_`` prefix, as ``mriaudit.iqm`` defines them.
     """
     # Imported here: mriaudit.iqm imports ANTsPy, which the cohort steps need for nothing else.
-    from mriaudit.iqm import IQM_DIRECTIONS, IQM_LABELS
+    from mriaudit.iqm import IQM_DIRECTIONS, IQM_TITLES
 
     directions = {_strip_iqm(k): int(v) for k, v in IQM_DIRECTIONS.items()}
-    labels = {_strip_iqm(k): str(v) for k, v in IQM_LABELS.items()}
-    return directions, labels
+    titles = {_strip_iqm(k): str(v) for k, v in IQM_TITLES.items()}
+    return directions, titles
 
 
 def _strip_iqm(name: str) -> str:
     return name[4:] if name.startswith("iqm_") else name
 
 
-def iqm_label(column: str, labels: dict[str, str]) -> str:
+def iqm_title(column: str, titles: dict[str, str]) -> str:
     """Human-readable name of an ``iqm_*`` column (``iqm_snr_wm`` -> ``SNR (WM)``)."""
-    return labels.get(_strip_iqm(column), _strip_iqm(column))
+    return titles.get(_strip_iqm(column), _strip_iqm(column))
 
 
 #: Prefix of the flag reason the audit score gives (the other reasons are hard findings).
@@ -110,12 +110,12 @@ def iqm_causes() -> dict[str, str]:
     return {_strip_iqm(k): str(v) for k, v in IQM_CAUSES.items()}
 
 
-def _iqm_reason(column: str, z: float, labels: dict[str, str], causes: dict[str, str]) -> str:
+def _iqm_reason(column: str, z: float, titles: dict[str, str], causes: dict[str, str]) -> str:
     """``EFC 4.2 robust SD above the cohort (ghosting or blur)``."""
     side = "below" if z < 0 else "above"
     cause = causes.get(_strip_iqm(column))
     suffix = f" ({cause})" if cause else ""
-    return f"{iqm_label(column, labels)} {abs(z):.1f} robust SD {side} the cohort{suffix}"
+    return f"{iqm_title(column, titles)} {abs(z):.1f} robust SD {side} the cohort{suffix}"
 
 
 def _top_region_text(regions: list[Any]) -> str:
@@ -148,10 +148,10 @@ def _drivers(result: audit.AuditResult, row: int, *, component_z: float) -> list
     return [(column, z) for column, z, _ in found]
 
 
-def _component_reason(column: str, z: float, labels: dict[str, str], causes: dict[str, str]) -> str:
+def _component_reason(column: str, z: float, titles: dict[str, str], causes: dict[str, str]) -> str:
     """``CJV 4.2 robust SD above the cohort (noise, ...)``; the model: ``model anomaly 4.2 ...``."""
     if column == "anomaly_raw":
         return f"model anomaly {z:.1f} robust SD above the cohort"
     if column == "reg_similarity":
         return f"template similarity {abs(z):.1f} robust SD below the cohort (wrong contrast or misregistration)"
-    return _iqm_reason(column, z, labels, causes)
+    return _iqm_reason(column, z, titles, causes)

@@ -37,10 +37,10 @@ def _read_record(path: Path, stage: str) -> dict[str, Any] | None:
     return record
 
 
-def read_subject_records(out_dir: Path, label: str) -> dict[str, dict[str, Any] | None]:
+def read_subject_records(out_dir: Path, bids_id: str) -> dict[str, dict[str, Any] | None]:
     """The record of every stage in ``paths.STAGES`` order (None where absent)."""
     return {
-        stage: _read_record(paths.record(out_dir, label, stage), stage) for stage in paths.STAGES
+        stage: _read_record(paths.record(out_dir, bids_id, stage), stage) for stage in paths.STAGES
     }
 
 
@@ -82,8 +82,8 @@ def _subject_row(
     score = records.get("score") or {}
     raw = metrics.get("anomaly_raw") if score.get("status") == OK else None
     row: dict[str, Any] = {
-        "subject": subject.folder,
-        "label": subject.label,
+        "folder": subject.folder,
+        "bids_id": subject.bids_id,
         "status": status,
         "reason": reason,
         "anomaly_raw": _as_float(raw),

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mriaudit import cohort, paths
+from mriaudit import cohort, files, paths
 from mriaudit.aggregate.judge import _judge, flag_settings
 from mriaudit.aggregate.reasons import _top_region_text
 from mriaudit.aggregate.rows import (
@@ -30,14 +29,14 @@ from mriaudit.aggregate.rows import (
     read_subject_records,
 )
 from mriaudit.records import FAILED, OK, write_json
-from mriaudit.tables import read_tsv, write_tsv
+from mriaudit.tables import read_tsv, validate, write_tsv
 
 log = logging.getLogger(__name__)
 
 
 _STRING_COLUMNS = (
-    "subject",
-    "label",
+    "folder",
+    "bids_id",
     "status",
     "reason",
     "failed_stage",
@@ -48,8 +47,8 @@ _STRING_COLUMNS = (
 )
 _BOOL_COLUMNS = ("flagged", "in_reference")
 _BASE_COLUMNS = (
-    "subject",
-    "label",
+    "folder",
+    "bids_id",
     "status",
     "reason",
     "audit_score",
@@ -71,13 +70,19 @@ def _ordered_columns(frame: pd.DataFrame, *, with_labels: bool) -> list[str]:
     for prefix in METRIC_PREFIXES:
         columns += [c for c in frame.columns if c.startswith(prefix) and c not in columns]
     if with_labels:
-        columns.append("true_label")
+        columns.append("truth")
     return columns
 
 
 def read_scores(path: Path) -> pd.DataFrame:
-    """scores.tsv as written by ``aggregate_cohort``: text columns as str, booleans as bool."""
-    return read_tsv(path, text_columns=_STRING_COLUMNS, bool_columns=_BOOL_COLUMNS)
+    """scores.tsv as written by ``aggregate_cohort``, validated by ``schemas/scores.schema.yaml``.
+
+    Text columns are str ("" when empty), booleans bool, numbers float; a
+    table that does not match its schema raises ``ValueError`` naming the
+    column and rows (a hand-edited or truncated file).
+    """
+    frame = read_tsv(path, text_columns=_STRING_COLUMNS, bool_columns=_BOOL_COLUMNS)
+    return validate(frame, "scores", source=f"scores table {str(path)!r}")
 
 
 def aggregate_cohort(
@@ -95,7 +100,7 @@ def aggregate_cohort(
     One row per first-level folder of ``input_dir`` (folders with a naming
     problem included, as ``failed``), sorted flagged first then by
     ``anomaly_score`` descending. Also writes ``paths.subject_scores(out_dir,
-    label)`` for every processed subject. Returns the table (``flagged`` and
+    bids_id)`` for every processed subject. Returns the table (``flagged`` and
     ``in_reference`` as bool; the files write ``true``/``false``).
     """
     settings = flag_settings(flag)
@@ -107,15 +112,15 @@ def aggregate_cohort(
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
         loaded = list(
             pool.map(
-                lambda s: read_subject_records(out_dir, s.label) if s.processed else {}, subjects
+                lambda s: read_subject_records(out_dir, s.bids_id) if s.processed else {}, subjects
             )
         )
     for subject, subject_records in zip(subjects, loaded, strict=True):
         if subject.problem:
             rows.append(
                 {
-                    "subject": subject.folder,
-                    "label": subject.label,
+                    "folder": subject.folder,
+                    "bids_id": subject.bids_id,
                     "status": FAILED,
                     "reason": subject.problem,
                     "failed_stage": "cohort",
@@ -135,12 +140,12 @@ def aggregate_cohort(
             log.warning(
                 "%d labelled subjects are not in input_dir, e.g. %s", len(unknown), unknown[:3]
             )
-        frame["true_label"] = pd.array([labels.get(s.folder) for s in subjects], dtype="Int64")
+        frame["truth"] = pd.array([labels.get(s.folder) for s in subjects], dtype="Int64")
     frame, summary = _judge(frame, extras, settings)
     frame = frame.reindex(columns=_ordered_columns(frame, with_labels=labels is not None))
     order = np.lexsort(
         (
-            frame["subject"].to_numpy(dtype=str),
+            frame["folder"].to_numpy(dtype=str),
             -np.nan_to_num(frame["audit_score"].to_numpy(dtype=float), nan=-np.inf),
             ~frame["flagged"].to_numpy(dtype=bool),
         )
@@ -152,8 +157,9 @@ def aggregate_cohort(
     write_tsv(
         pd.DataFrame(
             {
-                "folder": [s.entry for s in subjects],
-                "label": [s.label for s in subjects],
+                "folder": [s.folder for s in subjects],
+                "entry": [s.entry for s in subjects],
+                "bids_id": [s.bids_id for s in subjects],
                 "problem": [s.problem for s in subjects],
             }
         ),
@@ -163,13 +169,13 @@ def aggregate_cohort(
 
     def write_subject(item: tuple[dict[str, Any], dict[str, Any]]) -> None:
         row, extra = item
-        if row["subject"] in processed:
-            path = paths.subject_scores(out_dir, row["label"])
+        if row["folder"] in processed:
+            path = paths.subject_scores(out_dir, row["bids_id"])
             data = _subject_json(row, extra, summary)
             # The manifest of what exists, relative to the output folder.
             data["images"] = {
                 name: image.relative_to(out_dir).as_posix()
-                for name, image in paths.subject_images(out_dir, row["label"]).items()
+                for name, image in paths.subject_images(out_dir, row["bids_id"]).items()
                 if image.is_file()
             }
             _write_compact_json(path, data)
@@ -192,8 +198,8 @@ def _exclusions(frame: pd.DataFrame, extras: list[dict[str, Any]]) -> pd.DataFra
     flagged = frame["flagged"].to_numpy(dtype=bool)
     table = pd.DataFrame(
         {
-            "subject": frame["subject"],
-            "label": frame["label"],
+            "folder": frame["folder"],
+            "bids_id": frame["bids_id"],
             "status": frame["status"],
             "reasons": frame["flag_reasons"],
             "audit_score": frame["audit_score"],
@@ -203,8 +209,8 @@ def _exclusions(frame: pd.DataFrame, extras: list[dict[str, Any]]) -> pd.DataFra
             "top_region": [_top_region_text(e["top_regions"]) for e in extras],
         }
     )
-    if "true_label" in frame:
-        table["true_label"] = frame["true_label"]
+    if "truth" in frame:
+        table["truth"] = frame["truth"]
     return table[flagged].reset_index(drop=True)
 
 
@@ -219,10 +225,7 @@ def _write_compact_json(path: Path, data: dict[str, Any]) -> None:
     except (TypeError, ValueError):
         write_json(path, data)
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    files.write_text(path, text + "\n")
 
 
 def _finite(value: Any) -> float | None:
@@ -240,8 +243,8 @@ def _subject_json(
     timing and extras.
     """
     data = {
-        "subject": row["subject"],
-        "label": row["label"],
+        "folder": row["folder"],
+        "bids_id": row["bids_id"],
         "status": row["status"],
         "reason": row["reason"],
         "failed_stage": row["failed_stage"],
@@ -273,7 +276,7 @@ def _subject_json(
             for stage, record in extra["records"].items()
         },
     }
-    if "true_label" in row:
-        value = row["true_label"]
-        data["true_label"] = None if pd.isna(value) else int(value)
+    if "truth" in row:
+        value = row["truth"]
+        data["truth"] = None if pd.isna(value) else int(value)
     return data

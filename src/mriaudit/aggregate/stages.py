@@ -34,11 +34,11 @@ log = logging.getLogger(__name__)
 
 
 def write_stage_table(
-    out_dir: Path, labels: Sequence[str], *, out_tsv: Path, flag: dict[str, Any] | None = None
+    out_dir: Path, bids_ids: Sequence[str], *, out_tsv: Path, flag: dict[str, Any] | None = None
 ) -> pd.DataFrame:
     """The status of each ``paths.PREPROCESS_STAGES`` record of each subject, and its first problem.
 
-    One row per label: ``subject`` (label), a column per stage (``ok``,
+    One row per subject: ``bids_id``, a column per stage (``ok``,
     ``failed``, ``no_series``, or ``missing``), ``status``, ``failed_stage``
     and ``reason`` of the first stage that is not ok, and ``prescreen``: why
     the audit without the model already flags the subject (a hard finding, or
@@ -50,8 +50,8 @@ def write_stage_table(
     """
     stages = paths.PREPROCESS_STAGES
 
-    def row(label: str) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
-        loaded = {s: _read_record(paths.record(out_dir, label, s), s) for s in stages}
+    def row(bids_id: str) -> tuple[dict[str, Any], dict[str, Any], list[str]]:
+        loaded = {s: _read_record(paths.record(out_dir, bids_id, s), s) for s in stages}
         status, reason, stage = _first_problem(loaded)
         cells = {s: (r or {}).get("status", "missing") for s, r in loaded.items()}
         metrics: dict[str, Any] = {}
@@ -60,7 +60,7 @@ def write_stage_table(
             metrics.update((record or {}).get("metrics") or {})
             findings += [str(code) for code in (record or {}).get("findings") or []]
         table_row = {
-            "subject": label,
+            "bids_id": bids_id,
             **cells,
             "status": status,
             "failed_stage": stage,
@@ -69,8 +69,8 @@ def write_stage_table(
         return table_row, metrics, findings
 
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
-        loaded_rows = list(pool.map(row, labels))
-    columns = ["subject", *stages, "status", "failed_stage", "reason", "prescreen"]
+        loaded_rows = list(pool.map(row, bids_ids))
+    columns = ["bids_id", *stages, "status", "failed_stage", "reason", "prescreen"]
     frame = pd.DataFrame([r for r, _, _ in loaded_rows], columns=columns[:-1])
     frame["prescreen"] = _prescreen(frame, loaded_rows, flag_settings(flag))
     write_tsv(frame, Path(out_tsv))
@@ -81,11 +81,11 @@ def write_stage_table(
 
 
 def read_prescreen(stage_table: Path) -> dict[str, str]:
-    """``{subject label: reason}`` of the rows of ``stages.tsv`` whose ``prescreen`` is set."""
+    """``{bids_id: reason}`` of the rows of ``stages.tsv`` whose ``prescreen`` is set."""
     frame = read_tsv(stage_table, text=True)
     if "prescreen" not in frame:
         return {}
-    return {s: r for s, r in zip(frame["subject"], frame["prescreen"], strict=True) if r}
+    return {s: r for s, r in zip(frame["bids_id"], frame["prescreen"], strict=True) if r}
 
 
 def _prescreen(

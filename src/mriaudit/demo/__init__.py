@@ -1,10 +1,10 @@
 """Demo cohort: realistic DICOM subjects made from the MNI152 template, with labels.
 
 ``python -m mriaudit.demo OUTDIR`` writes one folder per subject under OUTDIR
-and a labels TSV (columns ``subject``, ``label``, ``kind``, ``description`` and
+and a labels TSV (columns ``folder``, ``truth``, ``kind``, ``description`` and
 the lesion centre in MNI mm). Everything is deterministic for a seed.
 
-A labelled minority is anomalous (label 1): lesions, motion ghosting, k-space
+A labelled minority is anomalous (truth 1): lesions, motion ghosting, k-space
 spikes, wrap-around, heavy noise, strong bias, missing slices, wrong contrast;
 plus broken inputs: a truncated DICOM file, an empty folder, a subject with
 only a localizer. ``plan_real_heads`` and ``write_cohort`` run the same

@@ -28,8 +28,8 @@ logger = logging.getLogger(__name__)
 
 
 LABEL_COLUMNS = (
-    "subject",
-    "label",
+    "folder",
+    "truth",
     "kind",
     "description",
     "lesion_x_mm",
@@ -42,12 +42,12 @@ LABEL_COLUMNS = (
 TEMPLATE_PERSON = "MNI152"
 
 
-def _label_row(scan: SubjectScan) -> dict[str, object]:
+def _truth_row(scan: SubjectScan) -> dict[str, object]:
     lesion = scan.lesion
     centre = lesion.centre_mni_mm if lesion else (np.nan, np.nan, np.nan)
     return {
-        "subject": scan.plan.folder,
-        "label": scan.plan.label,
+        "folder": scan.plan.folder,
+        "truth": scan.plan.truth,
         "kind": scan.plan.kind,
         "description": "; ".join(scan.notes) or "normal",
         "lesion_x_mm": centre[0],
@@ -74,7 +74,7 @@ def _make_subject(plan: SubjectPlan, out_dir: Path, voxel_size_mm: float) -> dic
     scan = render_subject(plan, voxel_size_mm=voxel_size_mm)
     write_subject(scan, out_dir / plan.folder)
     logger.info("%s: %s (%.1f s)", plan.folder, plan.kind, time.perf_counter() - started)
-    return _label_row(scan)
+    return _truth_row(scan)
 
 
 def _default_jobs(n_subjects: int, voxel_size_mm: float) -> int:
@@ -147,7 +147,7 @@ def write_cohort(
     workers = _default_jobs(len(plans), voxel_size_mm) if jobs is None else jobs
     rows = _make_all(plans, out, voxel_size_mm, workers)
     table = pd.DataFrame(rows, columns=list(LABEL_COLUMNS))
-    table = table.sort_values("subject", ignore_index=True)
+    table = table.sort_values("folder", ignore_index=True)
     labels.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(labels, sep="\t", index=False, na_rep="", float_format="%g")
     return table
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     logger.info(
         "wrote %d subjects (%d labelled 1) to %s in %.1f s",
         len(table),
-        int(table["label"].sum()),
+        int(table["truth"].sum()),
         args.outdir,
         time.perf_counter() - started,
     )

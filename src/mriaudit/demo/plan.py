@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mriaudit.cohort import bids_label
+from mriaudit.cohort import to_bids_id
 
 ANOMALY_KINDS = (
     "lesion",
@@ -66,7 +66,7 @@ class SubjectPlan:
     head_path: str = ""
 
     @property
-    def label(self) -> int:
+    def truth(self) -> int:
         """1 = anomalous or broken (should be excluded), 0 = normal."""
         return 0 if self.kind == "normal" else 1
 
@@ -89,7 +89,7 @@ def _anomaly_count(n_subjects: int) -> int:
 def _folder_names(n_subjects: int) -> list[str]:
     width = max(3, len(str(n_subjects)))
     names = [f"sub-{number:0{width}d}" for number in range(1, n_subjects + 1)]
-    # One messy archive name (spaces, parentheses, non-ASCII); its BIDS label stays unique.
+    # One messy archive name (spaces, parentheses, non-ASCII); its BIDS id stays unique.
     messy = min(7, n_subjects)
     names[messy - 1] = f"Patient {messy} (ü)"
     return names
@@ -131,9 +131,9 @@ def plan_cohort(n_subjects: int, *, seed: int) -> list[SubjectPlan]:
                 seed=seed,
             )
         )
-    labels = [bids_label(p.folder) for p in plans]
-    if len(set(labels)) != len(labels):
-        message = f"demo folder names collide on their BIDS labels: {labels}"
+    ids = [to_bids_id(p.folder) for p in plans]
+    if len(set(ids)) != len(ids):
+        message = f"demo folder names collide on their BIDS ids: {ids}"
         raise RuntimeError(message)
     return plans
 

@@ -10,11 +10,9 @@ an image that is not a finite 3D volume with an invertible affine.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -27,14 +25,13 @@ import dcm2niix
 import nibabel as nib
 import numpy as np
 
-from mriaudit import sources
+from mriaudit import files, sources
 from mriaudit.records import (
     OK,
     StageError,
     make_record,
     read_record,
     run_stage,
-    temporary_sibling,
     write_json,
 )
 
@@ -163,15 +160,8 @@ def clean_sidecar(sidecar: dict[str, Any]) -> dict[str, Any]:
 
 def _atomic_copy(source: Path, target: Path) -> None:
     """Copy ``source`` to ``target`` through a temporary name in the target folder."""
-    fd, tmp = temporary_sibling(target)
-    os.close(fd)
-    try:
+    with files.atomic_path(target) as tmp:
         shutil.copyfile(source, tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def _first_volume(source: Path, target: Path) -> None:

@@ -4,7 +4,7 @@ The definitions follow MRIQC's anatomical IQMs (Esteban et al. 2017, PLoS ONE
 12:e0184661; ``mriqc.qc.anatomical``), re-implemented here from the formulas.
 Every metric is recorded with MRIQC's name and an ``iqm_`` prefix (``iqm_cjv``,
 ``iqm_snr_wm``, ``iqm_summary_bg_mad``, ...; ``IQM_DIRECTIONS`` says which side
-is bad, ``IQM_LABELS`` and ``IQM_CAUSES`` how the report names it). Where MRIQC
+is bad, ``IQM_TITLES`` and ``IQM_CAUSES`` how the report names it). Where MRIQC
 relies on tools we do not have (FSL FAST, AFNI 3dFWHMx) or on a choice that does
 not carry over to arbitrary intensity scales, the function's docstring says what
 differs. Functions take arrays and masks and return numbers; no file is read.
@@ -107,10 +107,10 @@ def _metric_table() -> tuple[dict[str, int], dict[str, str], dict[str, str]]:
 #: better) or 0 (descriptive, never flagged). Includes the N4 stage's ``iqm_inu_*``.
 IQM_DIRECTIONS: dict[str, int]
 #: Short human-readable name of every metric in :data:`IQM_DIRECTIONS`.
-IQM_LABELS: dict[str, str]
+IQM_TITLES: dict[str, str]
 #: The likely cause of a metric on its bad side, in plain words, for flag reasons.
 IQM_CAUSES: dict[str, str]
-IQM_DIRECTIONS, IQM_LABELS, IQM_CAUSES = _metric_table()
+IQM_DIRECTIONS, IQM_TITLES, IQM_CAUSES = _metric_table()
 #: Metrics this stage writes (all of IQM_DIRECTIONS except the N4 stage's).
 IQM_NAMES: tuple[str, ...] = tuple(
     n for n in IQM_DIRECTIONS if n not in ("iqm_inu_med", "iqm_inu_range")

@@ -1,8 +1,9 @@
-"""Normative anomaly model: out-of-fold denoising autoencoders on template-space slices.
+"""The normative anomaly model: train it on the reference subjects, score every subject.
 
 ``train_cohort`` trains the fold models once per cohort; ``score_cohort``
 (one subject: ``score_subject``) writes each subject's voxel anomaly map and
-score record.
+score record. The network itself is described once, in ``network.py``; why it
+is built so (and what was tried instead) in docs/DESIGN.md, "Detection design".
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from mriaudit import files
 from mriaudit.intensity import LANDMARK_PERCENTILES, normalize_intensity
 from mriaudit.template import load_brain_mask, load_template
 
@@ -208,20 +209,12 @@ def slice_inputs(volume: np.ndarray, z: np.ndarray, *, context: int) -> np.ndarr
     return np.moveaxis(volume[:, :, index], (2, 3), (0, 1)).astype(np.float32)
 
 
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def data_hash(images: dict[str, Path]) -> str:
     """sha256 over the sorted training subjects and the sha256 of each one's image."""
     digest = hashlib.sha256()
     for subject in sorted(images):
         digest.update(subject.encode())
         digest.update(b"\0")
-        digest.update(file_sha256(images[subject]).encode())
+        digest.update(files.sha256(images[subject]).encode())
         digest.update(b"\n")
     return digest.hexdigest()

@@ -30,13 +30,12 @@ import pandas as pd
 import torch
 from scipy import ndimage
 
-from mriaudit import paths, records
+from mriaudit import files, isolation, paths, records
 from mriaudit.intensity import standardize_histogram
 from mriaudit.model.data import (
     BrainGrid,
     ImageError,
     brain_grid,
-    file_sha256,
     load_normalised,
     slice_inputs,
 )
@@ -49,9 +48,9 @@ from mriaudit.tables import read_tsv, write_tsv
 log = logging.getLogger(__name__)
 
 STAGE = "score"
-#: Columns of the cohort's score table (``paths.model_scores``).
+#: Columns of the model's score table (``paths.model_scores``, ``model/anomaly_scores.tsv``).
 SCORE_TABLE_COLUMNS = (
-    "subject",
+    "bids_id",
     "status",
     "reason",
     "anomaly_raw",
@@ -409,8 +408,8 @@ def _score_work(scorer: Scorer, image: Path, subject: str, out_map: Path) -> dic
         volume = standardize_histogram(volume, grid.crop_mask, reference=np.asarray(landmarks))
     fold = state["fold_assignment"].get(subject)
     digests = state.get("reference_sha256", {})
-    if fold is not None and digests.get(subject) != file_sha256(image):
-        fold = None  # the label of a reference subject, but another image: never seen
+    if fold is not None and digests.get(subject) != files.sha256(image):
+        fold = None  # the id of a reference subject, but another image: never seen
     held_out = state.get("held_out_folds", {}).get(subject) if fold is None else None
     if fold is not None:
         folds = [int(fold)]
@@ -481,7 +480,7 @@ def score_subject(
     """Stage ``score`` of one subject: write the voxel anomaly map and the subject's record.
 
     ``image`` is the registered image on the template grid; ``subject`` the
-    BIDS label that the checkpoint's fold assignment uses. The map (float32,
+    BIDS id that the checkpoint's fold assignment uses. The map (float32,
     template grid and affine) is 0 outside the eroded brain mask. Record
     metrics: ``anomaly_raw`` (higher = more anomalous; None when the model
     could not be trained); extras ``fold``, ``in_reference`` and
@@ -531,23 +530,23 @@ def score_cohort(
     :func:`score_subject` does (``paths`` names them in ``out_dir``); a worker
     that crashes costs only the subject it was scoring (``failed``, crashed)
     and the others are scored by a new worker. Writes ``out_table`` (one row
-    per subject: ``subject`` (label), ``status``, ``reason``, ``anomaly_raw``,
+    per subject: ``bids_id``, ``status``, ``reason``, ``anomaly_raw``,
     ``fold``, ``in_reference``, ``elapsed_s``) and returns it.
     """
     out_dir = Path(out_dir)
     # Labels are strings as written ("001", "NA" included), never numbers or NaN.
     stages = read_tsv(stage_table, text=True)
-    labels = stages["subject"].tolist()
-    workers = min(_score_workers(device, threads), max(1, len(labels)))
+    bids_ids = stages["bids_id"].tolist()
+    workers = min(_score_workers(device, threads), max(1, len(bids_ids)))
     torch_threads = max(1, threads) if workers == 1 else 1
 
-    def record_path(label: str) -> Path:
-        return paths.record(out_dir, label, STAGE)
+    def record_path(bids_id: str) -> Path:
+        return paths.record(out_dir, bids_id, STAGE)
 
     def work(shard: Sequence[str]) -> None:
         scorer = None
-        for label in shard:
-            upstream = [paths.record(out_dir, label, "register")]
+        for bids_id in shard:
+            upstream = [paths.record(out_dir, bids_id, "register")]
             if scorer is None and _upstream_ok(upstream):
                 try:
                     scorer = Scorer.load(Path(checkpoint), device=device, threads=torch_threads)
@@ -556,39 +555,39 @@ def score_cohort(
                     return
             score_one(
                 scorer,
-                paths.preproc(out_dir, label),
-                subject=label,
-                out_map=paths.anomaly_map(out_dir, label),
-                record_path=record_path(label),
+                paths.preproc(out_dir, bids_id),
+                subject=bids_id,
+                out_map=paths.anomaly_map(out_dir, bids_id),
+                record_path=record_path(bids_id),
                 upstream=upstream,
                 isolate=False,
             )
 
     def unusable(shard: Sequence[str], reason: str) -> None:
         log.error("%s", reason)
-        for label in shard:
-            if not record_path(label).exists():
-                records.remove_images([paths.anomaly_map(out_dir, label)])
+        for bids_id in shard:
+            if not record_path(bids_id).exists():
+                records.remove_images([paths.anomaly_map(out_dir, bids_id)])
                 records.write_json(
-                    record_path(label), make_record(STAGE, status=records.FAILED, reason=reason)
+                    record_path(bids_id), make_record(STAGE, status=records.FAILED, reason=reason)
                 )
 
-    def crashed(label: str, how: str) -> None:
-        unusable([label], f"{STAGE}: crashed ({how})")
+    def crashed(bids_id: str, how: str) -> None:
+        unusable([bids_id], f"{STAGE}: crashed ({how})")
 
     # Records of an earlier, interrupted run must not count as done.
-    for label in labels:
-        record_path(label).unlink(missing_ok=True)
+    for bids_id in bids_ids:
+        record_path(bids_id).unlink(missing_ok=True)
     started = time.perf_counter()
-    records.run_in_workers(
-        labels, work, workers=workers, finished=lambda s: record_path(s).exists(), crashed=crashed
+    isolation.run_in_workers(
+        bids_ids, work, workers=workers, finished=lambda s: record_path(s).exists(), crashed=crashed
     )
     rows = []
-    for label in labels:
-        record = records.read_record(record_path(label))
+    for bids_id in bids_ids:
+        record = records.read_record(record_path(bids_id))
         rows.append(
             {
-                "subject": label,
+                "bids_id": bids_id,
                 "status": record["status"],
                 "reason": record.get("reason", ""),
                 "anomaly_raw": record.get("metrics", {}).get("anomaly_raw"),
@@ -602,9 +601,9 @@ def score_cohort(
     elapsed = time.perf_counter() - started
     log.info(
         "scored %d subjects in %.1f s with %d worker(s) (%.2f s per subject)",
-        len(labels),
+        len(bids_ids),
         elapsed,
         workers,
-        elapsed / max(1, len(labels)),
+        elapsed / max(1, len(bids_ids)),
     )
     return table

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from mriaudit import files
 from mriaudit.intensity import histogram_landmarks, standardize_histogram
 from mriaudit.model.augment import augment_batch
 from mriaudit.model.data import (
@@ -37,7 +38,6 @@ from mriaudit.model.data import (
     assign_folds,
     brain_grid,
     data_hash,
-    file_sha256,
     fold_count,
     group_count,
     load_normalised,
@@ -310,7 +310,7 @@ def train_cohort(
     flags without the model; they do not train it.
 
     ``images`` (registered, template grid), ``records`` (register stage) and
-    ``subjects`` (BIDS labels) are aligned; ``reference`` holds the labels
+    ``subjects`` (BIDS ids) are aligned; ``reference`` holds the ids
     allowed to train. Writes the checkpoint (``torch.save`` dict) and a JSON
     sidecar and returns the sidecar dict. When fewer than 3 reference subjects
     are usable, the checkpoint says ``{"status": "failed", "reason": ...}`` and
@@ -495,7 +495,7 @@ def _fit(
         "held_out_folds": held_out,
         # Which image each reference label was: a reused checkpoint must not take a new
         # cohort's subject for the reference subject that happened to have its label.
-        "reference_sha256": {s: file_sha256(p) for s, p in paths.items()},
+        "reference_sha256": {s: files.sha256(p) for s, p in paths.items()},
         "state_dicts": states,
         "calibration": calibration,
         "training": {k: v for k, v in config.items() if k != "options"},

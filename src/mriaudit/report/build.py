@@ -11,7 +11,6 @@ cohorts of thousands.
 from __future__ import annotations
 
 import datetime
-import hashlib
 import json
 import logging
 import math
@@ -26,10 +25,10 @@ import jinja2
 import numpy as np
 import pandas as pd
 
-from mriaudit import paths
+from mriaudit import files, paths
 from mriaudit.aggregate import (
-    iqm_label,
     iqm_tables,
+    iqm_title,
     read_scores,
     reference_mask,
     table_threshold,
@@ -105,19 +104,11 @@ def _versions() -> dict[str, str]:
     return versions
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _model_provenance(out_dir: Path) -> dict[str, Any]:
     checkpoint = paths.model_checkpoint(out_dir)
     info: dict[str, Any] = {"checkpoint": str(checkpoint), "sha256": "", "sidecar": ""}
     if checkpoint.is_file() and checkpoint.stat().st_size > 0:
-        info["sha256"] = _sha256(checkpoint)
+        info["sha256"] = files.sha256(checkpoint)
     sidecar = paths.model_sidecar(out_dir)
     if sidecar.is_file():
         try:
@@ -192,20 +183,20 @@ def _finding_counts(frame: pd.DataFrame) -> list[tuple[str, int]]:
     return sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
 
 
-def _true_labels(frame: pd.DataFrame) -> np.ndarray | None:
-    if "true_label" not in frame:
+def _truths(frame: pd.DataFrame) -> np.ndarray | None:
+    if "truth" not in frame:
         return None
-    values = pd.to_numeric(frame["true_label"], errors="coerce").to_numpy(dtype=float)
+    values = pd.to_numeric(frame["truth"], errors="coerce").to_numpy(dtype=float)
     return np.where(np.isfinite(values), values, -1).astype(int)
 
 
 def _iqm_figure(frame: pd.DataFrame) -> str:
-    directions, labels = iqm_tables()
+    directions, titles_of = iqm_tables()
     chosen = [c for c in KEY_IQMS if c in frame and frame[c].notna().any()][:MAX_IQM_PANELS]
     if not chosen:
         return ""
     words = {1: "higher is better", -1: "lower is better", 0: "descriptive"}
-    titles = {c: f"{iqm_label(c, labels)} ({words[directions.get(c[4:], 0)]})" for c in chosen}
+    titles = {c: f"{iqm_title(c, titles_of)} ({words[directions.get(c[4:], 0)]})" for c in chosen}
     values = {c: pd.to_numeric(frame[c], errors="coerce").to_numpy(dtype=float) for c in chosen}
     png = figures.iqm_distributions(values, frame["flagged"].to_numpy(dtype=bool), titles=titles)
     return figures.png_data_uri(png)
@@ -215,8 +206,8 @@ def _usable(path: Path) -> bool:
     return path.is_file() and path.stat().st_size > 0
 
 
-def _subject_json(out_dir: Path, label: str) -> dict[str, Any]:
-    path = paths.subject_scores(out_dir, label)
+def _subject_json(out_dir: Path, bids_id: str) -> dict[str, Any]:
+    path = paths.subject_scores(out_dir, bids_id)
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError):
@@ -225,13 +216,13 @@ def _subject_json(out_dir: Path, label: str) -> dict[str, Any]:
 
 def _montage(out_dir: Path, row: dict[str, Any]) -> dict[str, Any]:
     """One flagged subject's card: montage image (or why there is none) and region."""
-    label = row["label"]
+    bids_id = row["bids_id"]
     card: dict[str, Any] = {"image": "", "no_image": "", "region": ""}
-    if not label or row["failed_stage"] == "cohort":
+    if not bids_id or row["failed_stage"] == "cohort":
         card["no_image"] = "not processed: " + row["reason"]
         return card
-    details = _subject_json(out_dir, label)
-    image, anomaly = paths.preproc(out_dir, label), paths.anomaly_map(out_dir, label)
+    details = _subject_json(out_dir, bids_id)
+    image, anomaly = paths.preproc(out_dir, bids_id), paths.anomaly_map(out_dir, bids_id)
     if not _usable(image):
         stopped = f" (processing stopped at {row['failed_stage']})" if row["failed_stage"] else ""
         card["no_image"] = f"no registered image{stopped}"
@@ -261,7 +252,7 @@ def _montage(out_dir: Path, row: dict[str, Any]) -> dict[str, Any]:
         png = figures.make_subject_montage(image, anomaly_path, centre_mm=centre)
     except Exception as error:
         # One unreadable image must not cost the cohort its report.
-        log.warning("montage of %s failed: %s", row["subject"], error)
+        log.warning("montage of %s failed: %s", row["folder"], error)
         card["no_image"] = f"montage not drawn: {error}"
         return card
     card["image"] = figures.png_data_uri(png)
@@ -290,7 +281,7 @@ def build_report(
     exclusions = read_tsv(exclusions_tsv, text=True)
     iqm_evidence = dict(
         zip(
-            exclusions["subject"],
+            exclusions["folder"],
             exclusions.get("iqm_outliers", [""] * len(exclusions)),
             strict=True,
         )
@@ -307,7 +298,7 @@ def build_report(
         status, frame["in_reference"].to_numpy(dtype=bool), np.isfinite(model_score)
     )
     threshold = table_threshold(frame, flag=config.get("flag") or {})
-    true_labels = _true_labels(frame)
+    truths = _truths(frame)
 
     records = frame.to_dict("records")
     flagged_rows = [r for r in records if r["flagged"]]
@@ -318,23 +309,23 @@ def build_report(
         montages = list(pool.map(lambda row: _montage(out_dir, row), chosen))
     for row, card in zip(chosen, montages, strict=True):
         card.update(
-            subject=row["subject"],
+            folder=row["folder"],
             status=row["status"],
             score=_number(row["audit_score"]),
             reasons=[r for r in row["flag_reasons"].split("; ") if r],
             notes=[n for n in row["notes"].split("; ") if n],
-            evidence=iqm_evidence.get(row["subject"], ""),
+            evidence=iqm_evidence.get(row["folder"], ""),
             series=str(row.get("hdr_series_description") or "")
             if not pd.isna(row.get("hdr_series_description"))
             else "",
         )
-    anchors = {card["subject"]: f"m{index}" for index, card in enumerate(montages)}
+    anchors = {card["folder"]: f"m{index}" for index, card in enumerate(montages)}
     for card in montages:
-        card["anchor"] = anchors[card["subject"]]
+        card["anchor"] = anchors[card["folder"]]
 
     rows = [
         {
-            "subject": r["subject"],
+            "folder": r["folder"],
             "status": r["status"],
             "score": _number(r["audit_score"]),
             "model_score": _number(r["anomaly_score"]),
@@ -342,18 +333,14 @@ def build_report(
             "flagged": bool(r["flagged"]),
             "reasons": r["flag_reasons"],
             "findings": "; ".join(filter(None, (r["findings"], r["notes"]))),
-            "true_label": ""
-            if true_labels is None or true_labels[i] < 0
-            else str(int(true_labels[i])),
-            "anchor": anchors.get(r["subject"], ""),
+            "truth": "" if truths is None or truths[i] < 0 else str(int(truths[i])),
+            "anchor": anchors.get(r["folder"], ""),
         }
         for i, r in enumerate(records)
     ]
 
     figures_ctx: dict[str, str] = {
-        "scores": figures.png_data_uri(
-            figures.score_histogram(score, true_labels, threshold=threshold)
-        )
+        "scores": figures.png_data_uri(figures.score_histogram(score, truths, threshold=threshold))
         if np.isfinite(score).any()
         else "",
         "iqms": _iqm_figure(frame),
@@ -382,7 +369,7 @@ def build_report(
         "scanners": sites.scanner_view(frame, threshold=_float(threshold)),
         "findings": _finding_counts(frame),
         "rows": rows,
-        "has_labels": true_labels is not None,
+        "has_labels": truths is not None,
         "metrics": metrics,
         "figures": figures_ctx,
         "montages": montages,
@@ -390,7 +377,7 @@ def build_report(
         "max_montages": max_montages,
         "failures": [
             {
-                "subject": r["subject"],
+                "folder": r["folder"],
                 "status": r["status"],
                 "stage": r["failed_stage"],
                 "reason": r["reason"],

@@ -69,13 +69,13 @@
 
   function clean(text) { return String(text).replace(/[\t\r\n]+/g, " "); }
   document.getElementById("export-decisions").addEventListener("click", function () {
-    // subject + label is what the workflow's `labels` reads: the export is the next run's labels.
-    var lines = ["subject\tlabel\tdecision\tnote"];
+    // folder + truth is what the workflow's `labels` reads: the export is the next run's labels.
+    var lines = ["folder\ttruth\tdecision\tnote"];
     rows.forEach(function (row) {
       var decision = row.querySelector("td.dec select");
       var note = row.querySelector("td.dec input");
-      var label = decision.value === "exclude" ? "1" : "0";
-      lines.push([row.dataset.subject, label, decision.value, note.value].map(clean).join("\t"));
+      var truth = decision.value === "exclude" ? "1" : "0";
+      lines.push([row.dataset.subject, truth, decision.value, note.value].map(clean).join("\t"));
     });
     var blob = new Blob([lines.join("\n") + "\n"], { type: "text/tab-separated-values" });
     var link = document.createElement("a");
