@@ -320,6 +320,44 @@ def scale(work: Path, *, subjects: int) -> dict[str, Any]:
     }
 
 
+def report_budget(work: Path, *, subjects: int = 1000) -> dict[str, Any]:
+    """The report of a ``subjects``-strong synthetic cohort, every subject with its two
+    pictures inline: page size, build time, and load and first paint in headless
+    Chromium (None where it is not installed). Budget: 25 MB, first paint 3 s."""
+    from mriaudit.aggregate import aggregate_cohort
+    from mriaudit.report import build_report
+    from mriaudit.report.chromium import page_timings
+
+    cohort = synthetic_cohort(work / "cohort", subjects)
+    out = cohort["out"]
+    aggregate_cohort(
+        cohort["input"],
+        out,
+        labels_path=str(cohort["labels"]),
+        flag={},
+        out_scores=paths.scores_table(out),
+        out_exclusions=paths.exclusions_table(out),
+        out_subjects=paths.cohort_table(out),
+    )
+    start = time.perf_counter()
+    build_report(
+        out,
+        scores_tsv=paths.scores_table(out),
+        exclusions_tsv=paths.exclusions_table(out),
+        metrics_json=None,
+        config={"flag": {}, "report": {"max_subjects_inline": subjects}},
+        out_html=paths.report(out),
+    )
+    build_s = time.perf_counter() - start
+    timings = page_timings(paths.report(out), work / "chromium-profile")
+    return {
+        "subjects": subjects,
+        "report_mb": round(paths.report(out).stat().st_size / 1e6, 2),
+        "build_s": round(build_s, 2),
+        "browser": timings,
+    }
+
+
 # ------------------------------------------------------------------------------ output
 
 
@@ -382,6 +420,17 @@ def table(result: dict[str, Any]) -> str:
                   f"  aggregate + report         {scaled[f'aggregate_report_{n}_s']:>8.1f} s, "
                   f"peak RSS {scaled['aggregate_report_peak_rss_mb']:.0f} MB, "
                   f"report {scaled['report_mb']:.1f} MB"]  # fmt: skip
+    budget = result.get("report_budget")
+    if budget:
+        timings = budget["browser"]
+        seen = (
+            f"load {timings['load_s']:.2f} s, first paint {timings['first_paint_s']:.2f} s"
+            if timings
+            else "no Chromium here: load time not measured"
+        )
+        lines += ["", f"report of {budget['subjects']} subjects, every picture inline "
+                  "(budget 25 MB, first paint 3 s):",
+                  f"  {budget['report_mb']:.1f} MB, built in {budget['build_s']:.1f} s; {seen}"]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -398,6 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--subjects", type=int, default=10_000, help="cohort size of the scale part"
+    )
+    parser.add_argument(
+        "--report-subjects", type=int, default=1000, help="cohort size of the report budget"
     )
     parser.add_argument("--skip-subject", action="store_true", help="only the scale part")
     parser.add_argument("--skip-scale", action="store_true", help="only the per-subject part")
@@ -419,6 +471,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         if not args.skip_scale:
             result["scale"] = scale(Path(tmp) / "scale", subjects=args.subjects)
+            result["report_budget"] = report_budget(
+                Path(tmp) / "report", subjects=args.report_subjects
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "bench.json").write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))

@@ -74,6 +74,20 @@ def anomaly_map(out: str | Path, sub: str) -> Path:
     return _anat(out, sub, "space-MNI152_desc-anomaly_map.nii.gz")
 
 
+def _figure(out: str | Path, sub: str, suffix: str) -> Path:
+    return subject_dir(out, sub) / "figures" / f"sub-{sub}_{suffix}"
+
+
+def native_thumbnail(out: str | Path, sub: str) -> Path:
+    """Three planes of the converted image, whole field of view (the report's native view)."""
+    return _figure(out, sub, "desc-native_T1w.webp")
+
+
+def anomaly_thumbnail(out: str | Path, sub: str) -> Path:
+    """Three planes of the registered image with the anomaly map over it."""
+    return _figure(out, sub, "space-MNI152_desc-anomaly_T1w.webp")
+
+
 def subject_images(out: str | Path, sub: str) -> dict[str, Path]:
     """Every image (and transform) a subject can have, by name. Only the ones its stages
     made exist: a subject that failed or has no series has none (no placeholders)."""
@@ -86,6 +100,8 @@ def subject_images(out: str | Path, sub: str) -> dict[str, Path]:
         "brain_mask": brain_mask(out, sub),
         "transform": transform(out, sub),
         "anomaly_map": anomaly_map(out, sub),
+        "native_thumbnail": native_thumbnail(out, sub),
+        "anomaly_thumbnail": anomaly_thumbnail(out, sub),
     }
 
 

@@ -50,6 +50,7 @@ def preprocess_subject(
         out_image=paths.t1w(out_dir, bids_id),
         out_sidecar=paths.t1w_sidecar(out_dir, bids_id),
         record_path=record("convert"),
+        out_thumbnail=paths.native_thumbnail(out_dir, bids_id),
     )
     done["n4"] = preprocess.bias_correct_subject(
         paths.t1w(out_dir, bids_id),

@@ -12,7 +12,20 @@ pytestmark = pytest.mark.workflow
 
 
 def test_scale_part_writes_figures_and_a_table(tmp_path, capsys):
-    assert bench.main(["--skip-subject", "--subjects", "40", "--out", str(tmp_path)]) == 0
+    assert (
+        bench.main(
+            [
+                "--skip-subject",
+                "--subjects",
+                "40",
+                "--report-subjects",
+                "30",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "bench.json").read_text())
     scale = result["scale"]
     assert scale["subjects"] == 40
@@ -22,3 +35,6 @@ def test_scale_part_writes_figures_and_a_table(tmp_path, capsys):
     assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
     printed = capsys.readouterr().out
     assert "scale (40 subjects)" in printed and "aggregate + report" in printed
+    budget = result["report_budget"]
+    assert budget["subjects"] == 30 and budget["report_mb"] > 0.1  # 30 subjects' pictures inline
+    assert "report of 30 subjects, every picture inline" in printed

@@ -5,20 +5,25 @@
 
 from __future__ import annotations
 
+import base64
 import html as html_lib
+import io
 import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
+from PIL import Image
+from scipy import ndimage
 
 from mriaudit import cohort, paths
 from mriaudit.aggregate import aggregate_cohort
 from mriaudit.demo.records import synthetic_cohort
 from mriaudit.report import build_report
+from mriaudit.report.chromium import Browser, find_chromium
 
-from .browser import Browser, find_chromium
 from .conftest import HOSTILE_DESCRIPTION, PLANTED_KIND
 
 pytestmark = pytest.mark.workflow
@@ -157,14 +162,180 @@ def test_a_script_in_a_header_is_shown_as_text(browser, workflow_run):
     assert HOSTILE_DESCRIPTION.strip() not in source
     open_page(browser, page)
     assert browser.evaluate("window.__alerts.length") == 0
-    # The page's own script is its only one; the planted one is text in the montage card.
-    assert browser.evaluate("document.scripts.length") == source.count("<script>")
+    # The page's own script is its only executable one (the other holds the cohort's JSON);
+    # the planted one is text in the montage card.
+    assert browser.evaluate("document.querySelectorAll('script:not([type])').length") == 1
+    assert source.count("<script>") == 1
     card = browser.evaluate(
         f"document.querySelector('.montage[data-subject={json.dumps(planted)}]').textContent"
     )
     assert HOSTILE_DESCRIPTION.strip() in card
     # PatientName is set in every demo file and shown nowhere.
     assert "DEMO^SUBJECT" not in source and "DEMO^SUBJECT" not in html_lib.unescape(source)
+
+
+#: Where the browser test leaves its screenshots (README shows one): results/screenshots.
+SCREENSHOTS = Path(__file__).resolve().parents[2] / "results" / "screenshots"
+
+
+def air_brightness(picture: np.ndarray) -> float:
+    """Mean grey of the air in a native picture's axial panel: everything but the head
+    (the largest bright component, holes filled, grown by 3 pixels)."""
+    axial = picture[:, : picture.shape[0]].astype(float)
+    head = ndimage.binary_fill_holes(axial > 90)
+    labels, n = ndimage.label(head)
+    if n:
+        sizes = ndimage.sum(head, labels, range(1, n + 1))
+        head = labels == int(np.argmax(sizes)) + 1
+    return float(axial[~ndimage.binary_dilation(head, iterations=3)].mean())
+
+
+def decode(uri: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(uri.split(",", 1)[1]))).convert("L"))
+
+
+def mouse(browser: Browser, kind: str, x: float, y: float, **extra) -> None:
+    browser.call("Input.dispatchMouseEvent", type=kind, x=x, y=y, button="left", **extra)
+
+
+def key(browser: Browser, name: str) -> None:
+    for kind in ("keyDown", "keyUp"):
+        browser.call("Input.dispatchKeyEvent", type=kind, key=name)
+
+
+def settle(browser: Browser) -> None:
+    browser.evaluate(
+        "new Promise(function (r) { requestAnimationFrame(function () { setTimeout(r, 60); }); })"
+    )
+
+
+def test_the_workbench_reviews_links_views_and_shows_every_scan(browser, workflow_run, tmp_path):
+    page = paths.report(workflow_run.output_dir)
+    out = workflow_run.output_dir
+    open_page(browser, page)
+    data = browser.evaluate("JSON.parse(document.getElementById('cohort-data').textContent)")
+    scores = pd.read_csv(paths.scores_table(out), sep="\t", dtype=str, keep_default_na=False)
+    assert [s["folder"] for s in data["subjects"]] == scores["folder"].tolist()
+
+    # Every subject whose convert stage made a picture has its native view, in the gallery.
+    pictured = {
+        row["folder"]
+        for row in scores.to_dict("records")
+        if row["bids_id"] and paths.native_thumbnail(out, row["bids_id"]).is_file()
+    }
+    assert pictured and pictured == {s["folder"] for s in data["subjects"] if s["native"]}
+    cards = browser.evaluate(
+        "Array.from(document.querySelectorAll('.thumb[data-subject]')).filter(function (c) {"
+        " var i = c.querySelector('img.native'); return i && i.dataset.src; })"
+        ".map(function (c) { return c.dataset.subject; })"
+    )
+    assert set(cards) == pictured
+
+    # A ghost in the air shows in its native picture: the air is brighter than any clean scan's.
+    labels = pd.read_csv(workflow_run.labels, sep="\t", dtype=str)
+    kinds = dict(zip(labels["folder"], labels["kind"], strict=True))
+    air = {
+        s["folder"]: air_brightness(decode(s["native"])) for s in data["subjects"] if s["native"]
+    }
+    ghosts = [f for f in air if kinds.get(f) == "ghosting"]
+    clean = [f for f in air if kinds.get(f) == "normal"]
+    assert ghosts and clean
+    assert min(air[f] for f in ghosts) > max(air[f] for f in clean) + 2, air
+
+    # A brush on one strip (real mouse drag) filters the table to the subjects in its range.
+    area = browser.evaluate(
+        "(function () { var a = document.querySelector("
+        "'g.strip[data-metric=audit_score] rect.brush-area'); a.scrollIntoView({block: 'center'});"
+        " var r = a.getBoundingClientRect(); return {l: r.left, t: r.top, w: r.width, h: r.height}; })()"
+    )
+    y = area["t"] + area["h"] / 2
+    start, end = area["l"] + 0.05 * area["w"], area["l"] + 0.5 * area["w"]
+    mouse(browser, "mousePressed", start, y, clickCount=1)
+    mouse(browser, "mouseMoved", (start + end) / 2, y, buttons=1)
+    mouse(browser, "mouseMoved", end, y, buttons=1)
+    mouse(browser, "mouseReleased", end, y, clickCount=1)
+    settle(browser)
+    low, high = browser.evaluate("window.mriaudit.brushes()")["audit_score"]
+    index = [m["key"] for m in data["metrics"]].index("audit_score")
+    inside = sorted(
+        s["folder"]
+        for s in data["subjects"]
+        if s["values"][index] is not None and low <= s["values"][index] <= high
+    )
+    assert 0 < len(inside) < len(scores)
+    assert sorted(browser.evaluate("window.mriaudit.visibleFolders()")) == inside
+    assert visible_rows(browser) == len(inside)
+    browser.screenshot(tmp_path / "linked-views.png", selector="#linked-views")
+    browser.evaluate("document.getElementById('clear-brush').click()")
+    settle(browser)
+    assert visible_rows(browser) == len(scores)
+
+    # Clicking a point of the embedding selects that subject's row and shows its view.
+    point = browser.evaluate(
+        "(function () { var c = document.querySelector('#embedding circle[data-subject]');"
+        " c.scrollIntoView({block: 'center'}); var r = c.getBoundingClientRect();"
+        " var x = r.left + r.width / 2, y = r.top + r.height / 2;"
+        " var hit = document.elementFromPoint(x, y);"
+        " return {x: x, y: y, folder: hit.getAttribute('data-subject')}; })()"
+    )
+    mouse(browser, "mousePressed", point["x"], point["y"], clickCount=1)
+    mouse(browser, "mouseReleased", point["x"], point["y"], clickCount=1)
+    settle(browser)
+    selected = browser.evaluate(
+        "Array.from(document.querySelectorAll('tr.selected')).map(function (r) {"
+        " return r.dataset.subject; })"
+    )
+    assert selected == [point["folder"]]
+    view = browser.evaluate(
+        "(function () { var v = document.getElementById('subject-view');"
+        " return [v.hidden, v.dataset.subject]; })()"
+    )
+    assert view == [False, point["folder"]]
+    browser.screenshot(tmp_path / "subject-view.png")
+
+    # Keyboard review: the queue starts with the flagged subjects; exclude, keep, undecided.
+    flagged = [s["folder"] for s in data["subjects"] if s["flagged"]]
+    assert len(flagged) >= 3
+    browser.evaluate("document.getElementById('start-review').click()")
+    reviewed = []
+    for name in ("x", "a", "u"):
+        reviewed.append(browser.evaluate("document.querySelector('tr.current').dataset.subject"))
+        key(browser, name)
+    assert reviewed == flagged[:3]
+    key(browser, "Escape")
+    decided = dict(zip(reviewed, ("exclude", "keep", "undecided"), strict=True))
+
+    def decisions_in_page() -> dict[str, str]:
+        return browser.evaluate(
+            "Object.fromEntries(Array.from(document.querySelectorAll('tr[data-subject]'))"
+            ".map(function (r) { return [r.dataset.subject, r.querySelector('select').value]; }))"
+        )
+
+    assert {f: decisions_in_page()[f] for f in reviewed} == decided
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    browser.call("Browser.setDownloadBehavior", behavior="allow", downloadPath=str(downloads))
+    browser.evaluate("document.getElementById('export-decisions').click()")
+    deadline = time.monotonic() + 20
+    while not list(downloads.glob("*.tsv")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    exported = pd.read_csv(
+        next(downloads.glob("*.tsv")), sep="\t", dtype=str, keep_default_na=False
+    ).set_index("folder")
+    assert {f: exported.at[f, "decision"] for f in reviewed} == decided
+    assert [exported.at[f, "truth"] for f in reviewed] == ["1", "0", ""]
+
+    # A reload of the same report keeps the decisions (localStorage, keyed by the run).
+    open_page(browser, page)
+    assert {f: decisions_in_page()[f] for f in reviewed} == decided
+    assert problems(browser, page) == {"errors": [], "requests": []}
+
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    browser.screenshot(SCREENSHOTS / "summary.png", selector="#summary")
+    for name in ("linked-views.png", "subject-view.png"):
+        (SCREENSHOTS / name).write_bytes((tmp_path / name).read_bytes())
+    for name in ("summary.png", "linked-views.png", "subject-view.png"):
+        assert (SCREENSHOTS / name).stat().st_size > 20_000, name
 
 
 def test_report_of_1000_subjects_is_small_and_renders(browser, tmp_path):

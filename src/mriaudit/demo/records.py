@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from mriaudit import aggregate, paths, records, template
+from mriaudit import aggregate, paths, records, template, thumbnails
 
 
 def synthetic_cohort(root: Path, n: int, *, seed: int = 0) -> dict[str, Path]:
@@ -22,7 +22,8 @@ def synthetic_cohort(root: Path, n: int, *, seed: int = 0) -> dict[str, Path]:
 
     Every IQM column is present (the table has its real width); subjects that
     are not failed link one shared registered image and anomaly map (an 8 mm
-    ball), so the report can draw montages. Returns ``input``, ``out``, ``labels``.
+    ball) and the report's two pictures, so the report can draw montages and
+    subject views. Returns ``input``, ``out``, ``labels``.
     """
     rng = np.random.default_rng(seed)
     grid = template.load_template(resolution=2)
@@ -36,6 +37,11 @@ def synthetic_cohort(root: Path, n: int, *, seed: int = 0) -> dict[str, Path]:
     world = nib.affines.apply_affine(grid.affine, ijk).reshape(*grid.shape, 3)
     ball = np.linalg.norm(world - centre_mm, axis=-1) < 8.0
     nib.save(nib.Nifti1Image((0.1 + 5.0 * ball).astype(np.float32), grid.affine), anomaly)
+    # The report's two pictures per subject, at their real size (linked like the images).
+    native, picture = root / "native.webp", root / "anomaly.webp"
+    thumbnails.save_picture(thumbnails.native_picture(grid), native)
+    anomaly_array = np.asarray(nib.load(anomaly).dataobj, dtype=np.float32)
+    thumbnails.write_anomaly_thumbnail(image, anomaly_array, picture)
     lines = ["folder\ttruth"]
     for i in range(n):
         bids_id = f"{i:05d}"
@@ -86,6 +92,12 @@ def synthetic_cohort(root: Path, n: int, *, seed: int = 0) -> dict[str, Path]:
         if not failed:
             preproc.symlink_to(image)
             amap.symlink_to(anomaly)
+            for link, target in (
+                (paths.native_thumbnail(out, bids_id), native),
+                (paths.anomaly_thumbnail(out, bids_id), picture),
+            ):
+                link.parent.mkdir(parents=True, exist_ok=True)
+                link.symlink_to(target)
     labels = root / "labels.tsv"
     labels.write_text("\n".join(lines) + "\n")
     return {"input": input_dir, "out": out, "labels": labels}

@@ -25,7 +25,7 @@ import dcm2niix
 import nibabel as nib
 import numpy as np
 
-from mriaudit import files, sources
+from mriaudit import files, sources, thumbnails
 from mriaudit.records import (
     OK,
     StageError,
@@ -395,6 +395,7 @@ def convert_subject(
     out_image: Path,
     out_sidecar: Path,
     record_path: Path,
+    out_thumbnail: Path | None = None,
 ) -> dict:
     """Convert the inventory's chosen series (or NIfTI file) to ``out_image`` + ``out_sidecar``.
 
@@ -405,13 +406,22 @@ def convert_subject(
     ``conv_n_warnings``). NIfTI: the chosen file copied unchanged in
     geometry (first volume of a 4D image). The result must be 3D, at least 2
     voxels per axis, finite; metrics ``conv_dim_*`` (voxels), ``conv_voxel_*`` (mm).
-    Skipped (with the inventory's status) when the inventory is not ``ok``.
+    ``out_thumbnail``: the report's picture of the whole field of view
+    (``thumbnails.native_picture``). Skipped (with the inventory's status)
+    when the inventory is not ``ok``.
     """
     subject_dir = Path(subject_dir)
+
+    def work() -> dict:
+        record = _convert(subject_dir, Path(inventory_record), Path(out_image), Path(out_sidecar))
+        if out_thumbnail is not None:
+            thumbnails.write_native_thumbnail(out_image, out_thumbnail)
+        return record
+
     return run_stage(
         "convert",
-        lambda: _convert(subject_dir, Path(inventory_record), Path(out_image), Path(out_sidecar)),
+        work,
         record_path=record_path,
-        image_outputs=[out_image, out_sidecar],
+        image_outputs=[out_image, out_sidecar, *([out_thumbnail] if out_thumbnail else [])],
         upstream=[inventory_record],
     )

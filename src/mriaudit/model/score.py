@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from scipy import ndimage
 
-from mriaudit import files, isolation, paths, records
+from mriaudit import files, isolation, paths, records, thumbnails
 from mriaudit.intensity import standardize_histogram
 from mriaudit.model.data import (
     BrainGrid,
@@ -385,10 +385,15 @@ class Scorer:
         return cls(state, grid, resolve_device(device, threads=threads))
 
 
-def _score_work(scorer: Scorer, image: Path, subject: str, out_map: Path) -> dict:
-    """The score record of one subject (writes its map); raises ``StageError`` on bad data."""
+def _score_work(
+    scorer: Scorer, image: Path, subject: str, out_map: Path, out_thumbnail: Path | None = None
+) -> dict:
+    """The score record of one subject (writes its map and, given ``out_thumbnail``, the
+    report's picture of both); raises ``StageError`` on bad data."""
     state, grid = scorer.state, scorer.grid
     if state.get("status") != OK:
+        if out_thumbnail is not None:  # the registered image alone is still worth a look
+            thumbnails.write_anomaly_thumbnail(image, None, out_thumbnail)
         reason = state.get("reason", "the model was not trained")
         return make_record(
             STAGE,
@@ -421,6 +426,8 @@ def _score_work(scorer: Scorer, image: Path, subject: str, out_map: Path) -> dic
     full = np.zeros(grid.shape, np.float32)
     full[grid.index] = anomaly
     _write_map(out_map, full, grid.affine)
+    if out_thumbnail is not None:
+        thumbnails.write_anomaly_thumbnail(image, full, out_thumbnail)
     mask = scoring_mask(grid, erode_voxels=int(state["scoring"]["erode_voxels"]))
     regions = top_regions(
         anomaly,
@@ -452,15 +459,16 @@ def score_one(
     out_map: Path,
     record_path: Path,
     upstream: Sequence[Path],
+    out_thumbnail: Path | None = None,
     isolate: bool | None = None,
 ) -> dict:
     """Score one subject with a loaded model: its map and record (see :func:`score_subject`)."""
     image, out_map = Path(image), Path(out_map)
     return run_stage(
         STAGE,
-        lambda: _score_work(scorer, image, subject, out_map),
+        lambda: _score_work(scorer, image, subject, out_map, out_thumbnail),
         record_path=record_path,
-        image_outputs=[out_map],
+        image_outputs=[out_map, *([out_thumbnail] if out_thumbnail else [])],
         upstream=upstream,
         isolate=isolate,
     )
@@ -558,6 +566,7 @@ def score_cohort(
                 paths.preproc(out_dir, bids_id),
                 subject=bids_id,
                 out_map=paths.anomaly_map(out_dir, bids_id),
+                out_thumbnail=paths.anomaly_thumbnail(out_dir, bids_id),
                 record_path=record_path(bids_id),
                 upstream=upstream,
                 isolate=False,
@@ -567,7 +576,9 @@ def score_cohort(
         log.error("%s", reason)
         for bids_id in shard:
             if not record_path(bids_id).exists():
-                records.remove_images([paths.anomaly_map(out_dir, bids_id)])
+                records.remove_images(
+                    [paths.anomaly_map(out_dir, bids_id), paths.anomaly_thumbnail(out_dir, bids_id)]
+                )
                 records.write_json(
                     record_path(bids_id), make_record(STAGE, status=records.FAILED, reason=reason)
                 )

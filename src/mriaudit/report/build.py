@@ -34,7 +34,7 @@ from mriaudit.aggregate import (
     table_threshold,
 )
 from mriaudit.records import OK
-from mriaudit.report import figures, sites
+from mriaudit.report import figures, sites, workbench
 from mriaudit.tables import read_tsv
 
 log = logging.getLogger(__name__)
@@ -349,8 +349,21 @@ def build_report(
         figures_ctx["roc"] = figures.png_data_uri(figures.roc_figure(metrics))
         figures_ctx["pr"] = figures.png_data_uri(figures.pr_figure(metrics))
 
+    data, thumbnails_note = workbench.cohort_data(
+        frame,
+        out_dir,
+        page=Path(out_html),
+        threshold=_float(threshold),
+        max_inline=int(
+            (config.get("report") or {}).get("max_subjects_inline", workbench.MAX_SUBJECTS_INLINE)
+        ),
+        run=workbench.run_id(scores_tsv),
+    )
     n = len(frame)
     context = {
+        "run_id": data["run_id"],
+        "cohort_json": workbench.script_json(data),
+        "thumbnails_note": thumbnails_note,
         "title": "mriaudit cohort report",
         "generated": started.isoformat(timespec="seconds"),
         "summary": {
@@ -395,10 +408,7 @@ def build_report(
         "fmt": _number,
     }
     html = _environment().get_template("report.html.j2").render(**context)
-    out_html.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_html.with_name(f".{out_html.name}.tmp")
-    tmp.write_text(html, encoding="utf-8")
-    tmp.replace(out_html)
+    files.write_text(out_html, html)
     elapsed = (datetime.datetime.now(datetime.UTC) - started).total_seconds()
     log.info(
         "report: %d subjects, %d montages, %.1f MB in %.1f s -> %s",

@@ -1,5 +1,8 @@
 """Headless Chromium driven over the DevTools protocol on a pipe (no driver, no websocket).
 
+The report's browser tests and the report budget of ``mriaudit.bench`` (load time
+and first paint of a 1,000-subject page) open the page with it.
+
 Chromium reads commands from fd 3 and writes replies and events to fd 4, each
 message JSON ended by a NUL byte (``--remote-debugging-pipe``).
 """
@@ -9,6 +12,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -126,8 +130,18 @@ class Browser:
             raise RuntimeError(error)
         return result["result"].get("value")
 
-    def screenshot(self, path: Path) -> Path:
-        data = self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+    def screenshot(self, path: Path, *, selector: str | None = None) -> Path:
+        """A PNG of the whole page, or of the element ``selector`` finds (scrolled into view)."""
+        params: dict[str, Any] = {"format": "png", "captureBeyondViewport": True}
+        if selector is not None:
+            box = self.evaluate(
+                f"(function () {{ var e = document.querySelector({json.dumps(selector)});"
+                " e.scrollIntoView({block: 'start'}); var r = e.getBoundingClientRect();"
+                " return {x: r.left + scrollX, y: r.top + scrollY, width: r.width,"
+                " height: r.height}; })()"
+            )
+            params["clip"] = {**box, "scale": 1}
+        data = self.call("Page.captureScreenshot", **params)
         path.write_bytes(base64.b64decode(data["data"]))
         return path
 
@@ -141,3 +155,29 @@ class Browser:
             self.process.wait()
         os.close(self._to_chrome)
         os.close(self._from_chrome)
+
+
+def page_timings(page: Path, profile: Path) -> dict[str, float] | None:
+    """Seconds until ``page``'s load event and its first (contentful) paint, in a fresh
+    headless Chromium; None when no Chromium is installed."""
+    executable = find_chromium()
+    if executable is None:
+        return None
+    browser = Browser(executable, profile)
+    try:
+        browser.call("Page.enable")
+        started = time.monotonic()
+        browser.call("Page.navigate", url=Path(page).resolve().as_uri())
+        browser.wait_for("Page.loadEventFired", timeout=120)
+        load_s = time.monotonic() - started
+        paints = browser.evaluate(
+            "Object.fromEntries(performance.getEntriesByType('paint')"
+            ".map(function (p) { return [p.name, p.startTime]; }))"
+        )
+    finally:
+        browser.close()
+    return {
+        "load_s": round(load_s, 2),
+        "first_paint_s": round(paints.get("first-paint", math.nan) / 1000, 2),
+        "first_contentful_paint_s": round(paints.get("first-contentful-paint", math.nan) / 1000, 2),
+    }
