@@ -324,36 +324,15 @@ def report_budget(work: Path, *, subjects: int = 1000) -> dict[str, Any]:
     """The report of a ``subjects``-strong synthetic cohort, every subject with its two
     pictures inline: page size, build time, and load and first paint in headless
     Chromium (None where it is not installed). Budget: 25 MB, first paint 3 s."""
-    from mriaudit.aggregate import aggregate_cohort
-    from mriaudit.report import build_report
+    from mriaudit.demo.records import synthetic_report
     from mriaudit.report.chromium import page_timings
 
-    cohort = synthetic_cohort(work / "cohort", subjects)
-    out = cohort["out"]
-    aggregate_cohort(
-        cohort["input"],
-        out,
-        labels_path=str(cohort["labels"]),
-        flag={},
-        out_scores=paths.scores_table(out),
-        out_exclusions=paths.exclusions_table(out),
-        out_subjects=paths.cohort_table(out),
-    )
-    start = time.perf_counter()
-    build_report(
-        out,
-        scores_tsv=paths.scores_table(out),
-        exclusions_tsv=paths.exclusions_table(out),
-        metrics_json=None,
-        config={"flag": {}, "report": {"max_subjects_inline": subjects}},
-        out_html=paths.report(out),
-    )
-    build_s = time.perf_counter() - start
-    timings = page_timings(paths.report(out), work / "chromium-profile")
+    built = synthetic_report(work / "cohort", subjects, report={"max_subjects_inline": subjects})
+    timings = page_timings(built["page"], work / "chromium-profile")
     return {
         "subjects": subjects,
-        "report_mb": round(paths.report(out).stat().st_size / 1e6, 2),
-        "build_s": round(build_s, 2),
+        "report_mb": round(built["page"].stat().st_size / 1e6, 2),
+        "build_s": round(built["build_s"], 2),
         "browser": timings,
     }
 

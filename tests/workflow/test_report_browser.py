@@ -19,9 +19,7 @@ from PIL import Image
 from scipy import ndimage
 
 from mriaudit import cohort, paths
-from mriaudit.aggregate import aggregate_cohort
-from mriaudit.demo.records import synthetic_cohort
-from mriaudit.report import build_report
+from mriaudit.demo.records import synthetic_report
 from mriaudit.report.chromium import Browser, find_chromium
 
 from .conftest import HOSTILE_DESCRIPTION, PLANTED_KIND
@@ -339,27 +337,9 @@ def test_the_workbench_reviews_links_views_and_shows_every_scan(browser, workflo
 
 
 def test_report_of_1000_subjects_is_small_and_renders(browser, tmp_path):
-    cohort = synthetic_cohort(tmp_path / "cohort", 1000)
-    out = cohort["out"]
-    frame = aggregate_cohort(
-        cohort["input"],
-        out,
-        labels_path=str(cohort["labels"]),
-        flag={},
-        out_scores=paths.scores_table(out),
-        out_exclusions=paths.exclusions_table(out),
-        out_subjects=paths.cohort_table(out),
-    )
     cap = 25
-    build_report(
-        out,
-        scores_tsv=paths.scores_table(out),
-        exclusions_tsv=paths.exclusions_table(out),
-        metrics_json=None,
-        config={"flag": {}, "report": {"max_montages": cap}},
-        out_html=paths.report(out),
-    )
-    page = paths.report(out)
+    built = synthetic_report(tmp_path / "cohort", 1000, report={"max_montages": cap})
+    page, frame = built["page"], built["frame"]
     size_mb = page.stat().st_size / 1e6
     assert size_mb < 25, size_mb
     seconds = open_page(browser, page)

@@ -124,7 +124,7 @@ def test_grouped_plan_for_1000_subjects_submits_at_most_100_jobs(tmp_path):
     jobs = _submissions(result.stdout + result.stderr, local_rules={"all"})
     assert sum(jobs.values()) <= 100, jobs
     components = _profile(PROFILE)["group-components"]
-    assert jobs["group subject"] == math.ceil(1000 / components["folder"]), jobs
+    assert jobs["group subject"] == math.ceil(1000 / components["subject"]), jobs
     assert jobs["collect"] == jobs["train_model"] == jobs["score"] == jobs["group cohort"] == 1, (
         jobs
     )

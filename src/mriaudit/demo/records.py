@@ -101,3 +101,37 @@ def synthetic_cohort(root: Path, n: int, *, seed: int = 0) -> dict[str, Path]:
     labels = root / "labels.tsv"
     labels.write_text("\n".join(lines) + "\n")
     return {"input": input_dir, "out": out, "labels": labels}
+
+
+def synthetic_report(root: Path, n: int, *, report: dict | None = None) -> dict:
+    """``synthetic_cohort`` of ``n`` subjects, aggregated and reported as the two rules do.
+
+    ``report`` is the config's ``report`` section. Returns ``page`` (the report's
+    path), ``frame`` (the scores table) and ``build_s`` (seconds of the report alone).
+    """
+    import time
+
+    from mriaudit.aggregate import aggregate_cohort
+    from mriaudit.report import build_report
+
+    cohort = synthetic_cohort(root, n)
+    out = cohort["out"]
+    frame = aggregate_cohort(
+        cohort["input"],
+        out,
+        labels_path=str(cohort["labels"]),
+        flag={},
+        out_scores=paths.scores_table(out),
+        out_exclusions=paths.exclusions_table(out),
+        out_subjects=paths.cohort_table(out),
+    )
+    start = time.perf_counter()
+    build_report(
+        out,
+        scores_tsv=paths.scores_table(out),
+        exclusions_tsv=paths.exclusions_table(out),
+        metrics_json=None,
+        config={"flag": {}, "report": dict(report or {})},
+        out_html=paths.report(out),
+    )
+    return {"page": paths.report(out), "frame": frame, "build_s": time.perf_counter() - start}
