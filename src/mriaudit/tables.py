@@ -144,13 +144,12 @@ def _check_column(values: pd.Series, spec: Mapping[str, Any]) -> tuple[pd.Series
     bad = np.zeros(len(values), dtype=bool)
     if types & {"number", "integer"} and not types & {"string", "boolean"}:
         coerced = pd.to_numeric(
-            values if text is None else text.replace("", np.nan), errors="coerce"
+            values if text is None else text.str.strip().replace("", np.nan), errors="coerce"
         )
         bad |= coerced.isna().to_numpy() & ~missing
-        if "number" not in types:
-            number = coerced.to_numpy(dtype=float)
-            bad |= np.isfinite(number) & (number % 1 != 0)
         number = coerced.to_numpy(dtype=float)
+        if "number" not in types:
+            bad |= np.isfinite(number) & (number % 1 != 0)
         with np.errstate(invalid="ignore"):  # NaN compares False: missing cells are not bad here
             if "minimum" in spec:
                 bad |= number < spec["minimum"]
@@ -184,7 +183,8 @@ def validate(frame: pd.DataFrame, schema: str | Mapping[str, Any], *, source: st
     ``minimum`` and ``maximum``; an absent optional column with a ``default``
     is added with it; ``additionalProperties: false`` rejects other columns.
     Raises ``ValueError`` naming ``source``, the column and up to three of its
-    bad rows (line numbers of the file: the header is line 1).
+    bad rows (as line numbers of the file: the header is line 1, blank lines
+    not counted).
     """
     spec_of = load_schema(schema) if isinstance(schema, str) else schema
     missing = [c for c in spec_of.get("required", []) if c not in frame.columns]
