@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -43,14 +44,24 @@ def find_chromium() -> str | None:
     return None
 
 
+def _above_9(fd: int) -> int:
+    """``fd`` moved to the lowest free descriptor above 9 (close-on-exec)."""
+    moved = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(fd)
+    return moved
+
+
 class Browser:
     """One Chromium process and one page; events are kept in ``events`` as they arrive."""
 
     def __init__(self, executable: str, profile: Path, *, window: tuple[int, int] = (1400, 1000)):
-        to_chrome_r, self._to_chrome = os.pipe()
-        self._from_chrome, from_chrome_w = os.pipe()
+        # The pipes live above fd 9, so fds 3 and 4 of the child are free to wire, whatever
+        # this process holds there (a test runner's capture files, or nothing at all).
+        to_chrome_r, self._to_chrome = (_above_9(fd) for fd in os.pipe())
+        self._from_chrome, from_chrome_w = (_above_9(fd) for fd in os.pipe())
 
         def wire_pipes() -> None:  # in the child, before exec: the protocol's fds 3 and 4
+            # dup2 makes 3 and 4 inheritable; every other fd of ours is close-on-exec.
             os.dup2(to_chrome_r, 3)
             os.dup2(from_chrome_w, 4)
 
@@ -60,7 +71,7 @@ class Browser:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             preexec_fn=wire_pipes,
-            pass_fds=(3, 4),
+            close_fds=False,
         )  # fmt: skip
         os.close(to_chrome_r)
         os.close(from_chrome_w)
