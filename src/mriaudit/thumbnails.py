@@ -18,7 +18,10 @@ bright spike or a dark background does not wash the picture out.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -26,6 +29,8 @@ from PIL import Image
 from scipy import ndimage
 
 from mriaudit import files
+
+log = logging.getLogger(__name__)
 
 #: Pixels of each plane's longer side.
 SIZE = 128
@@ -166,3 +171,16 @@ def write_anomaly_thumbnail(
         anomaly_picture(np.asarray(image.dataobj, dtype=np.float32), anomaly, zooms=zooms),
         out_path,
     )
+
+
+def try_draw(write: Callable[..., Path], *args: Any) -> list[str]:
+    """``write(*args)``, where a picture that cannot be drawn is a warning, not the stage's
+    failure: the stage's images and record are its results, the picture only shows them.
+    Returns the warnings (empty when drawn)."""
+    try:
+        write(*args)
+    except Exception as error:  # an odd geometry, a codec: say so, keep the stage's result
+        warning = f"no report picture: {type(error).__name__}: {error}"[:300]
+        log.warning("%s", warning)
+        return [warning]
+    return []

@@ -78,3 +78,16 @@ def test_anomaly_picture_crosses_the_maps_maximum_and_colours_it():
     assert all(panel.any() for panel in np.split(warm, 3, axis=1))
     plain = thumbnails.anomaly_picture(image, None, zooms=(2.0, 2.0, 2.0), size=60)
     assert (plain[..., 0] == plain[..., 2]).all()  # grey only without a map
+
+
+def test_a_picture_that_cannot_be_drawn_is_a_warning_not_a_failure(tmp_path):
+    broken = tmp_path / "broken.nii.gz"
+    broken.write_bytes(b"not a NIfTI")
+    out = tmp_path / "figures" / "picture.webp"
+    warnings = thumbnails.try_draw(thumbnails.write_native_thumbnail, broken, out)
+    assert len(warnings) == 1 and warnings[0].startswith("no report picture: ")
+    assert not out.exists() and not list(out.parent.glob("*"))  # nothing half-written
+    good = tmp_path / "good.nii.gz"
+    nib.save(nib.Nifti1Image(head((30, 30, 30)), np.eye(4)), good)
+    assert thumbnails.try_draw(thumbnails.write_native_thumbnail, good, out) == []
+    assert out.is_file()

@@ -9,12 +9,15 @@ tested at the size a curator meets (tests). No image is rendered per subject.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from mriaudit import aggregate, paths, records, template, thumbnails
+from mriaudit.aggregate import aggregate_cohort
+from mriaudit.report import build_report
 
 
 def synthetic_cohort(root: Path, n: int, *, seed: int = 0) -> dict[str, Path]:
@@ -109,11 +112,6 @@ def synthetic_report(root: Path, n: int, *, report: dict | None = None) -> dict:
     ``report`` is the config's ``report`` section. Returns ``page`` (the report's
     path), ``frame`` (the scores table) and ``build_s`` (seconds of the report alone).
     """
-    import time
-
-    from mriaudit.aggregate import aggregate_cohort
-    from mriaudit.report import build_report
-
     cohort = synthetic_cohort(root, n)
     out = cohort["out"]
     frame = aggregate_cohort(

@@ -415,7 +415,9 @@ def convert_subject(
     def work() -> dict:
         record = _convert(subject_dir, Path(inventory_record), Path(out_image), Path(out_sidecar))
         if out_thumbnail is not None:
-            thumbnails.write_native_thumbnail(out_image, out_thumbnail)
+            record["warnings"] += thumbnails.try_draw(
+                thumbnails.write_native_thumbnail, out_image, out_thumbnail
+            )
         return record
 
     return run_stage(

@@ -392,14 +392,18 @@ def _score_work(
     report's picture of both); raises ``StageError`` on bad data."""
     state, grid = scorer.state, scorer.grid
     if state.get("status") != OK:
-        if out_thumbnail is not None:  # the registered image alone is still worth a look
-            thumbnails.write_anomaly_thumbnail(image, None, out_thumbnail)
         reason = state.get("reason", "the model was not trained")
+        # The registered image alone is still worth a look.
+        drawn = (
+            thumbnails.try_draw(thumbnails.write_anomaly_thumbnail, image, None, out_thumbnail)
+            if out_thumbnail is not None
+            else []
+        )
         return make_record(
             STAGE,
             findings=["not_scored"],
             metrics={"anomaly_raw": None},
-            warnings=[f"not scored: {reason}"],
+            warnings=[f"not scored: {reason}", *drawn],
             fold=None,
             in_reference=False,
             top_regions=[],
@@ -426,8 +430,11 @@ def _score_work(
     full = np.zeros(grid.shape, np.float32)
     full[grid.index] = anomaly
     _write_map(out_map, full, grid.affine)
-    if out_thumbnail is not None:
-        thumbnails.write_anomaly_thumbnail(image, full, out_thumbnail)
+    drawn = (
+        thumbnails.try_draw(thumbnails.write_anomaly_thumbnail, image, full, out_thumbnail)
+        if out_thumbnail is not None
+        else []
+    )
     mask = scoring_mask(grid, erode_voxels=int(state["scoring"]["erode_voxels"]))
     regions = top_regions(
         anomaly,
@@ -445,6 +452,7 @@ def _score_work(
     return make_record(
         STAGE,
         metrics=metrics,
+        warnings=drawn,
         fold=int(folds[0]) if len(folds) == 1 else None,
         in_reference=fold is not None,
         top_regions=regions,
