@@ -49,6 +49,7 @@ rule aggregate:
         output_dir=output_dir,
         labels=LABELS,
         flag=config["flag"],
+        resolution=config["template_resolution"],
     threads: 1
     resources:
         mem_mb=mem_per_attempt(4000),
@@ -111,3 +112,28 @@ rule report:
         "../envs/mriaudit.yaml"
     script:
         "../scripts/report.py"
+
+
+# What makes the output folder a BIDS derivatives dataset: its description (version and
+# the run's config digest), README and the .bidsignore of the parts BIDS has no name for.
+rule describe_dataset:
+    output:
+        description=str(paths.dataset_description(OUT)),
+        bidsignore=str(paths.bidsignore(OUT)),
+        readme=str(paths.dataset_readme(OUT)),
+    log:
+        str(paths.log(OUT, "describe_dataset")),
+    benchmark:
+        str(paths.benchmark(OUT, "describe_dataset"))
+    params:
+        input_dir=config["input_dir"],
+        output_dir=output_dir,
+        config=config,
+    threads: 1
+    resources:
+        mem_mb=500,
+        runtime=5,
+    conda:
+        "../envs/mriaudit.yaml"
+    script:
+        "../scripts/describe_dataset.py"

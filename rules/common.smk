@@ -13,9 +13,11 @@ series.resolve_rules(config["series"])
 # Subjects are known from a directory listing, so the DAG is fixed before the run.
 # A missing input_dir leaves the cohort empty here (lint and --help still work)
 # and fails with a message naming the key as soon as targets are needed.
-COHORT = cohort.list_subjects(INPUT_DIR) if INPUT_DIR.is_dir() else []
+COHORT = (
+    cohort.list_subjects(INPUT_DIR, cache_dir=paths.index_cache(OUT)) if INPUT_DIR.is_dir() else []
+)
 SUBJECTS = cohort.processed_ids(COHORT)
-FOLDERS = {s.bids_id: s.entry for s in COHORT if s.processed}
+UNITS = {s.bids_id: s for s in COHORT if s.processed}
 # Labels that name no subject folder are a configuration error too.
 if LABELS and COHORT:
     try:
@@ -24,17 +26,26 @@ if LABELS and COHORT:
         raise WorkflowError(str(error)) from None
 
 
+# A scan's BIDS id is its subject label, then its session and run entities (paths.py).
 wildcard_constraints:
-    bids_id="[A-Za-z0-9]+",
+    bids_id="[A-Za-z0-9]+(_ses-[A-Za-z0-9]+)?(_run-[0-9]+)?",
+    scan_dir="sub-[A-Za-z0-9]+(/ses-[A-Za-z0-9]+)?",
 
 
-def each_subject(path_function, *args):
-    """The path ``path_function(OUT, bids_id, *args)`` of every processed subject."""
-    return [str(path_function(OUT, bids_id, *args)) for bids_id in SUBJECTS]
+def each_subject(path_function, *args, **kwargs):
+    """The path ``path_function(OUT, bids_id, *args, **kwargs)`` of every processed scan."""
+    return [str(path_function(OUT, bids_id, *args, **kwargs)) for bids_id in SUBJECTS]
 
 
 def cohort_outputs():
-    targets = [paths.scores_table(OUT), paths.exclusions_table(OUT), paths.report(OUT)]
+    targets = [
+        paths.scores_table(OUT),
+        paths.exclusions_table(OUT),
+        paths.report(OUT),
+        paths.dataset_description(OUT),
+        paths.bidsignore(OUT),
+        paths.dataset_readme(OUT),
+    ]
     if LABELS:
         targets.append(paths.metrics(OUT))
     return [str(t) for t in targets]
@@ -50,7 +61,17 @@ def all_targets(wildcards):
 
 
 def subject_folder(wildcards):
-    return str(INPUT_DIR / FOLDERS[wildcards.bids_id])
+    return str(INPUT_DIR / UNITS[wildcards.bids_id].entry)
+
+
+def unit_files(wildcards):
+    """The files of a BIDS run (relative to its folder); empty: every file of the folder."""
+    return list(UNITS[wildcards.bids_id].files)
+
+
+def unit_name(wildcards):
+    """The unit's name in the labels file and the series.choose config."""
+    return UNITS[wildcards.bids_id].folder
 
 
 def labels_input(wildcards):

@@ -12,7 +12,7 @@ if TRAIN_MODEL:
         benchmark:
             str(paths.benchmark(OUT, "train_model"))
         params:
-            images=each_subject(paths.preproc),
+            images=each_subject(paths.preproc, res=config["template_resolution"]),
             subjects=SUBJECTS,
             reference=reference_ids,
             fold_groups=fold_groups,
@@ -48,6 +48,7 @@ rule score:
         str(paths.benchmark(OUT, "score"))
     params:
         output_dir=output_dir,
+        resolution=config["template_resolution"],
         device=config["device"],
     threads: 8
     resources:

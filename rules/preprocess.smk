@@ -22,6 +22,8 @@ rule preprocess:
         str(paths.benchmark(OUT, "preprocess", "{bids_id}"))
     params:
         output_dir=output_dir,
+        files=unit_files,
+        folder=unit_name,
         rules=config["series"],
         resolution=config["template_resolution"],
     threads: 1

@@ -14,4 +14,5 @@ aggregate_cohort(
     out_scores=Path(snakemake.output.scores),
     out_exclusions=Path(snakemake.output.exclusions),
     out_subjects=Path(snakemake.output.subjects),
+    resolution=snakemake.params.resolution,
 )

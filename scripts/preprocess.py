@@ -13,4 +13,6 @@ preprocess_subject(
     rules=dict(snakemake.params.rules),
     resolution=snakemake.params.resolution,
     threads=snakemake.threads,
+    files=list(snakemake.params.files),
+    name=snakemake.params.folder,
 )

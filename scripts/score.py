@@ -11,6 +11,7 @@ score_cohort(
     checkpoint=Path(snakemake.input.checkpoint),
     out_dir=Path(snakemake.params.output_dir),
     out_table=Path(snakemake.output.table),
+    resolution=snakemake.params.resolution,
     device=snakemake.params.device,
     threads=snakemake.threads,
 )

@@ -65,7 +65,7 @@ def _score_cohort_inputs(work: Path) -> Path:
     bids_ids = _copies()
     for bids_id in bids_ids:
         for source, target in [
-            (paths.preproc(out, SUBJECT), paths.preproc(out, bids_id)),
+            (paths.preproc(out, SUBJECT, res=2), paths.preproc(out, bids_id, res=2)),
             (paths.record(out, SUBJECT, "register"), paths.record(out, bids_id, "register")),
         ]:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -94,7 +94,7 @@ def run_stage(stage: str, work: Path, *, threads: int) -> dict[str, Any]:
 
         copies = ["a", "b", "c"]
         return train.train_cohort(
-            [paths.preproc(out, SUBJECT)] * len(copies),
+            [paths.preproc(out, SUBJECT, res=2)] * len(copies),
             [paths.record(out, SUBJECT, "register")] * len(copies),
             copies,
             reference=copies,
@@ -111,6 +111,7 @@ def run_stage(stage: str, work: Path, *, threads: int) -> dict[str, Any]:
             checkpoint=paths.model_checkpoint(where["model"]),
             out_dir=out,
             out_table=paths.model_scores(out),
+            resolution=2,
             device="cpu",
             threads=threads,
         )
@@ -281,6 +282,7 @@ def _aggregate_and_report(work: Path) -> dict[str, Any]:
         out_scores=paths.scores_table(out),
         out_exclusions=paths.exclusions_table(out),
         out_subjects=paths.cohort_table(out),
+        resolution=2,
     )
     build_report(
         out,

@@ -24,35 +24,48 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from mriaudit import sources, tables
+from mriaudit import bids_input, paths, sources, tables
 
 _NOT_ALNUM = re.compile(r"[^A-Za-z0-9]")
 
 
 @dataclass(frozen=True)
 class Subject:
-    """One first-level folder (or archive file) of ``input_dir``.
+    """One unit of the audit: a first-level folder (or archive file) of ``input_dir``,
+    or in a BIDS root a subject's session or run (``bids_input``).
 
-    ``folder`` is the subject's name in the labels file and every table (an
-    archive's name without its suffix); ``bids_id`` names its outputs
-    (``sub-<bids_id>``); ``problem`` is empty for subjects that are processed, else the
-    reason they are not; ``source`` is the entry of ``input_dir`` read (the folder,
-    or the archive file), when it differs from ``folder``.
+    ``folder`` is the unit's name in the labels file and every table (an
+    archive's name without its suffix; in a BIDS root ``sub-<bids_id>``, e.g.
+    ``sub-01_ses-2``); ``bids_id`` names its outputs (``sub-<bids_id>``, see
+    ``paths``); ``problem`` is empty for units that are processed, else the
+    reason they are not; ``source`` is the entry of ``input_dir`` read (the
+    folder, the archive file, or ``sub-01/ses-2``), when it differs from
+    ``folder``; ``session`` and ``run`` are the BIDS labels ("" when none);
+    ``files`` restricts a run to its own files (relative to the entry; empty:
+    every file of the entry).
     """
 
     folder: str
     bids_id: str
     problem: str = ""
     source: str = ""
+    session: str = ""
+    run: str = ""
+    files: tuple[str, ...] = ()
 
     @property
     def entry(self) -> str:
-        """The name of the folder or archive file in ``input_dir``."""
+        """The folder or archive file read, relative to ``input_dir``."""
         return self.source or self.folder
 
     @property
     def processed(self) -> bool:
         return not self.problem
+
+    @property
+    def subject(self) -> str:
+        """The BIDS subject label (the part of ``bids_id`` before any session or run)."""
+        return self.bids_id.split("_")[0]
 
 
 def to_bids_id(folder_name: str) -> str:
@@ -65,11 +78,12 @@ def is_bids_root(input_dir: str | Path) -> bool:
     return (Path(input_dir) / "dataset_description.json").is_file()
 
 
-def list_subjects(input_dir: str | Path) -> list[Subject]:
-    """Subjects of ``input_dir``, sorted by folder or archive name.
+def list_subjects(input_dir: str | Path, *, cache_dir: str | Path | None = None) -> list[Subject]:
+    """Units of ``input_dir``, sorted by folder or archive name (BIDS: subject, session, run).
 
-    Hidden entries (``.git``, ``.DS_Store``) are skipped; in a BIDS root only
-    ``sub-*`` folders count (archives only in a plain ``input_dir``). Raises
+    Hidden entries (``.git``, ``.DS_Store``) are skipped; a BIDS root is read
+    with pybids (``bids_input.list_scans``, whose index ``cache_dir`` keeps),
+    and archives count only in a plain ``input_dir``. Raises
     ``FileNotFoundError`` with the path when ``input_dir`` is not a folder,
     since that is a configuration error.
     """
@@ -77,24 +91,43 @@ def list_subjects(input_dir: str | Path) -> list[Subject]:
     if not root.is_dir():
         message = f"input_dir {str(root)!r} is not a folder (set config key input_dir)"
         raise FileNotFoundError(message)
-    bids = is_bids_root(root)
+    if is_bids_root(root):
+        units = []
+        for scan in bids_input.list_scans(root, cache_dir=cache_dir):
+            label = paths.scan_id(
+                to_bids_id(scan.subject) or "", session=to_bids_id(scan.session), run=scan.run
+            )
+            units.append((f"sub-{label}", scan.entry, scan))
+        return _named(units)
     entries = sorted(
         entry.name
         for entry in root.iterdir()
-        if not entry.name.startswith(".")
-        and (
-            (entry.is_dir() and (not bids or entry.name.startswith("sub-")))
-            or (not bids and sources.is_subject_archive(entry))
-        )
+        if not entry.name.startswith(".") and (entry.is_dir() or sources.is_subject_archive(entry))
     )
     stems = [sources.archive_stem(entry) for entry in entries]
     stem_counts = Counter(stems)
+    # A folder and an archive of one stem keep their entry names, so rows stay distinct.
+    return _named(
+        [
+            (stem if stem_counts[stem] == 1 else entry, entry, None)
+            for entry, stem in zip(entries, stems, strict=True)
+        ]
+    )
+
+
+def _named(units: list[tuple[str, str, bids_input.Scan | None]]) -> list[Subject]:
+    """Subjects of ``(name, entry, scan)`` units, with their BIDS ids and naming problems."""
+    ids = [
+        paths.scan_id(to_bids_id(scan.subject), session=to_bids_id(scan.session), run=scan.run)
+        if scan is not None and to_bids_id(scan.subject)
+        else to_bids_id(sources.archive_stem(entry) if scan is None else name)
+        for name, entry, scan in units
+    ]
     by_id: dict[str, list[str]] = {}
-    for entry, stem in zip(entries, stems, strict=True):
-        by_id.setdefault(to_bids_id(stem), []).append(entry)
+    for (_, entry, _), bids_id in zip(units, ids, strict=True):
+        by_id.setdefault(bids_id, []).append(entry)
     subjects = []
-    for entry, stem in zip(entries, stems, strict=True):
-        bids_id = to_bids_id(stem)
+    for (name, entry, scan), bids_id in zip(units, ids, strict=True):
         if not bids_id:
             problem = "folder name has no letters or digits to build a BIDS id from"
         elif len(by_id[bids_id]) > 1:
@@ -102,10 +135,17 @@ def list_subjects(input_dir: str | Path) -> list[Subject]:
             problem = f"BIDS id collision: {entry!r} and {others} both map to sub-{bids_id}"
         else:
             problem = ""
-        # A folder and an archive of one stem keep their entry names, so rows stay distinct.
-        name = stem if stem_counts[stem] == 1 else entry
-        source = entry if entry != name else ""
-        subjects.append(Subject(folder=name, bids_id=bids_id, problem=problem, source=source))
+        subjects.append(
+            Subject(
+                folder=name,
+                bids_id=bids_id,
+                problem=problem,
+                source=entry if entry != name else "",
+                session=scan.session if scan else "",
+                run=scan.run if scan else "",
+                files=scan.files if scan else (),
+            )
+        )
     return subjects
 
 
@@ -183,22 +223,29 @@ def read_fold_groups(path: str | Path, *, subjects: list[Subject]) -> dict[str, 
     """``{bids_id: group}`` from a TSV with columns ``folder`` and ``group``.
 
     The groups (e.g. the person scanned, for sessions of one participant) keep
-    subjects together in one training fold. Empty ``path``: no groups. A folder
-    that is not a subject of the cohort is a configuration error.
+    subjects together in one training fold. Sessions and runs of one BIDS
+    subject are one person: they share a group (``sub-<subject>``) unless the
+    table says otherwise, so no fold is scored by a model that saw the same
+    person. Empty ``path``: those groups only. A folder that is not a subject
+    of the cohort is a configuration error.
     """
+    groups = {
+        s.bids_id: f"sub-{s.subject}" for s in subjects if s.processed and (s.session or s.run)
+    }
     if not path:
-        return {}
+        return groups
     table = tables.read_user_tsv(path, "fold_groups", what="training.fold_groups")
     ids = {s.folder: s.bids_id for s in subjects if s.processed}
     unknown = sorted(set(table["folder"]) - {s.folder for s in subjects})
     if unknown:
         message = f"training.fold_groups names subjects not found in input_dir: {unknown[:5]}"
         raise ValueError(message)
-    return {
-        ids[folder]: group
+    groups.update(
+        (ids[folder], group)
         for folder, group in zip(table["folder"], table["group"], strict=True)
         if folder in ids and group
-    }
+    )
+    return groups
 
 
 def resolve_reference(

@@ -32,8 +32,8 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from mriaudit import cohort, paths
-from mriaudit.aggregate import flag_settings, read_scores, table_threshold
+from mriaudit import cohort
+from mriaudit.aggregate import flag_settings, read_scores, subject_image, table_threshold
 from mriaudit.records import OK, write_json
 
 log = logging.getLogger(__name__)
@@ -186,9 +186,9 @@ def localisation_summary(
             continue
         *centre, radius = lesions[row["folder"]]
         case: dict[str, Any] = {"folder": row["folder"], "radius_mm": radius, "hit": False}
-        anomaly_map = paths.anomaly_map(out_dir, row["bids_id"])
+        anomaly_map = subject_image(out_dir, row["bids_id"], "anomaly_map")
         try:
-            if row["status"] != OK or not anomaly_map.is_file():
+            if row["status"] != OK or anomaly_map is None or not anomaly_map.is_file():
                 message = f"no anomaly map (status {row['status']})"
                 raise ValueError(message)
             case.update(lesion_localisation(anomaly_map, centre_mm=tuple(centre), radius_mm=radius))

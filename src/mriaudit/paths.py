@@ -2,8 +2,16 @@
 
 Every rule, script and test that needs an output path asks this module; no
 path is concatenated anywhere else. ``out`` is the workflow's ``output_dir``
-and ``sub`` the subject's BIDS id (without ``sub-``). Passing the literal
-string ``"{bids_id}"`` as ``sub`` yields Snakemake wildcard patterns.
+and ``sub`` the scan's BIDS id: the file-name prefix without ``sub-``, i.e. the
+subject label followed by the session and run entities when the scan has them
+(``01``, ``01_ses-1``, ``02_run-2``, ``03_ses-b_run-1``). A scan's files live
+in ``sub-<subject>/[ses-<session>/]``, named ``sub-<bids_id>_...``, as BIDS
+lays them out. Passing the literal string ``"{bids_id}"`` as ``sub`` yields
+Snakemake wildcard patterns, the folder then being the wildcard ``{scan_dir}``.
+
+Template-space images name the space as TemplateFlow does: the nilearn MNI152
+template is ICBM 2009a symmetric (``MNI152NLin2009aSym``) and ``res-<mm>`` is
+its grid (``template_resolution``).
 """
 
 from __future__ import annotations
@@ -16,8 +24,49 @@ PREPROCESS_STAGES: tuple[str, ...] = ("inventory", "convert", "n4", "register", 
 STAGES: tuple[str, ...] = (*PREPROCESS_STAGES, "score")
 
 
+#: TemplateFlow's name of the template (nilearn's ICBM 2009a symmetric MNI152).
+SPACE = "MNI152NLin2009aSym"
+#: The scan wildcard of the rules, and the folder wildcard it implies.
+WILDCARD = "{bids_id}"
+SCAN_DIR_WILDCARD = "{scan_dir}"
+_ENTITIES = ("ses", "run")
+
+
+def entities(sub: str) -> dict[str, str]:
+    """``"01_ses-1_run-2"`` -> ``{"sub": "01", "ses": "1", "run": "2"}`` (absent ones left out)."""
+    subject, *rest = sub.split("_")
+    found = {"sub": subject}
+    for part in rest:
+        key, _, value = part.partition("-")
+        if key not in _ENTITIES or not value:
+            message = f"BIDS id {sub!r}: {part!r} is not a ses-<label> or run-<index> entity"
+            raise ValueError(message)
+        found[key] = value
+    return found
+
+
+def scan_id(subject: str, *, session: str = "", run: str = "") -> str:
+    """The BIDS id of a scan from its entity labels (the inverse of :func:`entities`)."""
+    parts = [subject]
+    if session:
+        parts.append(f"ses-{session}")
+    if run:
+        parts.append(f"run-{run}")
+    return "_".join(parts)
+
+
+def scan_dir(sub: str) -> str:
+    """The scan's folder relative to ``out``: ``sub-01`` or ``sub-01/ses-1``."""
+    found = entities(sub)
+    folder = f"sub-{found['sub']}"
+    return f"{folder}/ses-{found['ses']}" if "ses" in found else folder
+
+
 def subject_dir(out: str | Path, sub: str) -> Path:
-    return Path(out) / f"sub-{sub}"
+    """The scan's folder (``sub-01``, or ``sub-01/ses-1`` for a session)."""
+    if sub == WILDCARD:
+        return Path(out) / SCAN_DIR_WILDCARD
+    return Path(out) / scan_dir(sub)
 
 
 def _anat(out: str | Path, sub: str, suffix: str) -> Path:
@@ -55,23 +104,30 @@ def head_mask(out: str | Path, sub: str) -> Path:
     return _anat(out, sub, "desc-head_mask.nii.gz")
 
 
-def preproc(out: str | Path, sub: str) -> Path:
-    """Bias-corrected image resampled to the MNI152 template grid."""
-    return _anat(out, sub, "space-MNI152_desc-preproc_T1w.nii.gz")
+def _template(res: int) -> str:
+    return f"space-{SPACE}_res-{res}"
 
 
-def brain_mask(out: str | Path, sub: str) -> Path:
+def preproc(out: str | Path, sub: str, *, res: int) -> Path:
+    """Bias-corrected image resampled to the template grid of ``res`` mm."""
+    return _anat(out, sub, f"{_template(res)}_desc-preproc_T1w.nii.gz")
+
+
+def brain_mask(out: str | Path, sub: str, *, res: int) -> Path:
     """Template brain mask on the template grid (what the model and scores use)."""
-    return _anat(out, sub, "space-MNI152_desc-brain_mask.nii.gz")
+    return _anat(out, sub, f"{_template(res)}_desc-brain_mask.nii.gz")
 
 
 def transform(out: str | Path, sub: str) -> Path:
-    """Affine from native T1w to MNI152 (ITK/ANTs ``.mat``)."""
-    return _anat(out, sub, "from-T1w_to-MNI152_mode-image_xfm.mat")
+    """Affine from native T1w to the template (ITK/ANTs ``.mat``; BIDS has no transform
+    suffix yet, so ``.bidsignore`` lists it; the name is fMRIPrep's convention)."""
+    return _anat(out, sub, f"from-T1w_to-{SPACE}_mode-image_xfm.mat")
 
 
-def anomaly_map(out: str | Path, sub: str) -> Path:
-    return _anat(out, sub, "space-MNI152_desc-anomaly_map.nii.gz")
+def anomaly_map(out: str | Path, sub: str, *, res: int) -> Path:
+    """Voxel anomaly map (robust z) on the template grid. BIDS derivatives keep the source's
+    suffix and say what was derived with ``desc``; the sidecar says it is a z-map."""
+    return _anat(out, sub, f"{_template(res)}_desc-anomaly_T1w.nii.gz")
 
 
 def _figure(out: str | Path, sub: str, suffix: str) -> Path:
@@ -85,10 +141,16 @@ def native_thumbnail(out: str | Path, sub: str) -> Path:
 
 def anomaly_thumbnail(out: str | Path, sub: str) -> Path:
     """Three planes of the registered image with the anomaly map over it."""
-    return _figure(out, sub, "space-MNI152_desc-anomaly_T1w.webp")
+    return _figure(out, sub, f"space-{SPACE}_desc-anomaly_T1w.webp")
 
 
-def subject_images(out: str | Path, sub: str) -> dict[str, Path]:
+def sidecar(image: str | Path) -> Path:
+    """The JSON sidecar of a NIfTI image (same name, ``.json``)."""
+    image = Path(image)
+    return image.with_name(image.name.removesuffix(".gz").removesuffix(".nii") + ".json")
+
+
+def subject_images(out: str | Path, sub: str, *, res: int) -> dict[str, Path]:
     """Every image (and transform) a subject can have, by name. Only the ones its stages
     made exist: a subject that failed or has no series has none (no placeholders)."""
     return {
@@ -96,10 +158,10 @@ def subject_images(out: str | Path, sub: str) -> dict[str, Path]:
         "T1w_sidecar": t1w_sidecar(out, sub),
         "n4": n4(out, sub),
         "head_mask": head_mask(out, sub),
-        "preproc": preproc(out, sub),
-        "brain_mask": brain_mask(out, sub),
+        "preproc": preproc(out, sub, res=res),
+        "brain_mask": brain_mask(out, sub, res=res),
         "transform": transform(out, sub),
-        "anomaly_map": anomaly_map(out, sub),
+        "anomaly_map": anomaly_map(out, sub, res=res),
         "native_thumbnail": native_thumbnail(out, sub),
         "anomaly_thumbnail": anomaly_thumbnail(out, sub),
     }
@@ -121,6 +183,29 @@ def model_sidecar(out: str | Path) -> Path:
 def model_scores(out: str | Path) -> Path:
     """Every subject's score-stage status and raw score, one row each (the score job's table)."""
     return Path(out) / "model" / "anomaly_scores.tsv"
+
+
+def dataset_description(out: str | Path) -> Path:
+    """What makes ``out`` a BIDS derivatives dataset (with ``README`` and ``.bidsignore``)."""
+    return Path(out) / "dataset_description.json"
+
+
+def bidsignore(out: str | Path) -> Path:
+    return Path(out) / ".bidsignore"
+
+
+def dataset_readme(out: str | Path) -> Path:
+    return Path(out) / "README.md"
+
+
+def index_cache(out: str | Path) -> Path:
+    """pybids' index of a BIDS input, kept between Snakemake processes (``bids_input``)."""
+    return Path(out) / ".mriaudit" / "bids-index"
+
+
+def mriqc_dir(out: str | Path) -> Path:
+    """The IQMs in MRIQC's layout (``group_T1w.tsv`` and per-image JSON)."""
+    return cohort_dir(out) / "mriqc"
 
 
 def cohort_dir(out: str | Path) -> Path:

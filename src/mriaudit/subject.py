@@ -10,10 +10,11 @@ and four Snakemake jobs per subject, which is what a 10,000-subject DAG costs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mriaudit import dicom, iqm, paths, preprocess
+from mriaudit import derivatives, dicom, iqm, paths, preprocess
 
 
 def preprocess_subject(
@@ -24,12 +25,16 @@ def preprocess_subject(
     rules: dict[str, Any],
     resolution: int = 2,
     threads: int = 1,
+    files: Sequence[str] = (),
+    name: str = "",
 ) -> dict[str, dict[str, Any]]:
     """Run the per-subject stages of ``folder`` (DICOM or NIfTI) into ``out_dir``.
 
     ``bids_id`` is the subject's BIDS id (``paths`` names every output from
     it); ``rules`` the ``series`` config; ``resolution`` the template grid (mm);
-    ``threads`` the ITK threads of N4, registration and IQMs. Returns the
+    ``threads`` the ITK threads of N4, registration and IQMs; ``files`` and
+    ``name`` restrict and name the inventory (``dicom.inventory_subject``'s
+    ``only`` and ``name``: a BIDS run). Returns the
     stage records by stage name (``paths.STAGES`` up to ``iqm``).
     """
     folder, out_dir = Path(folder), Path(out_dir)
@@ -43,6 +48,8 @@ def preprocess_subject(
         series_table=paths.series_table(out_dir, bids_id),
         record_path=record("inventory"),
         rules=rules,
+        only=files,
+        name=name,
     )
     done["convert"] = dicom.convert_subject(
         folder,
@@ -62,8 +69,8 @@ def preprocess_subject(
     )
     done["register"] = preprocess.register_subject(
         paths.n4(out_dir, bids_id),
-        out_image=paths.preproc(out_dir, bids_id),
-        out_mask=paths.brain_mask(out_dir, bids_id),
+        out_image=paths.preproc(out_dir, bids_id, res=resolution),
+        out_mask=paths.brain_mask(out_dir, bids_id, res=resolution),
         out_transform=paths.transform(out_dir, bids_id),
         record_path=record("register"),
         upstream=[record("n4")],
@@ -79,5 +86,8 @@ def preprocess_subject(
         upstream=[record("register")],
         resolution=resolution,
         threads=threads,
+    )
+    derivatives.write_sidecars(
+        out_dir, bids_id, res=resolution, only=("T1w", "n4", "head_mask", "preproc", "brain_mask")
     )
     return done

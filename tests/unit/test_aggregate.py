@@ -107,12 +107,12 @@ def write_subject(
 
 def write_images(out: Path, label: str, grid: nib.Nifti1Image, *, empty: bool = False) -> None:
     """The subject's registered image and map; none where ``empty`` (a stage failed)."""
-    for path in (paths.preproc(out, label), paths.anomaly_map(out, label)):
+    for path in (paths.preproc(out, label, res=2), paths.anomaly_map(out, label, res=2)):
         path.parent.mkdir(parents=True, exist_ok=True)
     if empty:
         return
-    nib.save(grid, paths.preproc(out, label))
-    nib.save(_anomaly_map(grid, BLOB_MM), paths.anomaly_map(out, label))
+    nib.save(grid, paths.preproc(out, label, res=2))
+    nib.save(_anomaly_map(grid, BLOB_MM), paths.anomaly_map(out, label, res=2))
 
 
 def build_cohort(tmp: Path, grid: nib.Nifti1Image) -> dict:
@@ -184,6 +184,7 @@ def run_aggregate(cohort: dict, *, labels: bool = True, flag: dict | None = None
         out_scores=cohort_dir / "scores.tsv",
         out_exclusions=cohort_dir / "exclusions.tsv",
         out_subjects=cohort_dir / "subjects.tsv",
+        resolution=2,
     )
 
 
@@ -391,6 +392,7 @@ def test_missing_records_and_empty_cohort(tmp_path):
         out_scores=out / "s.tsv",
         out_exclusions=out / "e.tsv",
         out_subjects=out / "f.tsv",
+        resolution=2,
     )
     assert frame["status"].tolist() == ["failed"]
     assert "no inventory record" in frame["reason"].iloc[0]
@@ -403,6 +405,7 @@ def test_missing_records_and_empty_cohort(tmp_path):
         out_scores=out / "s.tsv",
         out_exclusions=out / "e.tsv",
         out_subjects=out / "f.tsv",
+        resolution=2,
     )
     assert frame.empty
     assert (out / "s.tsv").read_text().startswith("folder\tbids_id\tstatus")

@@ -22,12 +22,24 @@ from mriaudit.intensity import histogram_landmarks, normalize_intensity, standar
 
 def test_paths_follow_bids_derivatives():
     assert paths.t1w("/o", "01") == Path("/o/sub-01/anat/sub-01_T1w.nii.gz")
-    assert paths.preproc("/o", "01").name == "sub-01_space-MNI152_desc-preproc_T1w.nii.gz"
-    assert paths.anomaly_map("/o", "01").name == "sub-01_space-MNI152_desc-anomaly_map.nii.gz"
-    assert paths.subject_scores("/o", "01") == Path("/o/sub-01/sub-01_scores.json")
-    assert paths.record("o", "{bids_id}", "n4") == Path(
-        "o/sub-{bids_id}/sub-{bids_id}_desc-n4_qc.json"
+    assert (
+        paths.preproc("/o", "01", res=2).name
+        == "sub-01_space-MNI152NLin2009aSym_res-2_desc-preproc_T1w.nii.gz"
     )
+    assert (
+        paths.anomaly_map("/o", "01", res=1).name
+        == "sub-01_space-MNI152NLin2009aSym_res-1_desc-anomaly_T1w.nii.gz"
+    )
+    # Sessions and runs: BIDS folders and prefixes.
+    session_run = paths.t1w("/o", "01_ses-b_run-2")
+    assert session_run.as_posix() == "/o/sub-01/ses-b/anat/sub-01_ses-b_run-2_T1w.nii.gz"
+    assert paths.record("/o", "02_run-1", "iqm").as_posix() == "/o/sub-02/sub-02_run-1_desc-iqm_qc.json"
+    assert paths.entities("01_ses-b_run-2") == {"sub": "01", "ses": "b", "run": "2"}
+    assert paths.scan_id("01", session="b", run="2") == "01_ses-b_run-2"
+    assert str(paths.record("/o", "{bids_id}", "n4")) == "/o/{scan_dir}/sub-{bids_id}_desc-n4_qc.json"
+    with pytest.raises(ValueError, match="acq-x"):
+        paths.entities("01_acq-x")
+    assert paths.subject_scores("/o", "01") == Path("/o/sub-01/sub-01_scores.json")
     with pytest.raises(ValueError, match="unknown stage"):
         paths.record("o", "01", "nope")
 

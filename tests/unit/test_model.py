@@ -389,7 +389,7 @@ def test_score_cohort_scores_like_one_by_one_and_writes_its_table(
     for label in labels:
         image, record = cohort["subjects"][label]
         for source, target in [
-            (image, paths.preproc(out, label)),
+            (image, paths.preproc(out, label, res=2)),
             (record, paths.record(out, label, "register")),
         ]:
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -401,6 +401,7 @@ def test_score_cohort_scores_like_one_by_one_and_writes_its_table(
         checkpoint=trained["out"] / "model.pt",
         out_dir=out,
         out_table=paths.model_scores(out),
+        resolution=2,
         device="cpu",
         threads=2,
     )
@@ -419,7 +420,7 @@ def test_score_cohort_scores_like_one_by_one_and_writes_its_table(
         row = written.set_index("bids_id").loc[label]
         assert row["anomaly_raw"] == pytest.approx(record["metrics"]["anomaly_raw"], rel=1e-6)
         assert record["peak_rss_mb"] > 0 and record["cpu_s"] >= 0
-    assert not paths.anomaly_map(out, "broken").exists()
+    assert not paths.anomaly_map(out, "broken", res=2).exists()
 
 
 def test_focal_contrast_ignores_a_map_raised_everywhere():

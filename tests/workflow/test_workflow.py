@@ -151,8 +151,8 @@ def test_contract_images_exist_with_consistent_geometry(workflow_run):
         assert native.shape == corrected.shape
         np.testing.assert_allclose(native.affine, corrected.affine, atol=1e-4)
         assert json.loads(paths.t1w_sidecar(out, bids_id).read_text())
-        registered = nib.load(paths.preproc(out, bids_id))
-        anomaly = nib.load(paths.anomaly_map(out, bids_id))
+        registered = nib.load(paths.preproc(out, bids_id, res=2))
+        anomaly = nib.load(paths.anomaly_map(out, bids_id, res=2))
         assert registered.shape == anomaly.shape
         np.testing.assert_allclose(registered.affine, anomaly.affine, atol=1e-4)
         grids.add((registered.shape, tuple(np.round(registered.affine, 3).ravel())))
@@ -182,7 +182,7 @@ def test_no_image_shaped_placeholder_anywhere(workflow_run):
         manifest = json.loads(paths.subject_scores(out, bids_id).read_text())["images"]
         existing = {
             name: image.relative_to(out).as_posix()
-            for name, image in paths.subject_images(out, bids_id).items()
+            for name, image in paths.subject_images(out, bids_id, res=2).items()
             if image.is_file()
         }
         assert manifest == existing, folder

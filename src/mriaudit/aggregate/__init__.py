@@ -60,7 +60,7 @@ from mriaudit.aggregate.reasons import (
     iqm_title,
 )
 from mriaudit.aggregate.rows import METRIC_PREFIXES, read_subject_records
-from mriaudit.aggregate.scores import aggregate_cohort, read_scores
+from mriaudit.aggregate.scores import aggregate_cohort, read_scores, subject_image
 from mriaudit.aggregate.stages import read_prescreen, write_stage_table
 
 __all__ = [
@@ -82,6 +82,7 @@ __all__ = [
     "read_subject_records",
     "reference_mask",
     "robust_z",
+    "subject_image",
     "table_threshold",
     "write_stage_table",
 ]

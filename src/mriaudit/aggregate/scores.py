@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mriaudit import cohort, files, paths
+from mriaudit import bids_input, cohort, files, paths
 from mriaudit.aggregate.judge import _judge, flag_settings
 from mriaudit.aggregate.reasons import _top_region_text
 from mriaudit.aggregate.rows import (
@@ -44,6 +45,8 @@ _STRING_COLUMNS = (
     "findings",
     "notes",
     "scanner_group",
+    "session",
+    "run",
 )
 _BOOL_COLUMNS = ("flagged", "in_reference")
 _BASE_COLUMNS = (
@@ -62,6 +65,8 @@ _BASE_COLUMNS = (
     "in_reference",
     "fold",
     "scanner_group",
+    "session",
+    "run",
 )
 
 
@@ -69,6 +74,7 @@ def _ordered_columns(frame: pd.DataFrame, *, with_labels: bool) -> list[str]:
     columns = list(_BASE_COLUMNS)
     for prefix in METRIC_PREFIXES:
         columns += [c for c in frame.columns if c.startswith(prefix) and c not in columns]
+    columns += [c for c in frame.columns if c.startswith(PARTICIPANT_PREFIX)]
     if with_labels:
         columns.append("truth")
     return columns
@@ -94,8 +100,12 @@ def aggregate_cohort(
     out_scores: Path,
     out_exclusions: Path,
     out_subjects: Path,
+    resolution: int,
 ) -> pd.DataFrame:
     """Merge every subject's records into scores.tsv, exclusions.tsv and subjects.tsv.
+
+    ``resolution`` is the template grid (mm) of the registered images, whose names
+    the subject JSON's ``images`` manifest lists (what :func:`subject_image` reads).
 
     One row per first-level folder of ``input_dir`` (folders with a naming
     problem included, as ``failed``), sorted flagged first then by
@@ -104,7 +114,7 @@ def aggregate_cohort(
     ``in_reference`` as bool; the files write ``true``/``false``).
     """
     settings = flag_settings(flag)
-    subjects = cohort.list_subjects(input_dir)
+    subjects = cohort.list_subjects(input_dir, cache_dir=paths.index_cache(out_dir))
     labels = cohort.read_labels(labels_path) if labels_path else None
     rows: list[dict[str, Any]] = []
     extras: list[dict[str, Any]] = []
@@ -141,6 +151,10 @@ def aggregate_cohort(
                 "%d labelled subjects are not in input_dir, e.g. %s", len(unknown), unknown[:3]
             )
         frame["truth"] = pd.array([labels.get(s.folder) for s in subjects], dtype="Int64")
+    frame["session"] = [s.session for s in subjects]
+    frame["run"] = [s.run for s in subjects]
+    for column, values in participant_columns(input_dir, subjects).items():
+        frame[column] = values
     frame, summary = _judge(frame, extras, settings)
     frame = frame.reindex(columns=_ordered_columns(frame, with_labels=labels is not None))
     order = np.lexsort(
@@ -175,7 +189,9 @@ def aggregate_cohort(
             # The manifest of what exists, relative to the output folder.
             data["images"] = {
                 name: image.relative_to(out_dir).as_posix()
-                for name, image in paths.subject_images(out_dir, row["bids_id"]).items()
+                for name, image in paths.subject_images(
+                    out_dir, row["bids_id"], res=resolution
+                ).items()
                 if image.is_file()
             }
             _write_compact_json(path, data)
@@ -191,6 +207,41 @@ def aggregate_cohort(
         summary["audit_threshold"],
     )
     return frame
+
+
+#: Columns of the BIDS root's participants.tsv travel into scores.tsv under this prefix.
+PARTICIPANT_PREFIX = "participant_"
+
+
+def participant_columns(input_dir: Path, subjects: list[cohort.Subject]) -> dict[str, list[Any]]:
+    """``participants.tsv``'s columns (age, sex, site, ...) for each unit, by its subject,
+    as ``participant_<column>`` (names reduced to letters, digits and ``_``); numbers
+    where a whole column parses as numbers. None when input_dir is no BIDS root or
+    has no such file; describing only: no column enters a score."""
+    if not cohort.is_bids_root(input_dir):
+        return {}
+    table = bids_input.read_participants(input_dir)
+    columns = {}
+    for name in table.columns:
+        values = table[name]
+        numbers = pd.to_numeric(values, errors="coerce")
+        if numbers.notna().sum() == values.notna().sum():
+            values = numbers
+        column = PARTICIPANT_PREFIX + re.sub(r"[^A-Za-z0-9_]", "_", str(name))
+        lookup = values.to_dict()
+        columns[column] = [lookup.get(s.subject) for s in subjects]
+    return columns
+
+
+def subject_image(out_dir: Path, bids_id: str, name: str) -> Path | None:
+    """The image ``name`` (a key of ``paths.subject_images``) of a scan as its subject JSON
+    lists it, or None when the scan has none (or no JSON): readers need not know the grid."""
+    try:
+        images = json.loads(paths.subject_scores(out_dir, bids_id).read_text())["images"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    relative = images.get(name) if isinstance(images, dict) else None
+    return Path(out_dir) / relative if isinstance(relative, str) else None
 
 
 def _exclusions(frame: pd.DataFrame, extras: list[dict[str, Any]]) -> pd.DataFrame:

@@ -90,7 +90,7 @@ def synthetic_cohort(root: Path, n: int, *, seed: int = 0) -> dict[str, Path]:
             path.parent.mkdir(parents=True, exist_ok=True)
             # Compact JSON: the same content as records.write_json, much faster to make.
             path.write_text(json.dumps(record))
-        preproc, amap = paths.preproc(out, bids_id), paths.anomaly_map(out, bids_id)
+        preproc, amap = paths.preproc(out, bids_id, res=2), paths.anomaly_map(out, bids_id, res=2)
         preproc.parent.mkdir(parents=True, exist_ok=True)
         if not failed:
             preproc.symlink_to(image)
@@ -122,6 +122,7 @@ def synthetic_report(root: Path, n: int, *, report: dict | None = None) -> dict:
         out_scores=paths.scores_table(out),
         out_exclusions=paths.exclusions_table(out),
         out_subjects=paths.cohort_table(out),
+        resolution=2,
     )
     start = time.perf_counter()
     build_report(

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -268,12 +268,19 @@ def _nifti_record(
     )
 
 
-def _inventory(subject_dir: Path, series_table: Path, rules: dict[str, Any]) -> dict[str, Any]:
+def _inventory(
+    subject_dir: Path,
+    series_table: Path,
+    rules: dict[str, Any],
+    *,
+    only: Collection[str] = (),
+    name: str = "",
+) -> dict[str, Any]:
     if not (subject_dir.is_dir() or sources.is_subject_archive(subject_dir)):
         message = f"subject folder not found: {subject_dir.name}"
         raise StageError(message)
     rules = resolve_rules(rules)
-    scan = _scan_folder(subject_dir)
+    scan = _scan_folder(subject_dir, only=only)
     warnings_ = list(scan.problems)
     log.info(
         "%d files: %d DICOM series, %d NIfTI, %d non-DICOM, %d unreadable",
@@ -286,7 +293,7 @@ def _inventory(subject_dir: Path, series_table: Path, rules: dict[str, Any]) -> 
     geometries = {uid: _series_geometry(s) for uid, s in scan.series.items()}
     rows = [_series_row(scan.series[uid], geometries[uid], rules) for uid in scan.series]
     rows.sort(key=lambda r: (r["series_number"] is None, r["series_number"] or 0, r["series_uid"]))
-    chosen = series_class.chosen_series(rules, sources.archive_stem(subject_dir.name))
+    chosen = series_class.chosen_series(rules, name or sources.archive_stem(subject_dir.name))
     # The user's choice that names no usable series ends the subject with its own reason.
     choice_problem = ""
     if chosen is not None:
@@ -317,7 +324,13 @@ def _inventory(subject_dir: Path, series_table: Path, rules: dict[str, Any]) -> 
 
 
 def inventory_subject(
-    subject_dir: Path, *, series_table: Path, record_path: Path, rules: dict
+    subject_dir: Path,
+    *,
+    series_table: Path,
+    record_path: Path,
+    rules: dict,
+    only: Collection[str] = (),
+    name: str = "",
 ) -> dict:
     """List the subject's series, choose the audited one and audit its headers.
 
@@ -329,11 +342,14 @@ def inventory_subject(
     whose ``selected`` names the files to convert (paths relative to
     ``subject_dir``). ``rules`` is the ``series`` config (missing keys take
     ``series.DEFAULT_RULES``). Status ``no_series`` when nothing usable is found.
+    ``only`` restricts the inventory to those files (a BIDS run's own; relative to
+    ``subject_dir``); ``name`` is the unit's name in the ``series.choose`` config
+    (default: the folder's or archive's name).
     """
     subject_dir, series_table = Path(subject_dir), Path(series_table)
     record = run_stage(
         "inventory",
-        lambda: _inventory(subject_dir, series_table, rules),
+        lambda: _inventory(subject_dir, series_table, rules, only=only, name=name),
         record_path=record_path,
     )
     if not series_table.exists():

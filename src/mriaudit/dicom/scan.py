@@ -16,7 +16,7 @@ import io
 import logging
 import re
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -385,13 +385,17 @@ def _filled_phi_tags(dataset: Dataset) -> set[str]:
     return {keyword for keyword in PHI_TAGS if _text(dataset.get(keyword))}
 
 
-def _scan_folder(subject_dir: Path) -> _Scan:
+def _scan_folder(subject_dir: Path, *, only: Collection[str] = ()) -> _Scan:
     """Walk ``subject_dir`` (any depth, symlinked folders not followed, compressed files
-    and archives opened; see ``mriaudit.sources``) and read DICOM headers."""
+    and archives opened; see ``mriaudit.sources``) and read DICOM headers. ``only``:
+    the files to consider (relative names, as ``walk`` gives them; empty: all)."""
     scan = _Scan()
+    wanted = frozenset(only)
     with _quiet_pydicom():
         for entry in sources.walk(subject_dir, on_error=scan.problems.append):
             rel = entry.rel
+            if wanted and rel not in wanted:
+                continue
             scan.n_files += 1
             if entry.path is not None and sources.is_nifti(entry.path.name):
                 scan.nifti.append(rel)

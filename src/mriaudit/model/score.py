@@ -30,7 +30,7 @@ import pandas as pd
 import torch
 from scipy import ndimage
 
-from mriaudit import files, isolation, paths, records, thumbnails
+from mriaudit import derivatives, files, isolation, paths, records, thumbnails
 from mriaudit.intensity import standardize_histogram
 from mriaudit.model.data import (
     BrainGrid,
@@ -535,10 +535,13 @@ def score_cohort(
     checkpoint: Path,
     out_dir: Path,
     out_table: Path,
+    resolution: int,
     device: str = "auto",
     threads: int = 1,
 ) -> pd.DataFrame:
     """Stage ``score`` of every subject of ``stage_table`` (``aggregate.write_stage_table``).
+
+    ``resolution`` is the template grid (mm) the registered images were written on.
 
     The model is loaded once per worker process; on the CPU ``threads``
     workers of one torch thread each share the subjects, on a GPU one worker
@@ -571,21 +574,25 @@ def score_cohort(
                     return
             score_one(
                 scorer,
-                paths.preproc(out_dir, bids_id),
+                paths.preproc(out_dir, bids_id, res=resolution),
                 subject=bids_id,
-                out_map=paths.anomaly_map(out_dir, bids_id),
+                out_map=paths.anomaly_map(out_dir, bids_id, res=resolution),
                 out_thumbnail=paths.anomaly_thumbnail(out_dir, bids_id),
                 record_path=record_path(bids_id),
                 upstream=upstream,
                 isolate=False,
             )
+            derivatives.write_sidecars(out_dir, bids_id, res=resolution, only=("anomaly_map",))
 
     def unusable(shard: Sequence[str], reason: str) -> None:
         log.error("%s", reason)
         for bids_id in shard:
             if not record_path(bids_id).exists():
                 records.remove_images(
-                    [paths.anomaly_map(out_dir, bids_id), paths.anomaly_thumbnail(out_dir, bids_id)]
+                    [
+                        paths.anomaly_map(out_dir, bids_id, res=resolution),
+                        paths.anomaly_thumbnail(out_dir, bids_id),
+                    ]
                 )
                 records.write_json(
                     record_path(bids_id), make_record(STAGE, status=records.FAILED, reason=reason)

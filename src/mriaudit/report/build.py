@@ -222,7 +222,8 @@ def _montage(out_dir: Path, row: dict[str, Any]) -> dict[str, Any]:
         card["no_image"] = "not processed: " + row["reason"]
         return card
     details = _subject_json(out_dir, bids_id)
-    image, anomaly = paths.preproc(out_dir, bids_id), paths.anomaly_map(out_dir, bids_id)
+    listed = details.get("images") if isinstance(details.get("images"), dict) else {}
+    image, anomaly = (out_dir / str(listed.get(name, "-")) for name in ("preproc", "anomaly_map"))
     if not _usable(image):
         stopped = f" (processing stopped at {row['failed_stage']})" if row["failed_stage"] else ""
         card["no_image"] = f"no registered image{stopped}"
