@@ -238,11 +238,17 @@ def cohort_table(out: str | Path) -> Path:
     return cohort_dir(out) / "subjects.tsv"
 
 
+def _per_rule(out: str | Path, kind: str, rule: str, sub: str | None, suffix: str) -> Path:
+    """``<kind>/<rule>/<rule><suffix>``, or per scan ``<kind>/<rule>/<scan folder>/sub-<id><suffix>``
+    (the scan's folder too, as Snakemake wants every wildcard of a rule's outputs here)."""
+    if sub is None:
+        return Path(out) / kind / rule / f"{rule}{suffix}"
+    return subject_dir(Path(out) / kind / rule, sub) / f"sub-{sub}{suffix}"
+
+
 def log(out: str | Path, rule: str, sub: str | None = None) -> Path:
-    name = f"sub-{sub}.log" if sub is not None else f"{rule}.log"
-    return Path(out) / "logs" / rule / name
+    return _per_rule(out, "logs", rule, sub, ".log")
 
 
 def benchmark(out: str | Path, rule: str, sub: str | None = None) -> Path:
-    name = f"sub-{sub}.tsv" if sub is not None else f"{rule}.tsv"
-    return Path(out) / "benchmarks" / rule / name
+    return _per_rule(out, "benchmarks", rule, sub, ".tsv")

@@ -33,10 +33,15 @@ def test_paths_follow_bids_derivatives():
     # Sessions and runs: BIDS folders and prefixes.
     session_run = paths.t1w("/o", "01_ses-b_run-2")
     assert session_run.as_posix() == "/o/sub-01/ses-b/anat/sub-01_ses-b_run-2_T1w.nii.gz"
-    assert paths.record("/o", "02_run-1", "iqm").as_posix() == "/o/sub-02/sub-02_run-1_desc-iqm_qc.json"
+    assert (
+        paths.record("/o", "02_run-1", "iqm").as_posix()
+        == "/o/sub-02/sub-02_run-1_desc-iqm_qc.json"
+    )
     assert paths.entities("01_ses-b_run-2") == {"sub": "01", "ses": "b", "run": "2"}
     assert paths.scan_id("01", session="b", run="2") == "01_ses-b_run-2"
-    assert str(paths.record("/o", "{bids_id}", "n4")) == "/o/{scan_dir}/sub-{bids_id}_desc-n4_qc.json"
+    assert (
+        str(paths.record("/o", "{bids_id}", "n4")) == "/o/{scan_dir}/sub-{bids_id}_desc-n4_qc.json"
+    )
     with pytest.raises(ValueError, match="acq-x"):
         paths.entities("01_acq-x")
     assert paths.subject_scores("/o", "01") == Path("/o/sub-01/sub-01_scores.json")

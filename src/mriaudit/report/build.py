@@ -381,6 +381,7 @@ def build_report(
         "vendors": _counts(frame["hdr_manufacturer"]) if "hdr_manufacturer" in frame else [],
         "protocols": _protocols(frame),
         "scanners": sites.scanner_view(frame, threshold=_float(threshold)),
+        "participants": sites.participant_views(frame, threshold=_float(threshold)),
         "findings": _finding_counts(frame),
         "rows": rows,
         "has_labels": truths is not None,
