@@ -23,15 +23,15 @@ from mriaudit import __version__, files, paths
 
 #: BIDS version the names and sidecars follow.
 BIDS_VERSION = "1.10.0"
-#: What the validator must not read: everything here that BIDS has no name for.
+#: What the validator must not read: everything here that BIDS has no name for. (Its
+#: .bidsignore matching takes no trailing slash: "cohort/" would not match the folder.)
 IGNORED = (
-    "cohort/",
-    "model/",
-    "logs/",
-    "benchmarks/",
-    ".mriaudit/",
-    "sub-*/**/figures/",
-    "sub-*/figures/",
+    "/cohort",
+    "/model",
+    "/logs",
+    "/benchmarks",
+    "/.mriaudit",
+    "**/figures",
     "*_qc.json",
     "*_series.tsv",
     "*_scores.json",
@@ -103,27 +103,35 @@ def _sidecars(out_dir: Path, bids_id: str, res: int) -> dict[Path, dict[str, Any
         for name in ("T1w", "n4", "head_mask", "preproc", "brain_mask", "transform", "anomaly_map")
     }
     grid = resolution_text(res)
+    native = _uri(out_dir, image["T1w"])
+    # The template as nilearn ships it: what the images in template space are aligned to.
+    template = f"nilearn MNI152 template mni_icbm152_t1_tal_nlin_sym_09a at {res} mm"
     return {
         image["n4"]: {
             "Description": "N4 bias-field corrected T1w (ANTsPy), native grid",
             "SkullStripped": False,
-            "Sources": [_uri(out_dir, image["T1w"]), _uri(out_dir, image["head_mask"])],
+            "Sources": [native, _uri(out_dir, image["head_mask"])],
+            "SpatialReference": native,
         },
         image["head_mask"]: {
             "Type": "ROI",
             "Description": "head mask (the head and its surroundings, no air), native grid",
-            "Sources": [_uri(out_dir, image["T1w"])],
+            "Sources": [native],
+            "SpatialReference": native,
         },
         image["preproc"]: {
             "Description": "bias-corrected T1w, affinely registered and resampled to the template",
             "SkullStripped": False,
             "Resolution": grid,
             "Sources": [_uri(out_dir, image["n4"]), _uri(out_dir, image["transform"])],
+            "SpatialReference": template,
         },
         image["brain_mask"]: {
             "Type": "Brain",
             "Description": "the template's brain mask (its T1 above 0.2 of its maximum, as nilearn)",
             "Resolution": grid,
+            "Sources": [template],
+            "SpatialReference": template,
         },
         image["anomaly_map"]: {
             "Description": (
@@ -134,6 +142,7 @@ def _sidecars(out_dir: Path, bids_id: str, res: int) -> dict[Path, dict[str, Any
             "SkullStripped": True,
             "Resolution": grid,
             "Sources": [_uri(out_dir, image["preproc"]), "bids::model/model.pt"],
+            "SpatialReference": template,
         },
     }
 
