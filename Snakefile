@@ -21,6 +21,7 @@ include: "rules/cohort.smk"
 
 localrules:
     all,
+    describe_dataset,
 
 
 rule all:
