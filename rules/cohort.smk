@@ -90,6 +90,7 @@ rule report:
         exclusions=str(paths.exclusions_table(OUT)),
         metrics=metrics_input,
         model_scores=str(paths.model_scores(OUT)),
+        mriqc_agreement=mriqc_agreement_input,
     output:
         html=report(
             str(paths.report(OUT)),
@@ -137,3 +138,48 @@ rule describe_dataset:
         "../envs/mriaudit.yaml"
     script:
         "../scripts/describe_dataset.py"
+
+
+# The IQMs in MRIQC's layout and names (group_T1w.tsv, one JSON per scan), for MRIQC-side
+# tools (classifiers, viewers); the JSONs are written beside the table, not outputs.
+rule export_mriqc:
+    input:
+        scores=str(paths.scores_table(OUT)),
+    output:
+        group=str(paths.mriqc_group_table(OUT)),
+    log:
+        str(paths.log(OUT, "export_mriqc")),
+    benchmark:
+        str(paths.benchmark(OUT, "export_mriqc"))
+    params:
+        output_dir=output_dir,
+    threads: 1
+    resources:
+        mem_mb=mem_per_attempt(2000),
+        runtime=10,
+    conda:
+        "../envs/mriaudit.yaml"
+    script:
+        "../scripts/export_mriqc.py"
+
+
+# With mriqc_dir: MRIQC's own IQMs of the same scans against ours, metric by metric.
+rule compare_mriqc:
+    input:
+        scores=str(paths.scores_table(OUT)),
+    output:
+        agreement=str(paths.mriqc_agreement(OUT)),
+    log:
+        str(paths.log(OUT, "compare_mriqc")),
+    benchmark:
+        str(paths.benchmark(OUT, "compare_mriqc"))
+    params:
+        mriqc_dir=config["mriqc_dir"],
+    threads: 1
+    resources:
+        mem_mb=mem_per_attempt(2000),
+        runtime=10,
+    conda:
+        "../envs/mriaudit.yaml"
+    script:
+        "../scripts/compare_mriqc.py"

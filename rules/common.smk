@@ -42,6 +42,7 @@ def cohort_outputs():
         paths.scores_table(OUT),
         paths.exclusions_table(OUT),
         paths.report(OUT),
+        paths.mriqc_group_table(OUT),
         paths.dataset_description(OUT),
         paths.bidsignore(OUT),
         paths.dataset_readme(OUT),
@@ -80,6 +81,10 @@ def labels_input(wildcards):
 
 def model_checkpoint(wildcards):
     return str(paths.model_checkpoint(OUT)) if TRAIN_MODEL else config["model"]
+
+
+def mriqc_agreement_input(wildcards):
+    return [str(paths.mriqc_agreement(OUT))] if config["mriqc_dir"] else []
 
 
 def metrics_input(wildcards):

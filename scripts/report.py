@@ -13,4 +13,7 @@ build_report(
     metrics_json=Path(snakemake.input.metrics[0]) if snakemake.input.metrics else None,
     config=dict(snakemake.params.config),
     out_html=Path(snakemake.output.html),
+    mriqc_agreement_tsv=(
+        Path(snakemake.input.mriqc_agreement[0]) if snakemake.input.mriqc_agreement else None
+    ),
 )

@@ -208,6 +208,16 @@ def mriqc_dir(out: str | Path) -> Path:
     return cohort_dir(out) / "mriqc"
 
 
+def mriqc_group_table(out: str | Path) -> Path:
+    """Every scan's IQMs under MRIQC's names, as MRIQC's group table."""
+    return mriqc_dir(out) / "group_T1w.tsv"
+
+
+def mriqc_agreement(out: str | Path) -> Path:
+    """Per metric, how the IQMs agree with those of the MRIQC run in ``mriqc_dir``."""
+    return mriqc_dir(out) / "agreement.tsv"
+
+
 def cohort_dir(out: str | Path) -> Path:
     return Path(out) / "cohort"
 

@@ -202,6 +202,26 @@ def _iqm_figure(frame: pd.DataFrame) -> str:
     return figures.png_data_uri(png)
 
 
+def _mriqc_agreement(path: Path | None) -> list[dict[str, str]]:
+    """The rows of ``cohort/mriqc/agreement.tsv`` as the report shows them (none without it)."""
+    if path is None or not Path(path).is_file():
+        return []
+    table = read_tsv(path, text=True)
+    titles_of = iqm_tables()[1]
+    return [
+        {
+            "metric": row["metric"],
+            "title": iqm_title(row["metric"], titles_of),
+            "n": row["n"],
+            "rho": _number(_float(row["rho"]), 3),
+            "ours": _number(_float(row["median_ours"]), 3),
+            "theirs": _number(_float(row["median_theirs"]), 3),
+            "difference": _number(100 * _float(row["median_abs_rel_diff"]), 1),
+        }
+        for row in table.to_dict("records")
+    ]
+
+
 def _usable(path: Path) -> bool:
     return path.is_file() and path.stat().st_size > 0
 
@@ -270,12 +290,14 @@ def build_report(
     metrics_json: Path | None,
     config: dict[str, Any],
     out_html: Path,
+    mriqc_agreement_tsv: Path | None = None,
 ) -> None:
     """Render the cohort report to ``out_html`` (self-contained HTML, no external reference).
 
     Reads scores.tsv (every subject), exclusions.tsv (flagged subjects),
-    metrics.json (when labels were given) and, for the montages of flagged
-    subjects, their subject JSON, registered image and anomaly map under ``out_dir``.
+    metrics.json (when labels were given), the MRIQC agreement table (when
+    ``mriqc_dir`` was given) and, for the montages of flagged subjects, their
+    subject JSON, registered image and anomaly map under ``out_dir``.
     """
     started = datetime.datetime.now(datetime.UTC)
     frame = read_scores(scores_tsv)
@@ -290,6 +312,8 @@ def build_report(
     metrics = None
     if metrics_json is not None and Path(metrics_json).is_file():
         metrics = json.loads(Path(metrics_json).read_text())
+
+    mriqc = _mriqc_agreement(mriqc_agreement_tsv)
 
     status = frame["status"].to_numpy(dtype=str)
     score = frame["audit_score"].to_numpy(dtype=float)
@@ -382,6 +406,7 @@ def build_report(
         "protocols": _protocols(frame),
         "scanners": sites.scanner_view(frame, threshold=_float(threshold)),
         "participants": sites.participant_views(frame, threshold=_float(threshold)),
+        "mriqc": mriqc,
         "findings": _finding_counts(frame),
         "rows": rows,
         "has_labels": truths is not None,
