@@ -99,21 +99,21 @@ def _json_path(out_dir: Path, bids_id: str) -> Path:
     return folder / "anat" / f"{bids_name(bids_id)}.json"
 
 
-def _value(value: Any) -> float | int | None:
-    """A cell as a JSON number (None for missing or non-finite)."""
+def _value(value: Any, *, integer: bool = False) -> float | int | None:
+    """A cell as a JSON number (None for missing or non-finite); ``integer`` for counts."""
     if value is None or value is pd.NA:
         return None
     number = float(value)
     if not math.isfinite(number):
         return None
-    return int(number) if number.is_integer() and abs(number) < 2**53 else number
+    return round(number) if integer else number
 
 
 def _to_mriqc_units(row: Mapping[str, Any]) -> dict[str, Any]:
     """One row's mapped IQMs under MRIQC's names and units (FWHM in voxels)."""
     out: dict[str, Any] = {}
     for ours, name in MRIQC_NAMES.items():
-        out[name] = _value(row.get(ours))
+        out[name] = _value(row.get(ours), integer=name.startswith("size_"))
     voxels = []
     for axis in _AXES:
         fwhm, spacing = out[f"fwhm_{axis}"], out[f"spacing_{axis}"]
