@@ -17,6 +17,7 @@ divided by the voxel size); the export and import convert with the
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,7 +27,11 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from mriaudit import files
+from mriaudit import __version__, files
+from mriaudit.aggregate import read_scores
+from mriaudit.tables import write_tsv
+
+log = logging.getLogger(__name__)
 
 #: Our column -> MRIQC 24's IQM name, for every metric that both compute as the same
 #: quantity (same formula and unit after the FWHM conversion, see the module doc).
@@ -291,3 +296,31 @@ def agreement(ours: pd.DataFrame, theirs: pd.DataFrame) -> pd.DataFrame:
         )
     columns = ["metric", "n", "rho", "median_ours", "median_theirs", "median_abs_rel_diff"]
     return pd.DataFrame(rows, columns=columns)
+
+
+def export_cohort(scores_tsv: Path, *, out_group: Path) -> list[Path]:
+    """:func:`export_mriqc` of ``cohort/scores.tsv`` into the folder of ``out_group``
+    (``paths.mriqc_group_table``); the rule ``export_mriqc``. Returns the files written."""
+    written = export_mriqc(
+        read_scores(scores_tsv), out_dir=Path(out_group).parent, version=__version__
+    )
+    log.info("MRIQC layout: %d scans exported to %s", max(0, len(written) - 1), out_group.parent)
+    return written
+
+
+def compare_cohort(scores_tsv: Path, *, mriqc_dir: Path, out_table: Path) -> pd.DataFrame:
+    """:func:`agreement` of ``cohort/scores.tsv``'s IQMs with those of the MRIQC output
+    folder ``mriqc_dir`` (:func:`read_mriqc`), written to ``out_table``; the rule
+    ``compare_mriqc``. A folder that holds no MRIQC T1w IQMs raises ``ValueError`` naming it
+    (the config key ``mriqc_dir`` points at the wrong place)."""
+    ours = read_scores(scores_tsv)
+    theirs = read_mriqc(mriqc_dir)
+    table = agreement(ours, theirs)
+    shared = ours["bids_id"].isin(theirs.index).sum()
+    if not shared:
+        log.warning(
+            "no scan of %s is in the MRIQC run %s: nothing to compare", scores_tsv, mriqc_dir
+        )
+    write_tsv(table, out_table)
+    log.info("MRIQC agreement: %d metrics over %d shared scans", len(table), shared)
+    return table

@@ -46,7 +46,9 @@ def errors(issues: list[dict]) -> list[str]:
 @pytest.fixture(scope="session")
 def bids_run(workflow_run, tmp_path_factory):
     """Five scans of the tiny cohort's normals as a BIDS root: sub-01 with two sessions,
-    sub-02 with two T1w runs, sub-03 plain; scored by the tiny run's model (no training)."""
+    sub-02 with two T1w runs, sub-03 plain; scored by the tiny run's model (no training).
+    ``mriqc_dir`` is an MRIQC-layout folder: the tiny run's own MRIQC export of the same
+    five images, renamed to their BIDS names here."""
     scores = pd.read_csv(paths.scores_table(workflow_run.output_dir), sep="\t", dtype=str)
     normals = scores[(scores["status"] == "ok") & (scores["truth"] == "0")]["bids_id"].tolist()
     assert len(normals) >= 5, scores[["folder", "status", "truth"]]
@@ -63,6 +65,16 @@ def bids_run(workflow_run, tmp_path_factory):
     (root / "participants.tsv").write_text(
         "participant_id\tage\tsite\nsub-01\t34\tOslo\nsub-02\t57\tLyon\nsub-03\tn/a\tOslo\n"
     )
+    group = pd.read_csv(paths.mriqc_group_table(workflow_run.output_dir), sep="\t", dtype=str)
+    names = {
+        f"sub-{source}_T1w": f"sub-{bids_id}_T1w"
+        for bids_id, source in zip(layout, normals, strict=False)
+    }
+    mriqc_dir = root.parent / "mriqc"
+    mriqc_dir.mkdir()
+    group[group["bids_name"].isin(names)].replace({"bids_name": names}).to_csv(
+        mriqc_dir / "group_T1w.tsv", sep="\t", index=False
+    )
     output_dir = root.parent / "out"
     configfile = root.parent / "config.yaml"
     configfile.write_text(
@@ -72,6 +84,7 @@ def bids_run(workflow_run, tmp_path_factory):
                 "output_dir": str(output_dir),
                 "device": "cpu",
                 "model": str(paths.model_checkpoint(workflow_run.output_dir)),
+                "mriqc_dir": str(mriqc_dir),
             }
         )
     )
@@ -111,3 +124,21 @@ def test_the_output_is_a_valid_bids_derivatives_dataset(workflow_run, bids_run):
         assert description["GeneratedBy"][0]["Name"] == "mriaudit"
         found = errors(validate(out))
         assert not found, "\n".join(found[:20])
+
+
+def test_the_iqms_in_mriqc_layout_and_the_agreement_with_an_mriqc_run(bids_run):
+    _, out = bids_run
+    group = pd.read_csv(paths.mriqc_group_table(out), sep="\t")
+    assert group.columns[0] == "bids_name"
+    assert {"cjv", "cnr", "efc", "fber", "snr_total", "fwhm_avg", "qi_1"} <= set(group.columns)
+    assert "sub-01_ses-1_T1w" in set(group["bids_name"])
+    image = json.loads(
+        (paths.mriqc_dir(out) / "sub-01/ses-1/anat/sub-01_ses-1_T1w.json").read_text()
+    )
+    assert image["provenance"]["software"] == "mriaudit" and "cjv" in image
+    # The same five images measured twice by the same pipeline: the ranks agree.
+    agreement = pd.read_csv(paths.mriqc_agreement(out), sep="\t").set_index("metric")
+    assert agreement.loc["iqm_cjv", "n"] == 5, agreement
+    assert agreement.loc["iqm_cjv", "rho"] > 0.8 and agreement.loc["iqm_snr_total", "rho"] > 0.8
+    report = paths.report(out).read_text()
+    assert 'id="mriqc-agreement"' in report and 'data-metric="iqm_cjv"' in report
