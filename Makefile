@@ -9,7 +9,7 @@ DEMO_LABELS := results/demo-labels.tsv
 DEMO_OUT := results/demo
 DEMO_SUBJECTS ?= 30
 
-.PHONY: venv demo test lint format bench browser clean
+.PHONY: venv demo test lint format bench bench-mriqc browser clean
 
 venv: $(STAMP)
 
@@ -56,6 +56,19 @@ test: venv lint browser
 bench: venv
 	$(BIN)/python -m mriaudit.bench --out results/bench
 	$(BIN)/python -m mriaudit.bench_detection --work results/bench/detection
+
+# Rank agreement of the IQMs with MRIQC 24's own functions on a degraded real head
+# (docs/MRIQC.md; about 20 min on 2 cores). MRIQC lives in its own venv, never in .venv:
+# its functions need only numpy, scipy, statsmodels and nibabel beside it.
+MRIQC_VENV := .venv-mriqc
+$(MRIQC_VENV)/.installed:
+	test -x $(MRIQC_VENV)/bin/python || $(PYTHON) -m venv $(MRIQC_VENV)
+	$(MRIQC_VENV)/bin/python -m pip install --quiet --no-deps mriqc==24.0.2
+	$(MRIQC_VENV)/bin/python -m pip install --quiet numpy==2.4.6 scipy==1.17.1 statsmodels==0.15.0 nibabel==5.4.2
+	touch $@
+
+bench-mriqc: venv $(MRIQC_VENV)/.installed
+	$(BIN)/python -m mriaudit.bench_mriqc --work results/bench/mriqc --mriqc-python $(MRIQC_VENV)/bin/python
 
 clean:
 	rm -rf results .snakemake
