@@ -259,13 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reading", choices=list(READINGS), action="append")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    unpack = args.shared_data / "unpack.sh"
-    if not unpack.is_file():
+    data_root = heads.unpack_shared(args.shared_data, args.work)
+    if data_root is None:
         print(f"detection benchmark skipped: no real heads at {args.shared_data}")
         return 0
-    args.work.mkdir(parents=True, exist_ok=True)
-    data_root = args.work / "shared"
-    subprocess.run(["bash", str(unpack), str(data_root)], check=True, capture_output=True)
     result = run(
         args.work,
         data_root,

@@ -60,7 +60,7 @@ import nibabel as nib
 import numpy as np
 from scipy import stats
 
-from mriaudit import files
+from mriaudit import files, heads
 
 log = logging.getLogger(__name__)
 
@@ -389,7 +389,6 @@ def run(
     work: Path, data_root: Path, *, mriqc_python: str, person: str = PERSON, threads: int = 2
 ) -> dict[str, Any]:
     """The whole measurement under ``work``; returns what ``mriqc_agreement.json`` holds."""
-    from mriaudit import heads
     from mriaudit.iqm.stage import _itk_threads
 
     _itk_threads(threads)  # Atropos reads the thread count from the environment
@@ -397,7 +396,7 @@ def run(
     source = data_root / entry.source
     scratch = Path(tempfile.mkdtemp(dir=work, prefix="convert-"))
     try:
-        converted = heads._dicom_to_nifti(source, scratch) if source.is_dir() else source
+        converted = heads.dicom_to_nifti(source, scratch) if source.is_dir() else source
         image = nib.load(converted)
         clean = np.asarray(image.dataobj, dtype=np.float32)
         affine = image.affine
@@ -456,13 +455,10 @@ def main(argv: list[str] | None = None) -> int:
         where = args.mriqc_python or "no --mriqc-python given"
         print(f"MRIQC agreement benchmark skipped: no MRIQC 24 ({where}, found {version})")
         return 0
-    unpack = args.shared_data / "unpack.sh"
-    if not unpack.is_file():
+    data_root = heads.unpack_shared(args.shared_data, args.work)
+    if data_root is None:
         print(f"MRIQC agreement benchmark skipped: no real heads at {args.shared_data}")
         return 0
-    args.work.mkdir(parents=True, exist_ok=True)
-    data_root = args.work / "shared"
-    subprocess.run(["bash", str(unpack), str(data_root)], check=True, capture_output=True)
     result = run(
         args.work,
         data_root,

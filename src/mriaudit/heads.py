@@ -19,6 +19,7 @@ prepared head is cached as ``<cache>/head-<person>_recipe-<RECIPE>.nii.gz``
 from __future__ import annotations
 
 import logging
+import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,6 +68,18 @@ FLATTEN_PASSES = 3
 FLAT_RANGE = 0.05
 
 
+def unpack_shared(shared_data: Path, work: Path) -> Path | None:
+    """``shared_data``'s archives unpacked by its ``unpack.sh`` into ``work/shared``; the
+    folder, or None when ``shared_data`` holds no real heads (a benchmark then skips)."""
+    unpack = Path(shared_data) / "unpack.sh"
+    if not unpack.is_file():
+        return None
+    data_root = Path(work) / "shared"
+    data_root.parent.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["bash", str(unpack), str(data_root)], check=True, capture_output=True)
+    return data_root
+
+
 def person(name: str) -> Person:
     """The ``PERSONS`` entry called ``name`` (``A`` .. ``F``)."""
     for entry in PERSONS:
@@ -76,7 +89,7 @@ def person(name: str) -> Person:
     raise ValueError(message)
 
 
-def _dicom_to_nifti(folder: Path, work: Path) -> Path:
+def dicom_to_nifti(folder: Path, work: Path) -> Path:
     """Convert the one 3D series of ``folder`` (compressed files decompressed first)."""
     source = work / "dicom"
     sources.materialise(folder, [entry.rel for entry in sources.walk(folder)], source)
@@ -133,7 +146,7 @@ def prepare_head(entry: Person, data_root: Path, out_path: Path, *, threads: int
         raise FileNotFoundError(message)
     with tempfile.TemporaryDirectory(prefix=f"head-{entry.person}-") as tmp:
         work = Path(tmp)
-        image = _dicom_to_nifti(source, work) if source.is_dir() else source
+        image = dicom_to_nifti(source, work) if source.is_dir() else source
         n4_image, n4_mask = work / "n4.nii.gz", work / "n4_mask.nii.gz"
         record = preprocess.bias_correct_subject(
             image,
