@@ -24,6 +24,7 @@ import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -81,7 +82,8 @@ def index_key(root: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def _layout(root: Path, cache_dir: Path | None):
+def _layout(root: Path, cache_dir: Path | None) -> Any:
+    """pybids' ``BIDSLayout`` of ``root`` (imported here: a folder cohort never pays for it)."""
     from bids import BIDSLayout, BIDSLayoutIndexer
 
     indexer = BIDSLayoutIndexer(validate=False, index_metadata=False)
@@ -108,7 +110,8 @@ def list_scans(root: str | Path, *, cache_dir: str | Path | None = None) -> list
     """
     from bids.layout import parse_file_entities
 
-    root = Path(root)
+    # pybids answers with absolute paths; a relative input_dir must match them.
+    root = Path(root).absolute()
     layout = _layout(root, Path(cache_dir) if cache_dir else None)
     images = layout.get(suffix="T1w", extension=list(IMAGE_EXTENSIONS), return_type="filename")
     # The layout's own entity configs: parse_file_entities would reload them per file.
@@ -119,7 +122,7 @@ def list_scans(root: str | Path, *, cache_dir: str | Path | None = None) -> list
         key = (str(found.get("subject", "")), str(found.get("session", "") or ""))
         run = found.get("run")
         runs[key][str(int(run)) if run is not None else ""].append(
-            Path(image).relative_to(root).as_posix()
+            Path(os.path.relpath(image, root)).as_posix()
         )
     units: list[Scan] = []
     for subject_dir in sorted(

@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 from mriaudit import __version__, files, paths
+
+log = logging.getLogger(__name__)
 
 #: BIDS version the names and sidecars follow.
 BIDS_VERSION = "1.10.0"
@@ -151,26 +154,35 @@ def write_sidecars(
     out_dir: Path, bids_id: str, *, res: int, only: tuple[str, ...] = ()
 ) -> list[Path]:
     """Write the sidecar of each image of ``bids_id`` that exists (``only``: of those images,
-    by ``paths.subject_images`` name), and add ``SkullStripped`` and ``Sources`` to the
-    converted T1w's dcm2niix sidecar. Returns the sidecars written."""
+    by ``paths.subject_images`` name), and add ``SkullStripped`` and ``Description`` to the
+    converted T1w's dcm2niix sidecar. Returns the sidecars written. A sidecar that cannot
+    be written is a warning in the log: the images and records stand without it."""
     out_dir = Path(out_dir)
     images = paths.subject_images(out_dir, bids_id, res=res)
     wanted = {images[name] for name in only} if only else set(images.values())
-    written = []
-    for image, sidecar in _sidecars(out_dir, bids_id, res).items():
-        if image in wanted and image.is_file():
-            files.write_text(paths.sidecar(image), json.dumps(sidecar, indent=2) + "\n")
-            written.append(paths.sidecar(image))
+    sidecars = {
+        paths.sidecar(image): sidecar
+        for image, sidecar in _sidecars(out_dir, bids_id, res).items()
+        if image in wanted and image.is_file()
+    }
     converted, converted_json = images["T1w"], images["T1w_sidecar"]
     if converted in wanted and converted.is_file():
         try:
             data = json.loads(converted_json.read_text())
         except (OSError, ValueError):
             data = {}
+        data = data if isinstance(data, dict) else {}
         data.setdefault("SkullStripped", False)
         data.setdefault(
             "Description", "the audited series as dcm2niix converted it (or the input NIfTI)"
         )
-        files.write_text(converted_json, json.dumps(data, indent=2) + "\n")
-        written.append(converted_json)
+        sidecars[converted_json] = data
+    written = []
+    for path, sidecar in sidecars.items():
+        try:
+            files.write_text(path, json.dumps(sidecar, indent=2) + "\n")
+        except OSError as error:
+            log.warning("sidecar %s not written: %s", path.name, error)
+            continue
+        written.append(path)
     return written

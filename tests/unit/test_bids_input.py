@@ -70,6 +70,12 @@ def test_sessions_and_runs_are_units_of_their_own(tmp_path):
     }
 
 
+def test_a_relative_input_dir_lists_the_same_units(tmp_path, monkeypatch):
+    root = bids_root(tmp_path / "bids")
+    monkeypatch.chdir(tmp_path)
+    assert cohort.list_subjects("bids") == cohort.list_subjects(root)
+
+
 def test_the_index_is_kept_and_renewed_when_the_dataset_changes(tmp_path):
     root, cache = bids_root(tmp_path / "bids"), tmp_path / "cache"
     first = cohort.list_subjects(root, cache_dir=cache)
