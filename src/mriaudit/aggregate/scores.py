@@ -49,6 +49,8 @@ _STRING_COLUMNS = (
     "run",
 )
 _BOOL_COLUMNS = ("flagged", "in_reference")
+#: Columns of the BIDS root's participants.tsv travel into scores.tsv under this prefix.
+PARTICIPANT_PREFIX = "participant_"
 _BASE_COLUMNS = (
     "folder",
     "bids_id",
@@ -207,10 +209,6 @@ def aggregate_cohort(
         summary["audit_threshold"],
     )
     return frame
-
-
-#: Columns of the BIDS root's participants.tsv travel into scores.tsv under this prefix.
-PARTICIPANT_PREFIX = "participant_"
 
 
 def participant_columns(input_dir: Path, subjects: list[cohort.Subject]) -> dict[str, list[Any]]:

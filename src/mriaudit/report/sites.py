@@ -22,6 +22,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
+from mriaudit.aggregate.scores import PARTICIPANT_PREFIX
+
 #: Family-wise error rate of the batch-effect call-outs (one-sided Fisher exact test per
 #: group against the rest of the cohort, Bonferroni over the groups).
 ALPHA = 0.05
@@ -29,8 +31,6 @@ ALPHA = 0.05
 NO_HEADERS = "no scanner headers (NIfTI or unreadable)"
 #: Name shown for rows whose participants.tsv cell is empty (or ``n/a``, or no row).
 NOT_GIVEN = "not given"
-#: Prefix of the participants.tsv columns in scores.tsv (``aggregate.scores.PARTICIPANT_PREFIX``).
-PARTICIPANT_PREFIX = "participant_"
 #: A numeric column with at most this many distinct values groups by value; one with more,
 #: and any age column, groups by bands.
 MAX_CATEGORIES = 12
