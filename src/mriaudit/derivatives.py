@@ -62,6 +62,7 @@ def write_dataset_files(
     returns their paths."""
     out_dir = Path(out_dir)
     source = Path(input_dir).resolve().as_uri()
+    digest = config_digest(config)
     description = {
         "Name": f"mriaudit audit of {Path(input_dir).name}",
         "BIDSVersion": BIDS_VERSION,
@@ -70,7 +71,7 @@ def write_dataset_files(
             {
                 "Name": "mriaudit",
                 "Version": __version__,
-                "Description": f"config digest {config_digest(config)}",
+                "Description": f"config digest {digest}",
             }
         ],
         "SourceDatasets": [{"URL": source}],
@@ -93,6 +94,7 @@ def write_dataset_files(
     files.write_text(targets[0], json.dumps(description, indent=2) + "\n")
     files.write_text(targets[1], "\n".join(IGNORED) + "\n")
     files.write_text(targets[2], readme)
+    log.info("%s: a BIDS derivatives dataset of %s (config digest %s)", out_dir, source, digest)
     return targets
 
 
