@@ -444,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--mriqc-python",
         default=None,
-        help="an interpreter that imports MRIQC 24 (e.g. /tmp/mriqc-venv/bin/python)",
+        help="an interpreter that imports MRIQC 24 (make bench-mriqc builds .venv-mriqc/bin/python)",
     )
     parser.add_argument("--person", default=PERSON, help="a person of mriaudit.heads (A-F)")
     parser.add_argument("--threads", type=int, default=2)
