@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from mriaudit import __version__, files
+from mriaudit import __version__, files, paths
 from mriaudit.aggregate import read_scores
 from mriaudit.tables import write_tsv
 
@@ -84,24 +84,18 @@ def bids_id_of(name: str) -> str:
     return stem[len("sub-") : -len(f"_{SUFFIX}")]
 
 
+#: paths.entities' short keys -> the entity names MRIQC's ``bids_meta`` uses.
+_ENTITY_NAMES = {"sub": "subject", "ses": "session", "run": "run"}
+
+
 def _entities(bids_id: str) -> dict[str, str]:
     """BIDS entities of a ``bids_id`` (``01_ses-1_run-2`` -> subject, session, run)."""
-    subject, *rest = bids_id.split("_")
-    names = {"ses": "session", "run": "run", "acq": "acquisition", "rec": "reconstruction"}
-    out = {"subject": subject}
-    for chunk in rest:
-        key, _, value = chunk.partition("-")
-        out[names.get(key, key)] = value
-    return out
+    return {_ENTITY_NAMES[key]: value for key, value in paths.entities(bids_id).items()}
 
 
 def _json_path(out_dir: Path, bids_id: str) -> Path:
-    """Where MRIQC 24 writes the IQMs of ``sub-<bids_id>_T1w``."""
-    entities = _entities(bids_id)
-    folder = out_dir / f"sub-{entities['subject']}"
-    if "session" in entities:
-        folder = folder / f"ses-{entities['session']}"
-    return folder / "anat" / f"{bids_name(bids_id)}.json"
+    """Where MRIQC 24 writes the IQMs of ``sub-<bids_id>_T1w``: the scan's BIDS folder."""
+    return Path(out_dir) / paths.scan_dir(bids_id) / "anat" / f"{bids_name(bids_id)}.json"
 
 
 def _value(value: Any, *, integer: bool = False) -> float | int | None:
