@@ -1,9 +1,12 @@
 # The cohort's gather point: the rules after it read the subjects' records and images
 # through this table (and the score table), so Snakemake's DAG does not link each of them
 # to thousands of per-subject files (that costs time quadratic in the cohort size).
+# It waits on the last record each preprocess job writes: one file per job orders the
+# jobs (Snakemake reruns a job when any of its outputs is missing), and 100,000 inputs
+# instead of 500,000 keep a 100,000-subject plan within minutes and memory.
 rule collect:
     input:
-        records=[each_subject(paths.record, stage) for stage in paths.PREPROCESS_STAGES],
+        records=each_subject(paths.record, paths.PREPROCESS_STAGES[-1]),
     output:
         table=str(paths.stage_table(OUT)),
     log:
@@ -39,7 +42,6 @@ rule aggregate:
             category="Cohort tables",
         ),
         subjects=str(paths.cohort_table(OUT)),
-        subject_scores=each_subject(paths.subject_scores),
     log:
         str(paths.log(OUT, "aggregate")),
     benchmark:

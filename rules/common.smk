@@ -18,6 +18,8 @@ COHORT = (
 )
 SUBJECTS = cohort.processed_ids(COHORT)
 UNITS = {s.bids_id: s for s in COHORT if s.processed}
+# The score jobs' slices of the cohort ({shard label: bids ids}).
+SHARDS = cohort.score_shards(SUBJECTS, subjects_per_job=config["score"]["subjects_per_job"])
 # Labels that name no subject folder are a configuration error too.
 if LABELS and COHORT:
     try:
@@ -30,6 +32,7 @@ if LABELS and COHORT:
 wildcard_constraints:
     bids_id="[A-Za-z0-9]+(_ses-[A-Za-z0-9]+)?(_run-[0-9]+)?",
     scan_dir="sub-[A-Za-z0-9]+(/ses-[A-Za-z0-9]+)?",
+    shard="[0-9]+of[0-9]+",
 
 
 def each_subject(path_function, *args, **kwargs):
@@ -113,9 +116,14 @@ def score_mem_mb(wildcards, threads, attempt):
     return (1000 + 700 * threads) * attempt
 
 
+def shard_subjects(wildcards):
+    """The BIDS ids a score job scores."""
+    return SHARDS[wildcards.shard]
+
+
 def score_runtime(wildcards):
     """Minutes: ~3 s per subject on one CPU worker, plus start-up."""
-    return 10 + len(SUBJECTS) // 20
+    return 10 + len(SHARDS[wildcards.shard]) // 20
 
 
 def model_gpus(wildcards):

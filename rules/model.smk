@@ -2,7 +2,6 @@ if TRAIN_MODEL:
 
     rule train_model:
         input:
-            records=each_subject(paths.record, "register"),
             stages=str(paths.stage_table(OUT)),
         output:
             checkpoint=str(paths.model_checkpoint(OUT)),
@@ -11,8 +10,11 @@ if TRAIN_MODEL:
             str(paths.log(OUT, "train_model")),
         benchmark:
             str(paths.benchmark(OUT, "train_model"))
+        # The images and records are read through the stage table's subjects: as inputs
+        # they would link the job to every subject's files (see rule collect).
         params:
             images=each_subject(paths.preproc, res=config["template_resolution"]),
+            records=each_subject(paths.record, "register"),
             subjects=SUBJECTS,
             reference=reference_ids,
             fold_groups=fold_groups,
@@ -30,24 +32,26 @@ if TRAIN_MODEL:
             "../scripts/train_model.py"
 
 
-# One job scores the whole cohort: the model is loaded once per worker (one per thread on
-# the CPU, one on a GPU) instead of once per subject, and the DAG keeps no per-subject
-# score job. The downstream rules depend on its table; the records are listed too, so
-# each is a target. The maps are written only for scored subjects, so they are not
-# outputs: a subject without a map has no file that looks like one.
+# The cohort is scored in shards (`score.subjects_per_job` scans each, cohort.score_shards):
+# a score job loads the model once per worker (one per thread on the CPU, one on a GPU)
+# and scores its slice, and the DAG keeps no per-subject score job. Records and maps are
+# written beside the scans' other outputs but are not declared: Snakemake would otherwise
+# link every score job to thousands of files, and a subject without a map has no file
+# that looks like one. The shards' tables are merged into the one score table the cohort
+# rules read.
 rule score:
     input:
         stages=str(paths.stage_table(OUT)),
         checkpoint=model_checkpoint,
     output:
-        table=str(paths.model_scores(OUT)),
-        records=each_subject(paths.record, "score"),
+        table=str(paths.score_shard(OUT, "{shard}")),
     log:
-        str(paths.log(OUT, "score")),
+        str(paths.log(OUT, "score", shard="{shard}")),
     benchmark:
-        str(paths.benchmark(OUT, "score"))
+        str(paths.benchmark(OUT, "score", shard="{shard}"))
     params:
         output_dir=output_dir,
+        subjects=shard_subjects,
         resolution=config["template_resolution"],
         device=config["device"],
     threads: 8
@@ -59,3 +63,24 @@ rule score:
         "../envs/mriaudit.yaml"
     script:
         "../scripts/score.py"
+
+
+rule merge_scores:
+    input:
+        shards=[str(paths.score_shard(OUT, shard)) for shard in SHARDS],
+    output:
+        table=str(paths.model_scores(OUT)),
+    log:
+        str(paths.log(OUT, "merge_scores")),
+    benchmark:
+        str(paths.benchmark(OUT, "merge_scores"))
+    params:
+        subjects=len(SUBJECTS),
+    threads: 1
+    resources:
+        mem_mb=mem_per_attempt(500),
+        runtime=10,
+    conda:
+        "../envs/mriaudit.yaml"
+    script:
+        "../scripts/merge_scores.py"

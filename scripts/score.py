@@ -1,4 +1,4 @@
-"""Snakemake wrapper: voxel anomaly maps and anomaly scores of every subject."""
+"""Snakemake wrapper: voxel anomaly maps and anomaly scores of one shard of the cohort."""
 
 from pathlib import Path
 
@@ -14,4 +14,5 @@ score_cohort(
     resolution=snakemake.params.resolution,
     device=snakemake.params.device,
     threads=snakemake.threads,
+    only=list(snakemake.params.subjects),
 )

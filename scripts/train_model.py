@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from mriaudit.aggregate import read_prescreen
+from mriaudit.aggregate import read_prescreen, read_scanner_groups
 from mriaudit.model.train import train_cohort
 from mriaudit.records import setup_logging
 
@@ -10,7 +10,7 @@ setup_logging(snakemake.log[0])
 training = dict(snakemake.params.training)
 train_cohort(
     [Path(p) for p in snakemake.params.images],
-    [Path(p) for p in snakemake.input.records],
+    [Path(p) for p in snakemake.params.records],
     list(snakemake.params.subjects),
     reference=list(snakemake.params.reference),
     out_checkpoint=Path(snakemake.output.checkpoint),
@@ -25,4 +25,6 @@ train_cohort(
     resolution=snakemake.params.resolution,
     fold_groups=dict(snakemake.params.fold_groups),
     prescreened=read_prescreen(Path(snakemake.input.stages)),
+    max_subjects=training["max_subjects"],
+    scanner_groups=read_scanner_groups(Path(snakemake.input.stages)),
 )

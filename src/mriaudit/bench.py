@@ -1,6 +1,6 @@
 """Benchmark: what one 1 mm 3D T1 subject costs per stage, and the cohort steps at scale.
 
-``python -m mriaudit.bench [--out results/bench] [--runs 3] [--subjects 10000]``
+``python -m mriaudit.bench [--out results/bench] [--runs 3] [--subjects 10000 100000]``
 (``make bench``) prints one table and writes ``OUT/bench.json``:
 
 - ``per_subject``: the two jobs a subject costs, run as processes the way
@@ -13,9 +13,11 @@
   per-subject score time. Scoring needs a model: one is trained first on
   three copies of the registered image (``setup``; its time says nothing
   about a real training).
-- ``scale``: a dry run (``snakemake -n``) of a ``--subjects`` cohort of
-  placeholder folders, and aggregate + report on that many synthetic subjects'
-  records, with the peak memory of that process.
+- ``scale``: per cohort size of ``--subjects``, the SLURM plan of that many
+  placeholder folders (``snakemake -n --profile profiles/slurm``: time, peak
+  memory, and the submissions it makes, which must stay within 5,000 for
+  100,000 subjects), and aggregate + report on that many synthetic subjects'
+  records, with the peak memory of that process (:mod:`mriaudit.bench_scale`).
 
 Figures are measurements of this machine (``machine``), not assertions.
 """
@@ -36,7 +38,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from mriaudit import paths, records
+from mriaudit import bench_scale, paths, records
 from mriaudit.demo.records import synthetic_cohort
 
 #: The per-subject stages, by the name of their status record, in the order they run.
@@ -117,7 +119,7 @@ def run_stage(stage: str, work: Path, *, threads: int) -> dict[str, Any]:
         )
         return {"scored": len(table)}
     if stage == "cohort":
-        return _aggregate_and_report(work)
+        return bench_scale._aggregate_and_report(work)
     message = f"unknown bench stage {stage!r}"
     raise ValueError(message)
 
@@ -267,76 +269,40 @@ def per_subject(work: Path, *, runs: int, threads: int, shared_data: Path | None
 # ------------------------------------------------------------------------------ scale
 
 
-def _aggregate_and_report(work: Path) -> dict[str, Any]:
-    """Aggregate and report of the synthetic cohort in ``work`` (as the two rules do)."""
-    from mriaudit.aggregate import aggregate_cohort
-    from mriaudit.report import build_report
+def scale(work: Path, *, sizes: list[int]) -> dict[str, Any]:
+    """Per cohort size ``n`` of ``sizes``: the SLURM plan (``bench_scale.slurm_plan``) and
+    aggregate + report of ``n`` synthetic subjects measured in a fresh process, as flat
+    keys ending in ``n`` (``dry_run_<n>_s``, ``aggregate_report_<n>_s``, ...).
 
-    input_dir, out = work / "input", work / "out"
-    cohort_dir = paths.cohort_dir(out)
-    aggregate_cohort(
-        input_dir,
-        out,
-        labels_path=str(work / "labels.tsv"),
-        flag={},
-        out_scores=paths.scores_table(out),
-        out_exclusions=paths.exclusions_table(out),
-        out_subjects=paths.cohort_table(out),
-        resolution=2,
-    )
-    build_report(
-        out,
-        scores_tsv=paths.scores_table(out),
-        exclusions_tsv=paths.exclusions_table(out),
-        metrics_json=None,
-        config={"flag": {}, "input_dir": str(input_dir)},
-        out_html=paths.report(out),
-    )
-    return {"report_mb": round(paths.report(out).stat().st_size / 1e6, 2), "dir": str(cohort_dir)}
-
-
-def dry_run_seconds(work: Path, n: int) -> float:
-    """Wall seconds of ``snakemake -n`` on ``n`` placeholder subject folders."""
-    input_dir = work / "input"
-    for i in range(n):
-        folder = input_dir / f"sub-{i:05d}"
-        folder.mkdir(parents=True)
-        (folder / "IM0001").write_bytes(b"placeholder")
-    command = [str(Path(sys.executable).with_name("snakemake")), "-n", "--quiet", "all"]
-    command += ["--config", f"input_dir={input_dir}", f"output_dir={work / 'out'}"]
-    start = time.perf_counter()
-    subprocess.run(command, cwd=PROJECT, check=True, capture_output=True)
-    return round(time.perf_counter() - start, 2)
-
-
-def scale(work: Path, *, subjects: int) -> dict[str, Any]:
-    dry = dry_run_seconds(work / "dry", subjects)
-    synthetic_cohort(work / "cohort", subjects)
-    cohort = measure("cohort", work / "cohort", threads=1)
-    return {
-        "subjects": subjects,
-        f"dry_run_{subjects}_s": dry,
-        f"aggregate_report_{subjects}_s": cohort["wall_s"],
-        "aggregate_report_peak_rss_mb": cohort["peak_rss_mb"],
-        "report_mb": round(paths.report(work / "cohort" / "out").stat().st_size / 1e6, 2),
-    }
-
-
-def report_budget(work: Path, *, subjects: int = 1000) -> dict[str, Any]:
-    """The report of a ``subjects``-strong synthetic cohort, every subject with its two
-    pictures inline: page size, build time, and load and first paint in headless
-    Chromium (None where it is not installed). Budget: 25 MB, first paint 3 s."""
-    from mriaudit.demo.records import synthetic_report
-    from mriaudit.report.chromium import page_timings
-
-    built = synthetic_report(work / "cohort", subjects, report={"max_subjects_inline": subjects})
-    timings = page_timings(built["page"], work / "chromium-profile")
-    return {
-        "subjects": subjects,
-        "report_mb": round(built["page"].stat().st_size / 1e6, 2),
-        "build_s": round(built["build_s"], 2),
-        "browser": timings,
-    }
+    Raises ``RuntimeError`` when a plan makes more SLURM submissions than
+    ``bench_scale.MAX_SLURM_JOBS`` per 100,000 subjects (checked from 1,000 subjects on).
+    """
+    result: dict[str, Any] = {"subjects": list(sizes)}
+    for n in sizes:
+        plan = bench_scale.slurm_plan(work / f"dry-{n}", subjects=n)
+        allowed = max(1, round(bench_scale.MAX_SLURM_JOBS * n / 100_000))
+        if n >= 1000 and plan["slurm_jobs"] > allowed:
+            message = (
+                f"the SLURM plan of {n} subjects makes {plan['slurm_jobs']} submissions, "
+                f"more than {allowed}: {plan['slurm_jobs_by_kind']}"
+            )
+            raise RuntimeError(message)
+        synthetic_cohort(work / f"cohort-{n}", n)
+        cohort = measure("cohort", work / f"cohort-{n}", threads=1)
+        report = paths.report(work / f"cohort-{n}" / "out")
+        result |= {
+            f"dry_run_{n}_s": plan["dry_run_s"],
+            f"dry_run_{n}_peak_rss_mb": plan["dry_run_peak_rss_mb"],
+            f"slurm_jobs_{n}": plan["slurm_jobs"],
+            f"slurm_jobs_{n}_by_kind": plan["slurm_jobs_by_kind"],
+            f"aggregate_report_{n}_s": cohort["wall_s"],
+            f"aggregate_report_{n}_peak_rss_mb": cohort["peak_rss_mb"],
+            f"report_{n}_mb": round(report.stat().st_size / 1e6, 2),
+        }
+        # Each size's files go before the next is made: 100,000 subjects' records are many.
+        shutil.rmtree(work / f"dry-{n}", ignore_errors=True)
+        shutil.rmtree(work / f"cohort-{n}", ignore_errors=True)
+    return result
 
 
 # ------------------------------------------------------------------------------ output
@@ -394,13 +360,15 @@ def table(result: dict[str, Any]) -> str:
         for stage, figures in subject["setup"].items():
             lines.append(f"(setup) {stage}: {figures['wall_s']:.1f} s on 3 copies, 2 epochs")
     scaled = result.get("scale")
-    if scaled:
-        n = scaled["subjects"]
+    for n in scaled["subjects"] if scaled else []:
+        kinds = ", ".join(f"{v} {k}" for k, v in scaled[f"slurm_jobs_{n}_by_kind"].items())
         lines += ["", f"scale ({n} subjects):",
-                  f"  dry run (snakemake -n)     {scaled[f'dry_run_{n}_s']:>8.1f} s",
-                  f"  aggregate + report         {scaled[f'aggregate_report_{n}_s']:>8.1f} s, "
-                  f"peak RSS {scaled['aggregate_report_peak_rss_mb']:.0f} MB, "
-                  f"report {scaled['report_mb']:.1f} MB"]  # fmt: skip
+                  f"  dry run (snakemake -n, SLURM profile) {scaled[f'dry_run_{n}_s']:>8.1f} s, "
+                  f"peak RSS {scaled[f'dry_run_{n}_peak_rss_mb']:.0f} MB",
+                  f"  SLURM submissions of the plan     {scaled[f'slurm_jobs_{n}']:>8d} ({kinds})",
+                  f"  aggregate + report                {scaled[f'aggregate_report_{n}_s']:>8.1f} s, "
+                  f"peak RSS {scaled[f'aggregate_report_{n}_peak_rss_mb']:.0f} MB, "
+                  f"report {scaled[f'report_{n}_mb']:.1f} MB"]  # fmt: skip
     budget = result.get("report_budget")
     if budget:
         timings = budget["browser"]
@@ -427,7 +395,11 @@ def main(argv: list[str] | None = None) -> int:
         "--threads", type=int, default=1, help="threads per stage (the rules use 1)"
     )
     parser.add_argument(
-        "--subjects", type=int, default=10_000, help="cohort size of the scale part"
+        "--subjects",
+        type=int,
+        nargs="+",
+        default=[10_000, 100_000],
+        help="cohort sizes of the scale part",
     )
     parser.add_argument(
         "--report-subjects", type=int, default=1000, help="cohort size of the report budget"
@@ -451,8 +423,8 @@ def main(argv: list[str] | None = None) -> int:
                 shared_data=args.shared_data,
             )
         if not args.skip_scale:
-            result["scale"] = scale(Path(tmp) / "scale", subjects=args.subjects)
-            result["report_budget"] = report_budget(
+            result["scale"] = scale(Path(tmp) / "scale", sizes=args.subjects)
+            result["report_budget"] = bench_scale.report_budget(
                 Path(tmp) / "report", subjects=args.report_subjects
             )
     args.out.mkdir(parents=True, exist_ok=True)

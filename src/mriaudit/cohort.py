@@ -16,8 +16,10 @@ The user's tables (labels file, fold groups, reference list) are read with
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -151,6 +153,28 @@ def _named(units: list[tuple[str, str, bids_input.Scan | None]]) -> list[Subject
 
 def processed_ids(subjects: list[Subject]) -> list[str]:
     return [s.bids_id for s in subjects if s.processed]
+
+
+def score_shards(bids_ids: Sequence[str], *, subjects_per_job: int) -> dict[str, list[str]]:
+    """The cohort cut into score jobs of at most ``subjects_per_job`` scans each.
+
+    ``{shard label: bids ids}``, labels ``<k>of<n>`` zero-padded in cohort order
+    (``"000of003"``, ``"001of003"``, ...): another cut of the cohort names other
+    files, so a table of an earlier cut is never taken for one of this. Consecutive
+    slices, so a shard's subjects are neighbours in the listing. At least one
+    shard, even for an empty cohort, so the score table always has a producer.
+    """
+    if subjects_per_job < 1:
+        message = f"score.subjects_per_job must be at least 1, got {subjects_per_job}"
+        raise ValueError(message)
+    n = max(1, math.ceil(len(bids_ids) / subjects_per_job))
+    width = max(3, len(str(n - 1)))
+    return {
+        f"{k:0{width}d}of{n:0{width}d}": list(
+            bids_ids[k * subjects_per_job : (k + 1) * subjects_per_job]
+        )
+        for k in range(n)
+    }
 
 
 #: Optional labels columns: a lesion's centre (MNI mm, RAS) and radius (mm).

@@ -181,8 +181,14 @@ def model_sidecar(out: str | Path) -> Path:
 
 
 def model_scores(out: str | Path) -> Path:
-    """Every subject's score-stage status and raw score, one row each (the score job's table)."""
+    """Every subject's score-stage status and raw score, one row each (the score jobs' tables, merged)."""
     return Path(out) / "model" / "anomaly_scores.tsv"
+
+
+def score_shard(out: str | Path, shard: str) -> Path:
+    """The score table of one score job: the slice ``shard`` (``"001of004"``, ``"{shard}"``
+    for the rule's pattern) of the cohort (see ``cohort.score_shards``)."""
+    return Path(out) / "model" / "shards" / f"anomaly_scores_shard-{shard}.tsv"
 
 
 def dataset_description(out: str | Path) -> Path:
@@ -248,17 +254,24 @@ def cohort_table(out: str | Path) -> Path:
     return cohort_dir(out) / "subjects.tsv"
 
 
-def _per_rule(out: str | Path, kind: str, rule: str, sub: str | None, suffix: str) -> Path:
-    """``<kind>/<rule>/<rule><suffix>``, or per scan ``<kind>/<rule>/<scan folder>/sub-<id><suffix>``
-    (the scan's folder too, as Snakemake wants every wildcard of a rule's outputs here)."""
-    if sub is None:
-        return Path(out) / kind / rule / f"{rule}{suffix}"
-    return subject_dir(Path(out) / kind / rule, sub) / f"sub-{sub}{suffix}"
+def _per_rule(
+    out: str | Path, kind: str, rule: str, sub: str | None, suffix: str, shard: str | None
+) -> Path:
+    """``<kind>/<rule>/<rule><suffix>``, per scan ``<kind>/<rule>/<scan folder>/sub-<id><suffix>``
+    (the scan's folder too, as Snakemake wants every wildcard of a rule's outputs here), or
+    per shard of the cohort ``<kind>/<rule>/<rule>_shard-<shard><suffix>``."""
+    if sub is not None:
+        return subject_dir(Path(out) / kind / rule, sub) / f"sub-{sub}{suffix}"
+    if shard is not None:
+        return Path(out) / kind / rule / f"{rule}_shard-{shard}{suffix}"
+    return Path(out) / kind / rule / f"{rule}{suffix}"
 
 
-def log(out: str | Path, rule: str, sub: str | None = None) -> Path:
-    return _per_rule(out, "logs", rule, sub, ".log")
+def log(out: str | Path, rule: str, sub: str | None = None, *, shard: str | None = None) -> Path:
+    return _per_rule(out, "logs", rule, sub, ".log", shard)
 
 
-def benchmark(out: str | Path, rule: str, sub: str | None = None) -> Path:
-    return _per_rule(out, "benchmarks", rule, sub, ".tsv")
+def benchmark(
+    out: str | Path, rule: str, sub: str | None = None, *, shard: str | None = None
+) -> Path:
+    return _per_rule(out, "benchmarks", rule, sub, ".tsv", shard)

@@ -112,6 +112,29 @@ def read_tsv(
     return frame
 
 
+def concat_tsv(parts: Sequence[Path], path: Path) -> int:
+    """Write the tables ``parts`` (same header each, written by :func:`write_tsv`) one after
+    another into ``path``, line by line, never holding a whole table; returns the row count.
+
+    A part whose header differs from the first's raises ``ValueError`` naming it.
+    """
+    header, rows = None, 0
+    with files.atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as out:
+        for part in parts:
+            with Path(part).open(encoding="utf-8") as lines:
+                first = lines.readline()
+                if header is None:
+                    header = first
+                    out.write(header)
+                elif first != header:
+                    message = f"{part}: header {first.strip()!r} differs from {header.strip()!r}"
+                    raise ValueError(message)
+                for line in lines:
+                    out.write(line)
+                    rows += 1
+    return rows
+
+
 #: The tables' JSON schemas (YAML), beside the config's.
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 

@@ -583,8 +583,13 @@ def test_stage_table_names_each_subjects_first_problem(tmp_path):
         "failed_stage",
         "reason",
         "prescreen",
+        "scanner_group",
     ]
     rows = written.set_index("bids_id")
+    # The training sample of a large cohort is stratified by this column.
+    assert aggregate.read_scanner_groups(tmp_path / "s.tsv") == dict(
+        zip(written["bids_id"], written["scanner_group"], strict=True)
+    )
     assert rows.loc["01", "prescreen"] == "" and rows.loc["bad", "prescreen"] == "status failed"
     assert list(rows.loc["01", list(paths.PREPROCESS_STAGES)]) == ["ok"] * 5
     assert rows.loc["bad", "convert"] == "ok" and rows.loc["bad", "iqm"] == "failed"

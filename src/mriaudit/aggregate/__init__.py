@@ -61,7 +61,7 @@ from mriaudit.aggregate.reasons import (
 )
 from mriaudit.aggregate.rows import METRIC_PREFIXES, read_subject_records
 from mriaudit.aggregate.scores import aggregate_cohort, read_scores, subject_image
-from mriaudit.aggregate.stages import read_prescreen, write_stage_table
+from mriaudit.aggregate.stages import read_prescreen, read_scanner_groups, write_stage_table
 
 __all__ = [
     "AUDIT_REASON",
@@ -78,6 +78,7 @@ __all__ = [
     "iqm_title",
     "protocol_deviations",
     "read_prescreen",
+    "read_scanner_groups",
     "read_scores",
     "read_subject_records",
     "reference_mask",

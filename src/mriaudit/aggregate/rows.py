@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from mriaudit import cohort, paths
-from mriaudit.records import FAILED, OK, STATUSES
+from mriaudit.records import FAILED, OK, STATUSES, _jsonable
 
 #: Metric columns copied from the records into scores.tsv, in this order.
 METRIC_PREFIXES: tuple[str, ...] = ("anomaly_", "iqm_", "hdr_", "reg_", "conv_", "n4_")
@@ -96,13 +96,43 @@ def _subject_row(
         if key.startswith(METRIC_PREFIXES) and key not in row:
             row[key] = _plain(value)
     top_regions = score.get("top_regions") if isinstance(score.get("top_regions"), list) else []
-    extra = {
-        "records": records,
+    detail = {
         "metrics": metrics,
+        "warnings": {
+            stage: record.get("warnings", [])
+            for stage, record in records.items()
+            if record and record.get("warnings")
+        },
+        # Each stage's record without its metrics: they are merged above, and
+        # repeating them would double the file for nothing.
+        "records": {
+            stage: None if record is None else {k: v for k, v in record.items() if k != "metrics"}
+            for stage, record in records.items()
+        },
+    }
+    extra = {
         "findings": findings,
         "top_regions": top_regions,
+        # Only findings need the metrics again (the counts in their reasons).
+        "metrics": metrics if findings else {},
+        # The subject JSON's bulk, kept as text until it is written: 100,000 subjects'
+        # records as dicts would hold gigabytes (see aggregate.scores.aggregate_cohort).
+        "detail": compact_json(detail),
     }
     return row, extra
+
+
+#: The detail of a subject without records (a folder that was never processed).
+EMPTY_DETAIL = '{"metrics": {}, "warnings": {}, "records": {}}'
+
+
+def compact_json(data: dict[str, Any]) -> str:
+    """One-line JSON by the C encoder; values strict JSON cannot hold (NaN from a
+    hand-edited record, numpy scalars) converted as records are (``records.write_json``)."""
+    try:
+        return json.dumps(data, allow_nan=False, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return json.dumps(_jsonable(data), allow_nan=False, ensure_ascii=False)
 
 
 def _as_float(value: Any) -> float:

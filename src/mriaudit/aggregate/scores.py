@@ -23,13 +23,15 @@ from mriaudit import bids_input, cohort, files, paths
 from mriaudit.aggregate.judge import _judge, flag_settings
 from mriaudit.aggregate.reasons import _top_region_text
 from mriaudit.aggregate.rows import (
+    EMPTY_DETAIL,
     IO_THREADS,
     METRIC_PREFIXES,
     _as_float,
     _subject_row,
+    compact_json,
     read_subject_records,
 )
-from mriaudit.records import FAILED, OK, write_json
+from mriaudit.records import FAILED, OK
 from mriaudit.tables import read_tsv, validate, write_tsv
 
 log = logging.getLogger(__name__)
@@ -120,15 +122,19 @@ def aggregate_cohort(
     labels = cohort.read_labels(labels_path) if labels_path else None
     rows: list[dict[str, Any]] = []
     extras: list[dict[str, Any]] = []
+
+    def load(subject: cohort.Subject) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        if subject.problem:
+            return None
+        # Each subject's records become its row and compact extras at once, so the
+        # records of 100,000 subjects are never all in memory together.
+        return _subject_row(subject, read_subject_records(out_dir, subject.bids_id))
+
     # Tens of thousands of small files: threads overlap the file system's latency.
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
-        loaded = list(
-            pool.map(
-                lambda s: read_subject_records(out_dir, s.bids_id) if s.processed else {}, subjects
-            )
-        )
-    for subject, subject_records in zip(subjects, loaded, strict=True):
-        if subject.problem:
+        loaded = list(pool.map(load, subjects))
+    for subject, row_extra in zip(subjects, loaded, strict=True):
+        if row_extra is None:
             rows.append(
                 {
                     "folder": subject.folder,
@@ -140,11 +146,13 @@ def aggregate_cohort(
                     "in_reference": False,
                 }
             )
-            extras.append({"records": {}, "metrics": {}, "findings": [], "top_regions": []})
+            extras.append(
+                {"detail": EMPTY_DETAIL, "metrics": {}, "findings": [], "top_regions": []}
+            )
             continue
-        row, extra = _subject_row(subject, subject_records)
-        rows.append(row)
-        extras.append(extra)
+        rows.append(row_extra[0])
+        extras.append(row_extra[1])
+    del loaded
     frame = pd.DataFrame(rows, columns=None if rows else list(_BASE_COLUMNS))
     if labels is not None:
         unknown = sorted(set(labels) - {s.folder for s in subjects})
@@ -196,7 +204,9 @@ def aggregate_cohort(
                 ).items()
                 if image.is_file()
             }
-            _write_compact_json(path, data)
+            # The record-level detail is spliced in as the text it was kept as.
+            text = compact_json(data)[:-1] + ", " + extra["detail"][1:]
+            files.write_text(path, text + "\n")
 
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
         list(pool.map(write_subject, zip(frame.to_dict("records"), extras, strict=True)))
@@ -263,20 +273,6 @@ def _exclusions(frame: pd.DataFrame, extras: list[dict[str, Any]]) -> pd.DataFra
     return table[flagged].reset_index(drop=True)
 
 
-def _write_compact_json(path: Path, data: dict[str, Any]) -> None:
-    """Atomic one-line JSON via the C encoder (records.write_json indents, ~10x slower).
-
-    Values strict JSON cannot hold (NaN from a hand-edited record, numpy
-    scalars) fall back to ``records.write_json``, which converts them.
-    """
-    try:
-        text = json.dumps(data, allow_nan=False, ensure_ascii=False)
-    except (TypeError, ValueError):
-        write_json(path, data)
-        return
-    files.write_text(path, text + "\n")
-
-
 def _finite(value: Any) -> float | None:
     number = _as_float(value)
     return number if math.isfinite(number) else None
@@ -285,11 +281,12 @@ def _finite(value: Any) -> float | None:
 def _subject_json(
     row: dict[str, Any], extra: dict[str, Any], summary: dict[str, Any]
 ) -> dict[str, Any]:
-    """Everything known about one subject: its row, lists, IQM z-scores and all records.
+    """Everything known about one subject but its records: its row, lists and IQM z-scores.
 
+    The writer adds the record-level detail kept by ``rows._subject_row``:
     ``metrics`` merges every stage's metrics (later stages win on a shared
-    name); ``records`` keeps each stage's status, reason, findings, warnings,
-    timing and extras.
+    name), ``warnings`` per stage, and ``records`` keeps each stage's status,
+    reason, findings, warnings, timing and extras.
     """
     data = {
         "folder": row["folder"],
@@ -311,19 +308,7 @@ def _subject_json(
         "top_regions": extra["top_regions"],
         "iqm_z": extra["iqm_z"],
         "iqm_outliers": extra["iqm_outliers"],
-        "metrics": extra["metrics"],
-        "warnings": {
-            stage: record.get("warnings", [])
-            for stage, record in extra["records"].items()
-            if record and record.get("warnings")
-        },
         "cohort": {k: _finite(v) if isinstance(v, float) else v for k, v in summary.items()},
-        # Each stage's record without its metrics: they are merged above, and
-        # repeating them would double the file for nothing.
-        "records": {
-            stage: None if record is None else {k: v for k, v in record.items() if k != "metrics"}
-            for stage, record in extra["records"].items()
-        },
     }
     if "truth" in row:
         value = row["truth"]

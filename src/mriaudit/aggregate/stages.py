@@ -70,9 +70,9 @@ def write_stage_table(
 
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
         loaded_rows = list(pool.map(row, bids_ids))
-    columns = ["bids_id", *stages, "status", "failed_stage", "reason", "prescreen"]
-    frame = pd.DataFrame([r for r, _, _ in loaded_rows], columns=columns[:-1])
-    frame["prescreen"] = _prescreen(frame, loaded_rows, flag_settings(flag))
+    columns = ["bids_id", *stages, "status", "failed_stage", "reason"]
+    frame = pd.DataFrame([r for r, _, _ in loaded_rows], columns=columns)
+    frame["prescreen"], frame["scanner_group"] = _prescreen(frame, loaded_rows, flag_settings(flag))
     write_tsv(frame, Path(out_tsv))
     log.info(
         "%d subjects, %d ok after %s", len(frame), int((frame["status"] == OK).sum()), stages[-1]
@@ -88,12 +88,21 @@ def read_prescreen(stage_table: Path) -> dict[str, str]:
     return {s: r for s, r in zip(frame["bids_id"], frame["prescreen"], strict=True) if r}
 
 
+def read_scanner_groups(stage_table: Path) -> dict[str, str]:
+    """``{bids_id: scanner group}`` of ``stages.tsv`` (empty for a scan without headers)."""
+    frame = read_tsv(stage_table, text=True)
+    if "scanner_group" not in frame:
+        return {}
+    return dict(zip(frame["bids_id"], frame["scanner_group"], strict=True))
+
+
 def _prescreen(
     frame: pd.DataFrame,
     loaded_rows: list[tuple[dict[str, Any], dict[str, Any], list[str]]],
     settings: dict[str, float],
-) -> list[str]:
-    """Per row, why the audit without the model flags it ("" when it does not)."""
+) -> tuple[list[str], list[str]]:
+    """Per row, why the audit without the model flags it ("" when it does not), and the
+    row's scanner group (``audit.scanner_groups``)."""
     metrics = pd.DataFrame(
         [
             {k: _plain(v) for k, v in m.items() if k.startswith(METRIC_PREFIXES)}
@@ -118,4 +127,4 @@ def _prescreen(
             reasons.append(f"{AUDIT_REASON}{result.score[i]:.1f} without the model")
         else:
             reasons.append("")
-    return reasons
+    return reasons, list(result.groups)

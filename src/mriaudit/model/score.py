@@ -538,6 +538,7 @@ def score_cohort(
     resolution: int,
     device: str = "auto",
     threads: int = 1,
+    only: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Stage ``score`` of every subject of ``stage_table`` (``aggregate.write_stage_table``).
 
@@ -556,6 +557,9 @@ def score_cohort(
     # Labels are strings as written ("001", "NA" included), never numbers or NaN.
     stages = read_tsv(stage_table, text=True)
     bids_ids = stages["bids_id"].tolist()
+    if only is not None:
+        wanted = set(only)
+        bids_ids = [b for b in bids_ids if b in wanted]
     workers = min(_score_workers(device, threads), max(1, len(bids_ids)))
     torch_threads = max(1, threads) if workers == 1 else 1
 

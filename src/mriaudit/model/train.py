@@ -48,6 +48,7 @@ from mriaudit.model.device import resolve_device, seed_everything
 from mriaudit.model.network import AtlasWarpNet, build_network
 from mriaudit.model.objective import displacement_smoothness, lr_factor, multiscale_l1
 from mriaudit.model.options import TrainOptions
+from mriaudit.model.sample import stratified_cap
 from mriaudit.model.score import (
     calibrated_map,
     calibration_stats,
@@ -297,6 +298,8 @@ def train_cohort(
     resolution: int = 2,
     fold_groups: Mapping[str, str] | None = None,
     prescreened: Mapping[str, str] | None = None,
+    max_subjects: int | None = None,
+    scanner_groups: Mapping[str, str] | None = None,
     options: TrainOptions | None = None,
 ) -> dict:
     """Train the K out-of-fold models on the usable reference subjects.
@@ -307,7 +310,10 @@ def train_cohort(
     group's model too (``held_out_folds`` in the checkpoint), so no model
     scores a person it saw. ``prescreened`` (``{subject label: reason}``, see
     ``aggregate.write_stage_table``) are reference subjects the audit already
-    flags without the model; they do not train it.
+    flags without the model; they do not train it. Above ``max_subjects``
+    candidates, a sample stratified by ``scanner_groups`` (``{subject label:
+    group}``) trains (:func:`mriaudit.model.sample.stratified_cap`); the others
+    are scored out of sample by every fold model.
 
     ``images`` (registered, template grid), ``records`` (register stage) and
     ``subjects`` (BIDS ids) are aligned; ``reference`` holds the ids
@@ -346,6 +352,25 @@ def train_cohort(
         "n_reference": 0,
     }
     allowed = set(reference)
+    if max_subjects is not None:
+        candidates = [s for s in reference if not (prescreened and s in prescreened)]
+        sampled = stratified_cap(
+            candidates,
+            max_subjects=max_subjects,
+            scanner_groups=scanner_groups or {},
+            fold_groups=fold_groups,
+            seed=seed,
+        )
+        sidecar["n_not_sampled"] = len(candidates) - len(sampled)
+        if len(sampled) < len(candidates):
+            log.info(
+                "training on a sample of %d of %d reference subjects (training.max_subjects, "
+                "stratified by %d scanner groups); the others are scored out of sample",
+                len(sampled),
+                len(candidates),
+                len({(scanner_groups or {}).get(s, "") for s in candidates}),
+            )
+        allowed = set(sampled)
     excluded: dict[str, str] = {}
     volumes: dict[str, np.ndarray] = {}
     paths: dict[str, Path] = {}
