@@ -42,6 +42,7 @@ rule aggregate:
             category="Cohort tables",
         ),
         subjects=str(paths.cohort_table(OUT)),
+        subject_scores=each_subject(paths.subject_scores),
     log:
         str(paths.log(OUT, "aggregate")),
     benchmark:

@@ -49,12 +49,15 @@ def test_dry_run_builds_one_chain_per_subject(placeholder_cohort, tmp_path):
 
 def test_contract_paths_are_targets_with_absolute_output_dir(placeholder_cohort, tmp_path):
     out = (tmp_path / "out").resolve()
-    target = paths.record(out, "Patient7", "score")
+    # The subject's JSON is a contract path; the score records are written by the score
+    # jobs of the cohort's shards, not declared per subject.
+    target = paths.subject_scores(out, "Patient7")
     result = snakemake(
         "-n", str(target), "--config", f"input_dir={placeholder_cohort}", f"output_dir={out}"
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "score" in _jobs(result.stdout)
+    jobs = _jobs(result.stdout)
+    assert jobs["score"] == jobs["merge_scores"] == jobs["aggregate"] == 1, jobs
 
 
 def test_reused_checkpoint_skips_training(placeholder_cohort, tmp_path):

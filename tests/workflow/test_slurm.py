@@ -1,8 +1,14 @@
 """SLURM: the grouped plan of profiles/slurm, and real runs against a local SLURM cluster.
 
 The cluster tests start tools/slurm/start-local-slurm.sh (slurm-wlm 22.05, munge, slurmdbd
-with a private MariaDB, one fake GPU) and need root on Debian, as on CI; elsewhere they
-skip. Set MRIAUDIT_SKIP_SLURM=1 to skip them on such a machine too.
+with a private MariaDB, one fake GPU, partitions debug (the default) and gpu) and need root
+on Debian, as on CI; elsewhere they skip. Set MRIAUDIT_SKIP_SLURM=1 to skip them on such a
+machine too.
+
+The demo cohort runs to its report with profiles/slurm alone (no site profile: every job
+goes to the default partition); the model rules then run again with the site profile
+profiles/slurm-ci, which sends them to partition gpu; and a site profile naming a partition
+the cluster lacks fails with sbatch's own message.
 """
 
 from __future__ import annotations
@@ -36,7 +42,39 @@ STOP = ROOT / "tools" / "slurm" / "stop-local-slurm.sh"
 # A fixed state folder: a cluster left over by an interrupted session is reused, then stopped.
 CLUSTER_STATE = Path(tempfile.gettempdir()) / "mriaudit-slurm-test"
 SUBJECT_RULES = ["preprocess"]
-# The profiles are layered; `none` keeps an implicit profiles/default out of the test runs.
+MODEL_RULES = ("train_model", "score")
+# The partitions of start-local-slurm.sh: jobs without -p go to the first.
+DEFAULT_PARTITION, GPU_PARTITION = "debug", "gpu"
+RUN_LIMIT_S = 600
+
+
+def _profile(path: Path) -> dict:
+    return yaml.safe_load((path / "config.yaml").read_text())
+
+
+def _flags(settings: dict) -> list[str]:
+    """Profile entries as the command-line options they stand for."""
+    flags: list[str] = []
+    for key, value in settings.items():
+        if value is True:
+            flags.append(f"--{key}")
+        elif isinstance(value, int | float | str) and not isinstance(value, bool):
+            flags += [f"--{key}", str(value)]
+        else:
+            raise ValueError(f"no command-line form for {key}: {value!r}")
+    return flags
+
+
+# profiles/slurm with no site profile: only the test node's size (`cores`) and the fast
+# polling of profiles/slurm-ci, on the command line; no partition anywhere.
+PLAIN_ARGS = [
+    "--profile",
+    str(PROFILE),
+    *_flags({k: v for k, v in _profile(CI_PROFILE).items() if k != "set-resources"}),
+    "--workflow-profile",
+    "none",
+]
+# The site profile layered on top; `none` keeps an implicit profiles/default out of the runs.
 PROFILE_ARGS = [
     "--profile",
     str(PROFILE),
@@ -45,11 +83,6 @@ PROFILE_ARGS = [
     "--workflow-profile",
     "none",
 ]
-RUN_LIMIT_S = 600
-
-
-def _profile(path: Path) -> dict:
-    return yaml.safe_load((path / "config.yaml").read_text())
 
 
 def _run(*args: str, cwd: Path = ROOT, limit_s: int = RUN_LIMIT_S) -> subprocess.CompletedProcess:
@@ -79,14 +112,22 @@ def _submissions(dry_run_output: str, *, local_rules: set[str]) -> Counter:
 # --------------------------------------------------------------------------- without a cluster
 
 
-def test_profile_sends_the_model_rules_to_the_gpu_partition():
+def test_profile_names_no_partition_and_asks_a_gpu_for_the_model_rules():
     profile = _profile(PROFILE)
     assert profile["executor"] == "slurm"
-    for rule in ["train_model", "score"]:
-        resources = profile["set-resources"][rule]
-        assert resources["slurm_partition"] == "gpu" and resources["gpu"] == 1, rule
-        assert resources["cpus_per_gpu"] >= 1
-    assert "slurm_account" not in profile["default-resources"], "accounts belong to site profiles"
+    for rule in MODEL_RULES:
+        assert profile["set-resources"][rule]["gpu"] == 1, rule
+    # Their CPUs (--cpus-per-task, one task per GPU) are their threads, capped by `cores`.
+    assert 1 <= profile["set-threads"]["train_model"] <= profile["cores"]
+    # Partitions and accounts belong to site profiles: the jobs go to the default partition.
+    for resources in [profile["default-resources"], *profile["set-resources"].values()]:
+        assert not {"slurm_partition", "slurm_account", "cpus_per_gpu"} & set(resources)
+    # The test cluster's site profile names the GPU partition for the model rules only.
+    site = _profile(CI_PROFILE)
+    assert "default-resources" not in site
+    assert set(site["set-resources"]) == set(MODEL_RULES)
+    for rule in MODEL_RULES:
+        assert site["set-resources"][rule] == {"slurm_partition": GPU_PARTITION, "gpu": 1}, rule
     grouped = set(profile["groups"])
     assert set(SUBJECT_RULES) <= grouped
     assert profile["retries"] >= 1
@@ -216,26 +257,32 @@ def _jobs_when_recorded(run_id: str, since: str, *, count_at_least: int) -> list
 class SlurmRun:
     input_dir: Path
     output_dir: Path
+    configfile: Path
     result: subprocess.CompletedProcess
     jobs: list[SlurmJob]
     seconds: float
 
 
 @pytest.fixture(scope="module")
-def slurm_run(slurm_cluster, tmp_path_factory) -> SlurmRun:
-    base = tmp_path_factory.mktemp("slurm")
-    input_dir, labels, output_dir = base / "input", base / "labels.tsv", base / "out"
+def demo_cohort(tmp_path_factory) -> tuple[Path, Path]:
+    """Six demo subjects on a 3 mm grid and their labels."""
+    base = tmp_path_factory.mktemp("slurm-cohort")
+    input_dir, labels = base / "input", base / "labels.tsv"
     subprocess.run(
         [sys.executable, "-m", "mriaudit.demo", str(input_dir), "--subjects", "6", "--seed", "3",
          "--voxel-size", "3", "--labels", str(labels)],
         check=True, capture_output=True,
     )  # fmt: skip
+    return input_dir, labels
+
+
+def _configfile(base: Path, input_dir: Path, labels: Path) -> Path:
     configfile = base / "config.yaml"
     configfile.write_text(
         yaml.safe_dump(
             {
                 "input_dir": str(input_dir),
-                "output_dir": str(output_dir),
+                "output_dir": str(base / "out"),
                 "labels": str(labels),
                 # auto: the model rules see the fake GPU, find no working CUDA and use the CPU.
                 "device": "auto",
@@ -243,19 +290,64 @@ def slurm_run(slurm_cluster, tmp_path_factory) -> SlurmRun:
             }
         )
     )
+    return configfile
+
+
+def _slurm_run(
+    args: list[str], configfile: Path, *extra: str, count_at_least: int, label: str
+) -> SlurmRun:
+    config = yaml.safe_load(configfile.read_text())
     since = time.strftime("%Y-%m-%dT%H:%M:%S")
     started = time.monotonic()
-    result = _run(*PROFILE_ARGS, "--configfile", str(configfile),
-                  "--slurm-logdir", str(base / "slurm_logs"))  # fmt: skip
+    result = _run(*args, "--configfile", str(configfile),
+                  "--slurm-logdir", str(configfile.parent / "slurm_logs"), *extra)  # fmt: skip
     seconds = time.monotonic() - started
-    print(f"SLURM workflow run: {seconds:.0f} s")
+    print(f"SLURM workflow run, {label}: {seconds:.0f} s")
     output = result.stdout + result.stderr
     jobs = (
-        _jobs_when_recorded(_run_id(output), since, count_at_least=4)
+        _jobs_when_recorded(_run_id(output), since, count_at_least=count_at_least)
         if result.returncode == 0
         else []
     )
-    return SlurmRun(input_dir, output_dir, result, jobs, seconds)
+    return SlurmRun(
+        Path(config["input_dir"]), Path(config["output_dir"]), configfile, result, jobs, seconds
+    )
+
+
+@pytest.fixture(scope="module")
+def slurm_run(slurm_cluster, demo_cohort, tmp_path_factory) -> SlurmRun:
+    """The whole demo cohort with profiles/slurm and no site profile."""
+    configfile = _configfile(tmp_path_factory.mktemp("slurm"), *demo_cohort)
+    # One preprocess group, collect, train_model, score and the cohort group.
+    return _slurm_run(PLAIN_ARGS, configfile, count_at_least=5, label="profiles/slurm alone")
+
+
+@pytest.fixture(scope="module")
+def site_run(slurm_run) -> SlurmRun:
+    """score again, with the site profile profiles/slurm-ci (one job: training takes a minute)."""
+    assert slurm_run.result.returncode == 0, slurm_run.result.stderr[-5000:]
+    return _slurm_run(PROFILE_ARGS, slurm_run.configfile, "--forcerun", "score", "--until", "score",
+                      count_at_least=1, label="with profiles/slurm-ci, score forced")  # fmt: skip
+
+
+def _is_model_job(job: SlurmJob) -> bool:
+    return job.comment.startswith(tuple(f"rule_{rule}" for rule in MODEL_RULES))
+
+
+def _assert_model_jobs(
+    jobs: list[SlurmJob], *, partition: str, rules: tuple[str, ...] = MODEL_RULES
+) -> None:
+    """``rules`` ran with one GPU in ``partition``; every other job in the default partition."""
+    model_jobs = [job for job in jobs if _is_model_job(job)]
+    assert {job.comment.split("_wildcards")[0] for job in model_jobs} >= {
+        f"rule_{rule}" for rule in rules
+    }, jobs
+    for job in model_jobs:
+        assert job.partition == partition, job
+        assert "gres/gpu=1" in job.requested, job
+    for job in jobs:
+        if job not in model_jobs:
+            assert job.partition == DEFAULT_PARTITION and "gres/gpu" not in job.requested, job
 
 
 def test_slurm_run_produces_the_cohort_outputs(slurm_run):
@@ -269,19 +361,17 @@ def test_slurm_run_produces_the_cohort_outputs(slurm_run):
     assert 'id="subjects"' in html
 
 
-def test_model_rules_ran_with_a_gpu_on_the_gpu_partition(slurm_run):
+def test_without_a_site_profile_every_job_goes_to_the_default_partition(slurm_run):
     assert slurm_run.result.returncode == 0, slurm_run.result.stderr[-5000:]
-    model_jobs = [
-        job for job in slurm_run.jobs if job.comment.startswith(("rule_train_model", "rule_score"))
-    ]
-    assert {job.comment.split("_wildcards")[0] for job in model_jobs} >= {"rule_train_model"}
-    assert any(job.comment.startswith("rule_score") for job in model_jobs), slurm_run.jobs
-    for job in model_jobs:
-        assert job.partition == "gpu", job
-        assert "gres/gpu=1" in job.requested, job
-    for job in slurm_run.jobs:
-        if job not in model_jobs:
-            assert job.partition == "cpu" and "gres/gpu" not in job.requested, job
+    assert PLAIN_ARGS.count("--profile") == 1 and "slurm_partition" not in str(PLAIN_ARGS)
+    _assert_model_jobs(slurm_run.jobs, partition=DEFAULT_PARTITION)
+
+
+def test_site_profile_sends_the_model_rules_to_its_gpu_partition(site_run):
+    assert site_run.result.returncode == 0, site_run.result.stderr[-5000:]
+    # test_profile_names_no_partition_... checks that it names the same for train_model.
+    _assert_model_jobs(site_run.jobs, partition=GPU_PARTITION, rules=("score",))
+    assert len(site_run.jobs) == 1, site_run.jobs
 
 
 def test_per_subject_rules_ran_in_groups(slurm_run):
@@ -301,6 +391,30 @@ def test_per_subject_rules_ran_in_groups(slurm_run):
         # A per-subject rule submitted alone would carry its wildcards in the comment.
         assert "_wildcards_" not in job.comment, job
     assert all(job.state == "COMPLETED" for job in slurm_run.jobs), slurm_run.jobs
+
+
+def test_refused_submission_shows_sbatchs_message(slurm_cluster, demo_cohort, tmp_path):
+    # A site profile that names a partition this cluster lacks: sbatch refuses every job.
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "config.yaml").write_text(
+        yaml.safe_dump({"default-resources": {"slurm_partition": "no-such-partition"}})
+    )
+    configfile = _configfile(tmp_path, *demo_cohort)
+    result = _run(*PROFILE_ARGS[:-2], "--profile", str(site), *PROFILE_ARGS[-2:],
+                  "--configfile", str(configfile), "--retries", "0", limit_s=300)  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode != 0, output[-5000:]
+    refusal = "sbatch: error: invalid partition specified: no-such-partition"
+    # In the run's output and in its log file, with what to change ...
+    assert "SLURM refused the submission of group subject" in output, output[-5000:]
+    assert refusal in output and "sinfo -s" in output, output[-5000:]
+    [logfile] = re.findall(r"Complete log\(s\): (\S+)", output)
+    assert refusal in Path(logfile).read_text()
+    # ... and in the log of each rule of the refused submission, which was empty before.
+    for subject in cohort.list_subjects(demo_cohort[0]):
+        log = paths.log(tmp_path / "out", "preprocess", subject.bids_id)
+        assert refusal in log.read_text(), log
 
 
 OOM_SNAKEFILE = """\

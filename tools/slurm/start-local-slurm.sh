@@ -11,8 +11,9 @@
 # slurmd by hand (no systemd), waits until the node is idle and runs `srun true`.
 # Running it again is safe: live daemons with an unchanged config are kept.
 #
-# The cluster matches profiles/slurm: partitions "cpu" (default) and "gpu" on the
-# same node, one fake GPU (gres.conf File=/dev/null, so `--gpus=1` is accepted on a
+# Partitions "debug" (the default) and "gpu" on the same node, so profiles/slurm (which
+# names no partition: its jobs go to the default one) and a site profile that sends the
+# model rules to "gpu" (profiles/slurm-ci) both run here; one fake GPU (gres.conf File=/dev/null, so `--gpus=1` is accepted on a
 # CPU-only machine; code must still check that CUDA works), accounting through
 # slurmdbd (the executor plugin polls with sacct), job comments stored (sacct shows
 # the rule of each job) and memory enforced by polling (JobAcctGatherParams=
@@ -22,6 +23,8 @@
 #   MRIAUDIT_SLURM_CPUS       CPUs advertised (default: what `slurmd -C` finds)
 #   MRIAUDIT_SLURM_MEM_MB     memory advertised (default: 90 % of what slurmd finds)
 #   MRIAUDIT_SLURM_GPUS       fake GPUs on the node (default 1; 0 = none)
+#   MRIAUDIT_SLURM_PARTITIONS partition names, the first one the default (default "debug gpu");
+#                             every partition holds the node
 #   MRIAUDIT_SLURM_ACCOUNT    account created for the calling user (default ci)
 #   MRIAUDIT_SLURM_PORTS      "slurmctld slurmd slurmdbd mariadb" (default "6817 6818 6819 3307")
 #   MRIAUDIT_SLURM_NO_APT=1   never run apt-get; fail when a package is missing
@@ -34,6 +37,7 @@ if [[ ${1:-} == --install-only ]]; then
 fi
 STATE=$(realpath -m "${1:-${MRIAUDIT_SLURM_DIR:-/tmp/mriaudit-slurm}}")
 GPUS=${MRIAUDIT_SLURM_GPUS:-1}
+read -r -a PARTITIONS <<<"${MRIAUDIT_SLURM_PARTITIONS:-debug gpu}"
 ACCOUNT=${MRIAUDIT_SLURM_ACCOUNT:-ci}
 read -r CTLD_PORT SLURMD_PORT DBD_PORT DB_PORT <<<"${MRIAUDIT_SLURM_PORTS:-6817 6818 6819 3307}"
 CLUSTER=mriaudit
@@ -121,7 +125,7 @@ replace() {
 }
 
 write_configs() {
-  local cpus mem found_cpus found_mem gres_line="" gres_types=""
+  local cpus mem found_cpus found_mem gres_line="" gres_types="" partition default=YES partition_lines=""
   read -r found_cpus found_mem < <(slurmd -C | tr ' ' '\n' | awk -F= '$1=="CPUs"{c=$2} $1=="RealMemory"{m=$2} END{print c, m}')
   cpus=${MRIAUDIT_SLURM_CPUS:-$found_cpus}
   mem=${MRIAUDIT_SLURM_MEM_MB:-$((found_mem * 9 / 10))}
@@ -129,6 +133,11 @@ write_configs() {
     gres_types="GresTypes=gpu"
     gres_line="Gres=gpu:$GPUS"
   fi
+  ((${#PARTITIONS[@]})) || fail "MRIAUDIT_SLURM_PARTITIONS names no partition"
+  for partition in "${PARTITIONS[@]}"; do
+    partition_lines+="PartitionName=$partition Nodes=$NODE Default=$default MaxTime=INFINITE State=UP"$'\n'
+    default=NO
+  done
   CONFIG_CHANGED=0
   replace "$ETC/slurm.conf" 644 <<EOF && CONFIG_CHANGED=1
 # Written by tools/slurm/start-local-slurm.sh: one node on 127.0.0.1, for tests only.
@@ -174,8 +183,8 @@ JobAcctGatherFrequency=task=2
 JobAcctGatherParams=OverMemoryKill
 $gres_types
 NodeName=$NODE NodeAddr=127.0.0.1 CPUs=$cpus RealMemory=$mem $gres_line State=UNKNOWN
-PartitionName=cpu Nodes=$NODE Default=YES MaxTime=INFINITE State=UP
-PartitionName=gpu Nodes=$NODE MaxTime=INFINITE State=UP
+# The first partition is the default: jobs without -p go there.
+${partition_lines%$'\n'}
 EOF
   {
     # A count without a device file drains the node; /dev/null exists everywhere.
@@ -325,6 +334,6 @@ start_slurmdbd
 start_slurm
 wait_until_idle
 
-say "cluster '$CLUSTER' ready: node $NODE, $NODE_CPUS CPUs, $NODE_MEM MB, $GPUS fake GPU(s), account $ACCOUNT"
+say "cluster '$CLUSTER' ready: node $NODE, $NODE_CPUS CPUs, $NODE_MEM MB, $GPUS fake GPU(s), partitions ${PARTITIONS[*]} (default ${PARTITIONS[0]}), account $ACCOUNT"
 sinfo -o '%P %a %T %c %m %G'
 say "logs in $LOG; stop with $(dirname "$(realpath "$0")")/stop-local-slurm.sh $STATE"
