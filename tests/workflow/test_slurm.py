@@ -13,6 +13,7 @@ the cluster lacks fails with sbatch's own message.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -45,6 +46,7 @@ SUBJECT_RULES = ["preprocess"]
 MODEL_RULES = ("train_model", "score")
 # The partitions of start-local-slurm.sh: jobs without -p go to the first.
 DEFAULT_PARTITION, GPU_PARTITION = "debug", "gpu"
+SUBJECTS_PER_SCORE_JOB = 2
 RUN_LIMIT_S = 600
 
 
@@ -287,10 +289,18 @@ def _configfile(base: Path, input_dir: Path, labels: Path) -> Path:
                 # auto: the model rules see the fake GPU, find no working CUDA and use the CPU.
                 "device": "auto",
                 "training": {"folds": 2, "epochs": 4},
+                # Sharded scoring: ceil(n / 2) score jobs side by side.
+                "score": {"subjects_per_job": SUBJECTS_PER_SCORE_JOB},
             }
         )
     )
     return configfile
+
+
+def _shards(input_dir: Path) -> int:
+    """Score jobs of the demo cohort's run (its processed subjects in slices)."""
+    subjects = cohort.processed_ids(cohort.list_subjects(input_dir))
+    return len(cohort.score_shards(subjects, subjects_per_job=SUBJECTS_PER_SCORE_JOB))
 
 
 def _slurm_run(
@@ -318,16 +328,19 @@ def _slurm_run(
 def slurm_run(slurm_cluster, demo_cohort, tmp_path_factory) -> SlurmRun:
     """The whole demo cohort with profiles/slurm and no site profile."""
     configfile = _configfile(tmp_path_factory.mktemp("slurm"), *demo_cohort)
-    # One preprocess group, collect, train_model, score and the cohort group.
-    return _slurm_run(PLAIN_ARGS, configfile, count_at_least=5, label="profiles/slurm alone")
+    # One preprocess group, collect, train_model, the score shards and the cohort group.
+    jobs = 4 + _shards(demo_cohort[0])
+    return _slurm_run(PLAIN_ARGS, configfile, count_at_least=jobs, label="profiles/slurm alone")
 
 
 @pytest.fixture(scope="module")
 def site_run(slurm_run) -> SlurmRun:
-    """score again, with the site profile profiles/slurm-ci (one job: training takes a minute)."""
+    """score again, with the site profile profiles/slurm-ci (the score jobs only: training
+    takes a minute)."""
     assert slurm_run.result.returncode == 0, slurm_run.result.stderr[-5000:]
     return _slurm_run(PROFILE_ARGS, slurm_run.configfile, "--forcerun", "score", "--until", "score",
-                      count_at_least=1, label="with profiles/slurm-ci, score forced")  # fmt: skip
+                      count_at_least=_shards(slurm_run.input_dir),
+                      label="with profiles/slurm-ci, score forced")  # fmt: skip
 
 
 def _is_model_job(job: SlurmJob) -> bool:
@@ -371,7 +384,42 @@ def test_site_profile_sends_the_model_rules_to_its_gpu_partition(site_run):
     assert site_run.result.returncode == 0, site_run.result.stderr[-5000:]
     # test_profile_names_no_partition_... checks that it names the same for train_model.
     _assert_model_jobs(site_run.jobs, partition=GPU_PARTITION, rules=("score",))
-    assert len(site_run.jobs) == 1, site_run.jobs
+    assert len(site_run.jobs) == _shards(site_run.input_dir), site_run.jobs
+
+
+def test_sharded_score_jobs_give_the_unsharded_runs_tables_and_report(slurm_run, tmp_path):
+    """The SLURM run scored its cohort in shards; the same outputs scored by one local score
+    job give identical tables and the same report."""
+    assert slurm_run.result.returncode == 0, slurm_run.result.stderr[-5000:]
+    shards = _shards(slurm_run.input_dir)
+    assert shards >= 2
+    score_jobs = [job for job in slurm_run.jobs if job.comment.startswith("rule_score")]
+    assert len(score_jobs) == shards, slurm_run.jobs
+    unsharded = tmp_path / "out"
+    # Preprocessing and the model are reused (modification times kept); the score, merge
+    # and cohort rules run again with one score job.
+    shutil.copytree(slurm_run.output_dir, unsharded)
+    config = yaml.safe_load(slurm_run.configfile.read_text())
+    config |= {"output_dir": str(unsharded), "score": {"subjects_per_job": 1000}}
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(yaml.safe_dump(config))
+    result = _run("--cores", "2", "--configfile", str(configfile), "--workflow-profile", "none")
+    assert result.returncode == 0, result.stderr[-5000:]
+    ran = Counter(re.findall(r"^(?:\[[^\]]*\] )?(?:local)?rule (\w+):", result.stderr, re.M))
+    assert ran["score"] == 1 and "train_model" not in ran and "preprocess" not in ran, ran
+    for table in (paths.scores_table, paths.exclusions_table, paths.model_scores):
+        before = pd.read_csv(table(slurm_run.output_dir), sep="\t", dtype=str)
+        after = pd.read_csv(table(unsharded), sep="\t", dtype=str)
+        pd.testing.assert_frame_equal(before.drop(columns="elapsed_s", errors="ignore"),
+                                      after.drop(columns="elapsed_s", errors="ignore"))  # fmt: skip
+    assert json.loads(paths.metrics(unsharded).read_text()) == json.loads(
+        paths.metrics(slurm_run.output_dir).read_text()
+    )
+
+    def report(out: Path) -> str:
+        return paths.report(out).read_text().replace(str(out), "OUT")
+
+    assert report(unsharded) == report(slurm_run.output_dir)
 
 
 def test_per_subject_rules_ran_in_groups(slurm_run):
