@@ -19,6 +19,12 @@
   100,000 subjects), and aggregate + report on that many synthetic subjects'
   records, with the peak memory of that process (:mod:`mriaudit.bench_scale`).
 
+- ``model``: per device present (``--device``: ``auto`` every one, ``cpu``,
+  or ``cuda`` alone, which measures nothing else and says so where there is
+  no GPU): scoring throughput in subjects/s (2 mm template grid, 3 fold models,
+  through the score job's own path) and the time of one training epoch on the
+  demo cohort's size (:mod:`mriaudit.bench_model`).
+
 Figures are measurements of this machine (``machine``), not assertions.
 """
 
@@ -305,6 +311,50 @@ def scale(work: Path, *, sizes: list[int]) -> dict[str, Any]:
     return result
 
 
+# ------------------------------------------------------------------------------ model
+
+#: Subjects scored per device: enough for a GPU's steady rate (start-up included).
+SCORE_SUBJECTS = {"cpu": 24, "cuda": 512}
+#: The demo cohort's size and its default training (epochs x fold models).
+DEMO_SUBJECTS, DEMO_EPOCHS, DEMO_FOLDS = 30, 12, 3
+
+
+def cuda_device() -> str | None:
+    """The CUDA device's name, or None where torch finds no working GPU."""
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def model_part(
+    devices: list[str],
+    *,
+    threads: int,
+    score_subjects: dict[str, int] | None = None,
+    epoch_subjects: int = DEMO_SUBJECTS,
+) -> dict[str, Any]:
+    """Per device: scoring throughput (2 mm template grid, 3 fold models, the score job's
+    path; ``score_subjects`` per device, default :data:`SCORE_SUBJECTS`) and one training
+    epoch on ``epoch_subjects`` (the demo cohort's size) (``bench_model``)."""
+    from mriaudit import bench_model
+
+    score_subjects = score_subjects or SCORE_SUBJECTS
+    figures: dict[str, Any] = {}
+    for device in devices:
+        epoch = bench_model.training_epoch_seconds(
+            device=device, subjects=epoch_subjects, threads=threads
+        )
+        figures[device] = {
+            "scoring": bench_model.scoring_throughput(
+                device=device, subjects=score_subjects[device], folds=3, threads=threads
+            ),
+            "training_epoch": epoch,
+            # Fold models x epochs; calibration and checkpointing come on top.
+            "demo_training_estimate_s": round(epoch["epoch_s"] * DEMO_EPOCHS * DEMO_FOLDS, 1),
+        }
+    return figures
+
+
 # ------------------------------------------------------------------------------ output
 
 
@@ -369,6 +419,18 @@ def table(result: dict[str, Any]) -> str:
                   f"  aggregate + report                {scaled[f'aggregate_report_{n}_s']:>8.1f} s, "
                   f"peak RSS {scaled[f'aggregate_report_{n}_peak_rss_mb']:.0f} MB, "
                   f"report {scaled[f'report_{n}_mb']:.1f} MB"]  # fmt: skip
+    for device, figures in (result.get("model") or {}).items():
+        if figures is None:
+            lines += ["", f"model on {device}: NOT MEASURED, {result['model_unavailable'][device]}"]
+            continue
+        scoring, epoch = figures["scoring"], figures["training_epoch"]
+        lines += ["", f"model on {device} ({scoring['threads']} thread(s)):",
+                  f"  scoring   {scoring['subjects_per_s']:>8.2f} subjects/s ({scoring['subjects']} "
+                  f"subjects, {scoring['folds']} fold models, {scoring['resolution']} mm grid; "
+                  f"{scoring['s_per_subject']:.3f} s per subject)",
+                  f"  training  {epoch['epoch_s']:>8.2f} s per epoch ({epoch['subjects']} subjects, "
+                  f"{epoch['slices_per_s']:.0f} slices/s); demo cohort's {DEMO_FOLDS} models x "
+                  f"{DEMO_EPOCHS} epochs about {figures['demo_training_estimate_s']:.0f} s"]  # fmt: skip
     budget = result.get("report_budget")
     if budget:
         timings = budget["browser"]
@@ -404,8 +466,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--report-subjects", type=int, default=1000, help="cohort size of the report budget"
     )
-    parser.add_argument("--skip-subject", action="store_true", help="only the scale part")
-    parser.add_argument("--skip-scale", action="store_true", help="only the per-subject part")
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="model figures on every device present (auto), or only on this one; "
+        "cuda measures nothing else and says so when there is no GPU",
+    )
+    parser.add_argument("--skip-subject", action="store_true", help="no per-subject part")
+    parser.add_argument("--skip-scale", action="store_true", help="no scale part")
+    parser.add_argument("--skip-model", action="store_true", help="no model (device) part")
     parser.add_argument("--shared-data", type=Path, default=PROJECT.parent / "shared" / "data")
     parser.add_argument("--stage", help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
@@ -414,15 +484,27 @@ def main(argv: list[str] | None = None) -> int:
         run_stage(args.stage, args.work, threads=args.threads)
         return 0
     result: dict[str, Any] = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M")}
+    gpu_only = args.device == "cuda"
     with tempfile.TemporaryDirectory(prefix="mriaudit-bench-") as tmp:
-        if not args.skip_subject:
+        if not args.skip_model:
+            gpu = cuda_device()
+            devices = ["cpu", "cuda"] if args.device == "auto" else [args.device]
+            present = [d for d in devices if d == "cpu" or gpu]
+            threads = args.threads if args.threads > 1 else os.cpu_count() or 1
+            result["model"] = model_part(present, threads=threads)
+            if "cuda" in devices and not gpu:
+                result["model"]["cuda"] = None
+                result["model_unavailable"] = {
+                    "cuda": "no CUDA GPU on this machine (torch.cuda.is_available() is False)"
+                }
+        if not args.skip_subject and not gpu_only:
             result["per_subject"] = per_subject(
                 Path(tmp) / "subject",
                 runs=args.runs,
                 threads=args.threads,
                 shared_data=args.shared_data,
             )
-        if not args.skip_scale:
+        if not args.skip_scale and not gpu_only:
             result["scale"] = scale(Path(tmp) / "scale", sizes=args.subjects)
             result["report_budget"] = bench_scale.report_budget(
                 Path(tmp) / "report", subjects=args.report_subjects

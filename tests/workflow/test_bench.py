@@ -16,6 +16,7 @@ def test_scale_part_writes_figures_and_a_table(tmp_path, capsys):
         bench.main(
             [
                 "--skip-subject",
+                "--skip-model",
                 "--subjects",
                 "40",
                 "--report-subjects",
@@ -48,3 +49,21 @@ def test_scale_part_writes_figures_and_a_table(tmp_path, capsys):
     budget = result["report_budget"]
     assert budget["subjects"] == 30 and budget["report_mb"] > 0.1  # 30 subjects' pictures inline
     assert "report of 30 subjects, every picture inline" in printed
+
+
+def test_model_part_measures_scoring_and_training_on_the_cpu():
+    figures = bench.model_part(["cpu"], threads=2, score_subjects={"cpu": 3}, epoch_subjects=3)
+    scoring, epoch = figures["cpu"]["scoring"], figures["cpu"]["training_epoch"]
+    assert scoring["scored"] == 3 and scoring["folds"] == 3 and scoring["subjects_per_s"] > 0
+    assert epoch["epoch_s"] > 0 and epoch["subjects"] == 3
+    assert figures["cpu"]["demo_training_estimate_s"] > epoch["epoch_s"]
+
+
+def test_cuda_part_says_clearly_when_there_is_no_gpu(tmp_path, capsys):
+    if bench.cuda_device():
+        pytest.skip("a CUDA GPU is present: the GPU figures run instead")
+    assert bench.main(["--device", "cuda", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["model"] == {"cuda": None}
+    assert "scale" not in result and "per_subject" not in result
+    assert "model on cuda: NOT MEASURED, no CUDA GPU on this machine" in capsys.readouterr().out
