@@ -1,17 +1,19 @@
-"""Scoring: voxel anomaly maps and subject anomaly scores.
+"""Scoring: the score job, from registered images to voxel anomaly maps and subject scores.
 
 A subject's normalised, cropped volume is reconstructed slice by slice by the
 fold model that did not train on it (reference subjects) or by each of the K
-fold models (everyone else). The raw voxel map combines
-
-- the intensity residual ``|x - x_hat|`` (normalised intensity units) and
-- a structural term ``1 - SSIM(x, x_hat)`` (local 3D SSIM, Gaussian window),
-
-is calibrated against the out-of-fold maps of reference subjects (voxelwise
+fold models (everyone else). :mod:`mriaudit.model.maps` turns volume and
+reconstruction into the raw map (tolerant intensity residual and ``1 - SSIM``),
+calibrates it against the out-of-fold maps of reference subjects (voxelwise
 median subtracted, divided by a smoothed robust spread, so edges that every
-subject reconstructs poorly do not dominate), median filtered and kept inside
-the eroded template brain mask. Higher map values and scores are more
-anomalous.
+subject reconstructs poorly do not dominate), median filters it inside the
+eroded template brain mask and summarises it; all on the worker's device.
+Higher map values and scores are more anomalous.
+
+The score job (:func:`score_cohort`) runs worker processes, one per thread on
+the CPU and one per GPU. Each loads the checkpoint and builds its fold models
+once (:class:`Scorer`), and can score several subjects per forward pass and
+filter call (a GPU's batches).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,21 +30,14 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import torch
-from scipy import ndimage
 
 from mriaudit import derivatives, files, isolation, paths, records, thumbnails
 from mriaudit.intensity import standardize_histogram
-from mriaudit.model.data import (
-    BrainGrid,
-    ImageError,
-    brain_grid,
-    load_normalised,
-    slice_inputs,
-)
+from mriaudit.model import maps
+from mriaudit.model.data import BrainGrid, ImageError, brain_grid, load_normalised
 from mriaudit.model.device import resolve_device
 from mriaudit.model.network import AtlasWarpNet, build_network
 from mriaudit.records import OK, StageError, make_record, run_stage
-from mriaudit.robust import mad_sd
 from mriaudit.tables import read_tsv, write_tsv
 
 log = logging.getLogger(__name__)
@@ -92,275 +87,54 @@ DEFAULT_SCORING: dict[str, Any] = {
 }
 
 
+#: Axial slices per forward pass on the CPU (the fastest there) and, at most, on a GPU.
+CPU_SLICES = 32
+GPU_SLICES = 1024
+#: Subjects per device batch on a GPU (one forward pass and one filter call for all of
+#: them); one on the CPU, where larger batches only add memory traffic.
+GPU_SUBJECTS = 8
+
+
+def reconstruct_volumes(
+    model: AtlasWarpNet, volumes: torch.Tensor, *, slices: int = CPU_SLICES
+) -> torch.Tensor:
+    """The model's normal-anatomy reconstructions (B, X, Y, Z), float32, of cropped
+    volumes (B, X, Y, Z) on the model's device, ``slices`` axial slices (of any of
+    the volumes) per forward pass."""
+    model.eval()
+    batch, size_x, size_y, size_z = volumes.shape
+    context = model.context
+    heights = torch.arange(size_z, device=volumes.device)
+    offsets = torch.arange(-context, context + 1, device=volumes.device)
+    index = (heights[:, None] + offsets[None, :]).clamp(0, size_z - 1)
+    with torch.inference_mode():
+        # (B, Z, 2 * context + 1, X, Y): each slice with its neighbours, edge slices repeated.
+        stacks = volumes.float().permute(0, 3, 1, 2)[:, index]
+        inputs = stacks.reshape(batch * size_z, 2 * context + 1, size_x, size_y)
+        z = heights.repeat(batch)
+        out = torch.empty(batch * size_z, size_x, size_y, device=volumes.device)
+        for start in range(0, batch * size_z, slices):
+            stop = min(batch * size_z, start + slices)
+            out[start:stop] = model(inputs[start:stop].contiguous(), z[start:stop])[:, 0].float()
+        return out.reshape(batch, size_z, size_x, size_y).permute(0, 2, 3, 1).contiguous()
+
+
 def reconstruct(
     model: AtlasWarpNet,
     volume: np.ndarray,
     *,
     device: torch.device,
-    batch_size: int = 32,
+    batch_size: int = CPU_SLICES,
 ) -> np.ndarray:
     """The model's normal-anatomy reconstruction of a cropped volume (X, Y, Z), float32."""
-    model.eval()
-    n_z = volume.shape[2]
-    out = np.empty(volume.shape, dtype=np.float32)
     with torch.inference_mode():
-        for start in range(0, n_z, batch_size):
-            z = np.arange(start, min(n_z, start + batch_size))
-            x = torch.from_numpy(slice_inputs(volume, z, context=model.context)).to(device)
-            y = model(x, torch.from_numpy(z).to(device))[:, 0].float().cpu().numpy()
-            out[:, :, start : start + len(z)] = np.moveaxis(y, 0, 2)
-    return out
-
-
-def local_ssim(a: np.ndarray, b: np.ndarray, *, sigma: float) -> np.ndarray:
-    """Local SSIM of two volumes in [0, ~1.5] intensity units, Gaussian window ``sigma`` voxels."""
-    c1, c2 = 0.01**2, 0.03**2
-    a = a.astype(np.float32)
-    b = b.astype(np.float32)
-
-    def blur(v: np.ndarray) -> np.ndarray:
-        return ndimage.gaussian_filter(v, sigma, truncate=2.5)
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a * mu_a
-    var_b = blur(b * b) - mu_b * mu_b
-    cov = blur(a * b) - mu_a * mu_b
-    numerator = (2 * mu_a * mu_b + c1) * (2 * cov + c2)
-    denominator = (mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2)
-    return numerator / denominator
-
-
-def tolerant_residual(volume: np.ndarray, recon: np.ndarray, *, tolerance: int) -> np.ndarray:
-    """Distance (X, Y, Z) of each voxel of ``volume`` to the range of ``recon`` around it.
-
-    With ``tolerance`` 0 this is ``|x - x_hat|``.
-    """
-    if tolerance <= 0:
-        return np.abs(volume - recon)
-    size = 2 * tolerance + 1
-    high = ndimage.maximum_filter(recon, size=size)
-    low = ndimage.minimum_filter(recon, size=size)
-    return np.maximum(volume - high, 0.0) + np.maximum(low - volume, 0.0)
-
-
-def raw_map(volume: np.ndarray, recon: np.ndarray, *, scoring: dict[str, Any]) -> np.ndarray:
-    """Uncalibrated anomaly terms (2, X, Y, Z), float32, >= 0: the tolerant
-    intensity residual and the structural term ``1 - SSIM``."""
-    residual = tolerant_residual(volume, recon, tolerance=int(scoring.get("tolerance", 0)))
-    structure = np.clip(1.0 - local_ssim(volume, recon, sigma=scoring["ssim_sigma"]), 0.0, 2.0)
-    return np.stack([residual, structure]).astype(np.float32)
-
-
-def scoring_mask(grid: BrainGrid, *, erode_voxels: int) -> np.ndarray:
-    """Eroded template brain mask on the crop (bool, X, Y, Z)."""
-    mask = grid.crop_mask
-    if erode_voxels > 0:
-        mask = ndimage.binary_erosion(mask, iterations=erode_voxels, border_value=1)
-    return mask
-
-
-def calibration_stats(maps: Sequence[np.ndarray], mask: np.ndarray, *, floor: float) -> dict:
-    """Voxelwise median and robust spread of the raw terms of reference subjects.
-
-    ``maps`` are (2, X, Y, Z) each. The spread (1.4826 * MAD) is smoothed
-    (sigma 1.5 voxels: few subjects make it noisy) and floored, per term, at
-    ``floor`` times the term's standard deviation over all subjects and voxels
-    inside ``mask``. Returns ``{"median", "spread"}``,
-    float16 tensors (2, X, Y, Z).
-    """
-    stack = np.stack(maps, axis=0).astype(np.float32)
-    median = np.median(stack, axis=0)
-    spread = mad_sd(stack, axis=0)
-    spread = ndimage.gaussian_filter(spread, (0, 1.5, 1.5, 1.5))
-    median = ndimage.gaussian_filter(median, (0, 0.5, 0.5, 0.5))
-    for term in range(spread.shape[0]):
-        # The tolerant residual is zero at most voxels, so a voxel's own spread can
-        # be ~0; the floor is a fraction of the term's spread over the whole brain.
-        values = stack[:, term][:, mask]
-        base = float(np.std(values)) if values.size else 1.0
-        spread[term] = np.maximum(spread[term], max(floor * base, 1e-3))
-    return {
-        "median": torch.from_numpy(median.astype(np.float16)),
-        "spread": torch.from_numpy(spread.astype(np.float16)),
-    }
-
-
-def calibrated_map(
-    raw: np.ndarray,
-    calibration: dict,
-    mask: np.ndarray,
-    *,
-    scoring: dict[str, Any],
-) -> np.ndarray:
-    """Anomaly map (X, Y, Z), >= 0, zero outside ``mask``.
-
-    Each term becomes a robust z against the reference at that voxel (only the
-    excess counts), then ``z_residual + ssim_weight * z_structure`` is median
-    filtered. Units: robust standard deviations.
-    """
-    median = calibration["median"].float().numpy()
-    spread = calibration["spread"].float().numpy()
-    z = np.maximum((raw - median) / spread, 0.0)
-    value = z[0] + float(scoring["ssim_weight"]) * z[1]
-    value = np.where(mask, value, 0.0).astype(np.float32)
-    size = int(scoring["median_size"])
-    if size > 1:
-        value = ndimage.median_filter(value, size=size, mode="constant")
-    value[~mask] = 0.0
-    return value
-
-
-def focal_sigmas(scoring: dict[str, Any]) -> list[float]:
-    """The focal scales of a checkpoint's scoring (one ``focal_sigma`` in older ones)."""
-    sigmas = scoring.get("focal_sigmas")
-    return [float(s) for s in sigmas] if sigmas else [float(scoring["focal_sigma"])]
-
-
-#: Smallest spread of a subject's own smoothed map for the focal contrast (map units,
-#: robust SD): normal maps spread 0.06-0.6, so only an almost empty map reaches it.
-CONTRAST_FLOOR = 0.05
-
-
-def focal_and_diffuse(
-    anomaly: np.ndarray, mask: np.ndarray, *, sigmas: Sequence[float], relative: bool = False
-) -> tuple[list[float], float]:
-    """Summaries of a map inside ``mask`` (higher = more anomalous).
-
-    ``focal``: per scale, the peak of the map smoothed with a Gaussian of that
-    many voxels (0: unsmoothed), the upper tail that a lesion raises; the scale
-    that matches the lesion's size gives its strongest evidence. ``relative``:
-    the peak's contrast instead, ``(peak - median) / max(1.4826 * MAD,
-    CONTRAST_FLOOR)`` of the smoothed map inside ``mask`` (unitless), which a
-    map raised everywhere (an unusual head) does not raise. ``diffuse``: the
-    mean of the map, which noise, ghosting or a wrong contrast raise everywhere
-    while their peaks stay ordinary.
-    """
-    if not mask.any():
-        message = "the scoring mask is empty"
-        raise ValueError(message)
-    focals = []
-    for sigma in sigmas:
-        values = (ndimage.gaussian_filter(anomaly, sigma) if sigma > 0 else anomaly)[mask]
-        peak = float(values.max())
-        if relative:
-            centre = float(np.median(values))
-            spread = mad_sd(values)
-            peak = (peak - centre) / max(spread, CONTRAST_FLOOR)
-        focals.append(peak)
-    return focals, float(anomaly[mask].mean())
-
-
-def subject_summaries(
-    anomaly: np.ndarray, mask: np.ndarray, *, scoring: dict[str, Any]
-) -> tuple[list[float], float]:
-    """:func:`focal_and_diffuse` as a checkpoint's ``scoring`` asks for it."""
-    relative = scoring.get("focal_summary", "peak") == "contrast"
-    return focal_and_diffuse(anomaly, mask, sigmas=focal_sigmas(scoring), relative=relative)
-
-
-def robust_scale(values: Sequence[float]) -> list[float]:
-    """``[median, scale]`` of reference values; the scale (1.4826 * MAD) is floored
-    at 10 % of the median so a handful of similar subjects cannot make it ~0."""
-    values = np.asarray(values, dtype=float)
-    median = float(np.median(values))
-    mad = mad_sd(values)
-    return [median, max(mad, 0.1 * abs(median), 1e-6)]
-
-
-def subject_score(focals: Sequence[float], diffuse: float, calibration: dict[str, Any]) -> float:
-    """``anomaly_raw``: the largest of the focal (one per scale) and diffuse summaries
-    as robust z against the out-of-fold reference subjects of the model's calibration
-    (``calibration["focal"]``: one ``[median, scale]`` per scale, or one pair)."""
-    pairs = calibration["focal"]
-    pairs = pairs if isinstance(pairs[0], (list, tuple)) else [pairs]
-    z = [(f - m) / s for f, (m, s) in zip(focals, pairs, strict=True)]
-    z.append((diffuse - calibration["diffuse"][0]) / calibration["diffuse"][1])
-    return float(max(z))
-
-
-def top_regions(
-    anomaly: np.ndarray,
-    mask: np.ndarray,
-    *,
-    affine: np.ndarray,
-    offset: Sequence[int],
-    percentile: float,
-    count: int = 3,
-) -> list[dict[str, Any]]:
-    """The ``count`` connected regions of highest summed anomaly.
-
-    Regions are 26-connected voxels inside ``mask`` above the ``percentile`` of
-    the map inside the mask (and above 0). Each has ``centroid_mm`` (anomaly-
-    weighted, MNI mm [x, y, z]), ``volume_ml``, ``peak`` (map units) and
-    ``mass`` (sum of the map over the region, voxels x map units). ``offset``
-    is the crop origin on the template grid (voxels).
-    """
-    inside = anomaly[mask]
-    if inside.size == 0:
-        return []
-    threshold = max(float(np.percentile(inside, percentile)), 1e-6)
-    labels, n = ndimage.label((anomaly > threshold) & mask, structure=np.ones((3, 3, 3)))
-    if n == 0:
-        return []
-    index = np.arange(1, n + 1)
-    mass = ndimage.sum_labels(anomaly, labels, index)
-    sizes = ndimage.sum_labels(np.ones_like(anomaly), labels, index)
-    peaks = ndimage.maximum(anomaly, labels, index)
-    centres = ndimage.center_of_mass(anomaly, labels, index)
-    voxel_ml = float(abs(np.linalg.det(affine[:3, :3]))) / 1000.0
-    regions = []
-    for i in np.argsort(-np.asarray(mass))[:count]:
-        voxel = np.asarray(centres[i], dtype=float) + np.asarray(offset, dtype=float)
-        centre = affine[:3, :3] @ voxel + affine[:3, 3]
-        regions.append(
-            {
-                "centroid_mm": [round(float(c), 1) for c in centre],
-                "volume_ml": round(float(sizes[i]) * voxel_ml, 3),
-                "peak": round(float(peaks[i]), 4),
-                "mass": round(float(mass[i]), 3),
-            }
-        )
-    return regions
+        volumes = torch.from_numpy(np.asarray(volume, dtype=np.float32))[None].to(device)
+        return reconstruct_volumes(model, volumes, slices=batch_size)[0].cpu().numpy()
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint dict (tensors, numbers and strings only, loaded with ``weights_only``)."""
     return torch.load(str(path), map_location="cpu", weights_only=True)
-
-
-def score_volume(
-    volume: np.ndarray,
-    checkpoint: dict[str, Any],
-    *,
-    folds: Sequence[int],
-    device: torch.device,
-    grid: BrainGrid,
-) -> tuple[np.ndarray, dict[str, float]]:
-    """Anomaly map on the crop and subject metrics, averaged over the fold models ``folds``.
-
-    Metrics: ``anomaly_raw`` (see :func:`subject_score`), ``anomaly_focal`` (the
-    finest scale's) and ``anomaly_diffuse`` (see :func:`focal_and_diffuse`). Scores are the means
-    of the per-model scores (each model's score of an unseen subject is
-    distributed like an out-of-fold score, so reference and non-reference
-    subjects stay comparable); the map is the mean of the maps.
-    """
-    scoring = checkpoint["scoring"]
-    architecture = checkpoint["architecture"]
-    mask = scoring_mask(grid, erode_voxels=int(scoring["erode_voxels"]))
-    maps, metrics = [], []
-    for fold in folds:
-        model = build_network(architecture, shape=volume.shape)
-        model.load_state_dict(checkpoint["state_dicts"][fold])
-        recon = reconstruct(model.to(device), volume, device=device)
-        raw = raw_map(volume, recon, scoring=scoring)
-        calibration = checkpoint["calibration"][fold]
-        anomaly = calibrated_map(raw, calibration, mask, scoring=scoring)
-        focals, diffuse = subject_summaries(anomaly, mask, scoring=scoring)
-        maps.append(anomaly)
-        metrics.append((subject_score(focals, diffuse, calibration), focals[0], diffuse))
-    raw_score, focal, diffuse = (float(v) for v in np.mean(metrics, axis=0))
-    summary = {"anomaly_raw": raw_score, "anomaly_focal": focal, "anomaly_diffuse": diffuse}
-    return np.mean(maps, axis=0).astype(np.float32), summary
 
 
 def _write_map(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
@@ -371,28 +145,187 @@ def _write_map(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
 
 
 @dataclass
+class Prepared:
+    """A subject read on the CPU, ready for the device: its cropped, normalised and
+    standardised ``volume`` (X, Y, Z), the ``folds`` whose models score it and
+    whether it is ``in_reference``."""
+
+    subject: str
+    image: Path
+    volume: np.ndarray
+    folds: list[int]
+    in_reference: bool
+
+
+@dataclass
+class Scored:
+    """A subject's map on the crop (X, Y, Z, float32, on the CPU) and its metrics."""
+
+    anomaly: np.ndarray
+    metrics: dict[str, float]
+
+
+@dataclass
 class Scorer:
-    """A loaded checkpoint, ready to score subjects on ``device``."""
+    """A loaded checkpoint, ready to score subjects on ``device``.
+
+    The fold ``models`` are built once, in eval mode, on the device, with each
+    fold's ``calibration`` (median and spread float32 there); ``mask`` is the
+    scoring mask (bool, crop), ``device_mask`` the same on the device. An
+    untrained checkpoint (``trained`` False) has neither models nor mask.
+    """
 
     state: dict[str, Any]
     grid: BrainGrid
     device: torch.device
+    models: list[AtlasWarpNet] = field(default_factory=list)
+    calibration: list[dict[str, Any]] = field(default_factory=list)
+    mask: np.ndarray | None = None
+    device_mask: torch.Tensor | None = None
 
     @classmethod
     def load(cls, checkpoint: Path, *, device: str = "auto", threads: int = 1) -> Scorer:
         state = load_checkpoint(checkpoint)
         grid = brain_grid(int(state.get("resolution", 2)))
-        return cls(state, grid, resolve_device(device, threads=threads))
+        scorer = cls(state, grid, resolve_device(device, threads=threads))
+        if scorer.trained:
+            scorer._build()
+        return scorer
 
+    def _build(self) -> None:
+        shape = tuple(stop - start for start, stop in self.grid.crop)
+        for state in self.state["state_dicts"]:
+            model = build_network(self.state["architecture"], shape=shape)
+            model.load_state_dict(state)
+            self.models.append(model.to(self.device).eval())
+        for calibration in self.state["calibration"]:
+            on_device = {
+                key: calibration[key].to(device=self.device, dtype=torch.float32)
+                for key in ("median", "spread")
+            }
+            self.calibration.append({**calibration, **on_device})
+        self.mask = maps.scoring_mask(self.grid, erode_voxels=int(self.scoring["erode_voxels"]))
+        self.device_mask = torch.from_numpy(self.mask).to(self.device)
 
-def _score_work(
-    scorer: Scorer, image: Path, subject: str, out_map: Path, out_thumbnail: Path | None = None
-) -> dict:
-    """The score record of one subject (writes its map and, given ``out_thumbnail``, the
-    report's picture of both); raises ``StageError`` on bad data."""
-    state, grid = scorer.state, scorer.grid
-    if state.get("status") != OK:
-        reason = state.get("reason", "the model was not trained")
+    @property
+    def trained(self) -> bool:
+        return self.state.get("status") == OK
+
+    @property
+    def scoring(self) -> dict[str, Any]:
+        return self.state["scoring"]
+
+    @property
+    def batch_subjects(self) -> int:
+        """Subjects per device batch (see :data:`GPU_SUBJECTS`)."""
+        return GPU_SUBJECTS if self.device.type == "cuda" else 1
+
+    def prepare(self, image: Path, subject: str) -> Prepared:
+        """Read, normalise and standardise ``image`` (CPU); raises ``StageError`` on bad data."""
+        state, grid = self.state, self.grid
+        try:
+            volume = load_normalised(image, grid=grid)
+        except ImageError as error:
+            raise StageError(str(error)) from error
+        landmarks = state.get("normalisation", {}).get("landmarks")
+        if landmarks:  # checkpoints from before the standardisation have none
+            volume = standardize_histogram(volume, grid.crop_mask, reference=np.asarray(landmarks))
+        fold = state["fold_assignment"].get(subject)
+        digests = state.get("reference_sha256", {})
+        if fold is not None and digests.get(subject) != files.sha256(image):
+            fold = None  # the id of a reference subject, but another image: never seen
+        held_out = state.get("held_out_folds", {}).get(subject) if fold is None else None
+        if fold is not None:
+            folds = [int(fold)]
+        elif held_out is not None:  # its fold group trained without it: that group's model
+            folds = [int(held_out)]
+        else:
+            folds = list(range(len(state["state_dicts"])))
+        return Prepared(subject, Path(image), volume, folds, in_reference=fold is not None)
+
+    def compute(self, batch: Sequence[Prepared]) -> list[Scored]:
+        """Maps and metrics of prepared subjects, on the device, all in one batch.
+
+        Each subject's map is the mean of its fold models' maps; its metrics
+        (``anomaly_raw``, see :func:`maps.subject_score`; ``anomaly_focal``, the
+        finest scale's; ``anomaly_diffuse``) the means of the per-model ones:
+        each model's score of an unseen subject is distributed like an
+        out-of-fold score, so reference and other subjects stay comparable.
+        """
+        scoring, mask = self.scoring, self.device_mask
+        sigmas = maps.focal_sigmas(scoring)
+        relative = scoring.get("focal_summary", "peak") == "contrast"
+        per_model: list[list[tuple[float, float, float]]] = [[] for _ in batch]
+        with torch.inference_mode():
+            volumes = torch.from_numpy(np.stack([p.volume for p in batch])).to(self.device)
+            total = torch.zeros_like(volumes)
+            for fold in sorted({f for p in batch for f in p.folds}):
+                rows = [i for i, p in enumerate(batch) if fold in p.folds]
+                every = len(rows) == len(batch)
+                chosen = volumes if every else volumes[rows]
+                slices = CPU_SLICES if self.device.type == "cpu" else GPU_SLICES
+                recon = reconstruct_volumes(self.models[fold], chosen, slices=slices)
+                raw = maps.raw_map(chosen, recon, scoring=scoring)
+                calibration = self.calibration[fold]
+                anomaly = maps.calibrated_map(raw, calibration, mask, scoring=scoring)
+                focal, diffuse = maps.summaries(anomaly, mask, sigmas=sigmas, relative=relative)
+                if every:
+                    total += anomaly
+                else:
+                    total[rows] += anomaly
+                for i, focals, value in zip(rows, focal.tolist(), diffuse.tolist(), strict=True):
+                    score = maps.subject_score(focals, value, calibration)
+                    per_model[i].append((score, focals[0], value))
+            counts = torch.tensor([len(p.folds) for p in batch], device=self.device)
+            anomalies = (total / counts[:, None, None, None].float()).cpu().numpy()
+        scored = []
+        for anomaly, metrics in zip(anomalies, per_model, strict=True):
+            raw_score, focal, diffuse = (float(v) for v in np.mean(metrics, axis=0))
+            summary = {"anomaly_raw": raw_score, "anomaly_focal": focal, "anomaly_diffuse": diffuse}
+            scored.append(Scored(anomaly, summary))
+        return scored
+
+    def record(
+        self, prepared: Prepared, scored: Scored, *, out_map: Path, out_thumbnail: Path | None
+    ) -> dict:
+        """Write a scored subject's map (and picture) and return its record (CPU)."""
+        grid = self.grid
+        full = np.zeros(grid.shape, np.float32)
+        full[grid.index] = scored.anomaly
+        _write_map(out_map, full, grid.affine)
+        drawn = (
+            thumbnails.try_draw(
+                thumbnails.write_anomaly_thumbnail, prepared.image, full, out_thumbnail
+            )
+            if out_thumbnail is not None
+            else []
+        )
+        regions = maps.top_regions(
+            scored.anomaly,
+            self.mask,
+            affine=grid.affine,
+            offset=[a for a, _ in grid.crop],
+            percentile=float(self.scoring["region_percentile"]),
+        )
+        folds = prepared.folds
+        log.info(
+            "%s: anomaly_raw %.3f (%s)",
+            prepared.subject,
+            scored.metrics["anomaly_raw"],
+            f"fold {folds[0]}" if len(folds) == 1 else f"mean of {len(folds)} models",
+        )
+        return make_record(
+            STAGE,
+            metrics=scored.metrics,
+            warnings=drawn,
+            fold=int(folds[0]) if len(folds) == 1 else None,
+            in_reference=prepared.in_reference,
+            top_regions=regions,
+        )
+
+    def not_scored(self, image: Path, out_thumbnail: Path | None) -> dict:
+        """The record of a subject when the model could not be trained."""
+        reason = self.state.get("reason", "the model was not trained")
         # The registered image alone is still worth a look.
         drawn = (
             thumbnails.try_draw(thumbnails.write_anomaly_thumbnail, image, None, out_thumbnail)
@@ -408,59 +341,21 @@ def _score_work(
             in_reference=False,
             top_regions=[],
         )
-    try:
-        volume = load_normalised(image, grid=grid)
-    except ImageError as error:
-        raise StageError(str(error)) from error
-    landmarks = state.get("normalisation", {}).get("landmarks")
-    if landmarks:  # checkpoints from before the standardisation have none
-        volume = standardize_histogram(volume, grid.crop_mask, reference=np.asarray(landmarks))
-    fold = state["fold_assignment"].get(subject)
-    digests = state.get("reference_sha256", {})
-    if fold is not None and digests.get(subject) != files.sha256(image):
-        fold = None  # the id of a reference subject, but another image: never seen
-    held_out = state.get("held_out_folds", {}).get(subject) if fold is None else None
-    if fold is not None:
-        folds = [int(fold)]
-    elif held_out is not None:  # its fold group trained without it: that group's model
-        folds = [int(held_out)]
-    else:
-        folds = list(range(len(state["state_dicts"])))
-    anomaly, metrics = score_volume(volume, state, folds=folds, device=scorer.device, grid=grid)
-    full = np.zeros(grid.shape, np.float32)
-    full[grid.index] = anomaly
-    _write_map(out_map, full, grid.affine)
-    drawn = (
-        thumbnails.try_draw(thumbnails.write_anomaly_thumbnail, image, full, out_thumbnail)
-        if out_thumbnail is not None
-        else []
-    )
-    mask = scoring_mask(grid, erode_voxels=int(state["scoring"]["erode_voxels"]))
-    regions = top_regions(
-        anomaly,
-        mask,
-        affine=grid.affine,
-        offset=[a for a, _ in grid.crop],
-        percentile=float(state["scoring"]["region_percentile"]),
-    )
-    log.info(
-        "%s: anomaly_raw %.3f (%s)",
-        subject,
-        metrics["anomaly_raw"],
-        f"fold {folds[0]}" if len(folds) == 1 else f"mean of {len(folds)} models",
-    )
-    return make_record(
-        STAGE,
-        metrics=metrics,
-        warnings=drawn,
-        fold=int(folds[0]) if len(folds) == 1 else None,
-        in_reference=fold is not None,
-        top_regions=regions,
-    )
+
+    def score(
+        self, image: Path, subject: str, out_map: Path, out_thumbnail: Path | None = None
+    ) -> dict:
+        """The score record of one subject, start to end (writes its map and, given
+        ``out_thumbnail``, the report's picture of both); raises ``StageError`` on bad data."""
+        if not self.trained:
+            return self.not_scored(image, out_thumbnail)
+        prepared = self.prepare(image, subject)
+        (scored,) = self.compute([prepared])
+        return self.record(prepared, scored, out_map=out_map, out_thumbnail=out_thumbnail)
 
 
 def score_one(
-    scorer: Scorer,
+    scorer: Scorer | None,
     image: Path,
     *,
     subject: str,
@@ -470,11 +365,15 @@ def score_one(
     out_thumbnail: Path | None = None,
     isolate: bool | None = None,
 ) -> dict:
-    """Score one subject with a loaded model: its map and record (see :func:`score_subject`)."""
+    """Score one subject with a loaded model: its map and record (see :func:`score_subject`).
+
+    ``scorer`` may be None for a subject whose upstream record is not ok (its
+    record copies the upstream's status; nothing is scored).
+    """
     image, out_map = Path(image), Path(out_map)
     return run_stage(
         STAGE,
-        lambda: _score_work(scorer, image, subject, out_map, out_thumbnail),
+        lambda: scorer.score(image, subject, out_map, out_thumbnail),
         record_path=record_path,
         image_outputs=[out_map, *([out_thumbnail] if out_thumbnail else [])],
         upstream=upstream,
@@ -500,16 +399,52 @@ def score_subject(
     template grid and affine) is 0 outside the eroded brain mask. Record
     metrics: ``anomaly_raw`` (higher = more anomalous; None when the model
     could not be trained); extras ``fold``, ``in_reference`` and
-    ``top_regions`` (see :func:`top_regions`).
+    ``top_regions`` (see :func:`maps.top_regions`).
     """
 
     def work() -> dict:
         scorer = Scorer.load(Path(checkpoint), device=device, threads=threads)
-        return _score_work(scorer, Path(image), subject, Path(out_map))
+        return scorer.score(Path(image), subject, Path(out_map))
 
     return run_stage(
         STAGE, work, record_path=record_path, image_outputs=[out_map], upstream=upstream
     )
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One subject of the score job: its image, outputs, record and upstream record."""
+
+    bids_id: str
+    image: Path
+    out_map: Path
+    out_thumbnail: Path
+    record_path: Path
+    upstream: tuple[Path, ...]
+
+    @classmethod
+    def of(cls, out_dir: Path, bids_id: str, *, resolution: int) -> _Job:
+        return cls(
+            bids_id,
+            paths.preproc(out_dir, bids_id, res=resolution),
+            paths.anomaly_map(out_dir, bids_id, res=resolution),
+            paths.anomaly_thumbnail(out_dir, bids_id),
+            paths.record(out_dir, bids_id, STAGE),
+            (paths.record(out_dir, bids_id, "register"),),
+        )
+
+    def run(self, scorer: Scorer | None) -> dict:
+        """Score this subject alone (see :func:`score_one`), in this process."""
+        return score_one(
+            scorer,
+            self.image,
+            subject=self.bids_id,
+            out_map=self.out_map,
+            out_thumbnail=self.out_thumbnail,
+            record_path=self.record_path,
+            upstream=self.upstream,
+            isolate=False,
+        )
 
 
 def _upstream_ok(upstream: Sequence[Path]) -> bool:
@@ -520,13 +455,18 @@ def _upstream_ok(upstream: Sequence[Path]) -> bool:
         return False
 
 
+def _uses_gpu(device: str) -> bool:
+    """Whether the score job's workers will run on a GPU (checked without initialising
+    CUDA, so the workers forked after it can use it)."""
+    if device == "cpu":
+        return False
+    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
+    return torch.cuda.is_available()
+
+
 def _score_workers(device: str, threads: int) -> int:
     """Worker processes of a cohort's scoring: one per thread on the CPU, one per GPU."""
-    if device == "cpu":
-        return max(1, threads)
-    # The NVML check does not initialise CUDA, so the workers forked after it can use it.
-    os.environ.setdefault("PYTORCH_NVML_BASED_CUDA_CHECK", "1")
-    return 1 if torch.cuda.is_available() else max(1, threads)
+    return 1 if _uses_gpu(device) else max(1, threads)
 
 
 def score_cohort(
@@ -543,14 +483,14 @@ def score_cohort(
 
     ``resolution`` is the template grid (mm) the registered images were written on.
 
-    The model is loaded once per worker process; on the CPU ``threads``
-    workers of one torch thread each share the subjects, on a GPU one worker
-    scores them all. Each subject writes its map and record as
-    :func:`score_subject` does (``paths`` names them in ``out_dir``); a worker
-    that crashes costs only the subject it was scoring (``failed``, crashed)
-    and the others are scored by a new worker. Writes ``out_table`` (one row
-    per subject: ``bids_id``, ``status``, ``reason``, ``anomaly_raw``,
-    ``fold``, ``in_reference``, ``elapsed_s``) and returns it.
+    The model is loaded and its fold networks built once per worker process;
+    on the CPU ``threads`` workers of one torch thread each share the
+    subjects, on a GPU one worker scores them all. Each subject writes its map
+    and record as :func:`score_subject` does (``paths`` names them in
+    ``out_dir``); a worker that crashes costs only the subject it was scoring
+    (``failed``, crashed) and the others are scored by a new worker. Writes
+    ``out_table`` (one row per subject: ``bids_id``, ``status``, ``reason``,
+    ``anomaly_raw``, ``fold``, ``in_reference``, ``elapsed_s``) and returns it.
     """
     out_dir = Path(out_dir)
     # Labels are strings as written ("001", "NA" included), never numbers or NaN.
@@ -558,59 +498,55 @@ def score_cohort(
     bids_ids = stages["bids_id"].tolist()
     workers = min(_score_workers(device, threads), max(1, len(bids_ids)))
     torch_threads = max(1, threads) if workers == 1 else 1
-
-    def record_path(bids_id: str) -> Path:
-        return paths.record(out_dir, bids_id, STAGE)
+    jobs = {b: _Job.of(out_dir, b, resolution=resolution) for b in bids_ids}
 
     def work(shard: Sequence[str]) -> None:
-        scorer = None
+        ready = []
         for bids_id in shard:
-            upstream = [paths.record(out_dir, bids_id, "register")]
-            if scorer is None and _upstream_ok(upstream):
-                try:
-                    scorer = Scorer.load(Path(checkpoint), device=device, threads=torch_threads)
-                except Exception as error:  # every subject of the shard gets the reason
-                    unusable(shard, f"{STAGE}: the model could not be loaded: {error}"[:300])
-                    return
-            score_one(
-                scorer,
-                paths.preproc(out_dir, bids_id, res=resolution),
-                subject=bids_id,
-                out_map=paths.anomaly_map(out_dir, bids_id, res=resolution),
-                out_thumbnail=paths.anomaly_thumbnail(out_dir, bids_id),
-                record_path=record_path(bids_id),
-                upstream=upstream,
-                isolate=False,
+            job = jobs[bids_id]
+            if _upstream_ok(job.upstream):
+                ready.append(job)
+            else:  # its record copies the upstream's status: nothing to load or score
+                job.run(None)
+                derivatives.write_sidecars(out_dir, bids_id, res=resolution, only=("anomaly_map",))
+        if not ready:
+            return
+        try:
+            scorer = Scorer.load(Path(checkpoint), device=device, threads=torch_threads)
+        except Exception as error:  # every subject of the shard gets the reason
+            unusable(
+                [job.bids_id for job in ready],
+                f"{STAGE}: the model could not be loaded: {error}"[:300],
             )
-            derivatives.write_sidecars(out_dir, bids_id, res=resolution, only=("anomaly_map",))
+            return
+        for job in ready:
+            job.run(scorer)
+            derivatives.write_sidecars(out_dir, job.bids_id, res=resolution, only=("anomaly_map",))
 
     def unusable(shard: Sequence[str], reason: str) -> None:
         log.error("%s", reason)
         for bids_id in shard:
-            if not record_path(bids_id).exists():
-                records.remove_images(
-                    [
-                        paths.anomaly_map(out_dir, bids_id, res=resolution),
-                        paths.anomaly_thumbnail(out_dir, bids_id),
-                    ]
-                )
+            job = jobs[bids_id]
+            if not job.record_path.exists():
+                records.remove_images([job.out_map, job.out_thumbnail])
                 records.write_json(
-                    record_path(bids_id), make_record(STAGE, status=records.FAILED, reason=reason)
+                    job.record_path, make_record(STAGE, status=records.FAILED, reason=reason)
                 )
+
+    def finished(bids_id: str) -> bool:
+        return jobs[bids_id].record_path.exists()
 
     def crashed(bids_id: str, how: str) -> None:
         unusable([bids_id], f"{STAGE}: crashed ({how})")
 
     # Records of an earlier, interrupted run must not count as done.
-    for bids_id in bids_ids:
-        record_path(bids_id).unlink(missing_ok=True)
+    for job in jobs.values():
+        job.record_path.unlink(missing_ok=True)
     started = time.perf_counter()
-    isolation.run_in_workers(
-        bids_ids, work, workers=workers, finished=lambda s: record_path(s).exists(), crashed=crashed
-    )
+    isolation.run_in_workers(bids_ids, work, workers=workers, finished=finished, crashed=crashed)
     rows = []
     for bids_id in bids_ids:
-        record = records.read_record(record_path(bids_id))
+        record = records.read_record(jobs[bids_id].record_path)
         rows.append(
             {
                 "bids_id": bids_id,
