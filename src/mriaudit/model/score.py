@@ -12,8 +12,10 @@ Higher map values and scores are more anomalous.
 
 The score job (:func:`score_cohort`) runs worker processes, one per thread on
 the CPU and one per GPU. Each loads the checkpoint and builds its fold models
-once (:class:`Scorer`), and can score several subjects per forward pass and
-filter call (a GPU's batches).
+once (:class:`Scorer`). A GPU worker's CPU threads read and standardise the
+next subjects and write the finished ones' maps, pictures and records while
+the GPU computes (:mod:`mriaudit.model.pipeline`), several subjects sharing
+each forward pass and each filter.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import torch
 
 from mriaudit import derivatives, files, isolation, paths, records, thumbnails
 from mriaudit.intensity import standardize_histogram
-from mriaudit.model import maps
+from mriaudit.model import maps, pipeline
 from mriaudit.model.data import BrainGrid, ImageError, brain_grid, load_normalised
 from mriaudit.model.device import resolve_device
 from mriaudit.model.network import AtlasWarpNet, build_network
@@ -93,6 +95,10 @@ GPU_SLICES = 1024
 #: Subjects per device batch on a GPU (one forward pass and one filter call for all of
 #: them); one on the CPU, where larger batches only add memory traffic.
 GPU_SUBJECTS = 8
+#: Score through the read-ahead/write-behind pipeline on the CPU too. Off: there every
+#: core runs a worker already, and threads beside it only compete with the others (5 %
+#: more CPU time per subject on 2 cores). The tests turn it on to run the GPU's path.
+PIPELINE_ON_CPU = False
 
 
 def reconstruct_volumes(
@@ -447,6 +453,52 @@ class _Job:
         )
 
 
+def _score_pipelined(
+    scorer: Scorer, jobs: Sequence[_Job], *, out_dir: Path, resolution: int, helpers: int
+) -> None:
+    """Score ``jobs`` through :func:`pipeline.run`: ``helpers`` threads read ahead and as
+    many write behind while the device computes batches of ``scorer.batch_subjects``."""
+
+    def finish(outcome: pipeline.Outcome[_Job]) -> None:
+        job = outcome.item
+
+        def work() -> dict:
+            if outcome.error is not None:
+                raise outcome.error
+            return scorer.record(
+                outcome.prepared,
+                outcome.result,
+                out_map=job.out_map,
+                out_thumbnail=job.out_thumbnail,
+            )
+
+        wall, cpu = time.perf_counter(), time.thread_time()
+        record = run_stage(
+            STAGE,
+            work,
+            record_path=job.record_path,
+            image_outputs=[job.out_map, job.out_thumbnail],
+            upstream=job.upstream,
+            isolate=False,
+        )
+        # run_stage timed this last step, and counted every thread's CPU: the subject's
+        # cost is its own steps' on the threads that did them, as one by one.
+        record["elapsed_s"] = round(outcome.cost.wall_s + time.perf_counter() - wall, 3)
+        record["cpu_s"] = round(outcome.cost.cpu_s + time.thread_time() - cpu, 3)
+        records.write_json(job.record_path, record)
+        derivatives.write_sidecars(out_dir, job.bids_id, res=resolution, only=("anomaly_map",))
+
+    pipeline.run(
+        jobs,
+        prepare=lambda job: scorer.prepare(job.image, job.bids_id),
+        compute=scorer.compute,
+        finish=finish,
+        batch_size=scorer.batch_subjects,
+        readers=helpers,
+        writers=helpers,
+    )
+
+
 def _upstream_ok(upstream: Sequence[Path]) -> bool:
     """Whether the subject will be scored (an unreadable record: no, run_stage says why)."""
     try:
@@ -469,6 +521,20 @@ def _score_workers(device: str, threads: int) -> int:
     return 1 if _uses_gpu(device) else max(1, threads)
 
 
+def _selected(bids_ids: list[str], only: Sequence[str] | None, table: Path) -> list[str]:
+    """The rows of the stage table to score: all, or those named in ``only``."""
+    if only is None:
+        return bids_ids
+    wanted = {str(b) for b in only}
+    unknown = sorted(wanted - set(bids_ids))
+    if unknown:
+        message = f"not in the stage table {table}: {', '.join(unknown[:5])}" + (
+            f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        )
+        raise ValueError(message)
+    return [b for b in bids_ids if b in wanted]
+
+
 def score_cohort(
     stage_table: Path,
     *,
@@ -478,29 +544,39 @@ def score_cohort(
     resolution: int,
     device: str = "auto",
     threads: int = 1,
+    only: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Stage ``score`` of every subject of ``stage_table`` (``aggregate.write_stage_table``).
+    """Stage ``score`` of every subject of ``stage_table`` (``aggregate.write_stage_table``),
+    or of those of its ``bids_id``s in ``only`` (a shard of the cohort; an id that is
+    not in the table raises ``ValueError``).
 
     ``resolution`` is the template grid (mm) the registered images were written on.
 
-    The model is loaded and its fold networks built once per worker process;
-    on the CPU ``threads`` workers of one torch thread each share the
-    subjects, on a GPU one worker scores them all. Each subject writes its map
-    and record as :func:`score_subject` does (``paths`` names them in
-    ``out_dir``); a worker that crashes costs only the subject it was scoring
-    (``failed``, crashed) and the others are scored by a new worker. Writes
-    ``out_table`` (one row per subject: ``bids_id``, ``status``, ``reason``,
+    The model is loaded and its fold networks built once per worker process.
+    On the CPU ``threads`` workers of one torch thread each score their share
+    of the subjects one at a time; on a GPU one worker scores them all,
+    batches of subjects at a time, fed by ``threads`` CPU threads that read
+    ahead and as many that write behind (:data:`PIPELINE_ON_CPU`). Each
+    subject writes its map and record as :func:`score_subject` does (``paths``
+    names them in ``out_dir``); its record's ``elapsed_s`` and ``cpu_s`` are
+    its own share of the work. A worker that crashes costs only the subject
+    that crashed it (``failed``, crashed): the other subjects a GPU worker had
+    in flight are scored again one at a time by new workers, which pins the
+    crash on its subject. Writes ``out_table`` (one row per scored subject, in
+    the stage table's order: ``bids_id``, ``status``, ``reason``,
     ``anomaly_raw``, ``fold``, ``in_reference``, ``elapsed_s``) and returns it.
     """
     out_dir = Path(out_dir)
     # Labels are strings as written ("001", "NA" included), never numbers or NaN.
     stages = read_tsv(stage_table, text=True)
-    bids_ids = stages["bids_id"].tolist()
+    bids_ids = _selected(stages["bids_id"].tolist(), only, Path(stage_table))
     workers = min(_score_workers(device, threads), max(1, len(bids_ids)))
     torch_threads = max(1, threads) if workers == 1 else 1
+    helpers = max(1, threads // workers)
+    pipelined = PIPELINE_ON_CPU or _uses_gpu(device)
     jobs = {b: _Job.of(out_dir, b, resolution=resolution) for b in bids_ids}
 
-    def work(shard: Sequence[str]) -> None:
+    def work(shard: Sequence[str], *, pipelined: bool) -> None:
         ready = []
         for bids_id in shard:
             job = jobs[bids_id]
@@ -518,6 +594,11 @@ def score_cohort(
                 [job.bids_id for job in ready],
                 f"{STAGE}: the model could not be loaded: {error}"[:300],
             )
+            return
+        if pipelined and scorer.trained:
+            # As run_stage does for each subject, but before the first one is read.
+            isolation.keep_freed_memory()
+            _score_pipelined(scorer, ready, out_dir=out_dir, resolution=resolution, helpers=helpers)
             return
         for job in ready:
             job.run(scorer)
@@ -539,11 +620,33 @@ def score_cohort(
     def crashed(bids_id: str, how: str) -> None:
         unusable([bids_id], f"{STAGE}: crashed ({how})")
 
+    def in_flight(bids_id: str, how: str) -> None:
+        log.warning("%s: in flight when a worker %s; it will be scored again", bids_id, how)
+
     # Records of an earlier, interrupted run must not count as done.
     for job in jobs.values():
         job.record_path.unlink(missing_ok=True)
     started = time.perf_counter()
-    isolation.run_in_workers(bids_ids, work, workers=workers, finished=finished, crashed=crashed)
+    # A pipelined worker that dies takes the subjects it had in flight (read ahead, on
+    # the device, being written) with it, and is blamed on the first of them: each is
+    # left without a record and scored again below, one at a time.
+    isolation.run_in_workers(
+        bids_ids,
+        lambda shard: work(shard, pipelined=pipelined),
+        workers=workers,
+        finished=finished,
+        crashed=in_flight if pipelined else crashed,
+    )
+    again = [b for b in bids_ids if not finished(b)]
+    if again:
+        log.warning("scoring %d subject(s) again one at a time after a crash", len(again))
+        isolation.run_in_workers(
+            again,
+            lambda shard: work(shard, pipelined=False),
+            workers=min(workers, len(again)),
+            finished=finished,
+            crashed=crashed,
+        )
     rows = []
     for bids_id in bids_ids:
         record = records.read_record(jobs[bids_id].record_path)
