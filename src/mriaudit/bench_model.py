@@ -34,6 +34,8 @@ from mriaudit.model.data import brain_grid
 from mriaudit.model.device import resolve_device
 from mriaudit.model.network import DEFAULT_ARCHITECTURE, build_network
 from mriaudit.model.options import TrainOptions
+from mriaudit.model.score import DEFAULT_SCORING, score_cohort
+from mriaudit.model.train import train_fold
 from mriaudit.records import OK
 from mriaudit.template import load_template
 
@@ -72,8 +74,6 @@ def synthetic_checkpoint(
     uniform median and spread. No subject is in the reference, so every subject
     is scored by all ``folds`` models, as a new cohort's subjects are.
     """
-    from mriaudit.model.score import DEFAULT_SCORING
-
     grid = brain_grid(resolution)
     volumes = [normalize_intensity(h, grid.mask)[grid.index] for h in heads]
     atlas = np.median(np.stack(volumes), axis=0).astype(np.float32)
@@ -153,8 +153,6 @@ def scoring_throughput(
     is ``ok``) and ``median_subject_s`` (the median of the records'
     ``elapsed_s``: a subject's time on its worker's critical path).
     """
-    from mriaudit.model.score import score_cohort
-
     with tempfile.TemporaryDirectory(prefix="mriaudit-bench-score-") as tmp:
         root = Path(tmp)
         started = time.perf_counter()
@@ -194,8 +192,6 @@ def training_epoch_seconds(*, device: str, subjects: int, threads: int) -> dict[
     ``epoch_s`` includes the fold's atlas (a voxelwise median, a small part);
     ``slices_per_s`` is the epoch's training slices over it.
     """
-    from mriaudit.model.train import train_fold
-
     grid = brain_grid(2)
     rng = np.random.default_rng(1)
     heads = [synthetic_head(rng) for _ in range(min(subjects, DISTINCT_HEADS))]

@@ -30,7 +30,8 @@ from mriaudit.model.data import (
     reference_problem,
 )
 from mriaudit.model.maps import focal_and_diffuse, subject_score, top_regions
-from mriaudit.model.score import load_checkpoint, score_cohort
+from mriaudit.model.score import score_cohort
+from mriaudit.model.scorer import load_checkpoint
 from mriaudit.model.train import TrainOptions
 from mriaudit.records import read_record
 from mriaudit.template import load_template

@@ -21,7 +21,8 @@ import torch
 from mriaudit import paths
 from mriaudit.bench_model import _write_cohort
 from mriaudit.model import pipeline, score
-from mriaudit.model.score import Scorer, score_cohort
+from mriaudit.model.score import score_cohort
+from mriaudit.model.scorer import Scorer
 from mriaudit.records import read_record
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -208,10 +209,10 @@ def test_the_pipeline_writes_what_one_by_one_writes(synthetic, tmp_path, monkeyp
 CRASHING_JOB = """
 import faulthandler, logging, os, signal, sys
 from pathlib import Path
-from mriaudit.model import score
+from mriaudit.model import score, scorer
 
 faulthandler.disable()
-prepare = score.Scorer.prepare
+prepare = scorer.Scorer.prepare
 
 
 def crash_on_two(self, image, subject):
@@ -220,7 +221,7 @@ def crash_on_two(self, image, subject):
     return prepare(self, image, subject)
 
 
-score.Scorer.prepare = crash_on_two
+scorer.Scorer.prepare = crash_on_two
 score.PIPELINE_ON_CPU = True  # the GPU's path: subjects read ahead in a thread
 root = Path(sys.argv[1])
 score.score_cohort(

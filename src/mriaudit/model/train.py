@@ -57,7 +57,7 @@ from mriaudit.model.maps import (
 from mriaudit.model.network import AtlasWarpNet, build_network
 from mriaudit.model.objective import displacement_smoothness, lr_factor, multiscale_l1
 from mriaudit.model.options import TrainOptions
-from mriaudit.model.score import reconstruct
+from mriaudit.model.scorer import reconstruct
 from mriaudit.records import FAILED, OK, write_json
 
 log = logging.getLogger(__name__)
