@@ -185,8 +185,13 @@ class _Job:
 def _score_pipelined(
     scorer: Scorer, jobs: Sequence[_Job], *, out_dir: Path, resolution: int, helpers: int
 ) -> None:
-    """Score ``jobs`` through :func:`pipeline.run`: ``helpers`` threads read ahead and as
-    many write behind while the device computes batches of ``scorer.batch_subjects``."""
+    """Score ``jobs`` through :func:`pipeline.run`: ``helpers`` threads read ahead and one
+    writes behind while the device computes batches of ``scorer.batch_subjects``.
+
+    One writer: ``files.atomic_path`` (records, pictures, sidecars) reads the
+    umask by setting it and back, which two threads can interleave and leave
+    the process with umask 0 (files writable by all).
+    """
 
     def finish(outcome: pipeline.Outcome[_Job]) -> None:
         job = outcome.item
@@ -224,7 +229,7 @@ def _score_pipelined(
         finish=finish,
         batch_size=scorer.batch_subjects,
         readers=helpers,
-        writers=helpers,
+        writers=1,
     )
 
 
@@ -285,7 +290,7 @@ def score_cohort(
     On the CPU ``threads`` workers of one torch thread each score their share
     of the subjects one at a time; on a GPU one worker scores them all,
     batches of subjects at a time, fed by ``threads`` CPU threads that read
-    ahead and as many that write behind (:data:`PIPELINE_ON_CPU`). Each
+    ahead and one that writes behind (:data:`PIPELINE_ON_CPU`). Each
     subject writes its map and record as :func:`score_subject` does (``paths``
     names them in ``out_dir``); its record's ``elapsed_s`` and ``cpu_s`` are
     its own share of the work. A worker that crashes costs only the subject
