@@ -29,13 +29,9 @@ from mriaudit.model.data import (
     group_count,
     reference_problem,
 )
-from mriaudit.model.score import (
-    focal_and_diffuse,
-    load_checkpoint,
-    score_cohort,
-    subject_score,
-    top_regions,
-)
+from mriaudit.model.maps import focal_and_diffuse, subject_score, top_regions
+from mriaudit.model.score import score_cohort
+from mriaudit.model.scorer import load_checkpoint
 from mriaudit.model.train import TrainOptions
 from mriaudit.records import read_record
 from mriaudit.template import load_template

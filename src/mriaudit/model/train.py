@@ -45,20 +45,20 @@ from mriaudit.model.data import (
     slice_inputs,
 )
 from mriaudit.model.device import resolve_device, seed_everything
-from mriaudit.model.network import AtlasWarpNet, build_network
-from mriaudit.model.objective import displacement_smoothness, lr_factor, multiscale_l1
-from mriaudit.model.options import TrainOptions
-from mriaudit.model.sample import stratified_cap
-from mriaudit.model.score import (
+from mriaudit.model.maps import (
     calibrated_map,
     calibration_stats,
     focal_sigmas,
     raw_map,
-    reconstruct,
     robust_scale,
     scoring_mask,
     subject_summaries,
 )
+from mriaudit.model.network import AtlasWarpNet, build_network
+from mriaudit.model.objective import displacement_smoothness, lr_factor, multiscale_l1
+from mriaudit.model.options import TrainOptions
+from mriaudit.model.sample import stratified_cap
+from mriaudit.model.scorer import reconstruct
 from mriaudit.records import FAILED, OK, write_json
 
 log = logging.getLogger(__name__)
