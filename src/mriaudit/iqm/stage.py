@@ -33,7 +33,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ants
 import nibabel as nib
@@ -67,6 +67,9 @@ from mriaudit.iqm.metrics import (
     wm2max,
 )
 from mriaudit.iqm.tissues import SegmentationUnavailable, _bbox, segment_tissues
+
+if TYPE_CHECKING:
+    from mriaudit.preprocess.images import Handoff
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +338,17 @@ def _tissues(
     return box, pvms, tpms, fit
 
 
+def _array(path: Path, what: str, handoff: Handoff | None) -> np.ndarray:
+    """The data of the image at ``path``: kept in ``handoff`` (as the file holds it), or read."""
+    kept = handoff.get(path) if handoff is not None else None
+    if kept is None:
+        return _load(path, what).numpy()
+    if kept.data.ndim != 3:
+        message = f"the {what} image is {kept.data.ndim}-D, expected 3-D"
+        raise records.StageError(message)
+    return kept.data
+
+
 def compute_iqms(
     raw_image: Path,
     n4_image: Path,
@@ -342,12 +356,17 @@ def compute_iqms(
     transform: Path,
     *,
     resolution: int = 2,
+    handoff: Handoff | None = None,
 ) -> tuple[dict[str, float], list[str], dict[str, Any]]:
     """Every IQM of one subject: (metrics named ``iqm_*``, warnings, details).
 
     Images as in :func:`iqm_subject`. Metrics that cannot be computed are NaN
     and a warning says why. Raises ``records.StageError`` when the images
-    cannot be read, differ in grid or hold no signal.
+    cannot be read, differ in grid or hold no signal. With a ``handoff``, the
+    bias-corrected image and the head mask kept there (by the N4 stage of the
+    same process) are taken from memory; the converted image is read for its
+    grid as ITK sees it (ANTs' geometry of the file, as the tissue priors are
+    warped onto it).
     """
     timings: dict[str, float] = {}
     last = [time.perf_counter()]
@@ -359,19 +378,19 @@ def compute_iqms(
 
     warnings: list[str] = []
     raw_img = _load(raw_image, "converted")
-    n4_img = _load(n4_image, "bias-corrected")
-    mask_img = _load(head_mask, "head mask")
-    if not raw_img.shape == n4_img.shape == mask_img.shape:
-        message = (
-            f"grids differ: raw {raw_img.shape}, n4 {n4_img.shape}, head mask {mask_img.shape}"
-        )
+    n4 = _array(n4_image, "bias-corrected", handoff)
+    mask = _array(head_mask, "head mask", handoff)
+    if not tuple(raw_img.shape) == n4.shape == mask.shape:
+        message = f"grids differ: raw {raw_img.shape}, n4 {n4.shape}, head mask {mask.shape}"
         raise records.StageError(message)
     grid = _Grid.of(raw_img)
     spacing = grid.spacing
     raw = grid.canonical(raw_img.numpy())
-    data = grid.canonical(finite(n4_img.numpy().astype(np.float32), inf_to_zero=False))
+    data = grid.canonical(finite(n4.astype(np.float32, copy=False), inf_to_zero=False))
+    if np.shares_memory(data, n4):  # the kept image is read-only, and shared
+        data = data.copy()
     np.clip(data, 0.0, None, out=data)
-    head = grid.canonical(mask_img.numpy() > 0)
+    head = grid.canonical(mask > 0)
     if not np.any(data > 0):
         message = "the bias-corrected image holds no signal"
         raise records.StageError(message)
@@ -488,6 +507,7 @@ def iqm_subject(
     upstream: Sequence[Path],
     resolution: int = 2,
     threads: int = 1,
+    handoff: Handoff | None = None,
 ) -> dict:
     """Stage ``iqm``: MRIQC-style metrics of one subject, written to its status record.
 
@@ -499,7 +519,9 @@ def iqm_subject(
     record's ``metrics`` hold every name in ``IQM_NAMES`` (``None`` where
     undefined, with a warning saying why); ``details`` hold mask sizes and the
     tissue mixture's fit. A scan that cannot be read ends as a ``failed``
-    record. Returns the record.
+    record. With a ``handoff`` (stages in one process), the images the N4 stage
+    kept there are taken from memory (see :func:`compute_iqms`). Returns the
+    record.
     """
     _itk_threads(threads)
 
@@ -510,6 +532,7 @@ def iqm_subject(
             Path(head_mask),
             Path(transform),
             resolution=resolution,
+            handoff=handoff,
         )
         return records.make_record(STAGE, metrics=metrics, warnings=warnings, details=details)
 
