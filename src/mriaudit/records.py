@@ -122,7 +122,8 @@ def remove_images(paths: Iterable[str | Path]) -> None:
     """Delete images a stage did not make this time (stale from an earlier run, or left
     half-written by a failure): a subject's folder holds only images that are results."""
     for path in paths:
-        Path(path).unlink(missing_ok=True)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):  # none to remove
+            Path(path).unlink()
 
 
 def upstream_problem(records: Iterable[str | Path]) -> dict[str, Any] | None:
@@ -261,6 +262,11 @@ class Step:
     run: Callable[[], dict[str, Any]]
     record_path: Path
     image_outputs: Sequence[Path] = ()
+
+
+def in_chain() -> bool:
+    """Whether this is :func:`run_chain`'s child (which may fork helpers of its stages)."""
+    return _CHAINED and isolation.FORK_STAGES
 
 
 def writes_in_background() -> bool:

@@ -7,12 +7,15 @@ the stages after it are skipped with its reason. A crash (a segfault in ITK)
 costs the stage it hit and the stages after it, which all need it anyway.
 
 One process for the chain hands the images from stage to stage in memory
-(``preprocess.Handoff``): N4 takes the converted image it read, registration
+(``preprocess.Handoff``): N4 keeps the converted image it read, registration
 and the IQMs take the corrected image and the head mask N4 wrote, instead of
 reading the gzip files back; and the memory one stage frees is reused by the
-next. One process instead of five also saves each stage's start-up (Python,
-ANTsPy and SciPy imports) and four Snakemake jobs per subject, which is what a
-10,000-subject DAG costs.
+next. The job uses the second core of a two-core machine for work that would
+otherwise wait: the job's parent process compresses and writes the images
+(``records.run_chain``), and the IQMs that need no registration run in a forked
+child while the registration runs (``iqm.NativeMeasures``). One process instead
+of five also saves each stage's start-up (Python, ANTsPy and SciPy imports) and
+four Snakemake jobs per subject, which is what a 10,000-subject DAG costs.
 """
 
 from __future__ import annotations
@@ -58,6 +61,23 @@ def preprocess_subject(
     preproc = paths.preproc(out_dir, bids_id, res=resolution)
     brain_mask = paths.brain_mask(out_dir, bids_id, res=resolution)
     thumbnail = paths.native_thumbnail(out_dir, bids_id)
+    native = iqm.NativeMeasures(t1w, n4, head_mask, handoff=handoff) if handoff else None
+
+    def register() -> dict[str, Any]:
+        if native is not None:  # beside the registration, on the other core
+            native.start()
+        return preprocess.register_subject(
+            n4,
+            out_image=preproc,
+            out_mask=brain_mask,
+            out_transform=transform,
+            record_path=record("register"),
+            upstream=[record("n4")],
+            threads=threads,
+            resolution=resolution,
+            handoff=handoff,
+        )
+
     steps = [
         records.Step(
             "inventory",
@@ -98,22 +118,7 @@ def preprocess_subject(
             record("n4"),
             (n4, head_mask),
         ),
-        records.Step(
-            "register",
-            lambda: preprocess.register_subject(
-                n4,
-                out_image=preproc,
-                out_mask=brain_mask,
-                out_transform=transform,
-                record_path=record("register"),
-                upstream=[record("n4")],
-                threads=threads,
-                resolution=resolution,
-                handoff=handoff,
-            ),
-            record("register"),
-            (preproc, brain_mask, transform),
-        ),
+        records.Step("register", register, record("register"), (preproc, brain_mask, transform)),
         records.Step(
             "iqm",
             lambda: iqm.iqm_subject(
@@ -126,6 +131,7 @@ def preprocess_subject(
                 resolution=resolution,
                 threads=threads,
                 handoff=handoff,
+                native=native,
             ),
             record("iqm"),
         ),
