@@ -90,6 +90,15 @@ class ChildOutcome:
 
 def call_in_child(function: Callable[[], Any], *, what: str) -> ChildOutcome:
     """Call ``function`` in a forked child; its JSON-able return value crosses back by pipe."""
+    return start_in_child(function, what=what)()
+
+
+def start_in_child(function: Callable[[], Any], *, what: str) -> Callable[[], ChildOutcome]:
+    """Start ``function`` in a forked child and return at once, while it runs.
+
+    Returns ``finish``: it waits for the child and gives its :class:`ChildOutcome`,
+    as :func:`call_in_child` does (call it exactly once).
+    """
     reader, writer = os.pipe()
 
     def send_result() -> None:
@@ -100,15 +109,19 @@ def call_in_child(function: Callable[[], Any], *, what: str) -> ChildOutcome:
 
     pid = _fork(send_result, what=what)
     os.close(writer)
-    with os.fdopen(reader, "rb") as pipe:
-        payload = pipe.read()
-    _, wait_status, usage = os.wait4(pid, 0)
-    cost = {
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-    }
-    result = json.loads(payload)["result"] if payload else None
-    return ChildOutcome(result=result, how=_wait_status_text(wait_status), cost=cost)
+
+    def finish() -> ChildOutcome:
+        with os.fdopen(reader, "rb") as pipe:
+            payload = pipe.read()
+        _, wait_status, usage = os.wait4(pid, 0)
+        cost = {
+            "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+            "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+        }
+        result = json.loads(payload)["result"] if payload else None
+        return ChildOutcome(result=result, how=_wait_status_text(wait_status), cost=cost)
+
+    return finish
 
 
 def _wait_status_text(wait_status: int) -> str:

@@ -1,11 +1,21 @@
 """One subject's chain up to template space: what the ``preprocess`` job runs.
 
 inventory -> convert -> N4 -> registration -> IQMs, one after another in one
-process. Each stage still writes its own status record and runs in its own
-forked child (``records.run_stage``), so a stage that fails or crashes is a
-finding and the stages after it are skipped with its reason. One process
-instead of five saves each stage's start-up (Python, ANTsPy and SciPy imports)
-and four Snakemake jobs per subject, which is what a 10,000-subject DAG costs.
+forked child process (``records.run_chain``). Each stage still writes its own
+status record (and its images) as it ends, and a stage that fails is a finding:
+the stages after it are skipped with its reason. A crash (a segfault in ITK)
+costs the stage it hit and the stages after it, which all need it anyway.
+
+One process for the chain hands the images from stage to stage in memory
+(``preprocess.Handoff``): N4 keeps the converted image it read, registration
+and the IQMs take the corrected image and the head mask N4 wrote, instead of
+reading the gzip files back; and the memory one stage frees is reused by the
+next. The job uses the second core of a two-core machine for work that would
+otherwise wait: the job's parent process compresses and writes the images
+(``records.run_chain``), and the IQMs that need no registration run in a forked
+child while the registration runs (``iqm.NativeMeasures``). One process instead
+of five also saves each stage's start-up (Python, ANTsPy and SciPy imports) and
+four Snakemake jobs per subject, which is what a 10,000-subject DAG costs.
 """
 
 from __future__ import annotations
@@ -14,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mriaudit import derivatives, dicom, iqm, paths, preprocess
+from mriaudit import derivatives, dicom, iqm, paths, preprocess, records
 
 
 def preprocess_subject(
@@ -27,6 +37,7 @@ def preprocess_subject(
     threads: int = 1,
     files: Sequence[str] = (),
     name: str = "",
+    in_memory: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Run the per-subject stages of ``folder`` (DICOM or NIfTI) into ``out_dir``.
 
@@ -34,59 +45,98 @@ def preprocess_subject(
     it); ``rules`` the ``series`` config; ``resolution`` the template grid (mm);
     ``threads`` the ITK threads of N4, registration and IQMs; ``files`` and
     ``name`` restrict and name the inventory (``dicom.inventory_subject``'s
-    ``only`` and ``name``: a BIDS run). Returns the
-    stage records by stage name (``paths.STAGES`` up to ``iqm``).
+    ``only`` and ``name``: a BIDS run). Without ``in_memory`` every stage reads
+    its inputs from the files the stages before it wrote (the same results; the
+    tests compare the two). Returns the stage records by stage name
+    (``paths.STAGES`` up to ``iqm``).
     """
     folder, out_dir = Path(folder), Path(out_dir)
+    handoff = preprocess.Handoff() if in_memory else None
 
     def record(stage: str) -> Path:
         return paths.record(out_dir, bids_id, stage)
 
-    done: dict[str, dict[str, Any]] = {}
-    done["inventory"] = dicom.inventory_subject(
-        folder,
-        series_table=paths.series_table(out_dir, bids_id),
-        record_path=record("inventory"),
-        rules=rules,
-        only=files,
-        name=name,
-    )
-    done["convert"] = dicom.convert_subject(
-        folder,
-        inventory_record=record("inventory"),
-        out_image=paths.t1w(out_dir, bids_id),
-        out_sidecar=paths.t1w_sidecar(out_dir, bids_id),
-        record_path=record("convert"),
-        out_thumbnail=paths.native_thumbnail(out_dir, bids_id),
-    )
-    done["n4"] = preprocess.bias_correct_subject(
-        paths.t1w(out_dir, bids_id),
-        out_image=paths.n4(out_dir, bids_id),
-        out_mask=paths.head_mask(out_dir, bids_id),
-        record_path=record("n4"),
-        upstream=[record("convert")],
-        threads=threads,
-    )
-    done["register"] = preprocess.register_subject(
-        paths.n4(out_dir, bids_id),
-        out_image=paths.preproc(out_dir, bids_id, res=resolution),
-        out_mask=paths.brain_mask(out_dir, bids_id, res=resolution),
-        out_transform=paths.transform(out_dir, bids_id),
-        record_path=record("register"),
-        upstream=[record("n4")],
-        threads=threads,
-        resolution=resolution,
-    )
-    done["iqm"] = iqm.iqm_subject(
-        paths.t1w(out_dir, bids_id),
-        paths.n4(out_dir, bids_id),
-        paths.head_mask(out_dir, bids_id),
-        paths.transform(out_dir, bids_id),
-        record_path=record("iqm"),
-        upstream=[record("register")],
-        resolution=resolution,
-        threads=threads,
-    )
+    t1w, n4 = paths.t1w(out_dir, bids_id), paths.n4(out_dir, bids_id)
+    head_mask, transform = paths.head_mask(out_dir, bids_id), paths.transform(out_dir, bids_id)
+    preproc = paths.preproc(out_dir, bids_id, res=resolution)
+    brain_mask = paths.brain_mask(out_dir, bids_id, res=resolution)
+    thumbnail = paths.native_thumbnail(out_dir, bids_id)
+    native = iqm.NativeMeasures(t1w, n4, head_mask, handoff=handoff) if handoff else None
+
+    def register() -> dict[str, Any]:
+        if native is not None:  # beside the registration, on the other core
+            native.start()
+        return preprocess.register_subject(
+            n4,
+            out_image=preproc,
+            out_mask=brain_mask,
+            out_transform=transform,
+            record_path=record("register"),
+            upstream=[record("n4")],
+            threads=threads,
+            resolution=resolution,
+            handoff=handoff,
+        )
+
+    steps = [
+        records.Step(
+            "inventory",
+            lambda: dicom.inventory_subject(
+                folder,
+                series_table=paths.series_table(out_dir, bids_id),
+                record_path=record("inventory"),
+                rules=rules,
+                only=files,
+                name=name,
+            ),
+            record("inventory"),
+        ),
+        records.Step(
+            "convert",
+            lambda: dicom.convert_subject(
+                folder,
+                inventory_record=record("inventory"),
+                out_image=t1w,
+                out_sidecar=paths.t1w_sidecar(out_dir, bids_id),
+                record_path=record("convert"),
+                out_thumbnail=thumbnail,
+            ),
+            record("convert"),
+            (t1w, paths.t1w_sidecar(out_dir, bids_id), thumbnail),
+        ),
+        records.Step(
+            "n4",
+            lambda: preprocess.bias_correct_subject(
+                t1w,
+                out_image=n4,
+                out_mask=head_mask,
+                record_path=record("n4"),
+                upstream=[record("convert")],
+                threads=threads,
+                handoff=handoff,
+            ),
+            record("n4"),
+            (n4, head_mask),
+        ),
+        records.Step("register", register, record("register"), (preproc, brain_mask, transform)),
+        records.Step(
+            "iqm",
+            lambda: iqm.iqm_subject(
+                t1w,
+                n4,
+                head_mask,
+                transform,
+                record_path=record("iqm"),
+                upstream=[record("register")],
+                resolution=resolution,
+                threads=threads,
+                handoff=handoff,
+                native=native,
+            ),
+            record("iqm"),
+        ),
+    ]
+    done = records.run_chain(steps, what=f"{bids_id}: preprocess")
     derivatives.write_sidecars(
         out_dir, bids_id, res=resolution, only=("T1w", "n4", "head_mask", "preproc", "brain_mask")
     )

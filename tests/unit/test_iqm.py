@@ -5,6 +5,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -630,3 +633,100 @@ def test_real_brain_ghosting_is_monotonic(real_brain, tmp_path):
     # The ghost band shifted by N/2 along the phase axis holds the ghost (mriaudit.artefacts).
     _strictly_increasing(results, "iqm_ghost_ratio")
     assert results[1]["iqm_ghost_ratio"] > 5 * max(results[0]["iqm_ghost_ratio"], 0.01)
+
+
+def test_images_kept_in_memory_give_the_same_iqms(template_subject):
+    """The preprocess job hands the IQMs the N4 image and head mask in memory: the same
+    metrics as from their files, and the kept (shared, read-only) arrays untouched."""
+    _, _, _, head_path, transform_path, _ = template_subject
+    image = _noisy_subject(template_subject, 20.0, "kept20")
+    from_files, warnings, _ = iqm.compute_iqms(image, image, head_path, transform_path)
+    handoff = preprocess.Handoff()
+    _, n4 = preprocess.load_volume(image, handoff=handoff)
+    mask = handoff.keep(head_path, nib.load(head_path), np.asarray(nib.load(head_path).dataobj))
+    before = n4.copy()
+    kept, kept_warnings, _ = iqm.compute_iqms(
+        image, image, head_path, transform_path, handoff=handoff
+    )
+    assert kept_warnings == warnings
+    assert kept.keys() == from_files.keys()
+    for name, value in from_files.items():
+        assert kept[name] == pytest.approx(value, rel=1e-9, nan_ok=True), name
+    np.testing.assert_array_equal(n4, before)
+    assert not n4.flags.writeable and not mask.data.flags.writeable
+    handoff.keep(head_path, nib.load(head_path), np.zeros((3, 3, 3), np.uint8))
+    with pytest.raises(records.StageError, match="grids differ"):
+        iqm.compute_iqms(image, image, head_path, transform_path, handoff=handoff)
+
+
+#: The IQMs beside a registration, as the preprocess job runs them: in run_chain's child
+#: (a fresh process, whose stages fork), the native measures in a child of their own.
+NATIVE_BESIDE = """
+import json, sys
+from pathlib import Path
+import nibabel as nib, numpy as np
+from mriaudit import iqm, preprocess, records
+from mriaudit.iqm import stage
+
+image, head, transform, folder = map(Path, sys.argv[1:5])
+
+
+def chain(name, break_native=False, fail_after_start=False):
+    handoff = preprocess.Handoff()
+    native = iqm.NativeMeasures(image, image, head, handoff=handoff)
+
+    def n4():  # keeps its images, as the N4 stage does, and starts the native measures
+        preprocess.load_volume(image, handoff=handoff)
+        handoff.keep(head, nib.load(head), np.asarray(nib.load(head).dataobj))
+        if break_native:
+            stage._native_measures = lambda *args: 1 / 0
+        native.start()
+        if fail_after_start:  # the IQM stage is skipped: its started child is waited for
+            raise records.StageError("no head")
+        return records.make_record("n4")
+
+    n4_record, iqm_record = folder / f"{name}_n4.json", folder / f"{name}_iqm.json"
+    steps = [
+        records.Step("n4", lambda: records.run_stage("n4", n4, record_path=n4_record), n4_record),
+        records.Step(
+            "iqm",
+            lambda: iqm.iqm_subject(
+                image, image, head, transform, record_path=iqm_record, upstream=[n4_record],
+                handoff=handoff, native=native,
+            ),
+            iqm_record,
+        ),
+    ]
+    return records.run_chain(steps)["iqm"]
+
+
+beside, broken = chain("beside"), chain("broken", break_native=True)
+skipped = chain("skipped", fail_after_start=True)
+metrics, warnings, _ = iqm.compute_iqms(image, image, head, transform)
+print(json.dumps({"beside": beside, "broken": broken, "skipped": skipped, "here": metrics,
+                  "warnings": warnings}))
+"""
+
+
+def test_native_measures_beside_the_registration_equal_those_computed_in_line(
+    template_subject, tmp_path
+):
+    _, _, _, head_path, transform_path, _ = template_subject
+    image = _noisy_subject(template_subject, 25.0, "beside25")
+    package = str(Path(iqm.__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([package, os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-c", NATIVE_BESIDE, str(image), str(head_path)]
+    command += [str(transform_path), str(tmp_path)]
+    result = json.loads(
+        subprocess.run(command, check=True, env=env, capture_output=True, text=True).stdout
+    )
+    beside, here = result["beside"], result["here"]
+    assert beside["status"] == "ok" and beside["warnings"] == result["warnings"]
+    assert beside["details"]["native_child"]["cpu_s"] > 0  # it did run in a child
+    for name, value in here.items():
+        assert beside["metrics"][name] == pytest.approx(value, rel=1e-9, nan_ok=True), name
+    broken = result["broken"]
+    assert broken["status"] == "failed"
+    assert broken["reason"] == "iqm: ZeroDivisionError: division by zero"
+    skipped = result["skipped"]
+    assert skipped["status"] == "failed" and skipped["skipped"] and skipped["reason"] == "no head"

@@ -7,7 +7,12 @@ moved, biased, re-oriented or replaced by noise as each test needs.
 
 from __future__ import annotations
 
+import faulthandler
+import gzip
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,7 +22,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from mriaudit import preprocess, records, template
+from mriaudit import paths, preprocess, records, template
 
 PAD = 8  # voxels of background around the template brain (16 mm at 2 mm)
 TO_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -692,3 +697,217 @@ def test_fill_holes_equals_scipys(fraction):
     filled = preprocess.fill_holes(mask)
     np.testing.assert_array_equal(filled, ndi.binary_fill_holes(mask))
     assert filled[6, 6, 5]
+
+
+def _block_sample_by_padding(data, factors, mask=None):
+    """``block_sample`` as first written: pad by repetition, then a strided slice."""
+    values = np.asarray(data, dtype=np.float64)
+    inside = np.ones(values.shape, dtype=bool) if mask is None else np.asarray(mask, dtype=bool)
+    pad = [(0, (-size) % factor) for size, factor in zip(values.shape, factors, strict=True)]
+    take = tuple(slice((factor - 1) // 2, None, factor) for factor in factors)
+    sampled_inside = np.pad(inside, pad, mode="edge")[take]
+    return np.where(sampled_inside, np.pad(values, pad, mode="edge")[take], 0.0), sampled_inside
+
+
+@pytest.mark.parametrize("factors", [(1, 1, 1), (2, 3, 4), (6, 6, 2), (7, 5, 9)])
+def test_block_sample_equals_padding_by_repetition(factors):
+    rng = np.random.default_rng(sum(factors))
+    data = np.asfortranarray(rng.normal(size=(13, 17, 8)).astype(np.float32))
+    mask = rng.random(data.shape) < 0.6
+    for given in (None, mask):
+        values, inside = preprocess.block_sample(data, factors, mask=given)
+        expected_values, expected_inside = _block_sample_by_padding(data, factors, given)
+        assert values.dtype == np.float64 and inside.dtype == bool
+        np.testing.assert_array_equal(values, expected_values)
+        np.testing.assert_array_equal(inside, expected_inside)
+
+
+def test_is_flat_is_the_same_in_any_memory_order():
+    rng = np.random.default_rng(3)
+    for data in (
+        rng.normal(size=(120, 90, 110)).astype(np.float32),
+        np.full((120, 90, 110), 7.0, np.float32),
+        np.where(rng.random((120, 90, 110)) < 0.002, 1.0, 0.0).astype(np.float32),
+    ):
+        verdict = preprocess.is_flat(data)
+        assert preprocess.is_flat(np.asfortranarray(data)) == verdict
+        assert preprocess.is_flat(data.transpose(2, 0, 1).copy().transpose(1, 2, 0)) == verdict
+
+
+# ---------------------------------------------------------------------------
+# The preprocess job: its stages in one process, images handed on in memory
+
+
+@pytest.mark.parametrize("sform", [True, False])
+def test_handoff_keeps_what_the_file_holds(head, sform, tmp_path):
+    affine = _rigid((10.0, -4.0, 7.0), (3.0, -2.0, 5.0)) @ head["affine"]
+    reference = nib.Nifti1Image(head["data"], affine)
+    if not sform:  # the affine from the qform only, as some converters write it
+        reference.header.set_sform(None, code=0)
+    raw = tmp_path / "raw.nii.gz"
+    nib.save(reference, str(raw))
+    handoff = preprocess.Handoff()
+    image, data = preprocess.load_volume(raw, handoff=handoff)
+    assert raw in handoff and not data.flags.writeable
+    corrected = np.asfortranarray(data * 1.5)
+    out, mask = tmp_path / "n4.nii.gz", tmp_path / "mask.nii.gz"
+    preprocess.save_like(corrected, image, out, dtype=np.float32, handoff=handoff)
+    preprocess.save_like(data > 300, image, mask, dtype=np.uint8, handoff=handoff)
+    for path in (raw, out, mask):
+        kept, on_disk = handoff.get(path), nib.load(str(path))
+        assert kept is not None and not kept.data.flags.writeable
+        np.testing.assert_array_equal(kept.image.affine, on_disk.affine)
+        assert kept.data.dtype == on_disk.get_data_dtype()
+        np.testing.assert_array_equal(kept.data, np.asanyarray(on_disk.dataobj))
+        from_memory = preprocess.load_volume(path, handoff=handoff)
+        from_file = preprocess.load_volume(path)
+        np.testing.assert_array_equal(from_memory[0].affine, from_file[0].affine)
+        np.testing.assert_array_equal(from_memory[1], from_file[1])
+        assert from_memory[1].dtype == from_file[1].dtype == np.float32
+
+
+def _handing_stage(
+    name: str, image: Path, upstream: list[Path], then=None, first=None, folder: Path | None = None
+) -> records.Step:
+    """A stage of a chain that hands ``image`` (gzip, its name as content) to the parent,
+    calling ``first`` before and ``then`` after; its record in ``folder`` (default: the
+    image's)."""
+    record_path = (folder or image.parent) / f"{name}.json"
+
+    def work() -> dict:
+        if first is not None:
+            first()
+        records.write_gzip_in_background(
+            image, lambda stream: stream.write(name.encode() * 1000), level=1
+        )
+        if then is not None:
+            then()
+        return records.make_record(name)
+
+    return records.Step(
+        name,
+        lambda: records.run_stage(
+            name, work, record_path=record_path, image_outputs=[image], upstream=upstream
+        ),
+        record_path,
+        (image,),
+    )
+
+
+def _segfault() -> None:
+    faulthandler.disable()  # pytest's handler would print every module of the child
+    os.kill(os.getpid(), signal.SIGSEGV)
+
+
+def test_a_crash_in_a_chain_costs_its_stage_and_the_ones_after_it(tmp_path):
+    images = [tmp_path / f"{name}.nii.gz" for name in ("a", "b", "c")]
+    images[1].write_bytes(b"stale, from an earlier run")
+    first = _handing_stage("n4", images[0], [])
+    second = _handing_stage("register", images[1], [first.record_path], then=_segfault)
+    third = _handing_stage("iqm", images[2], [second.record_path])
+    done = records.run_chain([first, second, third], isolate=True)
+    assert done["n4"]["status"] == "ok" and done["n4"]["cpu_s"] >= 0
+    # Handed to the parent before the crash: written all the same, as gzip.
+    assert gzip.decompress(images[0].read_bytes()) == b"n4" * 1000
+    assert done["register"]["status"] == "failed"
+    assert done["register"]["reason"] == "register: crashed (killed by SIGSEGV)"
+    assert not images[1].exists(), "the crashed stage keeps no image, stale or handed over"
+    assert done["iqm"]["status"] == "failed" and done["iqm"]["skipped"]
+    assert not images[2].exists()
+    for step in (first, second, third):
+        assert records.read_record(step.record_path) == done[step.name]
+
+
+def test_a_file_the_parent_cannot_write_fails_its_stage(tmp_path):
+    folder = tmp_path / "anat"
+    unwritable, later = folder / "a.nii.gz", tmp_path / "b.nii.gz"
+
+    def block() -> None:  # after run_stage made the folder: the parent cannot write there
+        folder.rmdir()
+        folder.write_text("a file where the folder was")
+
+    first = _handing_stage("n4", unwritable, [], first=block, folder=tmp_path)
+    second = _handing_stage("register", later, [first.record_path])
+    done = records.run_chain([first, second], isolate=True)
+    assert done["n4"]["status"] == "failed"
+    assert done["n4"]["reason"].startswith("n4: cannot write a.nii.gz: "), done["n4"]
+    assert done["register"]["status"] == "failed" and done["register"]["skipped"]
+    assert done["register"]["reason"] == done["n4"]["reason"]
+    assert not later.exists()
+    assert records.read_record(tmp_path / "n4.json") == done["n4"]
+
+
+#: The preprocess job as a rule's script runs it: a fresh process (whose stages fork,
+#: and whose ITK runs on one thread, so that two runs can be compared closely).
+PREPROCESS_JOB = """
+import sys
+from pathlib import Path
+from mriaudit.subject import preprocess_subject
+preprocess_subject(
+    Path(sys.argv[1]), out_dir=Path(sys.argv[2]), bids_id="mprage", rules={},
+    in_memory=sys.argv[3] == "memory",
+)
+"""
+
+
+@pytest.fixture(scope="module")
+def mprage_runs(shared_data, tmp_path_factory) -> dict[bool, tuple[Path, dict]]:
+    """The preprocess job on the 1 mm MPRAGE of ../shared/data (what the bench measures),
+    with its images handed on in memory (True: as the rule runs it, the files written by
+    the job's parent) and read back from their files (False)."""
+    source = shared_data / "dicom" / "dcm_qa_asl" / "In" / "T1"
+    package = str(Path(preprocess.__file__).resolve().parents[2])
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([package, os.environ.get("PYTHONPATH", "")]),
+        "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": "1",
+    }
+    runs = {}
+    for in_memory in (True, False):
+        out = tmp_path_factory.mktemp(f"mprage_in_memory_{in_memory}")
+        how = "memory" if in_memory else "files"
+        command = [sys.executable, "-c", PREPROCESS_JOB, str(source), str(out), how]
+        subprocess.run(command, check=True, env=env, capture_output=True)
+        stages = paths.PREPROCESS_STAGES
+        runs[in_memory] = (
+            out,
+            {s: records.read_record(paths.record(out, "mprage", s)) for s in stages},
+        )
+    return runs
+
+
+@pytest.mark.shared
+def test_images_in_memory_give_the_preprocess_outputs_of_reading_files(mprage_runs):
+    """Same images (grid, values within float tolerance, masks), transform and records."""
+    (memory, in_memory), (disk, from_files) = mprage_runs[True], mprage_runs[False]
+    for stage, record in from_files.items():
+        assert record["status"] == "ok", record
+        other = in_memory[stage]
+        assert {k: other.get(k) for k in ("status", "findings", "warnings")} == {
+            k: record.get(k) for k in ("status", "findings", "warnings")
+        }, stage
+        assert other["metrics"].keys() == record["metrics"].keys(), stage
+        for name, value in record["metrics"].items():
+            if isinstance(value, float) or isinstance(other["metrics"][name], float):
+                assert other["metrics"][name] == pytest.approx(value, rel=1e-6, abs=1e-9), name
+            else:
+                assert other["metrics"][name] == value, name
+    images = {
+        "T1w": (paths.t1w, 0.0),
+        "n4": (paths.n4, 1e-4),
+        "head_mask": (paths.head_mask, 0.0),
+        "preproc": (lambda out, sub: paths.preproc(out, sub, res=2), 1e-4),
+        "brain_mask": (lambda out, sub: paths.brain_mask(out, sub, res=2), 0.0),
+    }
+    for name, (path_of, tolerance) in images.items():
+        ours, theirs = nib.load(path_of(memory, "mprage")), nib.load(path_of(disk, "mprage"))
+        assert ours.shape == theirs.shape and ours.get_data_dtype() == theirs.get_data_dtype()
+        np.testing.assert_allclose(ours.affine, theirs.affine, atol=1e-6, err_msg=name)
+        a, b = ours.get_fdata(dtype=np.float32), theirs.get_fdata(dtype=np.float32)
+        if tolerance:  # intensities: relative to the image's range
+            assert np.abs(a - b).max() <= tolerance * np.abs(b).max(), name
+        else:  # masks: the same voxels
+            assert np.count_nonzero(a != b) <= 1e-5 * b.size, name
+    ours = ants.read_transform(str(paths.transform(memory, "mprage"))).parameters
+    theirs = ants.read_transform(str(paths.transform(disk, "mprage"))).parameters
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)

@@ -29,7 +29,7 @@ from mriaudit.iqm.metrics import (
     volume_fractions,
     wm2max,
 )
-from mriaudit.iqm.stage import HEAD_MARGIN_MM, STAGE, compute_iqms, iqm_subject
+from mriaudit.iqm.stage import HEAD_MARGIN_MM, STAGE, NativeMeasures, compute_iqms, iqm_subject
 from mriaudit.iqm.tissues import SegmentationUnavailable, segment_tissues
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "IQM_TITLES",
     "STAGE",
     "SUMMARY_STATS",
+    "NativeMeasures",
     "SegmentationUnavailable",
     "air_sigma",
     "artifact_mask",

@@ -237,18 +237,23 @@ def cjv(wm: np.ndarray, gm: np.ndarray) -> float:
     return spread / contrast
 
 
-def wm2max(data: np.ndarray, wm: np.ndarray) -> float:
+def image_top(data: np.ndarray) -> float:
+    """The 99.95th percentile of the whole image: the maximum of :func:`wm2max`."""
+    return float(np.percentile(np.asarray(data, dtype=np.float32), 99.95))
+
+
+def wm2max(data: np.ndarray, wm: np.ndarray, *, top: float | None = None) -> float:
     """White-matter-to-maximum intensity ratio (MRIQC ``wm2max``), dimensionless.
 
-    ``median(wm) / p99.95(data)`` over the whole image ``data``. Around 0.6-0.8
-    for a clean T1w; low values mean long bright tails (vessels, fat, spikes).
-    Higher is better (recorded as such, although values near 1 are unusual).
+    ``median(wm) / p99.95(data)`` over the whole image ``data`` (``top``: that
+    percentile, :func:`image_top`, when already known). Around 0.6-0.8 for a
+    clean T1w; low values mean long bright tails (vessels, fat, spikes). Higher
+    is better (recorded as such, although values near 1 are unusual).
     """
     w = np.asarray(wm, dtype=np.float64).ravel()
     if w.size == 0:
         return math.nan
-    top = float(np.percentile(np.asarray(data, dtype=np.float32), 99.95))
-    return _ratio(float(np.median(w)), top)
+    return _ratio(float(np.median(w)), image_top(data) if top is None else top)
 
 
 #: Voxels per chunk of the EFC sums.

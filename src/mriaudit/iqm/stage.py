@@ -21,6 +21,10 @@ Metrics that need the tissue classes are NaN (``null`` in the record's JSON)
 when no usable segmentation exists (failed registration, non-brain image); the
 others are always computed and the record carries a warning with the reason.
 Likewise the background metrics when there is no air (zero-filled background).
+
+The measures that need no registration (frame, EFC, FBER, artefacts, FWHM) come
+first (``_native``); in the preprocess job they run in a forked child beside the
+registration (:class:`NativeMeasures`), the rest after it (:func:`compute_iqms`).
 """
 
 from __future__ import annotations
@@ -29,18 +33,18 @@ import logging
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import ants
 import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from mriaudit import records, template
+from mriaudit import isolation, records, template
 from mriaudit.artefacts import artefact_metrics
 from mriaudit.intensity import finite
 from mriaudit.iqm.masks import artifact_mask, distance_mm, frame_mask, tissue_masks
@@ -58,6 +62,7 @@ from mriaudit.iqm.metrics import (
     field_range,
     fuzzy_jaccard,
     fwhm,
+    image_top,
     qi_1,
     rpve,
     snr,
@@ -67,6 +72,9 @@ from mriaudit.iqm.metrics import (
     wm2max,
 )
 from mriaudit.iqm.tissues import SegmentationUnavailable, _bbox, segment_tissues
+
+if TYPE_CHECKING:
+    from mriaudit.preprocess.images import Handoff
 
 log = logging.getLogger(__name__)
 
@@ -335,6 +343,211 @@ def _tissues(
     return box, pvms, tpms, fit
 
 
+def _array(path: Path, what: str, handoff: Handoff | None) -> np.ndarray:
+    """The data of the image at ``path``: kept in ``handoff`` (as the file holds it), or read."""
+    kept = handoff.get(path) if handoff is not None else None
+    if kept is None:
+        return _load(path, what).numpy()
+    if kept.data.ndim != 3:
+        message = f"the {what} image is {kept.data.ndim}-D, expected 3-D"
+        raise records.StageError(message)
+    return kept.data
+
+
+@dataclass
+class _Native:
+    """One subject's images on the canonical grid and what of the IQMs needs no registration:
+    the zero-filled ``frame``, the distance to the head (mm), the 99.95th percentile of
+    the image (``top``, for wm2max) and the metrics, warnings and timings so far."""
+
+    grid: _Grid
+    raw: np.ndarray
+    data: np.ndarray
+    head: np.ndarray
+    frame: np.ndarray
+    head_distance: np.ndarray
+    top: float
+    metrics: dict[str, float]
+    warnings: list[str]
+    timings: dict[str, float]
+
+
+def _native_arrays(
+    raw_image: Path, n4_image: Path, head_mask: Path, handoff: Handoff | None
+) -> tuple[_Grid, np.ndarray, np.ndarray, np.ndarray]:
+    """The grid (as ITK reads the converted image) and the converted image, the bias-
+    corrected one (clipped at 0) and the head mask on its canonical axes."""
+    raw_img = _load(raw_image, "converted")
+    n4 = _array(n4_image, "bias-corrected", handoff)
+    mask = _array(head_mask, "head mask", handoff)
+    if not tuple(raw_img.shape) == n4.shape == mask.shape:
+        message = f"grids differ: raw {raw_img.shape}, n4 {n4.shape}, head mask {mask.shape}"
+        raise records.StageError(message)
+    grid = _Grid.of(raw_img)
+    raw = grid.canonical(raw_img.numpy())
+    data = grid.canonical(finite(n4.astype(np.float32, copy=False), inf_to_zero=False))
+    if np.shares_memory(data, n4):  # the kept image is read-only, and shared
+        data = data.copy()
+    np.clip(data, 0.0, None, out=data)
+    head = grid.canonical(mask > 0)
+    if not np.any(data > 0):
+        message = "the bias-corrected image holds no signal"
+        raise records.StageError(message)
+    if not head.any():
+        message = "the head mask is empty"
+        raise records.StageError(message)
+    return grid, raw, data, head
+
+
+def _native_measures(
+    grid: _Grid, raw: np.ndarray, data: np.ndarray, head: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, float, dict[str, float], list[str]]:
+    """The IQMs of the native images that need no registration: the frame, the distance
+    to the head, ``top`` and the metrics and warnings (see :class:`_Native`)."""
+    spacing = grid.spacing
+    metrics: dict[str, float] = {}
+    warnings: list[str] = []
+    for axis, n, s in zip(AXES, data.shape, spacing, strict=True):
+        metrics[f"iqm_size_{axis}"] = int(n)
+        metrics[f"iqm_spacing_{axis}"] = round(s, 6)
+    frame = frame_mask(finite(raw, inf_to_zero=False))
+    head_distance = distance_mm(head, spacing)
+    metrics["iqm_efc"] = efc(data, frame)
+    metrics["iqm_fber"] = fber(data, head, frame)
+    metrics.update(artefact_metrics(data, head, frame=frame))
+    if not math.isfinite(metrics["iqm_fber"]):
+        warnings.append("FBER undefined: the air outside the head is zero-filled")
+    # Smoothness inside the head, two voxels away from its edge (the skin/air step
+    # would dominate the differences).
+    head_box = _bbox(head)
+    inner = np.zeros(data.shape, dtype=bool)
+    inner[head_box] = ndi.binary_erosion(
+        head[head_box], structure=ndi.generate_binary_structure(3, 2), iterations=2
+    )
+    for axis, value in zip(AXES, fwhm(data, inner, spacing), strict=True):
+        metrics[f"iqm_fwhm_{axis}"] = value
+    del inner
+    metrics["iqm_fwhm_avg"] = float(np.mean([metrics[f"iqm_fwhm_{a}"] for a in AXES]))
+    return frame, head_distance, image_top(data), metrics, warnings
+
+
+def _native(raw_image: Path, n4_image: Path, head_mask: Path, handoff: Handoff | None) -> _Native:
+    """:class:`_Native` of one subject, computed here."""
+    start = time.perf_counter()
+    grid, raw, data, head = _native_arrays(raw_image, n4_image, head_mask, handoff)
+    loaded = time.perf_counter()
+    frame, head_distance, top, metrics, warnings = _native_measures(grid, raw, data, head)
+    timings = {"load": round(loaded - start, 3), "native": round(time.perf_counter() - loaded, 3)}
+    return _Native(grid, raw, data, head, frame, head_distance, top, metrics, warnings, timings)
+
+
+class NativeMeasures:
+    """The IQMs that need no registration, computed beside it (the preprocess job).
+
+    In ``records.run_chain``'s child, :meth:`start` (once the N4 stage has kept its
+    images in ``handoff``) puts the native images on the canonical grid here and
+    computes :func:`_native_measures` in a forked child, on the other core, while
+    this process registers; the IQM stage collects them (:func:`iqm_subject`'s
+    ``native``) and does the rest. The child only reads what this process had:
+    the results are those of the IQM stage computing everything itself, which it
+    does where nothing was started. A failure or crash of the child is the IQM
+    stage's, with its reason.
+    """
+
+    def __init__(self, raw_image: Path, n4_image: Path, head_mask: Path, *, handoff: Handoff):
+        self.images = (Path(raw_image), Path(n4_image), Path(head_mask))
+        self.handoff = handoff
+        self._arrays: tuple[_Grid, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self._problem: Exception | None = None
+        self._finish: Callable[[], isolation.ChildOutcome] | None = None
+        self._content = -1
+        self._started = self._load_s = 0.0
+
+    def start(self) -> None:
+        """Start the native measures in a forked child (when in a chain and N4 kept its images)."""
+        _, n4_image, head_mask = self.images
+        if not (records.in_chain() and n4_image in self.handoff and head_mask in self.handoff):
+            return
+        if not hasattr(os, "memfd_create"):
+            return
+        self._started = time.perf_counter()
+        try:
+            self._arrays = _native_arrays(*self.images, self.handoff)
+        except Exception as error:  # the IQM stage's failure: raised when it collects
+            self._problem = error
+            return
+        self._load_s = round(time.perf_counter() - self._started, 3)
+        grid, raw, data, head = self._arrays
+        self._content = os.memfd_create("iqm-native")
+        content = self._content
+
+        def measure() -> dict[str, Any]:
+            started = time.perf_counter()
+            try:
+                frame, head_distance, top, metrics, warnings = _native_measures(
+                    grid, raw, data, head
+                )
+                with open(content, "wb", closefd=False) as stream:
+                    np.save(stream, frame)
+                    np.save(stream, head_distance)
+            except Exception as error:
+                log.exception("iqm: the native measures failed")
+                return {"error": f"{STAGE}: {type(error).__name__}: {error}"[:300]}
+            elapsed = round(time.perf_counter() - started, 3)
+            return {"metrics": metrics, "warnings": warnings, "top": top, "native_s": elapsed}
+
+        self._finish = isolation.start_in_child(measure, what=f"{STAGE} (native measures)")
+
+    def collect(self) -> tuple[_Native, dict[str, Any]] | None:
+        """The native measures and the child's cost (None where not started); raises
+        ``records.StageError`` where they failed."""
+        if self._problem is not None:
+            raise self._problem
+        if self._finish is None or self._arrays is None:
+            return None
+        outcome = self._finish()
+        self._finish = None
+        wall = round(time.perf_counter() - self._started, 3)
+        try:
+            result = outcome.result
+            if result is None:
+                message = f"{STAGE}: crashed ({outcome.how}) in its native measures"
+                raise records.StageError(message)
+            if "error" in result:
+                raise records.StageError(result["error"])
+            with open(self._content, "rb", closefd=False) as stream:
+                stream.seek(0)
+                frame, head_distance = np.load(stream), np.load(stream)
+        finally:
+            os.close(self._content)
+            self._content = -1
+        grid, raw, data, head = self._arrays
+        self._arrays = None
+        native = _Native(
+            grid,
+            raw,
+            data,
+            head,
+            frame,
+            head_distance,
+            result["top"],
+            result["metrics"],
+            result["warnings"],
+            {"load": self._load_s, "native": result["native_s"]},
+        )
+        return native, {"wall_s": wall, **outcome.cost}
+
+    def discard(self) -> None:
+        """Wait for a child that was started and not collected (the IQM stage was skipped)."""
+        if self._finish is not None:
+            self._finish()
+            self._finish = None
+        if self._content >= 0:
+            os.close(self._content)
+            self._content = -1
+        self._arrays = None
+
+
 def compute_iqms(
     raw_image: Path,
     n4_image: Path,
@@ -342,14 +555,23 @@ def compute_iqms(
     transform: Path,
     *,
     resolution: int = 2,
+    handoff: Handoff | None = None,
+    native: _Native | None = None,
 ) -> tuple[dict[str, float], list[str], dict[str, Any]]:
     """Every IQM of one subject: (metrics named ``iqm_*``, warnings, details).
 
     Images as in :func:`iqm_subject`. Metrics that cannot be computed are NaN
     and a warning says why. Raises ``records.StageError`` when the images
-    cannot be read, differ in grid or hold no signal.
+    cannot be read, differ in grid or hold no signal. With a ``handoff``, the
+    bias-corrected image and the head mask kept there (by the N4 stage of the
+    same process) are taken from memory; the converted image is read for its
+    grid as ITK sees it (ANTs' geometry of the file, as the tissue priors are
+    warped onto it). ``native``: the measures that need no registration, already
+    computed (:class:`NativeMeasures`); else they are computed here.
     """
-    timings: dict[str, float] = {}
+    if native is None:
+        native = _native(raw_image, n4_image, head_mask, handoff)
+    timings = dict(native.timings)
     last = [time.perf_counter()]
 
     def lap(section: str) -> None:
@@ -357,52 +579,22 @@ def compute_iqms(
         timings[section] = round(now - last[0], 3)
         last[0] = now
 
-    warnings: list[str] = []
-    raw_img = _load(raw_image, "converted")
-    n4_img = _load(n4_image, "bias-corrected")
-    mask_img = _load(head_mask, "head mask")
-    if not raw_img.shape == n4_img.shape == mask_img.shape:
-        message = (
-            f"grids differ: raw {raw_img.shape}, n4 {n4_img.shape}, head mask {mask_img.shape}"
-        )
-        raise records.StageError(message)
-    grid = _Grid.of(raw_img)
-    spacing = grid.spacing
-    raw = grid.canonical(raw_img.numpy())
-    data = grid.canonical(finite(n4_img.numpy().astype(np.float32), inf_to_zero=False))
-    np.clip(data, 0.0, None, out=data)
-    head = grid.canonical(mask_img.numpy() > 0)
-    if not np.any(data > 0):
-        message = "the bias-corrected image holds no signal"
-        raise records.StageError(message)
-    if not head.any():
-        message = "the head mask is empty"
-        raise records.StageError(message)
-    shape = data.shape
-    lap("load")
-
-    metrics: dict[str, float] = dict.fromkeys(IQM_NAMES, math.nan)
-    for axis, n, s in zip(AXES, shape, spacing, strict=True):
-        metrics[f"iqm_size_{axis}"] = int(n)
-        metrics[f"iqm_spacing_{axis}"] = round(s, 6)
+    grid, raw, data, head = native.grid, native.raw, native.data, native.head
+    spacing, shape = grid.spacing, data.shape
+    metrics: dict[str, float] = dict.fromkeys(IQM_NAMES, math.nan) | native.metrics
+    warnings = list(native.warnings)
 
     # Background: air above the glabella-inion level, clear of the head and the frame.
-    frame = frame_mask(finite(raw, inf_to_zero=False))
+    frame, head_distance = native.frame, native.head_distance
     vox_to_mni, transform_problem = _read_transform(Path(transform))
     if vox_to_mni is not None:
         vox_to_mni = vox_to_mni @ grid.affine
-    head_distance = distance_mm(head, spacing)
     air = _hat_mask(shape, vox_to_mni=vox_to_mni, head=head, spacing_mm=spacing)
     air &= (head_distance > HEAD_MARGIN_MM) & ~frame
     artifacts = artifact_mask(data, air, head_distance)
     del head_distance
     air &= ~artifacts
     metrics["iqm_qi_1"] = qi_1(air, artifacts)
-    metrics["iqm_efc"] = efc(data, frame)
-    metrics["iqm_fber"] = fber(data, head, frame)
-    metrics.update(artefact_metrics(data, head, frame=frame))
-    if not math.isfinite(metrics["iqm_fber"]):
-        warnings.append("FBER undefined: the air outside the head is zero-filled")
     details: dict[str, Any] = {
         "air_voxels": int(np.count_nonzero(air)),
         "artifact_voxels": int(np.count_nonzero(artifacts)),
@@ -423,19 +615,6 @@ def compute_iqms(
     metrics.update(_stat_metrics("bg", air_stats))
     details["timings_s"] = timings
     lap("background")
-
-    # Smoothness inside the head, two voxels away from its edge (the skin/air step
-    # would dominate the differences).
-    head_box = _bbox(head)
-    inner = np.zeros(shape, dtype=bool)
-    inner[head_box] = ndi.binary_erosion(
-        head[head_box], structure=ndi.generate_binary_structure(3, 2), iterations=2
-    )
-    for axis, value in zip(AXES, fwhm(data, inner, spacing), strict=True):
-        metrics[f"iqm_fwhm_{axis}"] = value
-    del inner
-    metrics["iqm_fwhm_avg"] = float(np.mean([metrics[f"iqm_fwhm_{a}"] for a in AXES]))
-    lap("fwhm")
 
     try:
         if vox_to_mni is None:
@@ -468,7 +647,7 @@ def compute_iqms(
     metrics["iqm_cjv"] = cjv(values["wm"], values["gm"])
     metrics["iqm_inu_wm_range"] = field_range(raw[box][masks["wm"]], values["wm"])
     del raw
-    metrics["iqm_wm2max"] = wm2max(data, values["wm"])
+    metrics["iqm_wm2max"] = wm2max(data, values["wm"], top=native.top)
     for name, fraction in volume_fractions(pvms).items():
         metrics[f"iqm_icvs_{name}"] = fraction
     for name in TISSUES:
@@ -488,6 +667,8 @@ def iqm_subject(
     upstream: Sequence[Path],
     resolution: int = 2,
     threads: int = 1,
+    handoff: Handoff | None = None,
+    native: NativeMeasures | None = None,
 ) -> dict:
     """Stage ``iqm``: MRIQC-style metrics of one subject, written to its status record.
 
@@ -499,18 +680,30 @@ def iqm_subject(
     record's ``metrics`` hold every name in ``IQM_NAMES`` (``None`` where
     undefined, with a warning saying why); ``details`` hold mask sizes and the
     tissue mixture's fit. A scan that cannot be read ends as a ``failed``
-    record. Returns the record.
+    record. With a ``handoff`` (stages in one process), the images the N4 stage
+    kept there are taken from memory (see :func:`compute_iqms`); ``native``: the
+    measures that need no registration, started beside it (:class:`NativeMeasures`;
+    ``details`` then hold that child's cost as ``native_child``). Returns the record.
     """
     _itk_threads(threads)
 
     def work() -> dict[str, Any]:
+        collected = native.collect() if native is not None else None
         metrics, warnings, details = compute_iqms(
             Path(raw_image),
             Path(n4_image),
             Path(head_mask),
             Path(transform),
             resolution=resolution,
+            handoff=handoff,
+            native=collected[0] if collected else None,
         )
+        if collected:
+            details["native_child"] = collected[1]
         return records.make_record(STAGE, metrics=metrics, warnings=warnings, details=details)
 
-    return records.run_stage(STAGE, work, record_path=record_path, upstream=upstream)
+    try:
+        return records.run_stage(STAGE, work, record_path=record_path, upstream=upstream)
+    finally:
+        if native is not None:
+            native.discard()

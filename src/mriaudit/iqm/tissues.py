@@ -20,11 +20,19 @@ PRIOR_WEIGHT = 0.5
 
 
 def _bbox(mask: np.ndarray, *, margin: int = 2) -> tuple[slice, ...]:
-    index = np.nonzero(mask)
-    return tuple(
-        slice(max(0, int(i.min()) - margin), min(n, int(i.max()) + margin + 1))
-        for i, n in zip(index, mask.shape, strict=True)
-    )
+    """The bounding box of a non-empty ``mask``, grown by ``margin`` voxels (clipped).
+
+    From the mask's projection on each axis: no index arrays of all its voxels.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    box = []
+    for axis, n in enumerate(mask.shape):
+        hit = np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+        if hit.size == 0:
+            message = "the bounding box of an empty mask"
+            raise ValueError(message)
+        box.append(slice(max(0, int(hit[0]) - margin), min(n, int(hit[-1]) + margin + 1)))
+    return tuple(box)
 
 
 def _posteriors(

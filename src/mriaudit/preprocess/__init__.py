@@ -2,13 +2,14 @@
 
 Both stages use ANTsPy; spacings and distances are in mm. Modules: ``masks``
 (head mask, block resampling: pure array helpers), ``images`` (nibabel to ANTs
-and back, ANTs' environment), ``bias`` (the N4 stage), ``starts`` (where a
+and back, ANTs' environment, the images a job's stages hand on in memory), ``bias`` (the N4 stage), ``starts`` (where a
 registration starts), ``registration`` (the register stage), ``qc`` (was the
 registration right, is it a T1 head).
 """
 
 from mriaudit.preprocess.bias import N4_STAGE, bias_correct_subject, bias_field_stats, n4_bias_field
 from mriaudit.preprocess.images import (
+    Handoff,
     ants_environment,
     ants_image,
     load_volume,
@@ -43,6 +44,7 @@ __all__ = [
     "N4_STAGE",
     "REGISTER_STAGE",
     "SCALE_RANGE",
+    "Handoff",
     "affine_scale",
     "ants_environment",
     "ants_image",

@@ -16,7 +16,13 @@ import ants
 import numpy as np
 
 from mriaudit import records
-from mriaudit.preprocess.images import ants_environment, load_volume, save_like, voxel_sizes
+from mriaudit.preprocess.images import (
+    Handoff,
+    ants_environment,
+    load_volume,
+    save_like,
+    voxel_sizes,
+)
 from mriaudit.preprocess.masks import block_sample, block_upsample, head_mask, is_flat
 
 log = logging.getLogger(__name__)
@@ -47,7 +53,7 @@ def bias_field_stats(field: np.ndarray, mask: np.ndarray) -> dict[str, float]:
     the field (0 for a flat field; lower is better). ``n4_p05``/``n4_p95``: the
     5th and 95th percentiles themselves.
     """
-    values = np.asarray(field, dtype=np.float64)[np.asarray(mask, dtype=bool)]
+    values = np.asarray(field)[np.asarray(mask, dtype=bool)].astype(np.float64)
     if values.size == 0:
         message = "bias_field_stats needs a non-empty mask"
         raise ValueError(message)
@@ -101,7 +107,7 @@ def n4_bias_field(
     ).numpy()
     log_field = block_upsample(np.log(np.clip(field, 1e-6, None)), factors, data.shape)
     log_field -= log_field[usable].mean()
-    return np.exp(log_field).astype(np.float32)
+    return np.exp(log_field, out=log_field).astype(np.float32)
 
 
 def bias_correct_subject(
@@ -112,6 +118,7 @@ def bias_correct_subject(
     record_path: Path,
     upstream: Sequence[Path],
     threads: int = 1,
+    handoff: Handoff | None = None,
 ) -> dict[str, Any]:
     """Stage ``n4``: N4 bias correction inside a head mask, on the converted image's own grid.
 
@@ -119,11 +126,13 @@ def bias_correct_subject(
     (uint8) to ``out_mask``, both with ``in_image``'s grid, affine and header.
     Metrics: ``iqm_inu_med``, ``iqm_inu_range``, ``n4_p05``, ``n4_p95`` (see
     ``bias_field_stats``) and ``n4_head_volume_ml``. An empty or constant image
-    ends the stage ``failed``. Returns the record.
+    ends the stage ``failed``. With a ``handoff`` (stages in one process), the
+    input, the corrected image and the mask are kept there for the stages after
+    it. Returns the record.
     """
 
     def work() -> dict[str, Any]:
-        image, data = load_volume(in_image)
+        image, data = load_volume(in_image, handoff=handoff)
         spacing = voxel_sizes(image.affine)
         reason = "image is empty or constant: no head to bias-correct"
         if is_flat(data):
@@ -135,8 +144,8 @@ def bias_correct_subject(
         with ants_environment(threads=threads):
             field = n4_bias_field(data, mask, spacing_mm=spacing)
         corrected = data / field
-        save_like(corrected, image, out_image, dtype=np.float32)
-        save_like(mask, image, out_mask, dtype=np.uint8)
+        save_like(corrected, image, out_image, dtype=np.float32, handoff=handoff)
+        save_like(mask, image, out_mask, dtype=np.uint8, handoff=handoff)
         metrics = {**bias_field_stats(field, mask), "n4_head_volume_ml": round(head_ml, 1)}
         log.info("n4: %s", metrics)
         return records.make_record(N4_STAGE, metrics=metrics)

@@ -5,6 +5,9 @@ reports (RAS+ affine turned into ITK's LPS origin, spacing and direction), and
 written back with nibabel, so a corrected image keeps its input's grid, affine
 and header exactly and a registered image lies on the template grid.
 ``ants_environment`` pins ANTs' threads, random seed and temporary folder.
+A :class:`Handoff` keeps the images one process's stages read and write, so
+that a later stage of the same job takes them from memory instead of reading
+the gzip file back.
 """
 
 from __future__ import annotations
@@ -15,10 +18,12 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import ants
 import nibabel as nib
 import numpy as np
+from nibabel.openers import Opener
 
 from mriaudit import records
 from mriaudit.intensity import finite
@@ -93,12 +98,57 @@ def ants_environment(*, threads: int) -> Iterator[Path]:
                     os.environ[name] = value
 
 
-def load_volume(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+class Kept(NamedTuple):
+    """An image as its file holds it: ``image`` (header and affine as a reader of
+    the file gets them) and ``data`` (3D, in the file's data type, read-only)."""
+
+    image: nib.Nifti1Image
+    data: np.ndarray
+
+
+class Handoff:
+    """Images in memory by the path of their file: what the stages of one process
+    read (:func:`load_volume`) and write (:func:`save_like`), for the stages after
+    them. Each is what reading its file gives (data and affine alike, arrays
+    read-only), so a stage computes the same from memory as from the file.
+    """
+
+    def __init__(self) -> None:
+        self._kept: dict[Path, Kept] = {}
+
+    def keep(self, path: str | Path, image: nib.Nifti1Image, data: np.ndarray) -> Kept:
+        data = np.asarray(data)
+        data.flags.writeable = False  # shared by the stages that read it
+        kept = self._kept[Path(path)] = Kept(image, data)
+        return kept
+
+    def get(self, path: str | Path) -> Kept | None:
+        return self._kept.get(Path(path))
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, (str, Path)) and Path(path) in self._kept
+
+
+def load_volume(
+    path: Path, *, handoff: Handoff | None = None
+) -> tuple[nib.Nifti1Image, np.ndarray]:
     """The NIfTI image and its 3D data as float32 (non-finite values set to 0).
 
     A 4D image with several volumes gives its first volume (logged). Unreadable
-    files and images that are not 3D raise ``records.StageError``.
+    files and images that are not 3D raise ``records.StageError``. With a
+    ``handoff``, an image kept there is taken from memory, and one read from its
+    file is kept there.
     """
+    kept = handoff.get(path) if handoff is not None else None
+    if kept is not None:
+        return kept.image, finite(kept.data.astype(np.float32, copy=False))
+    image, data = _read_volume(path)
+    if handoff is not None:
+        data = handoff.keep(path, image, data).data
+    return image, data
+
+
+def _read_volume(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     try:
         image = nib.load(str(path))
         data = np.asarray(image.get_fdata(dtype=np.float32))
@@ -122,21 +172,51 @@ def voxel_sizes(affine: np.ndarray) -> tuple[float, float, float]:
     return (float(sizes[0]), float(sizes[1]), float(sizes[2]))
 
 
-def save_like(data: np.ndarray, reference: nib.Nifti1Image, path: Path, *, dtype: type) -> None:
-    """Write ``data`` with the grid, affine and header of ``reference`` (no intensity scaling)."""
+def save_like(
+    data: np.ndarray,
+    reference: nib.Nifti1Image,
+    path: Path,
+    *,
+    dtype: type,
+    handoff: Handoff | None = None,
+) -> None:
+    """Write ``data`` with the grid, affine and header of ``reference`` (no intensity scaling).
+
+    With a ``handoff``, the image is kept there as a reader of the file would get it,
+    and, in ``records.run_chain``'s child, the file is compressed and written by its
+    parent (on the other core) while the stages go on.
+    """
     header = reference.header.copy()
     header.set_data_dtype(dtype)
-    image = nib.Nifti1Image(np.asarray(data).astype(dtype), reference.affine, header)
+    stored = np.asarray(data).astype(dtype, copy=False)
+    image = nib.Nifti1Image(stored, reference.affine, header)
     image.header.set_slope_inter(1.0, 0.0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(image, str(path))
+    _save(image, path, background=handoff is not None)
+    if handoff is not None:
+        # The affine a reader gets is the header's (its float32 fields), as written.
+        as_read = nib.Nifti1Image(stored, image.header.get_best_affine(), image.header)
+        handoff.keep(path, as_read, stored)
 
 
-def save_on_template(data: np.ndarray, affine: np.ndarray, path: Path, *, dtype: type) -> None:
-    """Write an image on the template grid, labelled as MNI152 space."""
+def save_on_template(
+    data: np.ndarray, affine: np.ndarray, path: Path, *, dtype: type, background: bool = False
+) -> None:
+    """Write an image on the template grid, labelled as MNI152 space (``background``: see
+    :func:`save_like`)."""
     image = nib.Nifti1Image(np.asarray(data).astype(dtype), affine)
     image.header.set_sform(affine, code="mni")
     image.header.set_qform(affine, code="mni")
     image.header.set_xyzt_units("mm")
+    _save(image, path, background=background)
+
+
+def _save(image: nib.Nifti1Image, path: Path, *, background: bool) -> None:
+    """``nib.save``; with ``background``, a ``.nii.gz`` is compressed and written by the
+    parent of ``records.run_chain``'s child (where there is one) while the stages go on:
+    the same file, with nibabel's compression level."""
+    path = Path(path)
+    if background and records.writes_in_background() and path.name.endswith(".gz"):
+        records.write_gzip_in_background(path, image.to_stream, level=Opener.default_compresslevel)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(image, str(path))

@@ -25,7 +25,13 @@ import ants
 import numpy as np
 
 from mriaudit import records, template
-from mriaudit.preprocess.images import ants_environment, ants_image, load_volume, save_on_template
+from mriaudit.preprocess.images import (
+    Handoff,
+    ants_environment,
+    ants_image,
+    load_volume,
+    save_on_template,
+)
 from mriaudit.preprocess.masks import is_flat
 from mriaudit.preprocess.qc import (
     NO_ANATOMY_INFORMATION,
@@ -354,6 +360,7 @@ def register_subject(
     threads: int = 1,
     resolution: int = 2,
     contrast: str = "T1w",
+    handoff: Handoff | None = None,
 ) -> dict[str, Any]:
     """Stage ``register``: affine registration of the bias-corrected image to MNI152.
 
@@ -379,12 +386,13 @@ def register_subject(
     an empty image or an ANTs error; ``header_orientation`` when the anatomy
     only registers turned against its header (``HEADER_ROTATIONS``), as after
     a wrongly entered patient position. Returns the record, whose
-    ``contrast`` names the check applied.
+    ``contrast`` names the check applied. With a ``handoff`` (stages in one
+    process), ``in_image`` is taken from it when the N4 stage left it there.
     """
     contrast_check(contrast)  # a wrong name is the caller's error, not the scan's
 
     def work() -> dict[str, Any]:
-        image, data = load_volume(in_image)
+        image, data = load_volume(in_image, handoff=handoff)
         fixed_nii = template.load_template(resolution=resolution)
         template_data = fixed_nii.get_fdata(dtype=np.float32)
         brain = template.load_brain_mask(resolution=resolution).get_fdata() > 0
@@ -408,8 +416,11 @@ def register_subject(
                 )
             out_transform.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(attempt.transform, out_transform)
-        save_on_template(attempt.registered, fixed_nii.affine, out_image, dtype=np.float32)
-        save_on_template(brain, fixed_nii.affine, out_mask, dtype=np.uint8)
+        background = handoff is not None
+        save_on_template(
+            attempt.registered, fixed_nii.affine, out_image, dtype=np.float32, background=background
+        )
+        save_on_template(brain, fixed_nii.affine, out_mask, dtype=np.uint8, background=background)
         similarity = attempt.similarity
         metrics = {
             "reg_similarity": round(similarity, 4) if np.isfinite(similarity) else None,
