@@ -310,9 +310,14 @@ def test_an_added_subject_is_the_only_one_preprocessed_again(workflow_run):
         assert jobs.get("preprocess") == 1, jobs
         assert jobs["train_model"] == jobs["score"] == jobs["collect"] == 1, jobs
         assert jobs["aggregate"] == jobs["report"] == jobs["evaluate"] == 1
-        # One score job rescores the cohort: the new model's scores of every subject.
+        # The new model rescores the cohort: one shard holds every subject (up to 2,000).
+        shards = cohort.score_shards(
+            cohort.processed_ids(cohort.list_subjects(workflow_run.input_dir)),
+            subjects_per_job=2000,
+        )
+        assert list(shards) == ["000of001"] and len(shards["000of001"]) == n_processed
         score_job = result.stdout[result.stdout.index("rule score:") :].split("\n\n")[0]
-        assert score_job.count("_desc-score_qc.json") == n_processed, score_job
+        assert "anomaly_scores_shard-000of001.tsv" in score_job and jobs["merge_scores"] == 1
         assert "sub-added" in result.stdout
     finally:
         shutil.rmtree(added, ignore_errors=True)
