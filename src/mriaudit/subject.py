@@ -61,11 +61,11 @@ def preprocess_subject(
     preproc = paths.preproc(out_dir, bids_id, res=resolution)
     brain_mask = paths.brain_mask(out_dir, bids_id, res=resolution)
     thumbnail = paths.native_thumbnail(out_dir, bids_id)
-    native = iqm.NativeMeasures(t1w, n4, head_mask, handoff=handoff) if handoff else None
+    beside = iqm.NativeMeasures(t1w, n4, head_mask, handoff=handoff) if handoff else None
 
     def register() -> dict[str, Any]:
-        if native is not None:  # beside the registration, on the other core
-            native.start()
+        if beside is not None:  # on the other core, while the registration runs
+            beside.start()
         return preprocess.register_subject(
             n4,
             out_image=preproc,
@@ -131,7 +131,7 @@ def preprocess_subject(
                 resolution=resolution,
                 threads=threads,
                 handoff=handoff,
-                native=native,
+                beside=beside,
             ),
             record("iqm"),
         ),

@@ -662,7 +662,7 @@ def test_images_kept_in_memory_give_the_same_iqms(template_subject):
 #: The IQMs beside a registration, as the preprocess job runs them: in run_chain's child
 #: (a fresh process, whose stages fork), the native measures in a child of their own.
 NATIVE_BESIDE = """
-import json, sys
+import json, os, signal, sys
 from pathlib import Path
 import nibabel as nib, numpy as np
 from mriaudit import iqm, preprocess, records
@@ -671,15 +671,17 @@ from mriaudit.iqm import stage
 image, head, transform, folder = map(Path, sys.argv[1:5])
 
 
-def chain(name, break_native=False, fail_after_start=False):
+def chain(name, break_native="", fail_after_start=False):
     handoff = preprocess.Handoff()
     native = iqm.NativeMeasures(image, image, head, handoff=handoff)
 
     def n4():  # keeps its images, as the N4 stage does, and starts the native measures
         preprocess.load_volume(image, handoff=handoff)
         handoff.keep(head, nib.load(head), np.asarray(nib.load(head).dataobj))
-        if break_native:
+        if break_native == "raise":
             stage._native_measures = lambda *args: 1 / 0
+        elif break_native == "crash":
+            stage._native_measures = lambda *args: os.kill(os.getpid(), signal.SIGSEGV)
         native.start()
         if fail_after_start:  # the IQM stage is skipped: its started child is waited for
             raise records.StageError("no head")
@@ -692,7 +694,7 @@ def chain(name, break_native=False, fail_after_start=False):
             "iqm",
             lambda: iqm.iqm_subject(
                 image, image, head, transform, record_path=iqm_record, upstream=[n4_record],
-                handoff=handoff, native=native,
+                handoff=handoff, beside=native,
             ),
             iqm_record,
         ),
@@ -700,11 +702,12 @@ def chain(name, break_native=False, fail_after_start=False):
     return records.run_chain(steps)["iqm"]
 
 
-beside, broken = chain("beside"), chain("broken", break_native=True)
+beside = chain("beside")
+broken, crashed = chain("broken", break_native="raise"), chain("crashed", break_native="crash")
 skipped = chain("skipped", fail_after_start=True)
 metrics, warnings, _ = iqm.compute_iqms(image, image, head, transform)
-print(json.dumps({"beside": beside, "broken": broken, "skipped": skipped, "here": metrics,
-                  "warnings": warnings}))
+print(json.dumps({"beside": beside, "broken": broken, "crashed": crashed, "skipped": skipped,
+                  "here": metrics, "warnings": warnings}))
 """
 
 
@@ -722,11 +725,14 @@ def test_native_measures_beside_the_registration_equal_those_computed_in_line(
     )
     beside, here = result["beside"], result["here"]
     assert beside["status"] == "ok" and beside["warnings"] == result["warnings"]
-    assert beside["details"]["native_child"]["cpu_s"] > 0  # it did run in a child
+    assert beside["details"]["beside_registration"]["cpu_s"] > 0  # it did run in a child
     for name, value in here.items():
         assert beside["metrics"][name] == pytest.approx(value, rel=1e-9, nan_ok=True), name
     broken = result["broken"]
     assert broken["status"] == "failed"
     assert broken["reason"] == "iqm: ZeroDivisionError: division by zero"
+    crashed = result["crashed"]
+    assert crashed["status"] == "failed"
+    assert crashed["reason"] == "iqm: crashed (killed by SIGSEGV) beside the registration"
     skipped = result["skipped"]
     assert skipped["status"] == "failed" and skipped["skipped"] and skipped["reason"] == "no head"

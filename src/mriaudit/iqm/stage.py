@@ -22,13 +22,17 @@ when no usable segmentation exists (failed registration, non-brain image); the
 others are always computed and the record carries a warning with the reason.
 Likewise the background metrics when there is no air (zero-filled background).
 
-The measures that need no registration (frame, EFC, FBER, artefacts, FWHM) come
-first (``_native``); in the preprocess job they run in a forked child beside the
-registration (:class:`NativeMeasures`), the rest after it (:func:`compute_iqms`).
+The measures come in three parts: those that need no registration (frame, EFC,
+FBER, artefacts, FWHM), the background's (air, QI1) and the tissues'. In the
+preprocess job the first two run in a forked child (:class:`NativeMeasures`):
+the first while the registration runs, the second while this process segments
+the tissues; :func:`compute_iqms` puts them together.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import os
@@ -92,6 +96,8 @@ HEAD_MARGIN_MM = 4.0
 BRAIN_VOLUME_RATIO = (0.5, 1.6)
 #: Share of the warped brain mask that must fall inside the head mask.
 MIN_BRAIN_IN_HEAD = 0.8
+#: Niceness of the child that computes measures beside the registration (lower priority).
+BESIDE_NICENESS = 10
 
 
 def _itk_threads(threads: int) -> None:
@@ -354,24 +360,6 @@ def _array(path: Path, what: str, handoff: Handoff | None) -> np.ndarray:
     return kept.data
 
 
-@dataclass
-class _Native:
-    """One subject's images on the canonical grid and what of the IQMs needs no registration:
-    the zero-filled ``frame``, the distance to the head (mm), the 99.95th percentile of
-    the image (``top``, for wm2max) and the metrics, warnings and timings so far."""
-
-    grid: _Grid
-    raw: np.ndarray
-    data: np.ndarray
-    head: np.ndarray
-    frame: np.ndarray
-    head_distance: np.ndarray
-    top: float
-    metrics: dict[str, float]
-    warnings: list[str]
-    timings: dict[str, float]
-
-
 def _native_arrays(
     raw_image: Path, n4_image: Path, head_mask: Path, handoff: Handoff | None
 ) -> tuple[_Grid, np.ndarray, np.ndarray, np.ndarray]:
@@ -399,11 +387,34 @@ def _native_arrays(
     return grid, raw, data, head
 
 
+@dataclass
+class _Part:
+    """Some of the IQMs of one subject: metrics, warnings and details, in their order."""
+
+    metrics: dict[str, float]
+    warnings: list[str]
+    details: dict[str, Any]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"metrics": self.metrics, "warnings": self.warnings, "details": self.details}
+
+
+@dataclass
+class _Air:
+    """The background's measures (:func:`_background_measures`) and what the tissue
+    metrics take from it: the air's intensities (None when too few) and statistics."""
+
+    part: _Part
+    values: np.ndarray | None
+    stats: dict[str, float] | None
+
+
 def _native_measures(
     grid: _Grid, raw: np.ndarray, data: np.ndarray, head: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, float, dict[str, float], list[str]]:
-    """The IQMs of the native images that need no registration: the frame, the distance
-    to the head, ``top`` and the metrics and warnings (see :class:`_Native`)."""
+) -> tuple[_Part, np.ndarray, np.ndarray]:
+    """The IQMs that need no registration (sizes, EFC, FBER, artefacts, FWHM; ``top``,
+    the image's p99.95, in ``details``), the zero-filled frame and the distance to the
+    head (mm) that the background needs."""
     spacing = grid.spacing
     metrics: dict[str, float] = {}
     warnings: list[str] = []
@@ -428,124 +439,264 @@ def _native_measures(
         metrics[f"iqm_fwhm_{axis}"] = value
     del inner
     metrics["iqm_fwhm_avg"] = float(np.mean([metrics[f"iqm_fwhm_{a}"] for a in AXES]))
-    return frame, head_distance, image_top(data), metrics, warnings
+    return _Part(metrics, warnings, {"top": image_top(data)}), frame, head_distance
 
 
-def _native(raw_image: Path, n4_image: Path, head_mask: Path, handoff: Handoff | None) -> _Native:
-    """:class:`_Native` of one subject, computed here."""
-    start = time.perf_counter()
-    grid, raw, data, head = _native_arrays(raw_image, n4_image, head_mask, handoff)
-    loaded = time.perf_counter()
-    frame, head_distance, top, metrics, warnings = _native_measures(grid, raw, data, head)
-    timings = {"load": round(loaded - start, 3), "native": round(time.perf_counter() - loaded, 3)}
-    return _Native(grid, raw, data, head, frame, head_distance, top, metrics, warnings, timings)
+def _registration(transform: Path, grid: _Grid) -> tuple[np.ndarray | None, str]:
+    """Canonical voxel -> MNI RAS mm affine from the registration's ``.mat``, or (None, why)."""
+    vox_to_mni, problem = _read_transform(Path(transform))
+    return (vox_to_mni @ grid.affine if vox_to_mni is not None else None), problem
+
+
+def _background_measures(
+    data: np.ndarray,
+    head: np.ndarray,
+    frame: np.ndarray,
+    head_distance: np.ndarray,
+    spacing: Sequence[float],
+    vox_to_mni: np.ndarray | None,
+) -> _Air:
+    """Air above the glabella-inion level, clear of the head and the frame: QI1, the
+    artefacts and the background's statistics."""
+    air = _hat_mask(data.shape, vox_to_mni=vox_to_mni, head=head, spacing_mm=spacing)
+    air &= (head_distance > HEAD_MARGIN_MM) & ~frame
+    artifacts = artifact_mask(data, air, head_distance)
+    air &= ~artifacts
+    metrics = {"iqm_qi_1": qi_1(air, artifacts)}
+    details: dict[str, Any] = {
+        "air_voxels": int(np.count_nonzero(air)),
+        "artifact_voxels": int(np.count_nonzero(artifacts)),
+        "frame_voxels": int(np.count_nonzero(frame)),
+        "hat": "registration" if vox_to_mni is not None else "head top - 90 mm",
+    }
+    del artifacts
+    warnings = []
+    (bg_mask,) = tissue_masks({"bg": air}, spacing).values()
+    del air
+    air_values = data[bg_mask] if np.count_nonzero(bg_mask) >= MIN_REGION_VOXELS else None
+    if air_values is None:
+        warnings.append(
+            f"too little air background ({np.count_nonzero(bg_mask)} voxels): "
+            "background metrics undefined"
+        )
+    air_stats = summary_stats(air_values) if air_values is not None else None
+    metrics.update(_stat_metrics("bg", air_stats))
+    return _Air(_Part(metrics, warnings, details), air_values, air_stats)
+
+
+def _tissue_measures(
+    grid: _Grid,
+    raw: np.ndarray,
+    data: np.ndarray,
+    head: np.ndarray,
+    transform: Path,
+    registration: tuple[np.ndarray | None, str],
+    resolution: int,
+) -> tuple[_Part, dict[str, np.ndarray] | None]:
+    """The IQMs of the tissue classes that need no air; and the tissues' intensities for
+    :func:`_air_tissue_measures` (None, with a warning, when there is no segmentation)."""
+    vox_to_mni, transform_problem = registration
+    try:
+        if vox_to_mni is None:
+            raise SegmentationUnavailable(transform_problem)
+        box, pvms, tpms, fit = _tissues(grid, data, head, Path(transform), vox_to_mni, resolution)
+        masks = tissue_masks(pvms, grid.spacing)
+        values = {name: data[box][masks[name]] for name in TISSUES}
+        small = [name for name in TISSUES if values[name].size < MIN_REGION_VOXELS]
+        if small:
+            message = f"too few confident voxels for {', '.join(small)}"
+            raise SegmentationUnavailable(message)
+    except SegmentationUnavailable as error:
+        warning = f"no tissue segmentation: {error}; tissue-based metrics undefined"
+        log.warning("no tissue segmentation: %s", error)
+        return _Part({}, [warning], {}), None
+    metrics: dict[str, float] = {}
+    for name in TISSUES:
+        metrics.update(_stat_metrics(name, summary_stats(values[name])))
+        metrics[f"iqm_snr_{name}"] = snr(values[name])
+    metrics["iqm_snr_total"] = float(np.mean([metrics[f"iqm_snr_{n}"] for n in TISSUES]))
+    metrics["iqm_cjv"] = cjv(values["wm"], values["gm"])
+    metrics["iqm_inu_wm_range"] = field_range(raw[box][masks["wm"]], values["wm"])
+    for name, fraction in volume_fractions(pvms).items():
+        metrics[f"iqm_icvs_{name}"] = fraction
+    for name in TISSUES:
+        metrics[f"iqm_rpve_{name}"] = rpve(pvms[name])
+        metrics[f"iqm_tpm_overlap_{name}"] = fuzzy_jaccard(pvms[name], tpms[name])
+    return _Part(metrics, [], {"segmentation": fit}), values
+
+
+def _air_tissue_measures(
+    values: dict[str, np.ndarray], air: _Air, data: np.ndarray, top: float
+) -> dict[str, float]:
+    """The tissue metrics that need the air (SNRd, CNR) or the image's maximum (wm2max)."""
+    metrics: dict[str, float] = {}
+    if air.values is not None and air.stats is not None:
+        sigma = _noise_spread(air.stats)
+        for name in TISSUES:
+            metrics[f"iqm_snrd_{name}"] = snr_dietrich(values[name], sigma_air=sigma)
+        metrics["iqm_snrd_total"] = float(np.mean([metrics[f"iqm_snrd_{n}"] for n in TISSUES]))
+        metrics["iqm_cnr"] = cnr(values["wm"], values["gm"], air.values)
+    metrics["iqm_wm2max"] = wm2max(data, values["wm"], top=top)
+    return metrics
+
+
+def _combine(
+    native: _Part, air: _Part, tissues: _Part, extra: dict[str, float], timings: dict[str, float]
+) -> tuple[dict[str, float], list[str], dict[str, Any]]:
+    """The record's metrics (every name of ``IQM_NAMES``), warnings and details."""
+    metrics = dict.fromkeys(IQM_NAMES, math.nan)
+    for part in (native.metrics, air.metrics, tissues.metrics, extra):
+        metrics.update(part)
+    warnings = native.warnings + air.warnings + tissues.warnings
+    details = air.details | {"timings_s": timings} | tissues.details
+    return metrics, warnings, details
 
 
 class NativeMeasures:
-    """The IQMs that need no registration, computed beside it (the preprocess job).
+    """The IQMs computed beside the registration (the preprocess job).
 
     In ``records.run_chain``'s child, :meth:`start` (once the N4 stage has kept its
     images in ``handoff``) puts the native images on the canonical grid here and
-    computes :func:`_native_measures` in a forked child, on the other core, while
-    this process registers; the IQM stage collects them (:func:`iqm_subject`'s
-    ``native``) and does the rest. The child only reads what this process had:
-    the results are those of the IQM stage computing everything itself, which it
-    does where nothing was started. A failure or crash of the child is the IQM
-    stage's, with its reason.
+    forks a child, on the other core, that computes the measures that need no
+    registration (:func:`_native_measures`) while this process registers, then
+    waits for the registration (:meth:`registered`) and computes the background's
+    measures (:func:`_background_measures`) while this process segments the
+    tissues. The IQM stage collects them (:func:`compute_iqms`). The child only
+    reads what this process had: the results are those of the stage computing
+    everything itself, which it does where nothing was started. A failure or
+    crash of the child is the IQM stage's, with its reason.
     """
 
     def __init__(self, raw_image: Path, n4_image: Path, head_mask: Path, *, handoff: Handoff):
         self.images = (Path(raw_image), Path(n4_image), Path(head_mask))
         self.handoff = handoff
-        self._arrays: tuple[_Grid, np.ndarray, np.ndarray, np.ndarray] | None = None
+        self.arrays: tuple[_Grid, np.ndarray, np.ndarray, np.ndarray] | None = None
         self._problem: Exception | None = None
         self._finish: Callable[[], isolation.ChildOutcome] | None = None
-        self._content = -1
-        self._started = self._load_s = 0.0
+        self._to_child = self._air_values = -1
+        self._load_s = 0.0
+
+    @property
+    def started(self) -> bool:
+        return self._finish is not None or self._problem is not None
 
     def start(self) -> None:
-        """Start the native measures in a forked child (when in a chain and N4 kept its images)."""
+        """Start the child (when in a chain, N4 kept its images and Linux has memory files)."""
         _, n4_image, head_mask = self.images
         if not (records.in_chain() and n4_image in self.handoff and head_mask in self.handoff):
             return
         if not hasattr(os, "memfd_create"):
             return
-        self._started = time.perf_counter()
+        started = time.perf_counter()
         try:
-            self._arrays = _native_arrays(*self.images, self.handoff)
+            self.arrays = _native_arrays(*self.images, self.handoff)
         except Exception as error:  # the IQM stage's failure: raised when it collects
             self._problem = error
             return
-        self._load_s = round(time.perf_counter() - self._started, 3)
-        grid, raw, data, head = self._arrays
-        self._content = os.memfd_create("iqm-native")
-        content = self._content
+        self._load_s = round(time.perf_counter() - started, 3)
+        grid, raw, data, head = self.arrays
+        from_parent, self._to_child = os.pipe()
+        air_values = self._air_values = os.memfd_create("iqm-air")
 
         def measure() -> dict[str, Any]:
-            started = time.perf_counter()
+            os.close(self._to_child)
+            # Off the critical path: where the cores are busy (a cohort's other jobs),
+            # the registration and the tissues go first and this fills the gaps.
+            with contextlib.suppress(OSError):
+                os.nice(BESIDE_NICENESS)
             try:
-                frame, head_distance, top, metrics, warnings = _native_measures(
-                    grid, raw, data, head
+                begun = time.perf_counter()
+                native, frame, head_distance = _native_measures(grid, raw, data, head)
+                middle = time.perf_counter()
+                with os.fdopen(from_parent, "rb") as pipe:
+                    message = pipe.read()
+                if not message:  # the IQM stage is skipped
+                    return {"skipped": True}
+                vox_to_mni = json.loads(message)["vox_to_mni"]
+                vox_to_mni = None if vox_to_mni is None else np.asarray(vox_to_mni)
+                waited = time.perf_counter()
+                air = _background_measures(
+                    data, head, frame, head_distance, grid.spacing, vox_to_mni
                 )
-                with open(content, "wb", closefd=False) as stream:
-                    np.save(stream, frame)
-                    np.save(stream, head_distance)
+                if air.values is not None:
+                    with open(air_values, "wb", closefd=False) as stream:
+                        np.save(stream, air.values)
             except Exception as error:
-                log.exception("iqm: the native measures failed")
+                log.exception("iqm: the measures beside the registration failed")
                 return {"error": f"{STAGE}: {type(error).__name__}: {error}"[:300]}
-            elapsed = round(time.perf_counter() - started, 3)
-            return {"metrics": metrics, "warnings": warnings, "top": top, "native_s": elapsed}
+            timings = {
+                "native": round(middle - begun, 3),
+                "background": round(time.perf_counter() - waited, 3),
+            }
+            return {
+                "native": native.as_json(),
+                "air": air.part.as_json() | {"stats": air.stats},
+                "timings": timings,
+            }
 
-        self._finish = isolation.start_in_child(measure, what=f"{STAGE} (native measures)")
+        self._finish = isolation.start_in_child(measure, what=f"{STAGE} (beside registration)")
+        os.close(from_parent)
 
-    def collect(self) -> tuple[_Native, dict[str, Any]] | None:
-        """The native measures and the child's cost (None where not started); raises
+    def native_arrays(self) -> tuple[_Grid, np.ndarray, np.ndarray, np.ndarray]:
+        """The canonical grid and images the child works on; raises the problem that
+        kept :meth:`start` from making them."""
+        if self._problem is not None:
+            raise self._problem
+        if self.arrays is None:
+            message = "the measures beside the registration were not started"
+            raise RuntimeError(message)
+        return self.arrays
+
+    def registered(self, vox_to_mni: np.ndarray | None) -> None:
+        """Let the child go on with the background (the registration's affine, or None)."""
+        if self._to_child >= 0:
+            matrix = None if vox_to_mni is None else np.asarray(vox_to_mni).tolist()
+            with contextlib.suppress(BrokenPipeError):  # a child that died: see collect
+                os.write(self._to_child, json.dumps({"vox_to_mni": matrix}).encode())
+            os.close(self._to_child)
+            self._to_child = -1
+
+    def collect(self) -> tuple[_Part, _Air, dict[str, Any]]:
+        """The child's native and background measures and its cost; raises
         ``records.StageError`` where they failed."""
         if self._problem is not None:
             raise self._problem
-        if self._finish is None or self._arrays is None:
-            return None
+        if self._finish is None:
+            message = "the measures beside the registration were not started"
+            raise RuntimeError(message)
+        self.registered(None)  # (no-op once sent)
         outcome = self._finish()
         self._finish = None
-        wall = round(time.perf_counter() - self._started, 3)
-        try:
-            result = outcome.result
-            if result is None:
-                message = f"{STAGE}: crashed ({outcome.how}) in its native measures"
-                raise records.StageError(message)
-            if "error" in result:
-                raise records.StageError(result["error"])
-            with open(self._content, "rb", closefd=False) as stream:
+        result = outcome.result
+        if result is None:
+            message = f"{STAGE}: crashed ({outcome.how}) beside the registration"
+            raise records.StageError(message)
+        if "error" in result:
+            raise records.StageError(result["error"])
+        native = _Part(**result["native"])
+        air_json = dict(result["air"])
+        stats = air_json.pop("stats")
+        values = None
+        if stats is not None:
+            with open(self._air_values, "rb", closefd=False) as stream:
                 stream.seek(0)
-                frame, head_distance = np.load(stream), np.load(stream)
-        finally:
-            os.close(self._content)
-            self._content = -1
-        grid, raw, data, head = self._arrays
-        self._arrays = None
-        native = _Native(
-            grid,
-            raw,
-            data,
-            head,
-            frame,
-            head_distance,
-            result["top"],
-            result["metrics"],
-            result["warnings"],
-            {"load": self._load_s, "native": result["native_s"]},
-        )
-        return native, {"wall_s": wall, **outcome.cost}
+                values = np.load(stream)
+        air = _Air(_Part(**air_json), values, stats)
+        cost = {"load_s": self._load_s, **result["timings"], **outcome.cost}
+        return native, air, cost
 
-    def discard(self) -> None:
-        """Wait for a child that was started and not collected (the IQM stage was skipped)."""
+    def close(self) -> None:
+        """Let a child that was started go (the IQM stage was skipped) and wait for it."""
+        if self._to_child >= 0:
+            os.close(self._to_child)  # end of file: the child stops
+            self._to_child = -1
         if self._finish is not None:
             self._finish()
             self._finish = None
-        if self._content >= 0:
-            os.close(self._content)
-            self._content = -1
-        self._arrays = None
+        if self._air_values >= 0:
+            os.close(self._air_values)
+            self._air_values = -1
+        self.arrays = None
 
 
 def compute_iqms(
@@ -556,7 +707,7 @@ def compute_iqms(
     *,
     resolution: int = 2,
     handoff: Handoff | None = None,
-    native: _Native | None = None,
+    beside: NativeMeasures | None = None,
 ) -> tuple[dict[str, float], list[str], dict[str, Any]]:
     """Every IQM of one subject: (metrics named ``iqm_*``, warnings, details).
 
@@ -566,94 +717,40 @@ def compute_iqms(
     bias-corrected image and the head mask kept there (by the N4 stage of the
     same process) are taken from memory; the converted image is read for its
     grid as ITK sees it (ANTs' geometry of the file, as the tissue priors are
-    warped onto it). ``native``: the measures that need no registration, already
-    computed (:class:`NativeMeasures`); else they are computed here.
+    warped onto it). ``beside``: a started :class:`NativeMeasures`, which
+    computes the native and background measures in its child (``details``
+    then hold its cost as ``beside_registration``).
     """
-    if native is None:
-        native = _native(raw_image, n4_image, head_mask, handoff)
-    timings = dict(native.timings)
-    last = [time.perf_counter()]
-
-    def lap(section: str) -> None:
-        now = time.perf_counter()
-        timings[section] = round(now - last[0], 3)
-        last[0] = now
-
-    grid, raw, data, head = native.grid, native.raw, native.data, native.head
-    spacing, shape = grid.spacing, data.shape
-    metrics: dict[str, float] = dict.fromkeys(IQM_NAMES, math.nan) | native.metrics
-    warnings = list(native.warnings)
-
-    # Background: air above the glabella-inion level, clear of the head and the frame.
-    frame, head_distance = native.frame, native.head_distance
-    vox_to_mni, transform_problem = _read_transform(Path(transform))
-    if vox_to_mni is not None:
-        vox_to_mni = vox_to_mni @ grid.affine
-    air = _hat_mask(shape, vox_to_mni=vox_to_mni, head=head, spacing_mm=spacing)
-    air &= (head_distance > HEAD_MARGIN_MM) & ~frame
-    artifacts = artifact_mask(data, air, head_distance)
-    del head_distance
-    air &= ~artifacts
-    metrics["iqm_qi_1"] = qi_1(air, artifacts)
-    details: dict[str, Any] = {
-        "air_voxels": int(np.count_nonzero(air)),
-        "artifact_voxels": int(np.count_nonzero(artifacts)),
-        "frame_voxels": int(np.count_nonzero(frame)),
-        "hat": "registration" if vox_to_mni is not None else "head top - 90 mm",
-    }
-    del artifacts, frame
-    (bg_mask,) = tissue_masks({"bg": air}, spacing).values()
-    del air
-    air_values = data[bg_mask] if np.count_nonzero(bg_mask) >= MIN_REGION_VOXELS else None
-    if air_values is None:
-        warnings.append(
-            f"too little air background ({np.count_nonzero(bg_mask)} voxels): "
-            "background metrics undefined"
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    if beside is not None and beside.started:
+        grid, raw, data, head = beside.native_arrays()
+        registration = _registration(transform, grid)
+        beside.registered(registration[0])
+        tissues, values = _tissue_measures(
+            grid, raw, data, head, transform, registration, resolution
         )
-    del bg_mask
-    air_stats = summary_stats(air_values) if air_values is not None else None
-    metrics.update(_stat_metrics("bg", air_stats))
-    details["timings_s"] = timings
-    lap("background")
-
-    try:
-        if vox_to_mni is None:
-            raise SegmentationUnavailable(transform_problem)
-        box, pvms, tpms, fit = _tissues(grid, data, head, Path(transform), vox_to_mni, resolution)
-        masks = tissue_masks(pvms, spacing)
-        values = {name: data[box][masks[name]] for name in TISSUES}
-        small = [name for name in TISSUES if values[name].size < MIN_REGION_VOXELS]
-        if small:
-            message = f"too few confident voxels for {', '.join(small)}"
-            raise SegmentationUnavailable(message)
-    except SegmentationUnavailable as error:
-        warnings.append(f"no tissue segmentation: {error}; tissue-based metrics undefined")
-        log.warning("no tissue segmentation: %s", error)
-        lap("tissues")
-        return metrics, warnings, details
-    details["segmentation"] = fit
-    lap("tissues")
-
-    for name in TISSUES:
-        metrics.update(_stat_metrics(name, summary_stats(values[name])))
-        metrics[f"iqm_snr_{name}"] = snr(values[name])
-    metrics["iqm_snr_total"] = float(np.mean([metrics[f"iqm_snr_{n}"] for n in TISSUES]))
-    if air_values is not None and air_stats is not None:
-        sigma = _noise_spread(air_stats)
-        for name in TISSUES:
-            metrics[f"iqm_snrd_{name}"] = snr_dietrich(values[name], sigma_air=sigma)
-        metrics["iqm_snrd_total"] = float(np.mean([metrics[f"iqm_snrd_{n}"] for n in TISSUES]))
-        metrics["iqm_cnr"] = cnr(values["wm"], values["gm"], air_values)
-    metrics["iqm_cjv"] = cjv(values["wm"], values["gm"])
-    metrics["iqm_inu_wm_range"] = field_range(raw[box][masks["wm"]], values["wm"])
-    del raw
-    metrics["iqm_wm2max"] = wm2max(data, values["wm"], top=native.top)
-    for name, fraction in volume_fractions(pvms).items():
-        metrics[f"iqm_icvs_{name}"] = fraction
-    for name in TISSUES:
-        metrics[f"iqm_rpve_{name}"] = rpve(pvms[name])
-        metrics[f"iqm_tpm_overlap_{name}"] = fuzzy_jaccard(pvms[name], tpms[name])
-    lap("tissue_metrics")
+        timings["tissues"] = round(time.perf_counter() - started, 3)
+        native, air, cost = beside.collect()
+        timings["collect"] = round(time.perf_counter() - started - timings["tissues"], 3)
+    else:
+        grid, raw, data, head = _native_arrays(raw_image, n4_image, head_mask, handoff)
+        timings["load"] = round(time.perf_counter() - started, 3)
+        native, frame, head_distance = _native_measures(grid, raw, data, head)
+        timings["native"] = round(time.perf_counter() - started - sum(timings.values()), 3)
+        registration = _registration(transform, grid)
+        air = _background_measures(data, head, frame, head_distance, grid.spacing, registration[0])
+        del frame, head_distance
+        timings["background"] = round(time.perf_counter() - started - sum(timings.values()), 3)
+        tissues, values = _tissue_measures(
+            grid, raw, data, head, transform, registration, resolution
+        )
+        timings["tissues"] = round(time.perf_counter() - started - sum(timings.values()), 3)
+        cost = None
+    extra = _air_tissue_measures(values, air, data, native.details["top"]) if values else {}
+    metrics, warnings, details = _combine(native, air.part, tissues, extra, timings)
+    if cost is not None:
+        details["beside_registration"] = cost
     return metrics, warnings, details
 
 
@@ -668,7 +765,7 @@ def iqm_subject(
     resolution: int = 2,
     threads: int = 1,
     handoff: Handoff | None = None,
-    native: NativeMeasures | None = None,
+    beside: NativeMeasures | None = None,
 ) -> dict:
     """Stage ``iqm``: MRIQC-style metrics of one subject, written to its status record.
 
@@ -681,14 +778,13 @@ def iqm_subject(
     undefined, with a warning saying why); ``details`` hold mask sizes and the
     tissue mixture's fit. A scan that cannot be read ends as a ``failed``
     record. With a ``handoff`` (stages in one process), the images the N4 stage
-    kept there are taken from memory (see :func:`compute_iqms`); ``native``: the
-    measures that need no registration, started beside it (:class:`NativeMeasures`;
-    ``details`` then hold that child's cost as ``native_child``). Returns the record.
+    kept there are taken from memory (see :func:`compute_iqms`); ``beside``: the
+    measures started beside the registration (:class:`NativeMeasures`), collected
+    here. Returns the record.
     """
     _itk_threads(threads)
 
     def work() -> dict[str, Any]:
-        collected = native.collect() if native is not None else None
         metrics, warnings, details = compute_iqms(
             Path(raw_image),
             Path(n4_image),
@@ -696,14 +792,12 @@ def iqm_subject(
             Path(transform),
             resolution=resolution,
             handoff=handoff,
-            native=collected[0] if collected else None,
+            beside=beside,
         )
-        if collected:
-            details["native_child"] = collected[1]
         return records.make_record(STAGE, metrics=metrics, warnings=warnings, details=details)
 
     try:
         return records.run_stage(STAGE, work, record_path=record_path, upstream=upstream)
     finally:
-        if native is not None:
-            native.discard()
+        if beside is not None:
+            beside.close()
