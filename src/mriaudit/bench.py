@@ -311,50 +311,6 @@ def scale(work: Path, *, sizes: list[int]) -> dict[str, Any]:
     return result
 
 
-# ------------------------------------------------------------------------------ model
-
-#: Subjects scored per device: enough for a GPU's steady rate (start-up included).
-SCORE_SUBJECTS = {"cpu": 24, "cuda": 512}
-#: The demo cohort's size and its default training (epochs x fold models).
-DEMO_SUBJECTS, DEMO_EPOCHS, DEMO_FOLDS = 30, 12, 3
-
-
-def cuda_device() -> str | None:
-    """The CUDA device's name, or None where torch finds no working GPU."""
-    import torch
-
-    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-
-
-def model_part(
-    devices: list[str],
-    *,
-    threads: int,
-    score_subjects: dict[str, int] | None = None,
-    epoch_subjects: int = DEMO_SUBJECTS,
-) -> dict[str, Any]:
-    """Per device: scoring throughput (2 mm template grid, 3 fold models, the score job's
-    path; ``score_subjects`` per device, default :data:`SCORE_SUBJECTS`) and one training
-    epoch on ``epoch_subjects`` (the demo cohort's size) (``bench_model``)."""
-    from mriaudit import bench_model
-
-    score_subjects = score_subjects or SCORE_SUBJECTS
-    figures: dict[str, Any] = {}
-    for device in devices:
-        epoch = bench_model.training_epoch_seconds(
-            device=device, subjects=epoch_subjects, threads=threads
-        )
-        figures[device] = {
-            "scoring": bench_model.scoring_throughput(
-                device=device, subjects=score_subjects[device], folds=3, threads=threads
-            ),
-            "training_epoch": epoch,
-            # Fold models x epochs; calibration and checkpointing come on top.
-            "demo_training_estimate_s": round(epoch["epoch_s"] * DEMO_EPOCHS * DEMO_FOLDS, 1),
-        }
-    return figures
-
-
 # ------------------------------------------------------------------------------ output
 
 
@@ -419,6 +375,8 @@ def table(result: dict[str, Any]) -> str:
                   f"  aggregate + report                {scaled[f'aggregate_report_{n}_s']:>8.1f} s, "
                   f"peak RSS {scaled[f'aggregate_report_{n}_peak_rss_mb']:.0f} MB, "
                   f"report {scaled[f'report_{n}_mb']:.1f} MB"]  # fmt: skip
+    from mriaudit.bench_model import DEMO_EPOCHS, DEMO_FOLDS  # torch: only where it is used
+
     for device, figures in (result.get("model") or {}).items():
         if figures is None:
             lines += ["", f"model on {device}: NOT MEASURED, {result['model_unavailable'][device]}"]
@@ -487,11 +445,14 @@ def main(argv: list[str] | None = None) -> int:
     gpu_only = args.device == "cuda"
     with tempfile.TemporaryDirectory(prefix="mriaudit-bench-") as tmp:
         if not args.skip_model:
-            gpu = cuda_device()
+            # Imported here: torch would weigh on the measured stages' processes otherwise.
+            from mriaudit import bench_model
+
+            gpu = bench_model.cuda_device()
             devices = ["cpu", "cuda"] if args.device == "auto" else [args.device]
             present = [d for d in devices if d == "cpu" or gpu]
             threads = args.threads if args.threads > 1 else os.cpu_count() or 1
-            result["model"] = model_part(present, threads=threads)
+            result["model"] = bench_model.model_part(present, threads=threads)
             if "cuda" in devices and not gpu:
                 result["model"]["cuda"] = None
                 result["model_unavailable"] = {

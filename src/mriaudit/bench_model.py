@@ -223,3 +223,39 @@ def training_epoch_seconds(*, device: str, subjects: int, threads: int) -> dict[
         "slices_per_s": round(slices / epoch, 1),
         "loss": round(float(loss), 5),
     }
+
+
+#: Subjects scored per device: enough for a GPU's steady rate (start-up included).
+SCORE_SUBJECTS = {"cpu": 24, "cuda": 512}
+#: The demo cohort's size and its default training (epochs x fold models).
+DEMO_SUBJECTS, DEMO_EPOCHS, DEMO_FOLDS = 30, 12, 3
+
+
+def cuda_device() -> str | None:
+    """The CUDA device's name, or None where torch finds no working GPU."""
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def model_part(
+    devices: list[str],
+    *,
+    threads: int,
+    score_subjects: dict[str, int] | None = None,
+    epoch_subjects: int = DEMO_SUBJECTS,
+) -> dict[str, Any]:
+    """Per device: scoring throughput (2 mm template grid, 3 fold models, the score job's
+    path; ``score_subjects`` per device, default :data:`SCORE_SUBJECTS`) and one training
+    epoch on ``epoch_subjects`` (the demo cohort's size) (``bench_model``)."""
+    score_subjects = score_subjects or SCORE_SUBJECTS
+    figures: dict[str, Any] = {}
+    for device in devices:
+        epoch = training_epoch_seconds(device=device, subjects=epoch_subjects, threads=threads)
+        figures[device] = {
+            "scoring": scoring_throughput(
+                device=device, subjects=score_subjects[device], folds=3, threads=threads
+            ),
+            "training_epoch": epoch,
+            # Fold models x epochs; calibration and checkpointing come on top.
+            "demo_training_estimate_s": round(epoch["epoch_s"] * DEMO_EPOCHS * DEMO_FOLDS, 1),
+        }
+    return figures

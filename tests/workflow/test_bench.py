@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from mriaudit import bench
+from mriaudit import bench, bench_model
 
 pytestmark = pytest.mark.workflow
 
@@ -52,7 +52,9 @@ def test_scale_part_writes_figures_and_a_table(tmp_path, capsys):
 
 
 def test_model_part_measures_scoring_and_training_on_the_cpu():
-    figures = bench.model_part(["cpu"], threads=2, score_subjects={"cpu": 3}, epoch_subjects=3)
+    figures = bench_model.model_part(
+        ["cpu"], threads=2, score_subjects={"cpu": 3}, epoch_subjects=3
+    )
     scoring, epoch = figures["cpu"]["scoring"], figures["cpu"]["training_epoch"]
     assert scoring["scored"] == 3 and scoring["folds"] == 3 and scoring["subjects_per_s"] > 0
     assert epoch["epoch_s"] > 0 and epoch["subjects"] == 3
@@ -60,7 +62,7 @@ def test_model_part_measures_scoring_and_training_on_the_cpu():
 
 
 def test_cuda_part_says_clearly_when_there_is_no_gpu(tmp_path, capsys):
-    if bench.cuda_device():
+    if bench_model.cuda_device():
         pytest.skip("a CUDA GPU is present: the GPU figures run instead")
     assert bench.main(["--device", "cuda", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "bench.json").read_text())
