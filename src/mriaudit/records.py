@@ -54,8 +54,6 @@ STATUSES = (OK, FAILED, NO_SERIES)
 #: True in the child process of :func:`run_chain`, which is isolated already: its
 #: stages run in it, one after the other, instead of each in a child of its own.
 _CHAINED = False
-#: Niceness of the thread that writes the files handed over (lower priority).
-WRITER_NICENESS = 10
 #: In the child process of :func:`run_chain`: the channel to its parent, which
 #: writes the gzip files handed to it (:func:`write_gzip_in_background`).
 _WRITER: socket.socket | None = None
@@ -303,12 +301,8 @@ def write_gzip_in_background(
 def _write_handed_files(channel: socket.socket, written: dict[Path, str]) -> None:
     """Write the gzip files that run_chain's child hands over, in order, until it is gone.
 
-    ``written`` gets each file's path and its error ("" when written). The thread runs
-    at a lower priority (Linux: threads have their own niceness): where the cores are
-    busy, the stages go first and the writing fills the gaps.
+    ``written`` gets each file's path and its error ("" when written).
     """
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), WRITER_NICENESS)
     while True:
         try:
             message, fds, _, _ = socket.recv_fds(channel, 1 << 16, 1)

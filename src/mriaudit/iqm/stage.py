@@ -96,8 +96,6 @@ HEAD_MARGIN_MM = 4.0
 BRAIN_VOLUME_RATIO = (0.5, 1.6)
 #: Share of the warped brain mask that must fall inside the head mask.
 MIN_BRAIN_IN_HEAD = 0.8
-#: Niceness of the child that computes measures beside the registration (lower priority).
-BESIDE_NICENESS = 10
 
 
 def _itk_threads(threads: int) -> None:
@@ -600,10 +598,6 @@ class NativeMeasures:
 
         def measure() -> dict[str, Any]:
             os.close(self._to_child)
-            # Off the critical path: where the cores are busy (a cohort's other jobs),
-            # the registration and the tissues go first and this fills the gaps.
-            with contextlib.suppress(OSError):
-                os.nice(BESIDE_NICENESS)
             try:
                 begun = time.perf_counter()
                 native, frame, head_distance = _native_measures(grid, raw, data, head)
