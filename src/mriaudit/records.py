@@ -184,9 +184,9 @@ def run_stage(
     write ``image_outputs`` itself. With ``isolate`` (default
     ``isolation.FORK_STAGES``, but False inside :func:`run_chain`'s child) it runs
     in a forked child process (its return value crosses back as JSON; side effects
-    other than files are lost); in this process, the record's ``peak_rss_mb`` is
-    this process's peak during the stage (where Linux can reset it; else its peak
-    so far).
+    other than files are lost); in this process, the record's ``cpu_s`` counts the
+    children the stage waited for, and its ``peak_rss_mb`` is this process's peak
+    during the stage (where Linux can reset it; else its peak so far).
     When an upstream record is not ``ok`` (or unreadable) the work is skipped.
     When ``work`` raises, or its process dies (segfault, abort), the error
     becomes a ``failed`` record (``StageError`` carries its own status and
@@ -221,12 +221,12 @@ def run_stage(
             record = _attempt_in_child(stage, work)
         else:
             _reset_peak_rss()
-            before = resource.getrusage(resource.RUSAGE_SELF)
+            before = _cpu_seconds()
             record, error = _attempt(stage, work)
             if error:
                 log.error("%s: %s", stage, error)
+            cpu = _cpu_seconds() - before
             after = resource.getrusage(resource.RUSAGE_SELF)
-            cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
             record |= {"cpu_s": round(cpu, 3), "peak_rss_mb": _peak_rss_mb(after)}
     if record["status"] != OK:
         # A failed stage may have left a partial image: no half-written file is ever
@@ -235,6 +235,14 @@ def run_stage(
     record["elapsed_s"] = round(time.perf_counter() - start, 3)
     write_json(record_path, record)
     return record
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) of this process and of the children it has waited
+    for (a stage's converter, the IQMs' child), as a forked stage's ``wait4`` counts."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def _reset_peak_rss() -> None:
