@@ -31,6 +31,7 @@ import pytest
 import yaml
 
 from mriaudit import cohort, paths
+from mriaudit.bench_scale import plan_submissions
 
 from .conftest import ROOT, SNAKEMAKE
 
@@ -98,19 +99,6 @@ def _run(*args: str, cwd: Path = ROOT, limit_s: int = RUN_LIMIT_S) -> subprocess
     )
 
 
-def _submissions(dry_run_output: str, *, local_rules: set[str]) -> Counter:
-    """SLURM jobs of a dry run: one per printed group job, one per ungrouped non-local job."""
-    jobs: Counter = Counter()
-    for line in dry_run_output.splitlines():
-        group = re.search(r"Group job (\S+) \(", line)
-        rule = re.match(r"(?:\[[^\]]*\] )?rule (\w+):", line)
-        if group:
-            jobs[f"group {group.group(1)}"] += 1
-        elif rule and rule.group(1) not in local_rules:
-            jobs[rule.group(1)] += 1
-    return jobs
-
-
 # --------------------------------------------------------------------------- without a cluster
 
 
@@ -164,7 +152,7 @@ def test_grouped_plan_for_1000_subjects_submits_at_most_100_jobs(tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    jobs = _submissions(result.stdout + result.stderr, local_rules={"all"})
+    jobs = plan_submissions(result.stdout + result.stderr)
     assert sum(jobs.values()) <= 100, jobs
     components = _profile(PROFILE)["group-components"]
     assert jobs["group subject"] == math.ceil(1000 / components["subject"]), jobs
