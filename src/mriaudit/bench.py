@@ -139,19 +139,7 @@ def measure(stage: str, work: Path, *, threads: int) -> dict[str, float]:
     command = [sys.executable, "-m", "mriaudit.bench", "--stage", stage, "--work", str(work)]
     command += ["--threads", str(threads)]
     env = {**os.environ, "ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS": str(threads)}
-    start = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(process.pid, 0)
-    wall = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    if process.returncode != 0:
-        message = f"bench stage {stage} exited with {process.returncode}"
-        raise RuntimeError(message)
-    return {
-        "wall_s": round(wall, 3),
-        "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
-        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-    }
+    return bench_scale.run_measured(command, env=env)[1]
 
 
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:

@@ -44,11 +44,15 @@ def placeholder_cohort(input_dir: Path, n: int) -> Path:
     return input_dir
 
 
-def _run_measured(command: list[str], *, cwd: Path) -> tuple[str, float, float]:
-    """stdout + stderr, wall seconds and peak RSS (MB) of ``command``."""
+def run_measured(
+    command: list[str], *, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> tuple[str, dict[str, float]]:
+    """stdout + stderr of ``command``, and its ``wall_s``, ``cpu_s`` (user + system) and
+    ``peak_rss_mb``. ``os.wait4`` reports the child's usage together with the children
+    it waited for. A non-zero exit raises ``RuntimeError`` with the output's end."""
     start = time.perf_counter()
     process = subprocess.Popen(
-        command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     output = process.stdout.read()
     _, status, usage = os.wait4(process.pid, 0)
@@ -57,7 +61,11 @@ def _run_measured(command: list[str], *, cwd: Path) -> tuple[str, float, float]:
     if process.returncode != 0:
         message = f"{' '.join(command[:4])} ... exited with {process.returncode}:\n{output[-2000:]}"
         raise RuntimeError(message)
-    return output, wall, usage.ru_maxrss / 1024
+    return output, {
+        "wall_s": round(wall, 3),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+        "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+    }
 
 
 def plan_submissions(dry_run_output: str) -> Counter:
@@ -86,12 +94,12 @@ def slurm_plan(work: Path, *, subjects: int, profile: str = "profiles/slurm") ->
     command = [str(Path(sys.executable).with_name("snakemake")), "-n", "--profile", profile]
     command += ["--quiet", "reason", "progress", "host", "--workflow-profile", "none"]
     command += ["all", "--config", f"input_dir={input_dir}", f"output_dir={work / 'out'}"]
-    output, wall, peak = _run_measured(command, cwd=PROJECT)
+    output, cost = run_measured(command, cwd=PROJECT)
     counts = plan_submissions(output)
     return {
         "subjects": subjects,
-        "dry_run_s": round(wall, 1),
-        "dry_run_peak_rss_mb": round(peak),
+        "dry_run_s": round(cost["wall_s"], 1),
+        "dry_run_peak_rss_mb": round(cost["peak_rss_mb"]),
         "slurm_jobs": sum(counts.values()),
         "slurm_jobs_by_kind": dict(sorted(counts.items())),
     }
