@@ -21,6 +21,7 @@ train_cohort(
     learning_rate=training["learning_rate"],
     seed=training["seed"],
     device=snakemake.params.device,
+    precision=training["precision"],
     threads=snakemake.threads,
     resolution=snakemake.params.resolution,
     fold_groups=dict(snakemake.params.fold_groups),

@@ -197,18 +197,6 @@ def group_count(subjects: Sequence[str], groups: Mapping[str, str] | None) -> in
     return len({(groups or {}).get(s, f"subject:{s}") for s in subjects})
 
 
-def slice_inputs(volume: np.ndarray, z: np.ndarray, *, context: int) -> np.ndarray:
-    """Axial slices ``z`` of a cropped volume (X, Y, Z) with their neighbours.
-
-    Returns float32 (len(z), 2 * context + 1, X, Y): slices z - context ..
-    z + context, edge slices repeated.
-    """
-    n_z = volume.shape[2]
-    offsets = np.arange(-context, context + 1)
-    index = np.clip(np.asarray(z)[:, None] + offsets[None, :], 0, n_z - 1)
-    return np.moveaxis(volume[:, :, index], (2, 3), (0, 1)).astype(np.float32)
-
-
 def data_hash(images: dict[str, Path]) -> str:
     """sha256 over the sorted training subjects and the sha256 of each one's image."""
     digest = hashlib.sha256()

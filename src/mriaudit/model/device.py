@@ -12,6 +12,7 @@ import torch
 log = logging.getLogger(__name__)
 
 DEVICE_NAMES = ("auto", "cpu", "cuda")
+PRECISION_NAMES = ("auto", "fp32", "bf16")
 
 
 def resolve_device(name: str, *, threads: int | None = None) -> torch.device:
@@ -33,6 +34,24 @@ def resolve_device(name: str, *, threads: int | None = None) -> torch.device:
     if threads is not None:
         torch.set_num_threads(max(1, int(threads)))
     return torch.device("cpu")
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """The training arithmetic, ``fp32`` or ``bf16``, for a config value ``auto``, ``fp32`` or ``bf16``.
+
+    ``auto`` is ``bf16`` (bfloat16 autocast of the network, float32 loss and
+    weights) on a CUDA device that supports it, where it halves the memory
+    traffic of the convolutions, and ``fp32`` on the CPU, which keeps the
+    results of the CPU runs. ``bf16`` is honoured on the CPU too.
+    """
+    if name not in PRECISION_NAMES:
+        message = f"precision must be one of {PRECISION_NAMES}, got {name!r}"
+        raise ValueError(message)
+    if name != "auto":
+        return name
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
 
 
 def seed_everything(seed: int) -> None:

@@ -29,13 +29,14 @@ def _trimmed_l1(
     weight = mask
     if trim > 0:
         # The cut-off from a strided subsample of the masked pixels: sorting
-        # every pixel would cost more than the training step.
-        flat_errors = errors.detach().flatten()
-        stride = max(1, flat_errors.numel() // 40000)
-        sample = flat_errors[::stride][mask.flatten()[::stride] > 0.5]
-        if sample.numel() > 0:
-            cutoff = torch.quantile(sample, 1.0 - trim)
-            weight = mask * (errors.detach() <= cutoff)
+        # every pixel would cost more than the training step. Pixels outside the
+        # mask are NaN rather than dropped, so no step waits for the device to say
+        # how many are left; with none left the cut-off keeps every pixel.
+        stride = max(1, errors.numel() // 40000)
+        sample = errors.detach().flatten()[::stride]
+        sample = sample.masked_fill(mask.flatten()[::stride] <= 0.5, float("nan"))
+        cutoff = torch.nan_to_num(torch.nanquantile(sample, 1.0 - trim), nan=float("inf"))
+        weight = mask * (errors.detach() <= cutoff)
     return (errors * weight).sum() / weight.sum().clamp_min(1.0)
 
 

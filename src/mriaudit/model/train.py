@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import ndimage
+import torch.nn.functional as F
 
 from mriaudit import files
 from mriaudit.intensity import histogram_landmarks, standardize_histogram
@@ -42,9 +42,8 @@ from mriaudit.model.data import (
     group_count,
     load_normalised,
     reference_problem,
-    slice_inputs,
 )
-from mriaudit.model.device import resolve_device, seed_everything
+from mriaudit.model.device import resolve_device, resolve_precision, seed_everything
 from mriaudit.model.maps import (
     calibrated_map,
     calibration_stats,
@@ -77,71 +76,75 @@ def train_fold(
     seed: int,
     device: torch.device,
     options: TrainOptions,
+    precision: str = "fp32",
     label: str = "",
 ) -> tuple[dict[str, torch.Tensor], float]:
     """Train one model on cropped, normalised volumes (X, Y, Z each).
 
-    The model's atlas is the voxelwise median of ``volumes``. Returns the CPU
-    state dict (atlas included) and the mean loss of the last epoch.
+    The volumes, the brain mask, the atlas, the slice draws, the augmentation
+    and the loss all live on ``device``, and the host reads one value back per
+    epoch (the logged loss), so a GPU never waits on the CPU. ``precision``
+    ``bf16`` runs the network under bfloat16 autocast (the loss stays float32);
+    ``fp32`` does not. The model's atlas is the voxelwise median of
+    ``volumes``. Returns the CPU state dict (atlas included) and the mean loss
+    of the last epoch.
     """
     architecture = options.architecture
     context = int(architecture["context"])
-    rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    model = build_network(architecture, shape=volumes[0].shape)
-    model.set_atlas(_median_volume(volumes))
-    model = model.to(device)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    # (N, Z, X, Y), as stored (float16): a batch of slices is one gather.
+    stack = torch.from_numpy(np.stack([np.moveaxis(v, 2, 0) for v in volumes])).to(device)
+    slice_masks = torch.from_numpy(np.moveaxis(grid.crop_mask, 2, 0).astype(np.float32)).to(device)
+    model = build_network(architecture, shape=volumes[0].shape).to(device)
+    model.atlas.copy_(_median_volume(stack))
     optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    n_z = volumes[0].shape[2]
+    n_subjects, n_z = stack.shape[:2]
     per_subject = min(options.slices_per_subject, n_z)
-    steps_per_epoch = math.ceil(len(volumes) * per_subject / batch_size)
+    n_pairs = n_subjects * per_subject
+    steps_per_epoch = math.ceil(n_pairs / batch_size)
     total = steps_per_epoch * epochs
-    slice_masks = np.moveaxis(grid.crop_mask, 2, 0)
+    offsets = torch.arange(-context, context + 1, device=device)
     step, loss_value = 0, float("nan")
     updates = {
         round(epochs * (i + 1) / (options.atlas_updates + 1)) for i in range(options.atlas_updates)
     }
     for epoch in range(epochs):
         if epoch in updates - {0}:
-            model.set_atlas(_sharpened_atlas(model, volumes, device=device))
+            model.atlas.copy_(_sharpened_atlas(model, stack, batch_size=batch_size))
         start = time.perf_counter()
-        pairs = np.array(
-            [
-                (s, z)
-                for s in range(len(volumes))
-                for z in rng.choice(n_z, per_subject, replace=False)
-            ]
-        )
-        pairs = pairs[rng.permutation(len(pairs))]
-        losses = []
+        # Each subject's slices without replacement, then every (subject, slice) pair shuffled.
+        draws = torch.rand((n_subjects, n_z), generator=generator, device=device)
+        slices = draws.argsort(dim=1)[:, :per_subject].flatten()
+        subjects = torch.arange(n_subjects, device=device).repeat_interleave(per_subject)
+        order = torch.randperm(n_pairs, generator=generator, device=device)
+        subjects, slices = subjects[order], slices[order]
+        epoch_loss = torch.zeros((), device=device)
         model.train()
-        for first in range(0, len(pairs), batch_size):
-            chunk = pairs[first : first + batch_size]
-            batch = np.concatenate(
-                [slice_inputs(volumes[s], np.array([z]), context=context) for s, z in chunk]
-            )
+        for first in range(0, n_pairs, batch_size):
+            s, z = subjects[first : first + batch_size], slices[first : first + batch_size]
+            neighbours = (z[:, None] + offsets[None, :]).clamp(0, n_z - 1)
             inputs, target, mask = augment_batch(
-                batch, slice_masks[chunk[:, 1]], context=context, rng=rng, options=options
+                stack[s[:, None], neighbours].float(),
+                slice_masks[z][:, None],
+                context=context,
+                generator=generator,
+                options=options,
             )
             for group in optimiser.param_groups:
                 group["lr"] = learning_rate * lr_factor(step, total, options.warmup)
-            output, flow = model(
-                inputs.to(device), torch.from_numpy(chunk[:, 1]).to(device), with_flow=True
-            )
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                output, flow = model(inputs, z, with_flow=True)
             loss = multiscale_l1(
-                output,
-                target.to(device),
-                mask.to(device),
-                trim=options.trim,
-                coarse=options.coarse_loss,
+                output.float(), target, mask, trim=options.trim, coarse=options.coarse_loss
             )
-            loss = loss + options.smoothness * displacement_smoothness(flow)
+            loss = loss + options.smoothness * displacement_smoothness(flow.float())
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            losses.append(float(loss.detach()))
+            epoch_loss += loss.detach()
             step += 1
-        loss_value = float(np.mean(losses))
+        loss_value = float(epoch_loss) / steps_per_epoch  # the epoch's one read-back
         log.info(
             "%sepoch %d/%d loss %.4f (%.1f s)",
             label,
@@ -218,49 +221,65 @@ def _calibrate(
     return calibration
 
 
-def _to_atlas_space(
-    model: AtlasWarpNet, volume: np.ndarray, *, device: torch.device, batch_size: int = 32
-) -> np.ndarray:
-    """A training volume (X, Y, Z) resampled into the atlas frame by the model's fields.
+def _to_atlas_space(model: AtlasWarpNet, volume: torch.Tensor, *, batch_size: int) -> torch.Tensor:
+    """A training volume (Z, X, Y) resampled into the atlas frame by the model's fields,
+    float32 (Z, X, Y) on the volume's device.
 
     The model says ``x(p) ~ gain(p) * atlas(p + u(p)) + offset(p)``; for small,
-    smooth ``u`` the atlas-frame image is ``(x(q - u(q)) - offset(q)) / gain(q)``.
+    smooth ``u`` the atlas-frame image is ``(x(q - u(q)) - offset(q)) / gain(q)``,
+    sampled trilinearly with edge values beyond the border.
     """
+    n_z, size_x, size_y = volume.shape
+    device = volume.device
+    source = volume.float()[None, None]  # (1, 1, Z, X, Y): grid_sample's (D, H, W)
+    offsets = torch.arange(-model.context, model.context + 1, device=device)
+    grid_x = torch.arange(size_x, device=device, dtype=torch.float32)[None, :, None]
+    grid_y = torch.arange(size_y, device=device, dtype=torch.float32)[None, None, :]
+    moved = torch.empty((n_z, size_x, size_y), device=device)
+    for start in range(0, n_z, batch_size):
+        z = torch.arange(start, min(n_z, start + batch_size), device=device)
+        neighbours = (z[:, None] + offsets[None, :]).clamp(0, n_z - 1)
+        flow, gain, offset = model.fields(volume[neighbours].float(), z)
+        position = [
+            grid_y - flow[:, 1],
+            grid_x - flow[:, 0],
+            z.float()[:, None, None] - flow[:, 2],
+        ]
+        # grid_sample wants (W, H, D) = (y, x, z) in [-1, 1] with align_corners=True.
+        grid = torch.stack(
+            [2 * p / max(1, n - 1) - 1 for p, n in zip(position, (size_y, size_x, n_z))], dim=-1
+        )
+        sampled = F.grid_sample(
+            source, grid[None], mode="bilinear", padding_mode="border", align_corners=True
+        )
+        moved[start : start + len(z)] = (sampled[0, 0] - offset[:, 0]) / gain[:, 0]
+    return moved
+
+
+def _sharpened_atlas(model: AtlasWarpNet, stack: torch.Tensor, *, batch_size: int) -> torch.Tensor:
+    """Voxelwise median (Z, X, Y) of the training volumes ``stack`` (N, Z, X, Y) brought
+    into the atlas frame by the current model, on the stack's device."""
     model.eval()
-    n_z = volume.shape[2]
-    flow = np.empty((3, *volume.shape), dtype=np.float32)
-    gain = np.empty(volume.shape, dtype=np.float32)
-    offset = np.empty(volume.shape, dtype=np.float32)
-    with torch.inference_mode():
-        for start in range(0, n_z, batch_size):
-            z = np.arange(start, min(n_z, start + batch_size))
-            x = torch.from_numpy(slice_inputs(volume, z, context=model.context)).to(device)
-            u, g, o = (
-                t.float().cpu().numpy() for t in model.fields(x, torch.from_numpy(z).to(device))
-            )
-            flow[:, :, :, start : start + len(z)] = np.moveaxis(u, 0, 3)
-            gain[:, :, start : start + len(z)] = np.moveaxis(g[:, 0], 0, 2)
-            offset[:, :, start : start + len(z)] = np.moveaxis(o[:, 0], 0, 2)
+    moved = torch.empty_like(stack)
+    with torch.no_grad():
+        for i in range(stack.shape[0]):
+            moved[i] = _to_atlas_space(model, stack[i], batch_size=batch_size).to(stack.dtype)
     model.train()
-    coords = np.indices(volume.shape, dtype=np.float32) - flow
-    moved = ndimage.map_coordinates(volume.astype(np.float32), coords, order=1, mode="nearest")
-    return ((moved - offset) / gain).astype(np.float32)
-
-
-def _sharpened_atlas(
-    model: AtlasWarpNet, volumes: Sequence[np.ndarray], *, device: torch.device
-) -> np.ndarray:
-    """Voxelwise median (X, Y, Z) of the training volumes brought into the atlas frame."""
-    moved = [_to_atlas_space(model, v, device=device).astype(np.float16) for v in volumes]
     return _median_volume(moved)
 
 
-def _median_volume(volumes: Sequence[np.ndarray]) -> np.ndarray:
-    """Voxelwise median (X, Y, Z) of the training volumes, float32: the fold's atlas."""
-    out = np.empty(volumes[0].shape, dtype=np.float32)
-    # Slab by slab, so a large reference set never needs a second full copy.
-    for z in range(out.shape[2]):
-        out[:, :, z] = np.median(np.stack([v[:, :, z] for v in volumes]).astype(np.float32), axis=0)
+def _median_volume(stack: torch.Tensor) -> torch.Tensor:
+    """Voxelwise median (Z, X, Y) float32 of volumes ``stack`` (N, Z, X, Y): the fold's atlas.
+
+    The mean of the two middle values for an even count, as ``numpy.median``
+    (``torch.median`` would take the lower one).
+    """
+    n = stack.shape[0]
+    out = torch.empty(stack.shape[1:], device=stack.device)
+    # Slab by slab, so a large reference set never needs a float32 copy of the stack.
+    for z in range(stack.shape[1]):
+        ordered = stack[:, z].float().sort(dim=0).values
+        out[z] = (ordered[(n - 1) // 2] + ordered[n // 2]) / 2
     return out
 
 
@@ -294,6 +313,7 @@ def train_cohort(
     learning_rate: float = 2e-3,
     seed: int = 0,
     device: str = "auto",
+    precision: str = "auto",
     threads: int = 1,
     resolution: int = 2,
     fold_groups: Mapping[str, str] | None = None,
@@ -313,7 +333,9 @@ def train_cohort(
     flags without the model; they do not train it. Above ``max_subjects``
     candidates, a sample stratified by ``scanner_groups`` (``{subject label:
     group}``) trains (:func:`mriaudit.model.sample.stratified_cap`); the others
-    are scored out of sample by every fold model.
+    are scored out of sample by every fold model. ``precision`` (``auto``,
+    ``fp32``, ``bf16``; :func:`mriaudit.model.device.resolve_precision`) is the
+    network's arithmetic while it trains; scoring is always float32.
 
     ``images`` (registered, template grid), ``records`` (register stage) and
     ``subjects`` (BIDS ids) are aligned; ``reference`` holds the ids
@@ -330,6 +352,7 @@ def train_cohort(
     started = time.perf_counter()
     seed_everything(seed)
     torch_device = resolve_device(device, threads=threads)
+    arithmetic = resolve_precision(precision, torch_device)
     grid = brain_grid(resolution)
     config = {
         "folds": folds,
@@ -340,6 +363,8 @@ def train_cohort(
         "threads": threads,
         "resolution": resolution,
         "device_requested": device,
+        "precision_requested": precision,
+        "precision": arithmetic,
         "options": asdict(options),
     }
     sidecar: dict[str, Any] = {
@@ -347,6 +372,7 @@ def train_cohort(
         "reason": "",
         "torch_version": torch.__version__,
         "device": str(torch_device),
+        "precision": arithmetic,
         "config": config,
         "seed": seed,
         "n_reference": 0,
@@ -495,6 +521,7 @@ def _fit(
             seed=seed * 1000 + k,
             device=torch_device,
             options=options,
+            precision=config["precision"],
             label=f"fold {k + 1}/{n_folds} ",
         )
         states.append(state)
