@@ -247,7 +247,11 @@ def _to_atlas_space(model: AtlasWarpNet, volume: torch.Tensor, *, batch_size: in
         ]
         # grid_sample wants (W, H, D) = (y, x, z) in [-1, 1] with align_corners=True.
         grid = torch.stack(
-            [2 * p / max(1, n - 1) - 1 for p, n in zip(position, (size_y, size_x, n_z))], dim=-1
+            [
+                2 * p / max(1, n - 1) - 1
+                for p, n in zip(position, (size_y, size_x, n_z), strict=True)
+            ],
+            dim=-1,
         )
         sampled = F.grid_sample(
             source, grid[None], mode="bilinear", padding_mode="border", align_corners=True
