@@ -375,7 +375,7 @@ def table(result: dict[str, Any]) -> str:
                   f"subjects, {scoring['folds']} fold models, {scoring['resolution']} mm grid; "
                   f"{scoring['s_per_subject']:.3f} s per subject)",
                   f"  training  {epoch['epoch_s']:>8.2f} s per epoch ({epoch['subjects']} subjects, "
-                  f"{epoch['slices_per_s']:.0f} slices/s); demo cohort's {DEMO_FOLDS} models x "
+                  f"{epoch['slices_per_s']:.0f} slices/s, {epoch['precision']}); demo cohort's {DEMO_FOLDS} models x "
                   f"{DEMO_EPOCHS} epochs about {figures['demo_training_estimate_s']:.0f} s"]  # fmt: skip
     budget = result.get("report_budget")
     if budget:

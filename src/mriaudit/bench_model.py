@@ -31,7 +31,7 @@ from scipy import ndimage
 from mriaudit import paths
 from mriaudit.intensity import LANDMARK_PERCENTILES, histogram_landmarks, normalize_intensity
 from mriaudit.model.data import brain_grid
-from mriaudit.model.device import resolve_device
+from mriaudit.model.device import resolve_device, resolve_precision
 from mriaudit.model.network import DEFAULT_ARCHITECTURE, build_network
 from mriaudit.model.options import TrainOptions
 from mriaudit.model.score import DEFAULT_SCORING, score_cohort
@@ -190,15 +190,19 @@ def training_epoch_seconds(*, device: str, subjects: int, threads: int) -> dict[
     synthetic normalised volumes (2 mm grid), default options and batch size 32.
 
     ``epoch_s`` includes the fold's atlas (a voxelwise median, a small part);
-    ``slices_per_s`` is the epoch's training slices over it.
+    ``slices_per_s`` is the epoch's training slices over it. The volumes are
+    float16 and the arithmetic is the rule's default (``training.precision:
+    auto``: bfloat16 autocast on a GPU that has it, float32 on the CPU).
     """
     grid = brain_grid(2)
     rng = np.random.default_rng(1)
     heads = [synthetic_head(rng) for _ in range(min(subjects, DISTINCT_HEADS))]
     volumes = [
-        normalize_intensity(heads[i % len(heads)], grid.mask)[grid.index] for i in range(subjects)
+        normalize_intensity(heads[i % len(heads)], grid.mask)[grid.index].astype(np.float16)
+        for i in range(subjects)
     ]
     torch_device = resolve_device(device, threads=threads)
+    precision = resolve_precision("auto", torch_device)  # as the train_model rule would
     options = TrainOptions()
     started = time.perf_counter()
     _, loss = train_fold(
@@ -210,6 +214,7 @@ def training_epoch_seconds(*, device: str, subjects: int, threads: int) -> dict[
         seed=0,
         device=torch_device,
         options=options,
+        precision=precision,
     )
     if torch_device.type == "cuda":
         torch.cuda.synchronize()
@@ -217,6 +222,7 @@ def training_epoch_seconds(*, device: str, subjects: int, threads: int) -> dict[
     slices = subjects * min(options.slices_per_subject, volumes[0].shape[2])
     return {
         "device": str(torch_device),
+        "precision": precision,
         "subjects": subjects,
         "threads": threads,
         "epoch_s": round(epoch, 3),
