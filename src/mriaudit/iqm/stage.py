@@ -48,7 +48,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
-from mriaudit import isolation, records, template
+from mriaudit import chain, isolation, records, template
 from mriaudit.artefacts import artefact_metrics
 from mriaudit.intensity import finite
 from mriaudit.iqm.masks import artifact_mask, distance_mm, frame_mask, tissue_masks
@@ -553,7 +553,7 @@ def _combine(
 class NativeMeasures:
     """The IQMs computed beside the registration (the preprocess job).
 
-    In ``records.run_chain``'s child, :meth:`start` (once the N4 stage has kept its
+    In ``chain.run_chain``'s child, :meth:`start` (once the N4 stage has kept its
     images in ``handoff``) puts the native images on the canonical grid here and
     forks a child, on the other core, that computes the measures that need no
     registration (:func:`_native_measures`) while this process registers, then
@@ -581,7 +581,7 @@ class NativeMeasures:
     def start(self) -> None:
         """Start the child (when in a chain, N4 kept its images and Linux has memory files)."""
         _, n4_image, head_mask = self.images
-        if not (records.in_chain() and n4_image in self.handoff and head_mask in self.handoff):
+        if not (chain.in_chain() and n4_image in self.handoff and head_mask in self.handoff):
             return
         if not hasattr(os, "memfd_create"):
             return
