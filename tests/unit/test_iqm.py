@@ -666,7 +666,7 @@ import json, os, signal, sys
 from pathlib import Path
 import nibabel as nib, numpy as np
 from mriaudit import chain, iqm, preprocess, records
-from mriaudit.iqm import stage
+from mriaudit.iqm import beside as iqm_beside
 
 image, head, transform, folder = map(Path, sys.argv[1:5])
 
@@ -679,9 +679,9 @@ def run_iqm(name, break_native="", fail_after_start=False):
         preprocess.load_volume(image, handoff=handoff)
         handoff.keep(head, nib.load(head), np.asarray(nib.load(head).dataobj))
         if break_native == "raise":
-            stage._native_measures = lambda *args: 1 / 0
+            iqm_beside.native_measures = lambda *args: 1 / 0
         elif break_native == "crash":
-            stage._native_measures = lambda *args: os.kill(os.getpid(), signal.SIGSEGV)
+            iqm_beside.native_measures = lambda *args: os.kill(os.getpid(), signal.SIGSEGV)
         native.start()
         if fail_after_start:  # the IQM stage is skipped: its started child is waited for
             raise records.StageError("no head")
