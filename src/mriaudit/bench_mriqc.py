@@ -216,29 +216,36 @@ def _maps(
 ) -> dict[str, np.ndarray]:
     """The masks and posteriors ``compute_iqms`` uses, on its canonical grid, for MRIQC."""
     from mriaudit.intensity import finite
-    from mriaudit.iqm import stage
-    from mriaudit.iqm.masks import artifact_mask, distance_mm, frame_mask, tissue_masks
+    from mriaudit.iqm import grid as iqm_grid
+    from mriaudit.iqm.masks import (
+        HEAD_MARGIN_MM,
+        artifact_mask,
+        distance_mm,
+        frame_mask,
+        hat_mask,
+        tissue_masks,
+    )
+    from mriaudit.iqm.priors import tissue_maps
 
-    raw_img = stage._load(raw, "converted")
-    grid = stage._Grid.of(raw_img)
+    raw_img = iqm_grid._load(raw, "converted")
+    grid = iqm_grid.Grid.of(raw_img)
     spacing = grid.spacing
     data = grid.canonical(
-        finite(stage._load(n4, "n4").numpy().astype(np.float32), inf_to_zero=False)
+        finite(iqm_grid._load(n4, "n4").numpy().astype(np.float32), inf_to_zero=False)
     )
     np.clip(data, 0.0, None, out=data)
-    head = grid.canonical(stage._load(head_mask, "head mask").numpy() > 0)
+    head = grid.canonical(iqm_grid._load(head_mask, "head mask").numpy() > 0)
     frame = frame_mask(finite(grid.canonical(raw_img.numpy()), inf_to_zero=False))
-    vox_to_mni, problem = stage._read_transform(transform)
+    vox_to_mni, problem = iqm_grid.registration_affine(transform, grid)
     if vox_to_mni is None:
         message = f"no usable registration for {raw}: {problem}"
         raise RuntimeError(message)
-    vox_to_mni = vox_to_mni @ grid.affine
-    hat = stage._hat_mask(data.shape, vox_to_mni=vox_to_mni, head=head, spacing_mm=spacing)
+    hat = hat_mask(data.shape, vox_to_mni=vox_to_mni, head=head, spacing_mm=spacing)
     distance = distance_mm(head, spacing)
-    air = hat & (distance > stage.HEAD_MARGIN_MM) & ~frame
+    air = hat & (distance > HEAD_MARGIN_MM) & ~frame
     air &= ~artifact_mask(data, air, distance)
     (air,) = tissue_masks({"bg": air}, spacing).values()
-    box, pvms, tpms, _ = stage._tissues(grid, data, head, transform, vox_to_mni, 2)
+    box, pvms, tpms, _ = tissue_maps(grid, data, head, transform, vox_to_mni, 2)
     masks = tissue_masks(pvms, spacing)
     atropos = atropos_pvms(data[box], tpms) if with_atropos else {}
     out = {"data": data, "head": head, "frame": frame, "hat": hat, "air": air}

@@ -36,6 +36,9 @@ T = TypeVar("T")
 #: already run OpenMP or ITK thread pools (a test session) can deadlock in the child,
 #: so the unit tests set this to False for their own process.
 FORK_STAGES = True
+#: True in the child process of ``chain.run_chain``, which is isolated already: its
+#: stages run in it, one after the other, instead of each in a child of its own.
+CHAINED = False
 #: prctl(2) option: the signal a process gets when its parent ends.
 PR_SET_PDEATHSIG = 1
 #: mallopt(3) parameters of glibc.

@@ -1,7 +1,7 @@
 """One subject's chain up to template space: what the ``preprocess`` job runs.
 
 inventory -> convert -> N4 -> registration -> IQMs, one after another in one
-forked child process (``records.run_chain``). Each stage still writes its own
+forked child process (``chain.run_chain``). Each stage still writes its own
 status record (and its images) as it ends, and a stage that fails is a finding:
 the stages after it are skipped with its reason. A crash (a segfault in ITK)
 costs the stage it hit and the stages after it, which all need it anyway.
@@ -12,7 +12,7 @@ and the IQMs take the corrected image and the head mask N4 wrote, instead of
 reading the gzip files back; and the memory one stage frees is reused by the
 next. The job uses the second core of a two-core machine for work that would
 otherwise wait: the job's parent process compresses and writes the images
-(``records.run_chain``), and the IQMs that need no registration run in a forked
+(``chain.run_chain``), and the IQMs that need no registration run in a forked
 child while the registration runs (``iqm.NativeMeasures``). One process instead
 of five also saves each stage's start-up (Python, ANTsPy and SciPy imports) and
 four Snakemake jobs per subject, which is what a 10,000-subject DAG costs.
@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from mriaudit import derivatives, dicom, iqm, paths, preprocess, records
+from mriaudit import chain, derivatives, dicom, iqm, paths, preprocess
 
 
 def preprocess_subject(
@@ -79,7 +79,7 @@ def preprocess_subject(
         )
 
     steps = [
-        records.Step(
+        chain.Step(
             "inventory",
             lambda: dicom.inventory_subject(
                 folder,
@@ -91,7 +91,7 @@ def preprocess_subject(
             ),
             record("inventory"),
         ),
-        records.Step(
+        chain.Step(
             "convert",
             lambda: dicom.convert_subject(
                 folder,
@@ -104,7 +104,7 @@ def preprocess_subject(
             record("convert"),
             (t1w, paths.t1w_sidecar(out_dir, bids_id), thumbnail),
         ),
-        records.Step(
+        chain.Step(
             "n4",
             lambda: preprocess.bias_correct_subject(
                 t1w,
@@ -118,8 +118,8 @@ def preprocess_subject(
             record("n4"),
             (n4, head_mask),
         ),
-        records.Step("register", register, record("register"), (preproc, brain_mask, transform)),
-        records.Step(
+        chain.Step("register", register, record("register"), (preproc, brain_mask, transform)),
+        chain.Step(
             "iqm",
             lambda: iqm.iqm_subject(
                 t1w,
@@ -136,7 +136,7 @@ def preprocess_subject(
             record("iqm"),
         ),
     ]
-    done = records.run_chain(steps, what=f"{bids_id}: preprocess")
+    done = chain.run_chain(steps, what=f"{bids_id}: preprocess")
     derivatives.write_sidecars(
         out_dir, bids_id, res=resolution, only=("T1w", "n4", "head_mask", "preproc", "brain_mask")
     )

@@ -665,13 +665,13 @@ NATIVE_BESIDE = """
 import json, os, signal, sys
 from pathlib import Path
 import nibabel as nib, numpy as np
-from mriaudit import iqm, preprocess, records
-from mriaudit.iqm import stage
+from mriaudit import chain, iqm, preprocess, records
+from mriaudit.iqm import beside as iqm_beside
 
 image, head, transform, folder = map(Path, sys.argv[1:5])
 
 
-def chain(name, break_native="", fail_after_start=False):
+def run_iqm(name, break_native="", fail_after_start=False):
     handoff = preprocess.Handoff()
     native = iqm.NativeMeasures(image, image, head, handoff=handoff)
 
@@ -679,9 +679,9 @@ def chain(name, break_native="", fail_after_start=False):
         preprocess.load_volume(image, handoff=handoff)
         handoff.keep(head, nib.load(head), np.asarray(nib.load(head).dataobj))
         if break_native == "raise":
-            stage._native_measures = lambda *args: 1 / 0
+            iqm_beside.native_measures = lambda *args: 1 / 0
         elif break_native == "crash":
-            stage._native_measures = lambda *args: os.kill(os.getpid(), signal.SIGSEGV)
+            iqm_beside.native_measures = lambda *args: os.kill(os.getpid(), signal.SIGSEGV)
         native.start()
         if fail_after_start:  # the IQM stage is skipped: its started child is waited for
             raise records.StageError("no head")
@@ -689,8 +689,8 @@ def chain(name, break_native="", fail_after_start=False):
 
     n4_record, iqm_record = folder / f"{name}_n4.json", folder / f"{name}_iqm.json"
     steps = [
-        records.Step("n4", lambda: records.run_stage("n4", n4, record_path=n4_record), n4_record),
-        records.Step(
+        chain.Step("n4", lambda: records.run_stage("n4", n4, record_path=n4_record), n4_record),
+        chain.Step(
             "iqm",
             lambda: iqm.iqm_subject(
                 image, image, head, transform, record_path=iqm_record, upstream=[n4_record],
@@ -699,12 +699,13 @@ def chain(name, break_native="", fail_after_start=False):
             iqm_record,
         ),
     ]
-    return records.run_chain(steps)["iqm"]
+    return chain.run_chain(steps)["iqm"]
 
 
-beside = chain("beside")
-broken, crashed = chain("broken", break_native="raise"), chain("crashed", break_native="crash")
-skipped = chain("skipped", fail_after_start=True)
+beside = run_iqm("beside")
+broken = run_iqm("broken", break_native="raise")
+crashed = run_iqm("crashed", break_native="crash")
+skipped = run_iqm("skipped", fail_after_start=True)
 metrics, warnings, _ = iqm.compute_iqms(image, image, head, transform)
 print(json.dumps({"beside": beside, "broken": broken, "crashed": crashed, "skipped": skipped,
                   "here": metrics, "warnings": warnings}))

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from mriaudit import paths, preprocess, records, template
+from mriaudit import chain, paths, preprocess, records, template
 
 PAD = 8  # voxels of background around the template brain (16 mm at 2 mm)
 TO_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -768,7 +768,7 @@ def test_handoff_keeps_what_the_file_holds(head, sform, tmp_path):
 
 def _handing_stage(
     name: str, image: Path, upstream: list[Path], then=None, first=None, folder: Path | None = None
-) -> records.Step:
+) -> chain.Step:
     """A stage of a chain that hands ``image`` (gzip, its name as content) to the parent,
     calling ``first`` before and ``then`` after; its record in ``folder`` (default: the
     image's)."""
@@ -777,14 +777,14 @@ def _handing_stage(
     def work() -> dict:
         if first is not None:
             first()
-        records.write_gzip_in_background(
+        chain.write_gzip_in_background(
             image, lambda stream: stream.write(name.encode() * 1000), level=1
         )
         if then is not None:
             then()
         return records.make_record(name)
 
-    return records.Step(
+    return chain.Step(
         name,
         lambda: records.run_stage(
             name, work, record_path=record_path, image_outputs=[image], upstream=upstream
@@ -805,7 +805,7 @@ def test_a_crash_in_a_chain_costs_its_stage_and_the_ones_after_it(tmp_path):
     first = _handing_stage("n4", images[0], [])
     second = _handing_stage("register", images[1], [first.record_path], then=_segfault)
     third = _handing_stage("iqm", images[2], [second.record_path])
-    done = records.run_chain([first, second, third], isolate=True)
+    done = chain.run_chain([first, second, third], isolate=True)
     assert done["n4"]["status"] == "ok" and done["n4"]["cpu_s"] >= 0
     # Handed to the parent before the crash: written all the same, as gzip.
     assert gzip.decompress(images[0].read_bytes()) == b"n4" * 1000
@@ -828,7 +828,7 @@ def test_a_file_the_parent_cannot_write_fails_its_stage(tmp_path):
 
     first = _handing_stage("n4", unwritable, [], first=block, folder=tmp_path)
     second = _handing_stage("register", later, [first.record_path])
-    done = records.run_chain([first, second], isolate=True)
+    done = chain.run_chain([first, second], isolate=True)
     assert done["n4"]["status"] == "failed"
     assert done["n4"]["reason"].startswith("n4: cannot write a.nii.gz: "), done["n4"]
     assert done["register"]["status"] == "failed" and done["register"]["skipped"]

@@ -1,12 +1,16 @@
 """MRIQC-style image quality metrics (IQMs) of the native T1-weighted image.
 
 Modules: ``metrics`` (the formulas on arrays, MRIQC's names and definitions),
-``masks`` (frame, air, artefact and tissue masks), ``tissues`` (the prior-
-weighted Gaussian mixture), ``stage`` (the iqm stage of one subject:
-:func:`iqm_subject`).
+``masks`` (frame, hat, air, artefact and tissue masks), ``tissues`` (the prior-
+weighted Gaussian mixture), ``grid`` (the images on the native grid in RAS order,
+the registration's affine), ``priors`` (the template's tissue priors warped
+there), ``measures`` (the IQMs of one subject on that grid, in three parts),
+``beside`` (the parts computed in a child beside the registration), ``stage``
+(the iqm stage of one subject: :func:`iqm_subject`).
 """
 
-from mriaudit.iqm.masks import artifact_mask, distance_mm, frame_mask, tissue_masks
+from mriaudit.iqm.beside import NativeMeasures
+from mriaudit.iqm.masks import HEAD_MARGIN_MM, artifact_mask, distance_mm, frame_mask, tissue_masks
 from mriaudit.iqm.metrics import (
     IQM_CAUSES,
     IQM_DIRECTIONS,
@@ -29,7 +33,7 @@ from mriaudit.iqm.metrics import (
     volume_fractions,
     wm2max,
 )
-from mriaudit.iqm.stage import HEAD_MARGIN_MM, STAGE, NativeMeasures, compute_iqms, iqm_subject
+from mriaudit.iqm.stage import STAGE, compute_iqms, iqm_subject
 from mriaudit.iqm.tissues import SegmentationUnavailable, segment_tissues
 
 __all__ = [

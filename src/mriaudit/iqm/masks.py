@@ -1,10 +1,12 @@
 """The IQMs' masks on the native grid: the zero-filled frame, air, artefacts, tissues.
 
-Air is more than ``stage.HEAD_MARGIN_MM`` outside the head mask, outside the
-zero-filled frame (``frame_mask``) and above the hat level (see
-``mriaudit.iqm.stage``); artefacts are air voxels far above the air noise level
-and away from the head (``artifact_mask``); tissue masks are the posteriors
-above ``PV_THRESHOLD``, eroded at the brain's base.
+Air is more than ``HEAD_MARGIN_MM`` outside the head mask, outside the
+zero-filled frame (``frame_mask``) and above MRIQC's glabella-inion level
+(``hat_mask``), so the face, neck and shoulders, which carry signal, wrap-around
+and eye-motion ghosts, do not count as background (MRIQC's "hat" mask);
+artefacts are air voxels far above the air noise level and away from the head
+(``artifact_mask``); tissue masks are the posteriors above ``PV_THRESHOLD``,
+eroded at the brain's base.
 """
 
 from __future__ import annotations
@@ -17,6 +19,12 @@ from scipy import stats
 
 from mriaudit.iqm.metrics import MIN_REGION_VOXELS
 
+#: MRIQC's glabella (0, 90, -14) and inion (0, -120, -14) share this MNI height (mm).
+HAT_MNI_Z_MM = -14.0
+#: Without a registration, the same level is taken this far below the top of the head (mm).
+HAT_BELOW_VERTEX_MM = 90.0
+#: Air starts this far outside the head mask (mm), clear of the skin's partial volume.
+HEAD_MARGIN_MM = 4.0
 #: Partial-volume threshold for a tissue's summary mask (MRIQC: 0.85).
 PV_THRESHOLD = 0.85
 #: Summary masks are eroded when every voxel side is below this (mm), as in MRIQC.
@@ -55,6 +63,36 @@ def frame_mask(data: np.ndarray, *, min_voxels: int = 500) -> np.ndarray:
     if np.count_nonzero(frame) < min_voxels:
         return np.zeros(zero.shape, dtype=bool)
     return frame
+
+
+def hat_mask(
+    shape: tuple[int, ...],
+    *,
+    vox_to_mni: np.ndarray | None,
+    head: np.ndarray,
+    spacing_mm: Sequence[float],
+) -> np.ndarray:
+    """Voxels above MRIQC's glabella-inion level, boolean (canonical RAS grid).
+
+    With a registration, voxels whose MNI height is at least -14 mm. Without
+    one, the level is taken 90 mm below the top of the head mask along the
+    canonical superior axis (about where MNI z = -14 mm lies on an adult head).
+    """
+    if vox_to_mni is not None:
+        row = vox_to_mni[2]
+        # The (X, Y) plane's height first, so only one pass touches the whole volume.
+        plane = (
+            row[3]
+            + row[0] * np.arange(shape[0], dtype=np.float64)[:, None]
+            + row[1] * np.arange(shape[1], dtype=np.float64)[None, :]
+        ).astype(np.float32)
+        rise = (row[2] * np.arange(shape[2], dtype=np.float64)).astype(np.float32)
+        return np.greater_equal(plane[:, :, None], np.float32(HAT_MNI_Z_MM) - rise[None, None, :])
+    slices = np.nonzero(head.any(axis=(0, 1)))[0]
+    top = int(slices.max()) if slices.size else shape[2] - 1
+    level = top - HAT_BELOW_VERTEX_MM / spacing_mm[2]
+    index = np.arange(shape[2])[None, None, :]
+    return np.broadcast_to(index >= level, shape).copy()
 
 
 def distance_mm(

@@ -25,7 +25,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.openers import Opener
 
-from mriaudit import records
+from mriaudit import chain, records
 from mriaudit.intensity import finite
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def save_like(
     """Write ``data`` with the grid, affine and header of ``reference`` (no intensity scaling).
 
     With a ``handoff``, the image is kept there as a reader of the file would get it,
-    and, in ``records.run_chain``'s child, the file is compressed and written by its
+    and, in ``chain.run_chain``'s child, the file is compressed and written by its
     parent (on the other core) while the stages go on.
     """
     header = reference.header.copy()
@@ -212,11 +212,11 @@ def save_on_template(
 
 def _save(image: nib.Nifti1Image, path: Path, *, background: bool) -> None:
     """``nib.save``; with ``background``, a ``.nii.gz`` is compressed and written by the
-    parent of ``records.run_chain``'s child (where there is one) while the stages go on:
+    parent of ``chain.run_chain``'s child (where there is one) while the stages go on:
     the same file, with nibabel's compression level."""
     path = Path(path)
-    if background and records.writes_in_background() and path.name.endswith(".gz"):
-        records.write_gzip_in_background(path, image.to_stream, level=Opener.default_compresslevel)
+    if background and chain.writes_in_background() and path.name.endswith(".gz"):
+        chain.write_gzip_in_background(path, image.to_stream, level=Opener.default_compresslevel)
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     nib.save(image, str(path))
