@@ -28,14 +28,13 @@ import time
 import traceback
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
 from mriaudit import files, isolation
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 OK = "ok"
 FAILED = "failed"
