@@ -27,7 +27,9 @@ from mriaudit.model.options import TrainOptions
 from mriaudit.model.scorer import Scorer, load_checkpoint
 from mriaudit.records import read_record
 
-from .test_model import (  # noqa: F401 (cohort: the shared fixture)
+# The cohort fixture of test_model, imported: its parameters below "redefine" it.
+# ruff: noqa: F811
+from .test_model import (  # noqa: F401 (cohort)
     CHECKPOINT_KEYS,
     LESION_MM,
     LESION_RADIUS_MM,
@@ -42,13 +44,17 @@ SCHEMA = Path(__file__).resolve().parents[2] / "src" / "mriaudit" / "schemas" / 
 AE3D = TrainOptions(
     architecture=default_architecture("ae3d") | {"passes_per_epoch": 4}, calibration_subjects=8
 )
+#: Subjects whose outputs the layout test compares: one in the reference, one not.
+LAYOUT = ["n00", "les"]
 #: The cheapest atlas_warp that still writes every output.
 TINY_ATLAS = TrainOptions(slices_per_subject=4, calibration_subjects=4)
 
 
-def _score_all(cohort: dict, out: Path, *, method: str | None) -> dict[str, dict]:
+def _score_all(
+    cohort: dict, out: Path, labels: list[str], *, method: str | None
+) -> dict[str, dict]:
     records = {}
-    for label in [*NORMALS, "les"]:
+    for label in labels:
         image, record = cohort["subjects"][label]
         records[label] = score_subject(
             image,
@@ -70,9 +76,10 @@ def ae3d(cohort: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("ae3d")
     reference = [*NORMALS, "broken", "misreg"]
     sidecar = _train(
-        cohort, out, reference=reference, folds=2, epochs=12, options=AE3D, method="ae3d"
+        cohort, out, reference=reference, folds=2, epochs=3, options=AE3D, method="ae3d"
     )
-    return {"out": out, "sidecar": sidecar, "records": _score_all(cohort, out, method="ae3d")}
+    records = _score_all(cohort, out, [*NORMALS, "les"], method="ae3d")
+    return {"out": out, "sidecar": sidecar, "records": records}
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +87,8 @@ def atlas(cohort: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A minimal atlas_warp model of the same cohort (the default method)."""
     out = tmp_path_factory.mktemp("atlas")
     sidecar = _train(cohort, out, reference=NORMALS, folds=2, epochs=1, options=TINY_ATLAS)
-    return {"out": out, "sidecar": sidecar, "records": _score_all(cohort, out, method=None)}
+    records = _score_all(cohort, out, LAYOUT, method=None)
+    return {"out": out, "sidecar": sidecar, "records": records}
 
 
 def test_ae3d_lesion_scores_above_every_normal_and_its_map_peaks_inside(ae3d: dict) -> None:
@@ -112,7 +120,7 @@ def test_switching_method_keeps_the_output_layout(ae3d: dict, atlas: dict) -> No
     assert set(checkpoints["ae3d"]["calibration"][0]) == set(
         checkpoints["atlas_warp"]["calibration"][0]
     )
-    for label in [*NORMALS, "les"]:
+    for label in LAYOUT:
         record, other = ae3d["records"][label], atlas["records"][label]
         assert set(record) == set(other) and set(record["metrics"]) == set(other["metrics"])
         maps = [nib.load(run["out"] / f"sub-{label}_anomaly_map.nii.gz") for run in (ae3d, atlas)]
@@ -185,5 +193,6 @@ def test_ae3d_keeps_any_crop_shape_and_cannot_copy_its_input() -> None:
     assert out.shape == volumes.shape and out.dtype == torch.float32
     together = model.reconstruct_volumes(volumes, slices=1024)
     torch.testing.assert_close(out, together, rtol=1e-4, atol=1e-5)
-    code = model.encoder(torch.zeros((1, 1, 80, 96, 80)))
-    assert code.numel() * 64 == 80 * 96 * 80
+    # The encoder works on the 4 mm grid: the 2 mm crop (80, 96, 80 padded) pooled.
+    code = model.encoder(torch.zeros((1, 1, 40, 48, 40)))
+    assert code.shape == (1, 8, 10, 12, 10) and code.numel() * 64 == 80 * 96 * 80

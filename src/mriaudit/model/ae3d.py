@@ -7,8 +7,8 @@ x 78 at 2 mm) is zero-padded to a multiple of 8 (80 x 96 x 80) and
 average-pooled to 4 mm; a 3^3 stem (16 channels, 4 mm) and two stride-2
 levels (32 and 64 channels, 8 and 16 mm) encode it into a ``latent``-channel
 bottleneck (10 x 12 x 10 x 8 = 9,600 values for 614,400 voxels, 64x fewer);
-the decoder mirrors it with transposed convolutions and is trilinearly
-upsampled back to 2 mm. The bottleneck is what keeps a lesion, noise or a
+the decoder mirrors it with transposed convolutions, is trilinearly
+upsampled back to 2 mm and added to the fold's mean training volume. The bottleneck is what keeps a lesion, noise or a
 ghost out of the reconstruction: it has room for the shape of a normal brain,
 not for everything in the image. The 4 mm working grid is the price of two
 CPU cores: full-resolution 3D convolutions cost 5-8 times as much per volume
@@ -72,9 +72,22 @@ class AutoEncoder3D(nn.Module):
     convolution to ``latent`` channels: the bottleneck. The decoder mirrors it
     with transposed stride-2 convolutions, ends in one channel on the pooled
     grid and is trilinearly upsampled to the input grid; the padding is cut off.
+    The output is added to ``mean`` (X, Y, Z), the fold's mean training volume
+    (a buffer, saved in the state dict), and the last layer starts at zero: a
+    few hundred steps on two CPU cores do not take a plain autoencoder past a
+    blurred blob (trimmed L1 0.14 after 120 steps, measured), while from the
+    mean it only has to learn each brain's departures from it.
     """
 
-    def __init__(self, *, channels: list[int], latent: int, pool: int = 2, groups: int = 4) -> None:
+    def __init__(
+        self,
+        *,
+        channels: list[int],
+        latent: int,
+        shape: tuple[int, int, int],
+        pool: int = 2,
+        groups: int = 4,
+    ) -> None:
         super().__init__()
         if len(channels) < 2 or pool < 1:
             message = f"channels needs at least two levels and pool >= 1, got {channels}, {pool}"
@@ -91,7 +104,16 @@ class AutoEncoder3D(nn.Module):
             decoder += _layer(high, low, groups, kernel=2, transposed=True)
             if low != channels[0]:
                 decoder += _layer(low, low, groups, kernel=3)
-        self.decoder = nn.Sequential(*decoder, nn.Conv3d(channels[0], 1, 3, padding=1))
+        head = nn.Conv3d(channels[0], 1, 3, padding=1)
+        # Start from the mean volume: the decoder learns the subject's departures from it.
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+        self.decoder = nn.Sequential(*decoder, head)
+        self.register_buffer("mean", torch.zeros(shape))
+
+    def set_mean(self, mean: torch.Tensor) -> None:
+        """The fold's mean training volume (X, Y, Z), normalised intensity."""
+        self.mean.copy_(mean.to(self.mean.device, torch.float32))
 
     def _padding(self, shape: tuple[int, ...]) -> list[int]:
         """``F.pad`` widths (z, y, x order; low, high) that bring (X, Y, Z) to the multiple."""
@@ -111,7 +133,7 @@ class AutoEncoder3D(nn.Module):
         if self.pool > 1:
             out = F.interpolate(out, size=padded.shape[-3:], mode="trilinear", align_corners=False)
         (z0, _, y0, _, x0, _) = pad
-        return out[..., x0 : x0 + size[0], y0 : y0 + size[1], z0 : z0 + size[2]]
+        return out[..., x0 : x0 + size[0], y0 : y0 + size[1], z0 : z0 + size[2]] + self.mean
 
     def reconstruct_volumes(self, volumes: torch.Tensor, *, slices: int) -> torch.Tensor:
         """Reconstructions (B, X, Y, Z), float32, of cropped volumes (B, X, Y, Z) on the
@@ -128,11 +150,11 @@ class AutoEncoder3D(nn.Module):
 
 
 def build_ae3d(architecture: dict[str, Any], *, shape: tuple[int, int, int]) -> AutoEncoder3D:
-    """The ``ae3d`` network of ``architecture``; any crop ``shape`` (X, Y, Z) is padded."""
-    del shape  # whole volumes of any size: the network pads them
+    """The ``ae3d`` network of ``architecture`` for crops of ``shape`` (X, Y, Z)."""
     return AutoEncoder3D(
         channels=[int(c) for c in architecture["channels"]],
         latent=int(architecture["latent"]),
+        shape=tuple(int(v) for v in shape),
         pool=int(architecture.get("pool", 2)),
         groups=int(architecture.get("groups", 4)),
     )

@@ -87,6 +87,7 @@ def train_fold(
     stack = torch.from_numpy(np.stack(volumes)).to(device)
     brain = torch.from_numpy(grid.crop_mask.astype(np.float32)).to(device)[None, None]
     model = build_ae3d(architecture, shape=volumes[0].shape).to(device)
+    model.set_mean(_mean_volume(stack))
     optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
     n_subjects = stack.shape[0]
     n_draws = n_subjects * passes
@@ -127,3 +128,12 @@ def train_fold(
         )
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     return state, loss_value
+
+
+def _mean_volume(stack: torch.Tensor) -> torch.Tensor:
+    """Voxelwise mean (X, Y, Z), float32, of volumes ``stack`` (N, X, Y, Z), slab by slab
+    (no float32 copy of the whole stack)."""
+    out = torch.empty(stack.shape[1:], device=stack.device)
+    for x in range(stack.shape[1]):
+        out[x] = stack[:, x].float().mean(dim=0)
+    return out
