@@ -14,8 +14,11 @@ import torch
 import yaml
 
 from mriaudit import cohort as cohort_module
-from mriaudit.model import score_subject
+from mriaudit.bench_model import synthetic_head
+from mriaudit.intensity import normalize_intensity
+from mriaudit.model import score_subject, train_ae3d
 from mriaudit.model.ae3d import build_ae3d
+from mriaudit.model.data import brain_grid
 from mriaudit.model.methods import (
     DEFAULT_METHOD,
     METHODS,
@@ -76,7 +79,7 @@ def ae3d(cohort: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("ae3d")
     reference = [*NORMALS, "broken", "misreg"]
     sidecar = _train(
-        cohort, out, reference=reference, folds=2, epochs=3, options=AE3D, method="ae3d"
+        cohort, out, reference=reference, folds=2, epochs=2, options=AE3D, method="ae3d"
     )
     records = _score_all(cohort, out, [*NORMALS, "les"], method="ae3d")
     return {"out": out, "sidecar": sidecar, "records": records}
@@ -196,3 +199,32 @@ def test_ae3d_keeps_any_crop_shape_and_cannot_copy_its_input() -> None:
     # The encoder works on the 4 mm grid: the 2 mm crop (80, 96, 80 padded) pooled.
     code = model.encoder(torch.zeros((1, 1, 40, 48, 40)))
     assert code.shape == (1, 8, 10, 12, 10) and code.numel() * 64 == 80 * 96 * 80
+
+
+def test_ae3d_training_is_seeded_and_bf16_keeps_the_fp32_result() -> None:
+    """As atlas_warp's trainer: one seed, one result; bfloat16 autocast ends near float32."""
+    grid = brain_grid(2)
+    rng = np.random.default_rng(1)
+    volumes = [
+        normalize_intensity(synthetic_head(rng), grid.mask)[grid.index].astype(np.float16)
+        for _ in range(3)
+    ]
+    runs = {}
+    for name, precision in [("fp32", "fp32"), ("again", "fp32"), ("bf16", "bf16")]:
+        runs[name] = train_ae3d.train_fold(
+            volumes,
+            grid=grid,
+            epochs=2,
+            batch_size=32,
+            learning_rate=2e-3,
+            seed=5,
+            device=torch.device("cpu"),
+            options=AE3D,
+            precision=precision,
+        )
+    (fp32, loss), (again, loss_again), (_, loss_bf16) = runs["fp32"], runs["again"], runs["bf16"]
+    assert all(torch.equal(fp32[key], again[key]) for key in fp32) and loss == loss_again
+    assert abs(loss_bf16 - loss) <= 0.05 * loss
+    # The mean of the fold's volumes is the model's starting point, saved with it.
+    mean = np.mean([v.astype(np.float32) for v in volumes], axis=0)
+    np.testing.assert_allclose(fp32["mean"].numpy(), mean, atol=1e-5)
