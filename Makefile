@@ -52,7 +52,7 @@ test: venv lint browser
 	$(BIN)/python -m pytest -ra
 
 # Per-stage cost of one 1 mm T1 and the cohort steps at 10,000 subjects (results/bench/bench.json),
-# then detection on the real-head cohort, per anomaly kind (results/bench/detection/detection.json).
+# then detection on the real-head cohort, per anomaly kind (results/bench/detection/detection-<method>.json).
 bench: venv
 	$(BIN)/python -m mriaudit.bench --out results/bench
 	$(BIN)/python -m mriaudit.bench_detection --work results/bench/detection

@@ -6,7 +6,9 @@ from mriaudit import cohort, paths, series
 OUT = config["output_dir"]
 INPUT_DIR = Path(config["input_dir"])
 LABELS = config["labels"]
-TRAIN_MODEL = config["model"] == "train"
+# config model as {"method", "checkpoint"} (a plain string is the checkpoint).
+MODEL = cohort.model_settings(config["model"])
+TRAIN_MODEL = MODEL["checkpoint"] == "train"
 # A bad series regex is a configuration error: fail before any job, naming the key.
 series.resolve_rules(config["series"])
 
@@ -83,7 +85,7 @@ def labels_input(wildcards):
 
 
 def model_checkpoint(wildcards):
-    return str(paths.model_checkpoint(OUT)) if TRAIN_MODEL else config["model"]
+    return str(paths.model_checkpoint(OUT)) if TRAIN_MODEL else MODEL["checkpoint"]
 
 
 def mriqc_agreement_input(wildcards):

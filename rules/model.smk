@@ -17,6 +17,7 @@ if TRAIN_MODEL:
             records=each_subject(paths.record, "register"),
             subjects=SUBJECTS,
             reference=reference_ids,
+            method=MODEL["method"],
             fold_groups=fold_groups,
             training=config["training"],
             device=config["device"],
@@ -54,6 +55,7 @@ rule score:
         subjects=shard_subjects,
         resolution=config["template_resolution"],
         device=config["device"],
+        method=MODEL["method"],
     threads: 8
     resources:
         mem_mb=score_mem_mb,

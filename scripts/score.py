@@ -15,4 +15,5 @@ score_cohort(
     device=snakemake.params.device,
     threads=snakemake.threads,
     only=list(snakemake.params.subjects),
+    method=snakemake.params.method,
 )

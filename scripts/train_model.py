@@ -28,4 +28,5 @@ train_cohort(
     prescreened=read_prescreen(Path(snakemake.input.stages)),
     max_subjects=training["max_subjects"],
     scanner_groups=read_scanner_groups(Path(snakemake.input.stages)),
+    method=snakemake.params.method,
 )

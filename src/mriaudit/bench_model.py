@@ -35,7 +35,7 @@ from mriaudit.model.device import resolve_device, resolve_precision
 from mriaudit.model.network import DEFAULT_ARCHITECTURE, build_network
 from mriaudit.model.options import TrainOptions
 from mriaudit.model.score import DEFAULT_SCORING, score_cohort
-from mriaudit.model.train import train_fold
+from mriaudit.model.train_atlas import train_fold
 from mriaudit.records import OK
 from mriaudit.template import load_template
 
@@ -186,7 +186,7 @@ def scoring_throughput(
 
 
 def training_epoch_seconds(*, device: str, subjects: int, threads: int) -> dict[str, Any]:
-    """Seconds of one epoch of :func:`mriaudit.model.train.train_fold` on ``subjects``
+    """Seconds of one epoch of :func:`mriaudit.model.train_atlas.train_fold` on ``subjects``
     synthetic normalised volumes (2 mm grid), default options and batch size 32.
 
     ``epoch_s`` includes the fold's atlas (a voxelwise median, a small part);

@@ -54,7 +54,9 @@ def config_keys(schema_path: Path = SCHEMA) -> list[tuple[str, str, str]]:
         first = description.split(". ")[0].rstrip(".")
         default = spec.get("default", "")
         shown = "" if isinstance(default, dict | list) else str(default)
-        nested = list((spec.get("properties") or {}).keys())
+        # Keys of an object (those of "then" where the key may also be a string).
+        properties = spec.get("properties") or (spec.get("then") or {}).get("properties") or {}
+        nested = list(properties)
         if nested:
             first += f" (keys: {', '.join(nested)})"
         keys.append((key, shown, first))

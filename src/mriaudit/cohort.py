@@ -19,9 +19,10 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -270,6 +271,25 @@ def read_fold_groups(path: str | Path, *, subjects: list[Subject]) -> dict[str, 
         if folder in ids and group
     )
     return groups
+
+
+#: The default of config ``model.method`` (the schema's), for the string form of ``model``.
+DEFAULT_MODEL_METHOD = "atlas_warp"
+
+
+def model_settings(value: str | Mapping[str, Any]) -> dict[str, str]:
+    """Config ``model`` as ``{"method", "checkpoint"}``.
+
+    The object form has both keys once the schema's defaults are set; a string
+    (the form before the methods) is the checkpoint, ``train`` or a model.pt
+    path, with the default method.
+    """
+    if isinstance(value, str):
+        return {"method": DEFAULT_MODEL_METHOD, "checkpoint": value}
+    return {
+        "method": str(value.get("method", DEFAULT_MODEL_METHOD)),
+        "checkpoint": str(value.get("checkpoint", "train")),
+    }
 
 
 def resolve_reference(

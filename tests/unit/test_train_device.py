@@ -17,7 +17,7 @@ from mriaudit.model.network import build_network
 from mriaudit.model.objective import _trimmed_l1
 from mriaudit.model.options import TrainOptions
 from mriaudit.model.scorer import reconstruct
-from mriaudit.model.train import _median_volume, _to_atlas_space, train_fold
+from mriaudit.model.train_atlas import _median_volume, _to_atlas_space, train_fold
 
 CPU = torch.device("cpu")
 

@@ -92,6 +92,8 @@ def test_unknown_config_key_is_rejected(placeholder_cohort):
     [
         ("device=gpu", "'gpu' is not one of ['auto', 'cpu', 'cuda']"),
         ("training={'epochs': 'many'}", "'many' is not of type 'integer'"),
+        ("model={'method': 'vae'}", "'vae' is not one of ['atlas_warp', 'ae3d']"),
+        ("model={'methd': 'ae3d'}", "'methd' was unexpected"),
     ],
 )
 def test_a_value_of_the_wrong_type_is_rejected_with_the_schema_message(

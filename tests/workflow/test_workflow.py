@@ -353,3 +353,47 @@ def test_a_run_killed_halfway_resumes_to_the_same_result(workflow_run, tmp_path)
     np.testing.assert_allclose(
         again[numeric].to_numpy(float), first[numeric].to_numpy(float), rtol=1e-6, atol=1e-9
     )
+
+
+def test_model_method_ae3d_runs_through_the_same_rules(workflow_run, tmp_path):
+    """``model.method: ae3d`` retrains and rescores through the same rules, into the same
+    layout; its checkpoint, reused under another method, is refused, never scored."""
+    output_dir = tmp_path / "out"
+    shutil.copytree(workflow_run.output_dir, output_dir, symlinks=True)
+    config = yaml.safe_load(workflow_run.configfile.read_text())
+    configfile = tmp_path / "config.yaml"
+    configfile.write_text(
+        yaml.safe_dump(config | {"output_dir": str(output_dir), "model": {"method": "ae3d"}})
+    )
+    # The copy has no run metadata to compare the method against: the model is forced.
+    run = snakemake("--cores", "2", "--configfile", str(configfile), "--forcerun", "train_model")
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = job_counts(run.stdout + run.stderr)
+    assert "preprocess" not in jobs and jobs["train_model"] == jobs["score"] == 1, jobs
+    sidecar = json.loads(paths.model_sidecar(output_dir).read_text())
+    assert sidecar["status"] == "ok" and sidecar["method"] == "ae3d"
+    first = _scores(workflow_run).set_index("folder").sort_index()
+    again = pd.read_csv(paths.scores_table(output_dir), sep="\t", dtype={"folder": str})
+    again = again.set_index("folder").sort_index()
+    assert list(again.columns) == list(first.columns) and list(again.index) == list(first.index)
+    scored = first.index[first["anomaly_score"].notna()]
+    assert again.loc[scored, "anomaly_score"].notna().all()
+    for folder in scored:
+        bids_id = cohort.to_bids_id(folder)
+        assert paths.anomaly_map(output_dir, bids_id, res=2).is_file(), folder
+    # The ae3d checkpoint named under the default method: refused, every subject not scored.
+    reuse = tmp_path / "reuse.yaml"
+    checkpoint = str(paths.model_checkpoint(output_dir))
+    reuse.write_text(
+        yaml.safe_dump(
+            config | {"output_dir": str(output_dir), "model": {"checkpoint": checkpoint}}
+        )
+    )
+    refused = snakemake("--cores", "2", "--configfile", str(reuse))
+    assert refused.returncode == 0, refused.stderr[-3000:]
+    table = pd.read_csv(paths.model_scores(output_dir), sep="\t", dtype={"bids_id": str})
+    ok = table[table["status"] == "ok"]
+    assert len(ok) and ok["anomaly_raw"].isna().all()
+    record = json.loads(paths.record(output_dir, ok["bids_id"].iloc[0], "score").read_text())
+    assert "not_scored" in record["findings"]
+    assert any("trained with model.method 'ae3d'" in w for w in record["warnings"])

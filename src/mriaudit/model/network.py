@@ -130,6 +130,27 @@ class AtlasWarpNet(nn.Module):
         out = gain * self._sample(flow, z) + offset
         return (out, flow) if with_flow else out
 
+    def reconstruct_volumes(self, volumes: torch.Tensor, *, slices: int) -> torch.Tensor:
+        """Normal-anatomy reconstructions (B, X, Y, Z), float32, of cropped volumes
+        (B, X, Y, Z) on the model's device, ``slices`` axial slices (of any of the
+        volumes) per forward pass."""
+        self.eval()
+        batch, size_x, size_y, size_z = volumes.shape
+        context = self.context
+        heights = torch.arange(size_z, device=volumes.device)
+        offsets = torch.arange(-context, context + 1, device=volumes.device)
+        index = (heights[:, None] + offsets[None, :]).clamp(0, size_z - 1)
+        with torch.inference_mode():
+            # (B, Z, 2 * context + 1, X, Y): each slice with its neighbours, edge slices repeated.
+            stacks = volumes.float().permute(0, 3, 1, 2)[:, index]
+            inputs = stacks.reshape(batch * size_z, 2 * context + 1, size_x, size_y)
+            z = heights.repeat(batch)
+            out = torch.empty(batch * size_z, size_x, size_y, device=volumes.device)
+            for start in range(0, batch * size_z, slices):
+                stop = min(batch * size_z, start + slices)
+                out[start:stop] = self(inputs[start:stop].contiguous(), z[start:stop])[:, 0].float()
+            return out.reshape(batch, size_z, size_x, size_y).permute(0, 2, 3, 1).contiguous()
+
     def _sample(self, flow: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Atlas at (x + u_x, y + u_y, z + u_z) for every pixel, trilinear, (N, 1, X, Y)."""
         n, _, size_x, size_y = flow.shape
@@ -156,7 +177,8 @@ class AtlasWarpNet(nn.Module):
 
 
 def build_network(architecture: dict[str, Any], *, shape: tuple[int, int, int]) -> AtlasWarpNet:
-    """The network described by ``architecture`` for crops of ``shape`` (X, Y, Z)."""
+    """The ``atlas_warp`` network described by ``architecture`` for crops of ``shape``
+    (X, Y, Z); every method's network: :func:`mriaudit.model.methods.build_network`."""
     if architecture.get("name") != "atlas_warp":
         message = f"unknown network {architecture.get('name')!r} in the checkpoint"
         raise ValueError(message)

@@ -1,6 +1,7 @@
 """Scoring: the score job, from registered images to voxel anomaly maps and subject scores.
 
-A subject's normalised, cropped volume is reconstructed slice by slice by the
+A subject's normalised, cropped volume is reconstructed (by the network of the
+checkpoint's method, :mod:`mriaudit.model.methods`) by the
 fold model that did not train on it (reference subjects) or by each of the K
 fold models (everyone else). :mod:`mriaudit.model.maps` turns volume and
 reconstruction into the raw map (tolerant intensity residual and ``1 - SSIM``),
@@ -126,8 +127,12 @@ def score_subject(
     upstream: Sequence[Path],
     device: str = "auto",
     threads: int = 1,
+    method: str | None = None,
 ) -> dict:
     """Stage ``score`` of one subject: write the voxel anomaly map and the subject's record.
+
+    Given ``method`` (config ``model.method``), a checkpoint trained with another
+    method is refused: the subject is ``not_scored`` with that reason.
 
     ``image`` is the registered image on the template grid; ``subject`` the
     BIDS id that the checkpoint's fold assignment uses. The map (float32,
@@ -138,7 +143,7 @@ def score_subject(
     """
 
     def work() -> dict:
-        scorer = Scorer.load(Path(checkpoint), device=device, threads=threads)
+        scorer = Scorer.load(Path(checkpoint), device=device, threads=threads, method=method)
         return scorer.score(Path(image), subject, Path(out_map))
 
     return run_stage(
@@ -279,6 +284,7 @@ def score_cohort(
     device: str = "auto",
     threads: int = 1,
     only: Sequence[str] | None = None,
+    method: str | None = None,
 ) -> pd.DataFrame:
     """Stage ``score`` of every subject of ``stage_table`` (``aggregate.write_stage_table``),
     or of those of its ``bids_id``s in ``only`` (a shard of the cohort; an id that is
@@ -299,6 +305,9 @@ def score_cohort(
     crash on its subject. Writes ``out_table`` (one row per scored subject, in
     the stage table's order: ``bids_id``, ``status``, ``reason``,
     ``anomaly_raw``, ``fold``, ``in_reference``, ``elapsed_s``) and returns it.
+    Given ``method`` (config ``model.method``), a checkpoint of another method is
+    refused: every subject is ``not_scored`` with that reason (see
+    :meth:`Scorer.load`).
     """
     out_dir = Path(out_dir)
     # Labels are strings as written ("001", "NA" included), never numbers or NaN.
@@ -322,7 +331,9 @@ def score_cohort(
         if not ready:
             return
         try:
-            scorer = Scorer.load(Path(checkpoint), device=device, threads=torch_threads)
+            scorer = Scorer.load(
+                Path(checkpoint), device=device, threads=torch_threads, method=method
+            )
         except Exception as error:  # every subject of the shard gets the reason
             unusable(
                 [job.bids_id for job in ready],

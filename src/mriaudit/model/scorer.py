@@ -29,7 +29,7 @@ from mriaudit.intensity import standardize_histogram
 from mriaudit.model import maps
 from mriaudit.model.data import BrainGrid, ImageError, brain_grid, load_normalised
 from mriaudit.model.device import resolve_device
-from mriaudit.model.network import AtlasWarpNet, build_network
+from mriaudit.model.methods import ReconstructionNet, build_network, method_problem
 from mriaudit.records import OK, StageError, make_record
 
 log = logging.getLogger(__name__)
@@ -44,31 +44,17 @@ GPU_SUBJECTS = 8
 
 
 def reconstruct_volumes(
-    model: AtlasWarpNet, volumes: torch.Tensor, *, slices: int = CPU_SLICES
+    model: ReconstructionNet, volumes: torch.Tensor, *, slices: int = CPU_SLICES
 ) -> torch.Tensor:
     """The model's normal-anatomy reconstructions (B, X, Y, Z), float32, of cropped
-    volumes (B, X, Y, Z) on the model's device, ``slices`` axial slices (of any of
-    the volumes) per forward pass."""
-    model.eval()
-    batch, size_x, size_y, size_z = volumes.shape
-    context = model.context
-    heights = torch.arange(size_z, device=volumes.device)
-    offsets = torch.arange(-context, context + 1, device=volumes.device)
-    index = (heights[:, None] + offsets[None, :]).clamp(0, size_z - 1)
-    with torch.inference_mode():
-        # (B, Z, 2 * context + 1, X, Y): each slice with its neighbours, edge slices repeated.
-        stacks = volumes.float().permute(0, 3, 1, 2)[:, index]
-        inputs = stacks.reshape(batch * size_z, 2 * context + 1, size_x, size_y)
-        z = heights.repeat(batch)
-        out = torch.empty(batch * size_z, size_x, size_y, device=volumes.device)
-        for start in range(0, batch * size_z, slices):
-            stop = min(batch * size_z, start + slices)
-            out[start:stop] = model(inputs[start:stop].contiguous(), z[start:stop])[:, 0].float()
-        return out.reshape(batch, size_z, size_x, size_y).permute(0, 2, 3, 1).contiguous()
+    volumes (B, X, Y, Z) on the model's device, ``slices`` axial slices' worth (of
+    any of the volumes) per forward pass; every method's network has this entry point
+    (:class:`mriaudit.model.methods.ReconstructionNet`)."""
+    return model.reconstruct_volumes(volumes, slices=slices)
 
 
 def reconstruct(
-    model: AtlasWarpNet,
+    model: ReconstructionNet,
     volume: np.ndarray,
     *,
     device: torch.device,
@@ -120,23 +106,33 @@ class Scorer:
     The fold ``models`` are built once, in eval mode, on the device, with each
     fold's ``calibration`` (median and spread float32 there); ``mask`` is the
     scoring mask (bool, crop), ``device_mask`` the same on the device. An
-    untrained checkpoint (``trained`` False) has neither models nor mask.
+    untrained checkpoint (``trained`` False) has neither models nor mask; nor
+    has a ``refused`` one, trained with another method than the config asks for.
     """
 
     state: dict[str, Any]
     grid: BrainGrid
     device: torch.device
-    models: list[AtlasWarpNet] = field(default_factory=list)
+    models: list[ReconstructionNet] = field(default_factory=list)
     calibration: list[dict[str, Any]] = field(default_factory=list)
     mask: np.ndarray | None = None
     device_mask: torch.Tensor | None = None
+    refused: str = ""
 
     @classmethod
-    def load(cls, checkpoint: Path, *, device: str = "auto", threads: int = 1) -> Scorer:
+    def load(
+        cls, checkpoint: Path, *, device: str = "auto", threads: int = 1, method: str | None = None
+    ) -> Scorer:
+        """The checkpoint's scorer on ``device``. Given ``method`` (config
+        ``model.method``), a checkpoint of another method is refused: not built, and
+        every subject it would score is ``not_scored`` with the reason."""
         state = load_checkpoint(checkpoint)
         grid = brain_grid(int(state.get("resolution", 2)))
         scorer = cls(state, grid, resolve_device(device, threads=threads))
-        if scorer.trained:
+        scorer.refused = method_problem(state, method, source=str(checkpoint))
+        if scorer.refused:
+            log.error("not scoring: %s", scorer.refused)
+        elif scorer.trained:
             scorer._build()
         return scorer
 
@@ -157,7 +153,8 @@ class Scorer:
 
     @property
     def trained(self) -> bool:
-        return self.state.get("status") == OK
+        """Whether the checkpoint holds trained models this scorer may use."""
+        return self.state.get("status") == OK and not self.refused
 
     @property
     def scoring(self) -> dict[str, Any]:
@@ -272,8 +269,9 @@ class Scorer:
         )
 
     def not_scored(self, image: Path, out_thumbnail: Path | None) -> dict:
-        """The record of a subject when the model could not be trained."""
-        reason = self.state.get("reason", "the model was not trained")
+        """The record of a subject when the model could not be trained, or its
+        checkpoint was refused (another method)."""
+        reason = self.refused or self.state.get("reason", "the model was not trained")
         # The registered image alone is still worth a look.
         drawn = (
             thumbnails.try_draw(thumbnails.write_anomaly_thumbnail, image, None, out_thumbnail)

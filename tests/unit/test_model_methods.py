@@ -1,0 +1,230 @@
+"""The model's methods (config ``model.method``): the ``ae3d`` 3D autoencoder on the
+synthetic cohort of ``test_model`` (six normals, one subject with a 10 mm lesion), the
+same outputs for every method, and the refusal of another method's checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from mriaudit import cohort as cohort_module
+from mriaudit.bench_model import synthetic_head
+from mriaudit.intensity import normalize_intensity
+from mriaudit.model import score_subject, train_ae3d
+from mriaudit.model.ae3d import build_ae3d
+from mriaudit.model.data import brain_grid
+from mriaudit.model.methods import (
+    DEFAULT_METHOD,
+    METHODS,
+    build_network,
+    checkpoint_method,
+    default_architecture,
+)
+from mriaudit.model.options import TrainOptions
+from mriaudit.model.scorer import Scorer, load_checkpoint
+from mriaudit.records import read_record
+
+# The cohort fixture of test_model, imported: its parameters below "redefine" it.
+# ruff: noqa: F811
+from .test_model import (  # noqa: F401 (cohort)
+    CHECKPOINT_KEYS,
+    LESION_MM,
+    LESION_RADIUS_MM,
+    NORMALS,
+    SIDECAR_KEYS,
+    _train,
+    cohort,
+)
+
+SCHEMA = Path(__file__).resolve().parents[2] / "src" / "mriaudit" / "schemas" / "config.schema.yaml"
+#: ae3d as configured, with more passes per epoch: three training volumes per fold here.
+AE3D = TrainOptions(
+    architecture=default_architecture("ae3d") | {"passes_per_epoch": 4}, calibration_subjects=8
+)
+#: Subjects whose outputs the layout test compares: one in the reference, one not.
+LAYOUT = ["n00", "les"]
+#: The cheapest atlas_warp that still writes every output.
+TINY_ATLAS = TrainOptions(slices_per_subject=4, calibration_subjects=4)
+
+
+def _score_all(
+    cohort: dict, out: Path, labels: list[str], *, method: str | None
+) -> dict[str, dict]:
+    records = {}
+    for label in labels:
+        image, record = cohort["subjects"][label]
+        records[label] = score_subject(
+            image,
+            checkpoint=out / "model.pt",
+            subject=label,
+            out_map=out / f"sub-{label}_anomaly_map.nii.gz",
+            record_path=out / f"sub-{label}_desc-score_qc.json",
+            upstream=[record],
+            device="cpu",
+            threads=2,
+            method=method,
+        )
+    return records
+
+
+@pytest.fixture(scope="module")
+def ae3d(cohort: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two ae3d fold models trained on the normals; the normals and the lesion scored."""
+    out = tmp_path_factory.mktemp("ae3d")
+    reference = [*NORMALS, "broken", "misreg"]
+    sidecar = _train(
+        cohort, out, reference=reference, folds=2, epochs=2, options=AE3D, method="ae3d"
+    )
+    records = _score_all(cohort, out, [*NORMALS, "les"], method="ae3d")
+    return {"out": out, "sidecar": sidecar, "records": records}
+
+
+@pytest.fixture(scope="module")
+def atlas(cohort: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """A minimal atlas_warp model of the same cohort (the default method)."""
+    out = tmp_path_factory.mktemp("atlas")
+    sidecar = _train(cohort, out, reference=NORMALS, folds=2, epochs=1, options=TINY_ATLAS)
+    records = _score_all(cohort, out, LAYOUT, method=None)
+    return {"out": out, "sidecar": sidecar, "records": records}
+
+
+def test_ae3d_lesion_scores_above_every_normal_and_its_map_peaks_inside(ae3d: dict) -> None:
+    records = ae3d["records"]
+    assert all(records[label]["status"] == "ok" for label in records)
+    normal = [records[label]["metrics"]["anomaly_raw"] for label in NORMALS]
+    assert records["les"]["metrics"]["anomaly_raw"] > max(normal)
+    image = nib.load(ae3d["out"] / "sub-les_anomaly_map.nii.gz")
+    peak = np.unravel_index(np.argmax(np.asarray(image.dataobj)), image.shape)
+    peak_mm = image.affine[:3, :3] @ np.array(peak) + image.affine[:3, 3]
+    assert np.linalg.norm(peak_mm - LESION_MM) < LESION_RADIUS_MM
+
+
+def test_switching_method_keeps_the_output_layout(ae3d: dict, atlas: dict) -> None:
+    checkpoints = {
+        m: load_checkpoint(run["out"] / "model.pt")
+        for m, run in [("ae3d", ae3d), ("atlas_warp", atlas)]
+    }
+    sidecars = {
+        m: json.loads((run["out"] / "model.json").read_text())
+        for m, run in [("ae3d", ae3d), ("atlas_warp", atlas)]
+    }
+    assert set(checkpoints["ae3d"]) == set(checkpoints["atlas_warp"]) >= CHECKPOINT_KEYS
+    assert set(sidecars["ae3d"]) == set(sidecars["atlas_warp"]) >= SIDECAR_KEYS
+    for method in ("ae3d", "atlas_warp"):
+        assert checkpoints[method]["method"] == sidecars[method]["method"] == method
+        assert checkpoints[method]["architecture"]["name"] == method
+        assert checkpoint_method(checkpoints[method]) == method
+    assert set(checkpoints["ae3d"]["calibration"][0]) == set(
+        checkpoints["atlas_warp"]["calibration"][0]
+    )
+    for label in LAYOUT:
+        record, other = ae3d["records"][label], atlas["records"][label]
+        assert set(record) == set(other) and set(record["metrics"]) == set(other["metrics"])
+        maps = [nib.load(run["out"] / f"sub-{label}_anomaly_map.nii.gz") for run in (ae3d, atlas)]
+        assert maps[0].shape == maps[1].shape and maps[0].get_data_dtype() == np.float32
+        np.testing.assert_allclose(maps[0].affine, maps[1].affine)
+
+
+def test_a_checkpoint_of_another_method_is_refused(
+    ae3d: dict, atlas: dict, cohort: dict, tmp_path: Path
+) -> None:
+    image, upstream = cohort["subjects"]["les"]
+    for run, asked, trained_as in [(ae3d, "atlas_warp", "ae3d"), (atlas, "ae3d", "atlas_warp")]:
+        record = score_subject(
+            image,
+            checkpoint=run["out"] / "model.pt",
+            subject="les",
+            out_map=tmp_path / f"{asked}.nii.gz",
+            record_path=tmp_path / f"{asked}.json",
+            upstream=[upstream],
+            device="cpu",
+            method=asked,
+        )
+        assert record == read_record(tmp_path / f"{asked}.json")
+        assert record["status"] == "ok" and "not_scored" in record["findings"]
+        assert record["metrics"]["anomaly_raw"] is None
+        reason = next(w for w in record["warnings"] if w.startswith("not scored"))
+        assert f"trained with model.method {trained_as!r}" in reason
+        assert f"asks for {asked!r}" in reason
+        assert not (tmp_path / f"{asked}.nii.gz").exists()  # nothing that reads as a result
+        scorer = Scorer.load(run["out"] / "model.pt", device="cpu", method=asked)
+        assert not scorer.trained and not scorer.models
+    # The method it was trained with, or no demand (the API's default), scores.
+    assert Scorer.load(ae3d["out"] / "model.pt", device="cpu", method="ae3d").trained
+    assert Scorer.load(ae3d["out"] / "model.pt", device="cpu").trained
+
+
+def test_the_default_method_is_atlas_warp_and_unknown_ones_are_refused(
+    atlas: dict, cohort: dict, tmp_path: Path
+) -> None:
+    assert DEFAULT_METHOD == "atlas_warp" == atlas["sidecar"]["method"]
+    with pytest.raises(ValueError, match="unknown model method 'vae'"):
+        _train(cohort, tmp_path, reference=NORMALS, method="vae")
+    with pytest.raises(ValueError, match="unknown network 'vae'"):
+        build_network({"name": "vae"}, shape=(8, 8, 8))
+    # A checkpoint from before the methods names none: it is an atlas_warp one.
+    assert checkpoint_method({"architecture": {"name": "atlas_warp"}}) == "atlas_warp"
+    assert checkpoint_method({"status": "failed"}) == "atlas_warp"
+
+
+def test_config_model_key_matches_the_methods() -> None:
+    schema = yaml.safe_load(SCHEMA.read_text())["properties"]["model"]
+    keys = schema["then"]["properties"]
+    assert tuple(keys["method"]["enum"]) == METHODS
+    assert keys["method"]["default"] == DEFAULT_METHOD == cohort_module.DEFAULT_MODEL_METHOD
+    settings = cohort_module.model_settings
+    assert settings("train") == {"method": DEFAULT_METHOD, "checkpoint": "train"}
+    assert settings("/m/model.pt") == {"method": DEFAULT_METHOD, "checkpoint": "/m/model.pt"}
+    assert settings({"method": "ae3d", "checkpoint": "train"}) == {
+        "method": "ae3d",
+        "checkpoint": "train",
+    }
+
+
+def test_ae3d_keeps_any_crop_shape_and_cannot_copy_its_input() -> None:
+    """Padding is cut off again; the bottleneck holds 1/64 of the 2 mm voxels' values."""
+    torch.manual_seed(0)
+    model = build_ae3d(default_architecture("ae3d"), shape=(30, 36, 21))
+    volumes = torch.rand((3, 30, 36, 21))
+    out = model.reconstruct_volumes(volumes, slices=32)  # one volume per pass
+    assert out.shape == volumes.shape and out.dtype == torch.float32
+    together = model.reconstruct_volumes(volumes, slices=1024)
+    torch.testing.assert_close(out, together, rtol=1e-4, atol=1e-5)
+    # The encoder works on the 4 mm grid: the 2 mm crop (80, 96, 80 padded) pooled.
+    code = model.encoder(torch.zeros((1, 1, 40, 48, 40)))
+    assert code.shape == (1, 8, 10, 12, 10) and code.numel() * 64 == 80 * 96 * 80
+
+
+def test_ae3d_training_is_seeded_and_bf16_keeps_the_fp32_result() -> None:
+    """As atlas_warp's trainer: one seed, one result; bfloat16 autocast ends near float32."""
+    grid = brain_grid(2)
+    rng = np.random.default_rng(1)
+    volumes = [
+        normalize_intensity(synthetic_head(rng), grid.mask)[grid.index].astype(np.float16)
+        for _ in range(3)
+    ]
+    runs = {}
+    for name, precision in [("fp32", "fp32"), ("again", "fp32"), ("bf16", "bf16")]:
+        runs[name] = train_ae3d.train_fold(
+            volumes,
+            grid=grid,
+            epochs=2,
+            batch_size=32,
+            learning_rate=2e-3,
+            seed=5,
+            device=torch.device("cpu"),
+            options=AE3D,
+            precision=precision,
+        )
+    (fp32, loss), (again, loss_again), (_, loss_bf16) = runs["fp32"], runs["again"], runs["bf16"]
+    assert all(torch.equal(fp32[key], again[key]) for key in fp32) and loss == loss_again
+    assert abs(loss_bf16 - loss) <= 0.05 * loss
+    # The mean of the fold's volumes is the model's starting point, saved with it.
+    mean = np.mean([v.astype(np.float32) for v in volumes], axis=0)
+    np.testing.assert_allclose(fp32["mean"].numpy(), mean, atol=1e-5)
