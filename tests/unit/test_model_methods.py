@@ -1,10 +1,13 @@
-"""The model's methods (config ``model.method``): the ``ae3d`` 3D autoencoder on the
-synthetic cohort of ``test_model`` (six normals, one subject with a 10 mm lesion), the
-same outputs for every method, and the refusal of another method's checkpoint."""
+"""The model's methods (config ``model.method``): the ``ae3d`` 3D autoencoder and the
+``itermask3d`` iterative inpainting on the synthetic cohort of ``test_model`` (six
+normals, one subject with a 10 mm lesion), the same outputs for every method, and the
+refusal of another method's checkpoint."""
 
 from __future__ import annotations
 
+import itertools
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import nibabel as nib
@@ -16,9 +19,10 @@ import yaml
 from mriaudit import cohort as cohort_module
 from mriaudit.bench_model import synthetic_head
 from mriaudit.intensity import normalize_intensity
-from mriaudit.model import score_subject, train_ae3d
+from mriaudit.model import score_subject, train_ae3d, train_itermask
 from mriaudit.model.ae3d import build_ae3d
 from mriaudit.model.data import brain_grid
+from mriaudit.model.itermask import build_itermask, high_pass
 from mriaudit.model.methods import (
     DEFAULT_METHOD,
     METHODS,
@@ -47,6 +51,13 @@ SCHEMA = Path(__file__).resolve().parents[2] / "src" / "mriaudit" / "schemas" / 
 AE3D = TrainOptions(
     architecture=default_architecture("ae3d") | {"passes_per_epoch": 4}, calibration_subjects=8
 )
+#: itermask3d likewise.
+ITERMASK = TrainOptions(
+    architecture=default_architecture("itermask3d") | {"passes_per_epoch": 4},
+    calibration_subjects=8,
+)
+#: The methods beside atlas_warp, each with a module fixture of the same name below.
+TRAINED = ["ae3d", "itermask3d"]
 #: Subjects whose outputs the layout test compares: one in the reference, one not.
 LAYOUT = ["n00", "les"]
 #: The cheapest atlas_warp that still writes every output.
@@ -86,6 +97,18 @@ def ae3d(cohort: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 
 @pytest.fixture(scope="module")
+def itermask3d(cohort: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two itermask3d fold models trained on the normals; the normals and the lesion scored."""
+    out = tmp_path_factory.mktemp("itermask3d")
+    reference = [*NORMALS, "broken", "misreg"]
+    sidecar = _train(
+        cohort, out, reference=reference, folds=2, epochs=2, options=ITERMASK, method="itermask3d"
+    )
+    records = _score_all(cohort, out, [*NORMALS, "les"], method="itermask3d")
+    return {"out": out, "sidecar": sidecar, "records": records}
+
+
+@pytest.fixture(scope="module")
 def atlas(cohort: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A minimal atlas_warp model of the same cohort (the default method)."""
     out = tmp_path_factory.mktemp("atlas")
@@ -94,48 +117,54 @@ def atlas(cohort: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {"out": out, "sidecar": sidecar, "records": records}
 
 
-def test_ae3d_lesion_scores_above_every_normal_and_its_map_peaks_inside(ae3d: dict) -> None:
-    records = ae3d["records"]
+@pytest.mark.parametrize("method", TRAINED)
+def test_lesion_scores_above_every_normal_and_its_map_peaks_inside(
+    method: str, request: pytest.FixtureRequest
+) -> None:
+    run = request.getfixturevalue(method)
+    records = run["records"]
     assert all(records[label]["status"] == "ok" for label in records)
     normal = [records[label]["metrics"]["anomaly_raw"] for label in NORMALS]
     assert records["les"]["metrics"]["anomaly_raw"] > max(normal)
-    image = nib.load(ae3d["out"] / "sub-les_anomaly_map.nii.gz")
+    image = nib.load(run["out"] / "sub-les_anomaly_map.nii.gz")
     peak = np.unravel_index(np.argmax(np.asarray(image.dataobj)), image.shape)
     peak_mm = image.affine[:3, :3] @ np.array(peak) + image.affine[:3, 3]
     assert np.linalg.norm(peak_mm - LESION_MM) < LESION_RADIUS_MM
 
 
-def test_switching_method_keeps_the_output_layout(ae3d: dict, atlas: dict) -> None:
-    checkpoints = {
-        m: load_checkpoint(run["out"] / "model.pt")
-        for m, run in [("ae3d", ae3d), ("atlas_warp", atlas)]
-    }
-    sidecars = {
-        m: json.loads((run["out"] / "model.json").read_text())
-        for m, run in [("ae3d", ae3d), ("atlas_warp", atlas)]
-    }
-    assert set(checkpoints["ae3d"]) == set(checkpoints["atlas_warp"]) >= CHECKPOINT_KEYS
-    assert set(sidecars["ae3d"]) == set(sidecars["atlas_warp"]) >= SIDECAR_KEYS
-    for method in ("ae3d", "atlas_warp"):
-        assert checkpoints[method]["method"] == sidecars[method]["method"] == method
-        assert checkpoints[method]["architecture"]["name"] == method
-        assert checkpoint_method(checkpoints[method]) == method
-    assert set(checkpoints["ae3d"]["calibration"][0]) == set(
+@pytest.mark.parametrize("method", TRAINED)
+def test_switching_method_keeps_the_output_layout(
+    method: str, atlas: dict, request: pytest.FixtureRequest
+) -> None:
+    runs = {method: request.getfixturevalue(method), "atlas_warp": atlas}
+    checkpoints = {m: load_checkpoint(run["out"] / "model.pt") for m, run in runs.items()}
+    sidecars = {m: json.loads((run["out"] / "model.json").read_text()) for m, run in runs.items()}
+    assert set(checkpoints[method]) == set(checkpoints["atlas_warp"]) >= CHECKPOINT_KEYS
+    assert set(sidecars[method]) == set(sidecars["atlas_warp"]) >= SIDECAR_KEYS
+    for name in runs:
+        assert checkpoints[name]["method"] == sidecars[name]["method"] == name
+        assert checkpoints[name]["architecture"]["name"] == name
+        assert checkpoint_method(checkpoints[name]) == name
+    assert set(checkpoints[method]["calibration"][0]) == set(
         checkpoints["atlas_warp"]["calibration"][0]
     )
     for label in LAYOUT:
-        record, other = ae3d["records"][label], atlas["records"][label]
+        record, other = runs[method]["records"][label], atlas["records"][label]
         assert set(record) == set(other) and set(record["metrics"]) == set(other["metrics"])
-        maps = [nib.load(run["out"] / f"sub-{label}_anomaly_map.nii.gz") for run in (ae3d, atlas)]
+        maps = [nib.load(run["out"] / f"sub-{label}_anomaly_map.nii.gz") for run in runs.values()]
         assert maps[0].shape == maps[1].shape and maps[0].get_data_dtype() == np.float32
         np.testing.assert_allclose(maps[0].affine, maps[1].affine)
 
 
 def test_a_checkpoint_of_another_method_is_refused(
-    ae3d: dict, atlas: dict, cohort: dict, tmp_path: Path
+    ae3d: dict, atlas: dict, itermask3d: dict, cohort: dict, tmp_path: Path
 ) -> None:
     image, upstream = cohort["subjects"]["les"]
-    for run, asked, trained_as in [(ae3d, "atlas_warp", "ae3d"), (atlas, "ae3d", "atlas_warp")]:
+    for run, asked, trained_as in [
+        (ae3d, "atlas_warp", "ae3d"),
+        (atlas, "ae3d", "atlas_warp"),
+        (itermask3d, "ae3d", "itermask3d"),
+    ]:
         record = score_subject(
             image,
             checkpoint=run["out"] / "model.pt",
@@ -228,3 +257,90 @@ def test_ae3d_training_is_seeded_and_bf16_keeps_the_fp32_result() -> None:
     # The mean of the fold's volumes is the model's starting point, saved with it.
     mean = np.mean([v.astype(np.float32) for v in volumes], axis=0)
     np.testing.assert_allclose(fp32["mean"].numpy(), mean, atol=1e-5)
+
+
+def test_itermask_high_pass_removes_low_frequencies_and_keeps_edges() -> None:
+    """A constant or a slow cosine (wavelength 10 voxels, under the radius) vanishes;
+    a box keeps its faces (large values there) but not its inside intensity."""
+    shape = (20, 24, 20)
+    constant = torch.full((1, *shape), 0.7)
+    assert high_pass(constant, radius=0.25).abs().max() < 1e-5
+    wave = torch.cos(2 * torch.pi * 0.1 * torch.arange(shape[0]).float())
+    slow = wave[None, :, None, None].expand(1, *shape)
+    assert high_pass(slow, radius=0.25).abs().max() < 1e-5
+    box = torch.zeros((1, *shape))
+    box[:, 5:15, 6:18, 5:15] = 1.0
+    detail = high_pass(box, radius=0.25)[0]
+    assert detail[4:6, 12, 10].abs().min() > 0.25  # the face at x = 5
+    assert detail[10, 12, 10].abs() < 0.1  # the box's middle: its level is gone
+    assert abs(float(detail.mean())) < 1e-5
+
+
+def test_itermask_keeps_any_crop_shape_and_shrinks_an_untrained_mask() -> None:
+    """Padding is cut off again; batching changes nothing (the threshold is each
+    subject's own); outside the final mask the reconstruction is the image itself."""
+    torch.manual_seed(0)
+    model = build_itermask(default_architecture("itermask3d"), shape=(30, 36, 21))
+    volumes = torch.rand((3, 30, 36, 21))
+    out = model.reconstruct_volumes(volumes, slices=32)  # one volume per pass
+    assert out.shape == volumes.shape and out.dtype == torch.float32
+    together = model.reconstruct_volumes(volumes, slices=1024)
+    torch.testing.assert_close(out, together, rtol=1e-4, atol=1e-5)
+    with torch.inference_mode():
+        recon, masks = model.iterate(volumes)
+    counts = [int(m.sum()) for m in masks]
+    assert counts[0] == 3 * int(model.working_brain().sum())  # the whole brain first
+    assert counts[-1] < 0.1 * counts[0]  # the 95th percentile's share, at most
+    hidden = model.to_crop(masks[-1][:, None].float(), mode="nearest") > 0.5
+    assert torch.equal(recon[~hidden], volumes[~hidden])
+
+
+def test_itermask_mask_shrinks_onto_the_lesion(itermask3d: dict, cohort: dict) -> None:
+    """From the whole brain, every iteration's mask within the last, and the final mask
+    covers most of the lesion and little of the rest of the brain."""
+    image, _ = cohort["subjects"]["les"]
+    scorer = Scorer.load(itermask3d["out"] / "model.pt", device="cpu", method="itermask3d")
+    prepared = scorer.prepare(image, "les")
+    model = scorer.models[prepared.folds[0]]
+    with torch.inference_mode():
+        _, masks = model.iterate(torch.from_numpy(prepared.volume)[None])
+    assert len(masks) >= 3
+    for before, after in itertools.pairwise(masks):
+        assert bool((after <= before).all()) and int(after.sum()) < int(before.sum())
+    grid = scorer.grid
+    centre = np.linalg.solve(grid.affine[:3, :3], LESION_MM - grid.affine[:3, 3])
+    distance = np.linalg.norm((np.indices(grid.shape).T - centre).T, axis=0) * 2.0
+    lesion = (distance < LESION_RADIUS_MM)[grid.index] & grid.crop_mask
+    rest = grid.crop_mask & ~lesion
+    final = (model.to_crop(masks[-1][:, None].float(), mode="nearest") > 0.5)[0].numpy()
+    on_lesion, on_rest = final[lesion].mean(), final[rest].mean()
+    assert on_lesion > 0.5 and on_lesion > 10 * on_rest, (on_lesion, on_rest)
+
+
+def test_itermask_training_is_seeded_and_bf16_keeps_the_fp32_result() -> None:
+    """As ae3d's trainer: one seed, one result; bfloat16 autocast ends near float32."""
+    grid = brain_grid(2)
+    rng = np.random.default_rng(1)
+    volumes = [
+        normalize_intensity(synthetic_head(rng), grid.mask)[grid.index].astype(np.float16)
+        for _ in range(3)
+    ]
+    runs = {}
+    for name, precision in [("fp32", "fp32"), ("again", "fp32"), ("bf16", "bf16")]:
+        runs[name] = train_itermask.train_fold(
+            volumes,
+            grid=grid,
+            epochs=2,
+            batch_size=32,
+            learning_rate=2e-3,
+            seed=5,
+            device=torch.device("cpu"),
+            options=replace(ITERMASK, architecture=ITERMASK.architecture | {"passes_per_epoch": 1}),
+            precision=precision,
+        )
+    (fp32, loss), (again, loss_again), (_, loss_bf16) = runs["fp32"], runs["again"], runs["bf16"]
+    assert all(torch.equal(fp32[key], again[key]) for key in fp32) and loss == loss_again
+    assert abs(loss_bf16 - loss) <= 0.05 * loss
+    mean = np.mean([v.astype(np.float32) for v in volumes], axis=0)
+    np.testing.assert_allclose(fp32["mean"].numpy(), mean, atol=1e-5)
+    np.testing.assert_array_equal(fp32["brain"].numpy(), grid.crop_mask.astype(np.float32))

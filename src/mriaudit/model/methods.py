@@ -15,6 +15,9 @@ architecture's ``name``); a checkpoint of one method is never used as another
   warps the fold's atlas; the output can only be moved, rescaled anatomy.
 - ``ae3d`` (:mod:`mriaudit.model.ae3d`): a 3D convolutional autoencoder of
   whole volumes with a narrow bottleneck (after Luo et al.).
+- ``itermask3d`` (:mod:`mriaudit.model.itermask`): a 3D inpainting network
+  conditioned on a Fourier high-pass of the image, whose mask shrinks onto
+  what it cannot inpaint (after Liang et al., IterMask3D).
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any, Protocol
 import torch
 
 from mriaudit.cohort import DEFAULT_MODEL_METHOD
-from mriaudit.model import ae3d, network
+from mriaudit.model import ae3d, itermask, network
 
 #: The default method (the config schema's); changed only after the benchmark of all
 #: methods (issue 24).
@@ -34,10 +37,12 @@ DEFAULT_METHOD = DEFAULT_MODEL_METHOD
 _BUILDERS: dict[str, Callable[..., Any]] = {
     "atlas_warp": network.build_network,
     "ae3d": ae3d.build_ae3d,
+    "itermask3d": itermask.build_itermask,
 }
 _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "atlas_warp": network.DEFAULT_ARCHITECTURE,
     "ae3d": ae3d.DEFAULT_ARCHITECTURE,
+    "itermask3d": itermask.DEFAULT_ARCHITECTURE,
 }
 #: The method names, in the order of the config schema's enum.
 METHODS = tuple(_BUILDERS)

@@ -5,7 +5,8 @@ folds, so every reference subject is later scored by a model that never saw
 it. The method (config ``model.method``, :mod:`mriaudit.model.methods`) picks
 the network and its fold trainer (:data:`TRAINERS`): ``atlas_warp`` warps its
 fold's atlas slice by slice (:mod:`mriaudit.model.train_atlas`), ``ae3d``
-autoencodes whole volumes (:mod:`mriaudit.model.train_ae3d`). Folds,
+autoencodes whole volumes (:mod:`mriaudit.model.train_ae3d`), ``itermask3d``
+inpaints randomly masked whole volumes (:mod:`mriaudit.model.train_itermask`). Folds,
 standardisation, calibration and the checkpoint are the same for every method.
 
 After training, the out-of-fold maps of up to ``calibration_subjects`` per fold
@@ -28,7 +29,7 @@ import torch
 
 from mriaudit import files
 from mriaudit.intensity import histogram_landmarks, standardize_histogram
-from mriaudit.model import train_ae3d, train_atlas
+from mriaudit.model import train_ae3d, train_atlas, train_itermask
 from mriaudit.model.data import (
     NORMALISATION,
     BrainGrid,
@@ -72,6 +73,7 @@ FORMAT_VERSION = 1
 TRAINERS: dict[str, Callable[..., tuple[dict[str, torch.Tensor], float]]] = {
     "atlas_warp": train_atlas.train_fold,
     "ae3d": train_ae3d.train_fold,
+    "itermask3d": train_itermask.train_fold,
 }
 
 
