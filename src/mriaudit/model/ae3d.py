@@ -48,7 +48,7 @@ DEFAULT_ARCHITECTURE: dict[str, Any] = {
 }
 
 
-def _layer(
+def conv_layer(
     channels_in: int, channels_out: int, groups: int, *, kernel: int, transposed: bool = False
 ) -> list[nn.Module]:
     """A convolution (3^3, padded) or a 2^3 stride-2 one (halving the grid, or doubling it
@@ -94,16 +94,16 @@ class AutoEncoder3D(nn.Module):
             raise ValueError(message)
         self.pool = pool
         self.multiple = pool * 2 ** (len(channels) - 1)
-        encoder = _layer(1, channels[0], groups, kernel=3)
+        encoder = conv_layer(1, channels[0], groups, kernel=3)
         for low, high in itertools.pairwise(channels):
-            encoder += _layer(low, high, groups, kernel=2)
-            encoder += _layer(high, high, groups, kernel=3)
+            encoder += conv_layer(low, high, groups, kernel=2)
+            encoder += conv_layer(high, high, groups, kernel=3)
         self.encoder = nn.Sequential(*encoder, nn.Conv3d(channels[-1], latent, 1))
-        decoder = _layer(latent, channels[-1], groups, kernel=3)
+        decoder = conv_layer(latent, channels[-1], groups, kernel=3)
         for high, low in itertools.pairwise(channels[::-1]):
-            decoder += _layer(high, low, groups, kernel=2, transposed=True)
+            decoder += conv_layer(high, low, groups, kernel=2, transposed=True)
             if low != channels[0]:
-                decoder += _layer(low, low, groups, kernel=3)
+                decoder += conv_layer(low, low, groups, kernel=3)
         head = nn.Conv3d(channels[0], 1, 3, padding=1)
         # Start from the mean volume: the decoder learns the subject's departures from it.
         nn.init.zeros_(head.weight)

@@ -21,7 +21,7 @@ mask is a buffer too: inference starts from it. Shapes on the working grid:
 Inference (:meth:`IterMaskNet.iterate`). The mask starts as the whole brain;
 each iteration inpaints under the current mask, takes the absolute error
 between inpainting and image on the masked voxels, averaged over the masked
-voxels of a 3^3 window (12 mm, ``error_smoothing``: on the demo's test
+voxels of a 3^3 window (12 mm, ``error_smoothing``: on the unit tests'
 cohort it took the lesion's score from 1.5 to 10 times the highest normal's,
 measured, as lone poorly inpainted voxels of normal tissue leave the mask),
 and keeps masked only the
@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mriaudit.model.ae3d import _layer
+from mriaudit.model.ae3d import conv_layer
 
 DEFAULT_ARCHITECTURE: dict[str, Any] = {
     "name": "itermask3d",
@@ -137,19 +137,19 @@ class IterMaskNet(nn.Module):
         self.iterations, self.percentile = iterations, threshold_percentile
         self.smoothing = error_smoothing
         self.multiple = pool * 2 ** (len(channels) - 1)
-        self.stem = nn.Sequential(*_layer(3, channels[0], groups, kernel=3))
+        self.stem = nn.Sequential(*conv_layer(3, channels[0], groups, kernel=3))
         self.down = nn.ModuleList(
             nn.Sequential(
-                *_layer(low, high, groups, kernel=2), *_layer(high, high, groups, kernel=3)
+                *conv_layer(low, high, groups, kernel=2), *conv_layer(high, high, groups, kernel=3)
             )
             for low, high in itertools.pairwise(channels)
         )
         self.up = nn.ModuleList(
-            nn.Sequential(*_layer(high, low, groups, kernel=2, transposed=True))
+            nn.Sequential(*conv_layer(high, low, groups, kernel=2, transposed=True))
             for low, high in itertools.pairwise(channels)
         )
         self.merge = nn.ModuleList(
-            nn.Sequential(*_layer(2 * low, low, groups, kernel=3)) for low in channels[:-1]
+            nn.Sequential(*conv_layer(2 * low, low, groups, kernel=3)) for low in channels[:-1]
         )
         self.head = nn.Conv3d(channels[0], 1, 3, padding=1)
         # Start from the mean volume: the network learns the subject's departures from it.

@@ -13,9 +13,6 @@ subject's own clean volume, which the bottleneck cannot copy.
 
 from __future__ import annotations
 
-import logging
-import math
-import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,37 +20,9 @@ import torch
 
 from mriaudit.model.ae3d import build_ae3d
 from mriaudit.model.data import BrainGrid
-from mriaudit.model.objective import _trimmed_l1, lr_factor
+from mriaudit.model.fit import augment_volumes, autocast, cpu_state, fit_volumes, mean_volume
+from mriaudit.model.objective import _trimmed_l1
 from mriaudit.model.options import TrainOptions
-
-log = logging.getLogger(__name__)
-
-
-def augment_volumes(
-    batch: torch.Tensor, *, generator: torch.Generator, options: TrainOptions
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets (B, 1, X, Y, Z) for volumes ``batch`` (B, X, Y, Z), float32 in
-    normalised intensity on ``generator``'s device.
-
-    Each volume gets a gamma in [1 - g, 1 + g] and a scale in [1 - s, 1 + s]
-    (``options.gamma_jitter``, ``scale_jitter``): the target. The input adds
-    fine Gaussian noise of a standard deviation drawn in [0,
-    ``options.fine_noise_std``] inside the head, clipped to [0, 1.5].
-    """
-    n = batch.shape[0]
-    device = generator.device
-
-    def uniform(low: float, high: float) -> torch.Tensor:
-        draw = torch.rand((n, 1, 1, 1), generator=generator, device=device)
-        return low + (high - low) * draw
-
-    gamma = uniform(1 - options.gamma_jitter, 1 + options.gamma_jitter)
-    scale = uniform(1 - options.scale_jitter, 1 + options.scale_jitter)
-    target = batch.clamp_min(0.0).pow(gamma) * scale
-    noise = torch.randn(target.shape, generator=generator, device=device)
-    noisy = (target + noise * uniform(0.0, options.fine_noise_std)).clamp(0.0, 1.5)
-    inputs = torch.where(target > 0, noisy, torch.zeros((), device=device))
-    return inputs[:, None], target[:, None]
 
 
 def train_fold(
@@ -87,53 +56,24 @@ def train_fold(
     stack = torch.from_numpy(np.stack(volumes)).to(device)
     brain = torch.from_numpy(grid.crop_mask.astype(np.float32)).to(device)[None, None]
     model = build_ae3d(architecture, shape=volumes[0].shape).to(device)
-    model.set_mean(_mean_volume(stack))
-    optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    n_subjects = stack.shape[0]
-    n_draws = n_subjects * passes
-    steps_per_epoch = math.ceil(n_draws / per_batch)
-    total = steps_per_epoch * epochs
-    step, loss_value = 0, float("nan")
-    for epoch in range(epochs):
-        start = time.perf_counter()
-        order = torch.cat(
-            [torch.randperm(n_subjects, generator=generator, device=device) for _ in range(passes)]
-        )
-        epoch_loss = torch.zeros((), device=device)
-        model.train()
-        for first in range(0, n_draws, per_batch):
-            chosen = order[first : first + per_batch]
-            inputs, target = augment_volumes(
-                stack[chosen].float(), generator=generator, options=options
-            )
-            for group in optimiser.param_groups:
-                group["lr"] = learning_rate * lr_factor(step, total, options.warmup)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                output = model(inputs)
-            mask = brain.expand_as(target)
-            loss = _trimmed_l1(output.float(), target, mask, options.trim)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            epoch_loss += loss.detach()
-            step += 1
-        loss_value = float(epoch_loss) / steps_per_epoch  # the epoch's one read-back
-        log.info(
-            "%sepoch %d/%d loss %.4f (%.1f s)",
-            label,
-            epoch + 1,
-            epochs,
-            loss_value,
-            time.perf_counter() - start,
-        )
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return state, loss_value
+    model.set_mean(mean_volume(stack))
 
+    def loss_of(batch: torch.Tensor) -> torch.Tensor:
+        inputs, target = augment_volumes(batch, generator=generator, options=options)
+        with autocast(device, precision):
+            output = model(inputs)
+        return _trimmed_l1(output.float(), target, brain.expand_as(target), options.trim)
 
-def _mean_volume(stack: torch.Tensor) -> torch.Tensor:
-    """Voxelwise mean (X, Y, Z), float32, of volumes ``stack`` (N, X, Y, Z), slab by slab
-    (no float32 copy of the whole stack)."""
-    out = torch.empty(stack.shape[1:], device=stack.device)
-    for x in range(stack.shape[1]):
-        out[x] = stack[:, x].float().mean(dim=0)
-    return out
+    loss = fit_volumes(
+        model,
+        stack,
+        loss_of=loss_of,
+        generator=generator,
+        epochs=epochs,
+        per_batch=per_batch,
+        passes=passes,
+        learning_rate=learning_rate,
+        warmup=options.warmup,
+        label=label,
+    )
+    return cpu_state(model), loss

@@ -10,7 +10,6 @@ inside the brain mask plus a smoothness penalty on the displacement.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Sequence
@@ -21,11 +20,10 @@ import torch.nn.functional as F
 
 from mriaudit.model.augment import augment_batch
 from mriaudit.model.data import BrainGrid
+from mriaudit.model.fit import autocast, cpu_state, log_epoch
 from mriaudit.model.network import AtlasWarpNet, build_network
 from mriaudit.model.objective import displacement_smoothness, lr_factor, multiscale_l1
 from mriaudit.model.options import TrainOptions
-
-log = logging.getLogger(__name__)
 
 
 def train_fold(
@@ -95,7 +93,7 @@ def train_fold(
             )
             for group in optimiser.param_groups:
                 group["lr"] = learning_rate * lr_factor(step, total, options.warmup)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            with autocast(device, precision):
                 output, flow = model(inputs, z, with_flow=True)
             loss = multiscale_l1(
                 output.float(), target, mask, trim=options.trim, coarse=options.coarse_loss
@@ -107,16 +105,8 @@ def train_fold(
             epoch_loss += loss.detach()
             step += 1
         loss_value = float(epoch_loss) / steps_per_epoch  # the epoch's one read-back
-        log.info(
-            "%sepoch %d/%d loss %.4f (%.1f s)",
-            label,
-            epoch + 1,
-            epochs,
-            loss_value,
-            time.perf_counter() - start,
-        )
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return state, loss_value
+        log_epoch(label, epoch, epochs, loss_value, start)
+    return cpu_state(model), loss_value
 
 
 def _to_atlas_space(model: AtlasWarpNet, volume: torch.Tensor, *, batch_size: int) -> torch.Tensor:

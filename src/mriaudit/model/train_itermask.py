@@ -13,9 +13,7 @@ under it from the visible voxels and the high-pass of the whole input.
 
 from __future__ import annotations
 
-import logging
 import math
-import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,12 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from mriaudit.model.data import BrainGrid
+from mriaudit.model.fit import augment_volumes, autocast, cpu_state, fit_volumes, mean_volume
 from mriaudit.model.itermask import build_itermask
-from mriaudit.model.objective import _trimmed_l1, lr_factor
+from mriaudit.model.objective import _trimmed_l1
 from mriaudit.model.options import TrainOptions
-from mriaudit.model.train_ae3d import _mean_volume, augment_volumes
-
-log = logging.getLogger(__name__)
 
 
 def random_masks(
@@ -101,54 +97,35 @@ def train_fold(
     # (N, X, Y, Z), as stored (float16): a batch is one gather.
     stack = torch.from_numpy(np.stack(volumes)).to(device)
     model = build_itermask(architecture, shape=volumes[0].shape).to(device)
-    model.set_mean(_mean_volume(stack))
+    model.set_mean(mean_volume(stack))
     model.set_brain(torch.from_numpy(grid.crop_mask.astype(np.float32)))
     brain = model.working_brain().float()
-    optimiser = torch.optim.Adam(model.parameters(), lr=learning_rate)
-    n_subjects = stack.shape[0]
-    n_draws = n_subjects * passes
-    steps_per_epoch = math.ceil(n_draws / per_batch)
-    total = steps_per_epoch * epochs
-    step, loss_value = 0, float("nan")
-    for epoch in range(epochs):
-        start = time.perf_counter()
-        order = torch.cat(
-            [torch.randperm(n_subjects, generator=generator, device=device) for _ in range(passes)]
+
+    def loss_of(batch: torch.Tensor) -> torch.Tensor:
+        inputs, target = augment_volumes(batch, generator=generator, options=options)
+        image, clean = model.to_working(inputs[:, 0]), model.to_working(target[:, 0])
+        mask = random_masks(
+            image.shape[0],
+            tuple(image.shape[-3:]),
+            generator=generator,
+            scales=scales,
+            fraction=(low, high),
+            full_probability=full_probability,
         )
-        epoch_loss = torch.zeros((), device=device)
-        model.train()
-        for first in range(0, n_draws, per_batch):
-            chosen = order[first : first + per_batch]
-            inputs, target = augment_volumes(
-                stack[chosen].float(), generator=generator, options=options
-            )
-            image, clean = model.to_working(inputs[:, 0]), model.to_working(target[:, 0])
-            mask = random_masks(
-                image.shape[0],
-                tuple(image.shape[-3:]),
-                generator=generator,
-                scales=scales,
-                fraction=(low, high),
-                full_probability=full_probability,
-            )
-            for group in optimiser.param_groups:
-                group["lr"] = learning_rate * lr_factor(step, total, options.warmup)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-                output = model(image, mask)
-            loss = _trimmed_l1(output.float(), clean, mask * brain, options.trim)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            epoch_loss += loss.detach()
-            step += 1
-        loss_value = float(epoch_loss) / steps_per_epoch  # the epoch's one read-back
-        log.info(
-            "%sepoch %d/%d loss %.4f (%.1f s)",
-            label,
-            epoch + 1,
-            epochs,
-            loss_value,
-            time.perf_counter() - start,
-        )
-    state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    return state, loss_value
+        with autocast(device, precision):
+            output = model(image, mask)
+        return _trimmed_l1(output.float(), clean, mask * brain, options.trim)
+
+    loss = fit_volumes(
+        model,
+        stack,
+        loss_of=loss_of,
+        generator=generator,
+        epochs=epochs,
+        per_batch=per_batch,
+        passes=passes,
+        learning_rate=learning_rate,
+        warmup=options.warmup,
+        label=label,
+    )
+    return cpu_state(model), loss
