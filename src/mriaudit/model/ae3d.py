@@ -48,6 +48,16 @@ DEFAULT_ARCHITECTURE: dict[str, Any] = {
 }
 
 
+def pad_widths(shape: tuple[int, ...], *, multiple: int) -> list[int]:
+    """``F.pad`` widths (z, y, x order; low, high) that bring (X, Y, Z) ``shape`` to a
+    multiple of ``multiple`` voxels, split evenly between the two sides."""
+    widths: list[int] = []
+    for size in reversed(shape):
+        extra = -size % multiple
+        widths += [extra // 2, extra - extra // 2]
+    return widths
+
+
 def conv_layer(
     channels_in: int, channels_out: int, groups: int, *, kernel: int, transposed: bool = False
 ) -> list[nn.Module]:
@@ -115,18 +125,10 @@ class AutoEncoder3D(nn.Module):
         """The fold's mean training volume (X, Y, Z), normalised intensity."""
         self.mean.copy_(mean.to(self.mean.device, torch.float32))
 
-    def _padding(self, shape: tuple[int, ...]) -> list[int]:
-        """``F.pad`` widths (z, y, x order; low, high) that bring (X, Y, Z) to the multiple."""
-        widths: list[int] = []
-        for size in reversed(shape):
-            extra = -size % self.multiple
-            widths += [extra // 2, extra - extra // 2]
-        return widths
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Reconstruction (N, 1, X, Y, Z) of volumes ``x`` (N, 1, X, Y, Z)."""
         size = x.shape[-3:]
-        pad = self._padding(tuple(size))
+        pad = pad_widths(tuple(size), multiple=self.multiple)
         padded = F.pad(x, pad)
         inputs = F.avg_pool3d(padded, self.pool) if self.pool > 1 else padded
         out = self.decoder(self.encoder(inputs))

@@ -52,7 +52,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mriaudit.model.ae3d import conv_layer
+from mriaudit.model.ae3d import conv_layer, pad_widths
 
 DEFAULT_ARCHITECTURE: dict[str, Any] = {
     "name": "itermask3d",
@@ -166,25 +166,19 @@ class IterMaskNet(nn.Module):
         """The template brain mask on the crop (X, Y, Z), 0/1: where inference starts."""
         self.brain.copy_(brain.to(self.brain.device, torch.float32))
 
-    def _padding(self, shape: tuple[int, ...]) -> list[int]:
-        """``F.pad`` widths (z, y, x order; low, high) that bring (X, Y, Z) to the multiple."""
-        widths: list[int] = []
-        for size in reversed(shape):
-            extra = -size % self.multiple
-            widths += [extra // 2, extra - extra // 2]
-        return widths
-
     def to_working(self, volumes: torch.Tensor) -> torch.Tensor:
         """Volumes (N, X, Y, Z) on the 2 mm crop to (N, 1, x, y, z) on the working grid,
         float32: zero-padded to the multiple, average-pooled by ``pool``."""
-        padded = F.pad(volumes.float()[:, None], self._padding(tuple(volumes.shape[-3:])))
+        padded = F.pad(
+            volumes.float()[:, None], pad_widths(tuple(volumes.shape[-3:]), multiple=self.multiple)
+        )
         return F.avg_pool3d(padded, self.pool) if self.pool > 1 else padded
 
     def to_crop(self, working: torch.Tensor, *, mode: str) -> torch.Tensor:
         """(N, 1, x, y, z) on the working grid back to (N, X, Y, Z) on the crop
         (``mode`` ``trilinear`` for intensities, ``nearest`` for masks)."""
         size = tuple(self.mean.shape)
-        pad = self._padding(size)
+        pad = pad_widths(size, multiple=self.multiple)
         padded = [s + pad[2 * (2 - i)] + pad[2 * (2 - i) + 1] for i, s in enumerate(size)]
         if self.pool > 1:
             extra = {"align_corners": False} if mode == "trilinear" else {}
