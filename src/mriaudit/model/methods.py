@@ -18,6 +18,11 @@ architecture's ``name``); a checkpoint of one method is never used as another
 - ``itermask3d`` (:mod:`mriaudit.model.itermask`): a 3D inpainting network
   conditioned on a Fourier high-pass of the image, whose mask shrinks onto
   what it cannot inpaint (after Liang et al., IterMask3D).
+- ``token_surprisal`` (:mod:`mriaudit.model.tokens`): axial slices as VQ
+  tokens and a causal prior over them; its raw terms are its own (token
+  surprisal, and the structural difference to the healed decoding) through
+  ``raw_terms``, which a network may offer instead of the shared residual terms
+  of its reconstruction (:func:`mriaudit.model.scorer.raw_terms`).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any, Protocol
 import torch
 
 from mriaudit.cohort import DEFAULT_MODEL_METHOD
-from mriaudit.model import ae3d, itermask, network
+from mriaudit.model import ae3d, itermask, network, tokens
 
 #: The default method (the config schema's); changed only after the benchmark of all
 #: methods (issue 24).
@@ -38,11 +43,13 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
     "atlas_warp": network.build_network,
     "ae3d": ae3d.build_ae3d,
     "itermask3d": itermask.build_itermask,
+    "token_surprisal": tokens.build_tokens,
 }
 _ARCHITECTURES: dict[str, dict[str, Any]] = {
     "atlas_warp": network.DEFAULT_ARCHITECTURE,
     "ae3d": ae3d.DEFAULT_ARCHITECTURE,
     "itermask3d": itermask.DEFAULT_ARCHITECTURE,
+    "token_surprisal": tokens.DEFAULT_ARCHITECTURE,
 }
 #: The method names, in the order of the config schema's enum.
 METHODS = tuple(_BUILDERS)
@@ -60,6 +67,15 @@ class ReconstructionNet(Protocol):
     def eval(self) -> ReconstructionNet: ...
 
     def load_state_dict(self, state: Mapping[str, Any]) -> Any: ...
+
+
+def fold_diagnostics(state: Mapping[str, Any]) -> dict[str, Any]:
+    """What a fold's state dict measured of itself, for the sidecar: the codebook
+    usage of a ``token_surprisal`` model (:func:`tokens.codebook_usage`); empty for
+    the methods that measure nothing."""
+    if "code_counts" in state:
+        return {"codebook": tokens.codebook_usage(state["code_counts"])}
+    return {}
 
 
 def check_method(name: str) -> str:

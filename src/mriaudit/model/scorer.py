@@ -53,6 +53,33 @@ def reconstruct_volumes(
     return model.reconstruct_volumes(volumes, slices=slices)
 
 
+def raw_terms(
+    model: ReconstructionNet,
+    volumes: torch.Tensor,
+    *,
+    scoring: dict[str, Any],
+    slices: int = CPU_SLICES,
+) -> torch.Tensor:
+    """Uncalibrated anomaly terms (B, 2, X, Y, Z), float32, of cropped volumes
+    (B, X, Y, Z) on the model's device: the network's own ``raw_terms`` where it has
+    them (``token_surprisal``), else :func:`maps.raw_map` of its reconstruction."""
+    own = getattr(model, "raw_terms", None)
+    if own is not None:
+        return own(volumes, scoring=scoring, slices=slices)
+    return maps.raw_map(
+        volumes, reconstruct_volumes(model, volumes, slices=slices), scoring=scoring
+    )
+
+
+def raw_terms_of(
+    model: ReconstructionNet, volume: np.ndarray, *, device: torch.device, scoring: dict[str, Any]
+) -> np.ndarray:
+    """:func:`raw_terms` (2, X, Y, Z) of one cropped volume (X, Y, Z), on the CPU."""
+    with torch.inference_mode():
+        volumes = torch.from_numpy(np.asarray(volume, dtype=np.float32))[None].to(device)
+        return raw_terms(model, volumes, scoring=scoring)[0].cpu().numpy()
+
+
 def reconstruct(
     model: ReconstructionNet,
     volume: np.ndarray,
@@ -209,8 +236,7 @@ class Scorer:
                 every = len(rows) == len(batch)
                 chosen = volumes if every else volumes[rows]
                 slices = CPU_SLICES if self.device.type == "cpu" else GPU_SLICES
-                recon = reconstruct_volumes(self.models[fold], chosen, slices=slices)
-                raw = maps.raw_map(chosen, recon, scoring=scoring)
+                raw = raw_terms(self.models[fold], chosen, scoring=scoring, slices=slices)
                 calibration = self.calibration[fold]
                 anomaly = maps.calibrated_map(raw, calibration, mask, scoring=scoring)
                 focal, diffuse = maps.summaries(anomaly, mask, sigmas=sigmas, relative=relative)

@@ -6,8 +6,10 @@ it. The method (config ``model.method``, :mod:`mriaudit.model.methods`) picks
 the network and its fold trainer (:data:`TRAINERS`): ``atlas_warp`` warps its
 fold's atlas slice by slice (:mod:`mriaudit.model.train_atlas`), ``ae3d``
 autoencodes whole volumes (:mod:`mriaudit.model.train_ae3d`), ``itermask3d``
-inpaints randomly masked whole volumes (:mod:`mriaudit.model.train_itermask`). Folds,
-standardisation, calibration and the checkpoint are the same for every method.
+inpaints randomly masked whole volumes (:mod:`mriaudit.model.train_itermask`),
+``token_surprisal`` learns slice tokens and their prior
+(:mod:`mriaudit.model.train_tokens`). Folds, standardisation, calibration and the
+checkpoint are the same for every method.
 
 After training, the out-of-fold maps of up to ``calibration_subjects`` per fold
 give each fold model a voxelwise median and spread built from subjects of the
@@ -29,7 +31,7 @@ import torch
 
 from mriaudit import files
 from mriaudit.intensity import histogram_landmarks, standardize_histogram
-from mriaudit.model import train_ae3d, train_atlas, train_itermask
+from mriaudit.model import train_ae3d, train_atlas, train_itermask, train_tokens
 from mriaudit.model.data import (
     NORMALISATION,
     BrainGrid,
@@ -47,7 +49,6 @@ from mriaudit.model.maps import (
     calibrated_map,
     calibration_stats,
     focal_sigmas,
-    raw_map,
     robust_scale,
     scoring_mask,
     subject_summaries,
@@ -57,10 +58,11 @@ from mriaudit.model.methods import (
     build_network,
     check_method,
     default_architecture,
+    fold_diagnostics,
 )
 from mriaudit.model.options import TrainOptions
 from mriaudit.model.sample import stratified_cap
-from mriaudit.model.scorer import reconstruct
+from mriaudit.model.scorer import raw_terms_of
 from mriaudit.records import FAILED, OK, write_json
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,7 @@ TRAINERS: dict[str, Callable[..., tuple[dict[str, torch.Tensor], float]]] = {
     "atlas_warp": train_atlas.train_fold,
     "ae3d": train_ae3d.train_fold,
     "itermask3d": train_itermask.train_fold,
+    "token_surprisal": train_tokens.train_fold,
 }
 
 
@@ -109,10 +112,10 @@ def _calibrate(
     raw: dict[str, np.ndarray] = {}
     for k, members in chosen.items():
         for subject in members:
-            recon = reconstruct(models[k], volumes[subject], device=device)
-            raw[subject] = raw_map(volumes[subject], recon, scoring=options.scoring).astype(
-                np.float16
+            terms = raw_terms_of(
+                models[k], volumes[subject], device=device, scoring=options.scoring
             )
+            raw[subject] = terms.astype(np.float16)
     mask = scoring_mask(grid, erode_voxels=int(options.scoring["erode_voxels"]))
     calibration = []
     for k in range(folds):
@@ -431,6 +434,8 @@ def _fit(
         data_hash=data_hash(paths),
         training_time_s=round(time.perf_counter() - started, 2),
         fold_final_loss=[round(v, 6) for v in final_losses],
+        # What each fold measured of itself (token_surprisal: its codebook usage).
+        fold_diagnostics=[fold_diagnostics(state) for state in states],
         fold_assignment=assignment,
         held_out_folds=held_out,
         landmarks=landmarks,
