@@ -52,10 +52,12 @@ test: venv lint browser
 	$(BIN)/python -m pytest -ra
 
 # Per-stage cost of one 1 mm T1 and the cohort steps at 10,000 subjects (results/bench/bench.json),
-# then detection on the real-head cohort, per anomaly kind (results/bench/detection/detection-<method>.json).
+# detection on the real-head cohort, per anomaly kind (results/bench/detection/detection-<method>.json),
+# then every model.method on the real heads and the demo, one table (results/bench/methods/methods.json).
 bench: venv
 	$(BIN)/python -m mriaudit.bench --out results/bench
 	$(BIN)/python -m mriaudit.bench_detection --work results/bench/detection
+	$(BIN)/python -m mriaudit.bench_methods --work results/bench/methods
 
 # Rank agreement of the IQMs with MRIQC 24's own functions on a degraded real head
 # (docs/MRIQC.md; about 20 min on 2 cores). MRIQC lives in its own venv, never in .venv:

@@ -118,7 +118,7 @@ def run_workflow(
     return time.perf_counter() - started
 
 
-def _ranking_score(frame: pd.DataFrame, column: str) -> np.ndarray:
+def ranking_score(frame: pd.DataFrame, column: str) -> np.ndarray:
     """The column as a ranking: subjects that are not ok rank above every scored one."""
     values = frame[column].to_numpy(dtype=float) if column in frame else np.full(len(frame), np.nan)
     not_ok = frame["status"].to_numpy(dtype=str) != "ok"
@@ -129,7 +129,7 @@ def _ranking_score(frame: pd.DataFrame, column: str) -> np.ndarray:
     return np.where(np.isfinite(values), values, low)
 
 
-def _scores_for(truth: np.ndarray, score: np.ndarray) -> dict[str, float | None]:
+def scores_for(truth: np.ndarray, score: np.ndarray) -> dict[str, float | None]:
     if truth.all() or not truth.any():
         return {"auroc": None, "auprc": None}
     return {
@@ -148,7 +148,7 @@ def detection_figures(scores_tsv: Path, labels_tsv: Path) -> dict[str, Any]:
     frame = frame.merge(labels[["folder", "kind", "person"]], on="folder", how="inner")
     normal = frame["kind"].to_numpy(dtype=str) == "normal"
     flagged = frame["flagged"].to_numpy(dtype=bool)
-    ranking = {column: _ranking_score(frame, column) for column in SCORE_COLUMNS}
+    ranking = {column: ranking_score(frame, column) for column in SCORE_COLUMNS}
     kinds = [k for k in demo.ANOMALY_KINDS if (frame["kind"] == k).any()]
     figures: dict[str, Any] = {
         "n_normal": int(normal.sum()),
@@ -163,7 +163,7 @@ def detection_figures(scores_tsv: Path, labels_tsv: Path) -> dict[str, Any]:
         truth = members[keep]
         entry: dict[str, Any] = {"n": int(members.sum())}
         for column, score in ranking.items():
-            entry[column] = _scores_for(truth, score[keep])
+            entry[column] = scores_for(truth, score[keep])
         entry["tpr"] = round(float(flagged[members].mean()), 4) if members.any() else None
         entry["missed"] = sorted(frame.loc[members & ~flagged, "folder"].tolist())
         figures["kinds"][kind] = entry

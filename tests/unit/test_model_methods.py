@@ -1,7 +1,7 @@
-"""The model's methods (config ``model.method``): the ``ae3d`` 3D autoencoder and the
-``itermask3d`` iterative inpainting on the synthetic cohort of ``test_model`` (six
-normals, one subject with a 10 mm lesion), the same outputs for every method, and the
-refusal of another method's checkpoint."""
+"""The model's methods (config ``model.method``): the ``ae3d`` 3D autoencoder, the
+``itermask3d`` iterative inpainting and ``token_surprisal`` on the synthetic cohort of
+``test_model`` (six normals, one subject with a 10 mm lesion), the same outputs for
+every method, and the refusal of another method's checkpoint."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import yaml
 from mriaudit import cohort as cohort_module
 from mriaudit.bench_model import synthetic_head
 from mriaudit.intensity import normalize_intensity
-from mriaudit.model import score_subject, train_ae3d, train_itermask
+from mriaudit.model import maps, score_subject, train_ae3d, train_itermask, train_tokens
 from mriaudit.model.ae3d import build_ae3d
 from mriaudit.model.data import brain_grid
 from mriaudit.model.itermask import build_itermask, high_pass
@@ -31,7 +31,8 @@ from mriaudit.model.methods import (
     default_architecture,
 )
 from mriaudit.model.options import TrainOptions
-from mriaudit.model.scorer import Scorer, load_checkpoint
+from mriaudit.model.scorer import Scorer, load_checkpoint, raw_terms
+from mriaudit.model.tokens import build_tokens, codebook_usage
 from mriaudit.records import read_record
 
 # The cohort fixture of test_model, imported: its parameters below "redefine" it.
@@ -56,8 +57,14 @@ ITERMASK = TrainOptions(
     architecture=default_architecture("itermask3d") | {"passes_per_epoch": 4},
     calibration_subjects=8,
 )
+#: token_surprisal with every brain slice of its three training volumes per epoch.
+TOKENS = TrainOptions(
+    architecture=default_architecture("token_surprisal"),
+    slices_per_subject=80,
+    calibration_subjects=8,
+)
 #: The methods beside atlas_warp, each with a module fixture of the same name below.
-TRAINED = ["ae3d", "itermask3d"]
+TRAINED = ["ae3d", "itermask3d", "token_surprisal"]
 #: Subjects whose outputs the layout test compares: one in the reference, one not.
 LAYOUT = ["n00", "les"]
 #: The cheapest atlas_warp that still writes every output.
@@ -105,6 +112,25 @@ def itermask3d(cohort: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
         cohort, out, reference=reference, folds=2, epochs=2, options=ITERMASK, method="itermask3d"
     )
     records = _score_all(cohort, out, [*NORMALS, "les"], method="itermask3d")
+    return {"out": out, "sidecar": sidecar, "records": records}
+
+
+@pytest.fixture(scope="module")
+def token_surprisal(cohort: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two token_surprisal fold models trained on the normals; the normals and the
+    lesion scored."""
+    out = tmp_path_factory.mktemp("token_surprisal")
+    reference = [*NORMALS, "broken", "misreg"]
+    sidecar = _train(
+        cohort,
+        out,
+        reference=reference,
+        folds=2,
+        epochs=4,
+        options=TOKENS,
+        method="token_surprisal",
+    )
+    records = _score_all(cohort, out, [*NORMALS, "les"], method="token_surprisal")
     return {"out": out, "sidecar": sidecar, "records": records}
 
 
@@ -157,13 +183,19 @@ def test_switching_method_keeps_the_output_layout(
 
 
 def test_a_checkpoint_of_another_method_is_refused(
-    ae3d: dict, atlas: dict, itermask3d: dict, cohort: dict, tmp_path: Path
+    ae3d: dict,
+    atlas: dict,
+    itermask3d: dict,
+    token_surprisal: dict,
+    cohort: dict,
+    tmp_path: Path,
 ) -> None:
     image, upstream = cohort["subjects"]["les"]
     for run, asked, trained_as in [
         (ae3d, "atlas_warp", "ae3d"),
         (atlas, "ae3d", "atlas_warp"),
         (itermask3d, "ae3d", "itermask3d"),
+        (token_surprisal, "itermask3d", "token_surprisal"),
     ]:
         record = score_subject(
             image,
@@ -344,3 +376,99 @@ def test_itermask_training_is_seeded_and_bf16_keeps_the_fp32_result() -> None:
     mean = np.mean([v.astype(np.float32) for v in volumes], axis=0)
     np.testing.assert_allclose(fp32["mean"].numpy(), mean, atol=1e-5)
     np.testing.assert_array_equal(fp32["brain"].numpy(), grid.crop_mask.astype(np.float32))
+
+
+def test_token_codebook_usage_is_measured_and_the_codebook_does_not_collapse(
+    token_surprisal: dict,
+) -> None:
+    """Every fold's sidecar says how many codes its training tokens use; the EMA
+    codebook with dead-code restarts spreads them over many codes."""
+    diagnostics = token_surprisal["sidecar"]["fold_diagnostics"]
+    assert len(diagnostics) == 2
+    checkpoint = load_checkpoint(token_surprisal["out"] / "model.pt")
+    for fold, measured in enumerate(diagnostics):
+        usage = measured["codebook"]
+        counts = checkpoint["state_dicts"][fold]["code_counts"]
+        assert usage == codebook_usage(counts)
+        assert usage["codes"] == 128 and usage["codes_used"] >= 32, usage
+        assert usage["perplexity"] >= 16, usage
+        assert torch.isfinite(checkpoint["state_dicts"][fold]["heal_nll"])
+
+
+def test_codebook_usage_of_even_and_collapsed_counts() -> None:
+    even = codebook_usage(torch.full((8,), 5.0))
+    assert even["codes_used"] == 8 and even["perplexity"] == pytest.approx(8.0)
+    collapsed = codebook_usage(torch.tensor([40.0, 0, 0, 0]))
+    assert collapsed["codes_used"] == 1 and collapsed["perplexity"] == pytest.approx(1.0)
+    assert codebook_usage(torch.zeros(4))["codes_used"] == 0
+
+
+def test_token_terms_keep_any_crop_shape_and_batching_changes_nothing() -> None:
+    """Padding is cut off again; both terms are >= 0 on the crop's voxels; the residual
+    against the healed decoding counts in units of the surprisal threshold."""
+    torch.manual_seed(0)
+    model = build_tokens(default_architecture("token_surprisal"), shape=(30, 36, 21))
+    assert model.grid == (8, 9)
+    volumes = torch.rand((2, 30, 36, 21))
+    scoring = TOKENS.scoring
+    one = raw_terms(model, volumes, scoring=scoring, slices=5)
+    together = raw_terms(model, volumes, scoring=scoring, slices=1024)
+    assert one.shape == (2, 2, 30, 36, 21) and one.dtype == torch.float32
+    torch.testing.assert_close(one, together, rtol=1e-4, atol=1e-4)
+    assert float(one.min()) >= 0.0
+    # An untrained prior spreads its probability: about log(128) nats per token, and
+    # before training sets the threshold no token counts as surprising.
+    surprisal, _ = model.analyse(volumes, slices=32)
+    assert abs(float(surprisal.mean()) - np.log(128)) < 1.0
+    assert float(one[:, 0].max()) == 0.0
+    model.heal_nll.fill_(float(surprisal.median()))
+    weighted = raw_terms(model, volumes, scoring=scoring, slices=32)[:, 0]
+    surprisal, healed = model.analyse(volumes, slices=32)
+    residual = maps.raw_map(volumes, healed, scoring=scoring)[:, 0]
+    torch.testing.assert_close(weighted, residual * surprisal / model.heal_nll)
+    recon = model.reconstruct_volumes(volumes, slices=7)
+    assert recon.shape == volumes.shape
+
+
+def test_token_prior_is_causal_in_each_order() -> None:
+    """Changing a token changes the prediction of the tokens after it in raster order
+    and of those before it in the reversed order, never its own."""
+    torch.manual_seed(0)
+    model = build_tokens(default_architecture("token_surprisal"), shape=(16, 16, 4)).eval()
+    tokens = torch.randint(128, (1, 16))
+    changed = tokens.clone()
+    changed[0, 7] = (tokens[0, 7] + 1) % 128
+    heights = torch.tensor([2])
+    with torch.inference_mode():
+        for order, unaffected in [(0, slice(0, 8)), (1, slice(7, 16))]:
+            before = model.prior_logits(tokens, heights, order)
+            after = model.prior_logits(changed, heights, order)
+            torch.testing.assert_close(before[:, unaffected], after[:, unaffected])
+            assert not torch.allclose(before, after)
+
+
+def test_token_training_is_seeded_and_bf16_keeps_the_fp32_result() -> None:
+    """As the other trainers: one seed, one result; bfloat16 autocast ends near float32."""
+    grid = brain_grid(2)
+    rng = np.random.default_rng(1)
+    volumes = [
+        normalize_intensity(synthetic_head(rng), grid.mask)[grid.index].astype(np.float16)
+        for _ in range(2)
+    ]
+    options = replace(TOKENS, slices_per_subject=16)
+    runs = {}
+    for name, precision in [("fp32", "fp32"), ("again", "fp32"), ("bf16", "bf16")]:
+        runs[name] = train_tokens.train_fold(
+            volumes,
+            grid=grid,
+            epochs=2,
+            batch_size=16,
+            learning_rate=2e-3,
+            seed=5,
+            device=torch.device("cpu"),
+            options=options,
+            precision=precision,
+        )
+    (fp32, loss), (again, loss_again), (_, loss_bf16) = runs["fp32"], runs["again"], runs["bf16"]
+    assert all(torch.equal(fp32[key], again[key]) for key in fp32) and loss == loss_again
+    assert abs(loss_bf16 - loss) <= 0.05 * loss

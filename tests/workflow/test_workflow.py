@@ -355,15 +355,17 @@ def test_a_run_killed_halfway_resumes_to_the_same_result(workflow_run, tmp_path)
     )
 
 
-def test_model_method_ae3d_runs_through_the_same_rules(workflow_run, tmp_path):
-    """``model.method: ae3d`` retrains and rescores through the same rules, into the same
-    layout; its checkpoint, reused under another method, is refused, never scored."""
+@pytest.mark.parametrize("method", ["ae3d", "itermask3d", "token_surprisal"])
+def test_model_method_runs_through_the_same_rules(method, workflow_run, tmp_path):
+    """Each method beside the default retrains and rescores through the same rules, into
+    the same layout; its checkpoint, reused under another method, is refused, never
+    scored."""
     output_dir = tmp_path / "out"
     shutil.copytree(workflow_run.output_dir, output_dir, symlinks=True)
     config = yaml.safe_load(workflow_run.configfile.read_text())
     configfile = tmp_path / "config.yaml"
     configfile.write_text(
-        yaml.safe_dump(config | {"output_dir": str(output_dir), "model": {"method": "ae3d"}})
+        yaml.safe_dump(config | {"output_dir": str(output_dir), "model": {"method": method}})
     )
     # The copy has no run metadata to compare the method against: the model is forced.
     run = snakemake("--cores", "2", "--configfile", str(configfile), "--forcerun", "train_model")
@@ -371,7 +373,7 @@ def test_model_method_ae3d_runs_through_the_same_rules(workflow_run, tmp_path):
     jobs = job_counts(run.stdout + run.stderr)
     assert "preprocess" not in jobs and jobs["train_model"] == jobs["score"] == 1, jobs
     sidecar = json.loads(paths.model_sidecar(output_dir).read_text())
-    assert sidecar["status"] == "ok" and sidecar["method"] == "ae3d"
+    assert sidecar["status"] == "ok" and sidecar["method"] == method
     first = _scores(workflow_run).set_index("folder").sort_index()
     again = pd.read_csv(paths.scores_table(output_dir), sep="\t", dtype={"folder": str})
     again = again.set_index("folder").sort_index()
@@ -381,7 +383,7 @@ def test_model_method_ae3d_runs_through_the_same_rules(workflow_run, tmp_path):
     for folder in scored:
         bids_id = cohort.to_bids_id(folder)
         assert paths.anomaly_map(output_dir, bids_id, res=2).is_file(), folder
-    # The ae3d checkpoint named under the default method: refused, every subject not scored.
+    # The checkpoint named under the default method: refused, every subject not scored.
     reuse = tmp_path / "reuse.yaml"
     checkpoint = str(paths.model_checkpoint(output_dir))
     reuse.write_text(
@@ -396,4 +398,4 @@ def test_model_method_ae3d_runs_through_the_same_rules(workflow_run, tmp_path):
     assert len(ok) and ok["anomaly_raw"].isna().all()
     record = json.loads(paths.record(output_dir, ok["bids_id"].iloc[0], "score").read_text())
     assert "not_scored" in record["findings"]
-    assert any("trained with model.method 'ae3d'" in w for w in record["warnings"])
+    assert any(f"trained with model.method {method!r}" in w for w in record["warnings"])
