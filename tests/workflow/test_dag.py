@@ -92,7 +92,10 @@ def test_unknown_config_key_is_rejected(placeholder_cohort):
     [
         ("device=gpu", "'gpu' is not one of ['auto', 'cpu', 'cuda']"),
         ("training={'epochs': 'many'}", "'many' is not of type 'integer'"),
-        ("model={'method': 'vae'}", "'vae' is not one of ['atlas_warp', 'ae3d', 'itermask3d']"),
+        (
+            "model={'method': 'vae'}",
+            "'vae' is not one of ['atlas_warp', 'ae3d', 'itermask3d', 'token_surprisal']",
+        ),
         ("model={'methd': 'ae3d'}", "'methd' was unexpected"),
     ],
 )
