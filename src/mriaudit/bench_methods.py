@@ -192,6 +192,7 @@ def run(
         sources["demo"] = (input_dir, labels, {})
     result: dict[str, Any] = {}
     for name, (input_dir, labels, config) in sources.items():
+        (work / name).mkdir(parents=True, exist_ok=True)
         figures: dict[str, dict[str, Any]] = {}
         tables: dict[str, Path] = {}
         for method in methods:
