@@ -248,9 +248,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     written = args.work / "methods.json"
     written.parent.mkdir(parents=True, exist_ok=True)
-    written.write_text(json.dumps(result, indent=2) + "\n")
+    # A run of one cohort keeps the other cohort's figures of an earlier run.
+    earlier = json.loads(written.read_text()) if written.is_file() else {}
+    written.write_text(json.dumps(earlier | result, indent=2) + "\n")
     for name, figures in result.items():
-        print(table(name, figures) + "\n")
+        print((table(name, figures) if figures else f"{name}: no kept run") + "\n")
     print(f"written: {written}")
     return 0
 
