@@ -19,8 +19,9 @@ architecture's ``name``); a checkpoint of one method is never used as another
   conditioned on a Fourier high-pass of the image, whose mask shrinks onto
   what it cannot inpaint (after Liang et al., IterMask3D).
 - ``token_surprisal`` (:mod:`mriaudit.model.tokens`): axial slices as VQ
-  tokens and a causal prior over them; its raw terms are its own (token
-  surprisal, and the structural difference to the healed decoding) through
+  tokens and a causal prior over them; its raw terms are its own (the residual
+  against the healed decoding weighted by the token surprisal, and the
+  structural difference to that decoding) through
   ``raw_terms``, which a network may offer instead of the shared residual terms
   of its reconstruction (:func:`mriaudit.model.scorer.raw_terms`).
 """
