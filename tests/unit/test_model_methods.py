@@ -21,7 +21,7 @@ from mriaudit.bench_model import synthetic_head
 from mriaudit.intensity import normalize_intensity
 from mriaudit.model import maps, score_subject, train_ae3d, train_itermask, train_tokens
 from mriaudit.model.ae3d import build_ae3d
-from mriaudit.model.data import brain_grid
+from mriaudit.model.data import BrainGrid, brain_grid
 from mriaudit.model.itermask import build_itermask, high_pass
 from mriaudit.model.methods import (
     DEFAULT_METHOD,
@@ -89,6 +89,46 @@ def _score_all(
             method=method,
         )
     return records
+
+
+def _training_volumes(count: int) -> tuple[BrainGrid, list[np.ndarray]]:
+    """``count`` synthetic heads on the 2 mm crop, as the trainers store them (float16)."""
+    grid = brain_grid(2)
+    rng = np.random.default_rng(1)
+    volumes = [
+        normalize_intensity(synthetic_head(rng), grid.mask)[grid.index].astype(np.float16)
+        for _ in range(count)
+    ]
+    return grid, volumes
+
+
+def _assert_seeded_and_bf16_close(
+    train_fold,
+    volumes: list[np.ndarray],
+    *,
+    grid: BrainGrid,
+    options: TrainOptions,
+    batch_size: int,
+) -> dict[str, torch.Tensor]:
+    """Train twice in float32 and once under bfloat16 autocast: one seed, one result;
+    bf16's last loss within 5 % of float32's. Returns the float32 state dict."""
+    runs = {}
+    for name, precision in [("fp32", "fp32"), ("again", "fp32"), ("bf16", "bf16")]:
+        runs[name] = train_fold(
+            volumes,
+            grid=grid,
+            epochs=2,
+            batch_size=batch_size,
+            learning_rate=2e-3,
+            seed=5,
+            device=torch.device("cpu"),
+            options=options,
+            precision=precision,
+        )
+    (fp32, loss), (again, loss_again), (_, loss_bf16) = runs["fp32"], runs["again"], runs["bf16"]
+    assert all(torch.equal(fp32[key], again[key]) for key in fp32) and loss == loss_again
+    assert abs(loss_bf16 - loss) <= 0.05 * loss
+    return fp32
 
 
 @pytest.fixture(scope="module")
@@ -264,28 +304,10 @@ def test_ae3d_keeps_any_crop_shape_and_cannot_copy_its_input() -> None:
 
 def test_ae3d_training_is_seeded_and_bf16_keeps_the_fp32_result() -> None:
     """As atlas_warp's trainer: one seed, one result; bfloat16 autocast ends near float32."""
-    grid = brain_grid(2)
-    rng = np.random.default_rng(1)
-    volumes = [
-        normalize_intensity(synthetic_head(rng), grid.mask)[grid.index].astype(np.float16)
-        for _ in range(3)
-    ]
-    runs = {}
-    for name, precision in [("fp32", "fp32"), ("again", "fp32"), ("bf16", "bf16")]:
-        runs[name] = train_ae3d.train_fold(
-            volumes,
-            grid=grid,
-            epochs=2,
-            batch_size=32,
-            learning_rate=2e-3,
-            seed=5,
-            device=torch.device("cpu"),
-            options=AE3D,
-            precision=precision,
-        )
-    (fp32, loss), (again, loss_again), (_, loss_bf16) = runs["fp32"], runs["again"], runs["bf16"]
-    assert all(torch.equal(fp32[key], again[key]) for key in fp32) and loss == loss_again
-    assert abs(loss_bf16 - loss) <= 0.05 * loss
+    grid, volumes = _training_volumes(3)
+    fp32 = _assert_seeded_and_bf16_close(
+        train_ae3d.train_fold, volumes, grid=grid, options=AE3D, batch_size=32
+    )
     # The mean of the fold's volumes is the model's starting point, saved with it.
     mean = np.mean([v.astype(np.float32) for v in volumes], axis=0)
     np.testing.assert_allclose(fp32["mean"].numpy(), mean, atol=1e-5)
@@ -351,28 +373,11 @@ def test_itermask_mask_shrinks_onto_the_lesion(itermask3d: dict, cohort: dict) -
 
 def test_itermask_training_is_seeded_and_bf16_keeps_the_fp32_result() -> None:
     """As ae3d's trainer: one seed, one result; bfloat16 autocast ends near float32."""
-    grid = brain_grid(2)
-    rng = np.random.default_rng(1)
-    volumes = [
-        normalize_intensity(synthetic_head(rng), grid.mask)[grid.index].astype(np.float16)
-        for _ in range(3)
-    ]
-    runs = {}
-    for name, precision in [("fp32", "fp32"), ("again", "fp32"), ("bf16", "bf16")]:
-        runs[name] = train_itermask.train_fold(
-            volumes,
-            grid=grid,
-            epochs=2,
-            batch_size=32,
-            learning_rate=2e-3,
-            seed=5,
-            device=torch.device("cpu"),
-            options=replace(ITERMASK, architecture=ITERMASK.architecture | {"passes_per_epoch": 1}),
-            precision=precision,
-        )
-    (fp32, loss), (again, loss_again), (_, loss_bf16) = runs["fp32"], runs["again"], runs["bf16"]
-    assert all(torch.equal(fp32[key], again[key]) for key in fp32) and loss == loss_again
-    assert abs(loss_bf16 - loss) <= 0.05 * loss
+    grid, volumes = _training_volumes(3)
+    options = replace(ITERMASK, architecture=ITERMASK.architecture | {"passes_per_epoch": 1})
+    fp32 = _assert_seeded_and_bf16_close(
+        train_itermask.train_fold, volumes, grid=grid, options=options, batch_size=32
+    )
     mean = np.mean([v.astype(np.float32) for v in volumes], axis=0)
     np.testing.assert_allclose(fp32["mean"].numpy(), mean, atol=1e-5)
     np.testing.assert_array_equal(fp32["brain"].numpy(), grid.crop_mask.astype(np.float32))
@@ -449,26 +454,8 @@ def test_token_prior_is_causal_in_each_order() -> None:
 
 def test_token_training_is_seeded_and_bf16_keeps_the_fp32_result() -> None:
     """As the other trainers: one seed, one result; bfloat16 autocast ends near float32."""
-    grid = brain_grid(2)
-    rng = np.random.default_rng(1)
-    volumes = [
-        normalize_intensity(synthetic_head(rng), grid.mask)[grid.index].astype(np.float16)
-        for _ in range(2)
-    ]
+    grid, volumes = _training_volumes(2)
     options = replace(TOKENS, slices_per_subject=16)
-    runs = {}
-    for name, precision in [("fp32", "fp32"), ("again", "fp32"), ("bf16", "bf16")]:
-        runs[name] = train_tokens.train_fold(
-            volumes,
-            grid=grid,
-            epochs=2,
-            batch_size=16,
-            learning_rate=2e-3,
-            seed=5,
-            device=torch.device("cpu"),
-            options=options,
-            precision=precision,
-        )
-    (fp32, loss), (again, loss_again), (_, loss_bf16) = runs["fp32"], runs["again"], runs["bf16"]
-    assert all(torch.equal(fp32[key], again[key]) for key in fp32) and loss == loss_again
-    assert abs(loss_bf16 - loss) <= 0.05 * loss
+    _assert_seeded_and_bf16_close(
+        train_tokens.train_fold, volumes, grid=grid, options=options, batch_size=16
+    )
