@@ -9,6 +9,8 @@ LABELS = config["labels"]
 # config model as {"method", "checkpoint"} (a plain string is the checkpoint).
 MODEL = cohort.model_settings(config["model"])
 TRAIN_MODEL = MODEL["checkpoint"] == "train"
+# The contrasts audited beside the T1w (config contrasts), in paths.EXTRA_CONTRASTS order.
+EXTRA_CONTRASTS = [c for c in paths.EXTRA_CONTRASTS if c in config["contrasts"]]
 # A bad series regex is a configuration error: fail before any job, naming the key.
 series.resolve_rules(config["series"])
 

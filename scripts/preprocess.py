@@ -1,4 +1,4 @@
-"""Snakemake wrapper: one subject's inventory, conversion, N4, registration and IQMs."""
+"""Snakemake wrapper: one subject's preprocess chain (T1w stages, then its other contrasts)."""
 
 from pathlib import Path
 
@@ -15,4 +15,5 @@ preprocess_subject(
     threads=snakemake.threads,
     files=list(snakemake.params.files),
     name=snakemake.params.folder,
+    contrasts=list(snakemake.params.contrasts),
 )

@@ -81,6 +81,43 @@ def record(out: str | Path, sub: str, stage: str) -> Path:
     return subject_dir(out, sub) / f"sub-{sub}_desc-{stage}_qc.json"
 
 
+#: The contrasts audited beside the T1w (config ``contrasts``), as BIDS suffixes.
+EXTRA_CONTRASTS: tuple[str, ...] = ("T2w", "FLAIR")
+
+
+def _extra_contrast(contrast: str) -> str:
+    if contrast not in EXTRA_CONTRASTS:
+        message = f"unknown contrast {contrast!r}; expected one of {EXTRA_CONTRASTS}"
+        raise ValueError(message)
+    return contrast
+
+
+def contrast_record(out: str | Path, sub: str, contrast: str) -> Path:
+    """Status record of a contrast audited beside the T1w (its whole chain: conversion, N4,
+    co-registration to the T1w, the cross-contrast checks): ``sub-<id>_desc-<contrast>_qc.json``."""
+    return subject_dir(out, sub) / f"sub-{sub}_desc-{_extra_contrast(contrast)}_qc.json"
+
+
+def contrast_image(out: str | Path, sub: str, contrast: str) -> Path:
+    """A contrast's converted series (``sub-<id>_T2w.nii.gz``, ``sub-<id>_FLAIR.nii.gz``)."""
+    return _anat(out, sub, f"{_extra_contrast(contrast)}.nii.gz")
+
+
+def contrast_sidecar(out: str | Path, sub: str, contrast: str) -> Path:
+    return _anat(out, sub, f"{_extra_contrast(contrast)}.json")
+
+
+def contrast_to_t1w(out: str | Path, sub: str, contrast: str) -> Path:
+    """Rigid transform of a contrast onto the subject's T1w (ITK/ANTs ``.mat``, T1w points
+    to the contrast's points), fMRIPrep's name."""
+    return _anat(out, sub, f"from-{_extra_contrast(contrast)}_to-T1w_mode-image_xfm.mat")
+
+
+def contrast_preproc(out: str | Path, sub: str, contrast: str, *, res: int) -> Path:
+    """A bias-corrected contrast on the template grid, through its T1w's transform."""
+    return _anat(out, sub, f"{_template(res)}_desc-preproc_{_extra_contrast(contrast)}.nii.gz")
+
+
 def series_table(out: str | Path, sub: str) -> Path:
     """Every series (or NIfTI file) found for the subject, with the selection verdict."""
     return subject_dir(out, sub) / f"sub-{sub}_series.tsv"
@@ -164,6 +201,16 @@ def subject_images(out: str | Path, sub: str, *, res: int) -> dict[str, Path]:
         "anomaly_map": anomaly_map(out, sub, res=res),
         "native_thumbnail": native_thumbnail(out, sub),
         "anomaly_thumbnail": anomaly_thumbnail(out, sub),
+        **{
+            name: path
+            for contrast in EXTRA_CONTRASTS
+            for name, path in (
+                (contrast, contrast_image(out, sub, contrast)),
+                (f"{contrast}_sidecar", contrast_sidecar(out, sub, contrast)),
+                (f"{contrast}_to_T1w", contrast_to_t1w(out, sub, contrast)),
+                (f"{contrast}_preproc", contrast_preproc(out, sub, contrast, res=res)),
+            )
+        },
     }
 
 

@@ -21,7 +21,7 @@ silent:
 Where the headers and the name disagree, the headers win and the reason says so.
 Values: TR, TE, TI in ms, flip angle in degrees.
 
-``select_series`` then ranks the T1 candidates (``_rank_key``: volumetric, original,
+``select_series`` then ranks the T1 candidates (``rank_key``: volumetric, original,
 pre-contrast, whole-head coverage, slices, voxel size, the later run) and gives
 every other series its verdict in words; the user's ``series`` rules
 (``resolve_rules``) override the headers.
@@ -76,7 +76,8 @@ DIFFUSION_WORDS = frozenset({"DIFFUSION", "ADC", "TRACEW", "TRACE", "FA", "EADC"
 #: Names, for the tie-break only (the first that matches wins, most specific first).
 _NAME_CLASSES: tuple[tuple[str, re.Pattern[str]], ...] = (
     ("localizer", re.compile(r"localizer|localiser|scout|survey|3.?plane|aahead", re.I)),
-    ("FLAIR", re.compile(r"flair|dark.?fl|tirm|da.?fl", re.I)),
+    # BraTS names FLAIR "t2f" (T2-FLAIR; the T2 pattern below would take it), TCGA "fla".
+    ("FLAIR", re.compile(r"flair|dark.?fl|tirm|da.?fl|(?<![a-z0-9])(t2f|fla)(?![a-z])", re.I)),
     ("DWI", re.compile(r"dwi|diff|dti|(?<![a-z])adc|trace|tensor", re.I)),
     ("BOLD", re.compile(r"bold|fmri|resting|rs.?fmri|(?<![a-z])task", re.I)),
     ("PD", re.compile(r"(?<![a-z])pd(?![a-z])|pdw|proton", re.I)),
@@ -287,7 +288,7 @@ BIDS_SUFFIXES: dict[str, str] = {
 }
 
 
-_T1_FILE_NAME = re.compile(r"(?<![a-z0-9])t1w?(?![a-z0-9])|mp.?rage|spgr|bravo", re.I)
+_T1_FILE_NAME = re.compile(r"(?<![a-z0-9])t1[wn]?(?![a-z0-9])|mp.?rage|spgr|bravo", re.I)
 
 
 #: ``core_skew`` beyond which an image looks T2-weighted, and below which T1-weighted. On
@@ -472,21 +473,21 @@ def _rejection(row: dict[str, Any], rules: dict[str, Any]) -> str:
 WHOLE_HEAD_MM = 100.0
 
 
-def _tier(row: dict[str, Any], rules: dict[str, Any]) -> tuple[int, int, int]:
+def tier(row: dict[str, Any], rules: dict[str, Any]) -> tuple[int, int, int]:
     """Ranking tier of a candidate: volumetric before 2D, original before a derived
     copy, pre-contrast before post-contrast (lower is better)."""
     kind: SeriesClass = row["class"]
     return (not _is_volumetric(row, rules), kind.derived, kind.post_contrast)
 
 
-def _rank_key(row: dict[str, Any], rules: dict[str, Any]) -> tuple[Any, ...]:
+def rank_key(row: dict[str, Any], rules: dict[str, Any]) -> tuple[Any, ...]:
     """Tier, then whole-head coverage, most slices, the smallest voxel; among equals the
     later series (a repeat is taken because the first try failed), then the UID."""
     sizes = (row["pixel_spacing_row"], row["pixel_spacing_col"], row["slice_spacing"])
     volume = float(np.prod(sizes)) if all(v is not None for v in sizes) else float("inf")
     partial = not (row.get("coverage_mm") or 0.0) >= WHOLE_HEAD_MM
     return (
-        _tier(row, rules),
+        tier(row, rules),
         partial,
         -row["n_slices"],
         round(volume, 3),
@@ -511,7 +512,7 @@ def select_series(rows: list[dict[str, Any]], rules: dict[str, Any]) -> Selectio
 
     Candidates: MR series that ``_rejection`` keeps. Derived copies (no
     reformat) are candidates only where no original T1 is present. Ranked by
-    ``_rank_key``: a 3D original pre-contrast T1 first, then post-contrast, then
+    ``rank_key``: a 3D original pre-contrast T1 first, then post-contrast, then
     a derived copy, then 2D. Every other candidate's verdict says what it is
     (a repeat, post-contrast, 2D) and which series it ranked below.
     ``rules`` comes from ``resolve_rules``.
@@ -535,9 +536,9 @@ def select_series(rows: list[dict[str, Any]], rules: dict[str, Any]) -> Selectio
         candidates = originals
     if not candidates:
         return Selection(None, (), verdicts)
-    ranked = sorted(candidates, key=lambda r: _rank_key(r, rules))
+    ranked = sorted(candidates, key=lambda r: rank_key(r, rules))
     best = ranked[0]
-    two_d, derived, post = _tier(best, rules)
+    two_d, derived, post = tier(best, rules)
     kind = "2D" if two_d else "3D"
     why = f"best {kind} T1 series ({best['class'].why})"
     findings = []
@@ -547,13 +548,13 @@ def select_series(rows: list[dict[str, Any]], rules: dict[str, Any]) -> Selectio
         findings.append("derived_only")
     if post:
         findings.append("post_contrast_only")
-    repeats = {r["series_uid"] for r in ranked[1:] if _tier(r, rules) == _tier(best, rules)}
+    repeats = {r["series_uid"] for r in ranked[1:] if tier(r, rules) == tier(best, rules)}
     if repeats:
         findings.append("repeat_series")
     verdicts[best["series_uid"]] = ("selected", why)
     label = best["description"] or best["series_uid"]
     for row in ranked[1:]:
-        row_two_d, _, row_post = _tier(row, rules)
+        row_two_d, _, row_post = tier(row, rules)
         if row["series_uid"] in repeats:
             what = "repeat T1 acquisition"
         elif row_two_d and not two_d:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mriaudit import chain, derivatives, dicom, iqm, paths, preprocess
+from mriaudit.contrasts import stage as contrast_stage
 
 
 def preprocess_subject(
@@ -37,6 +38,7 @@ def preprocess_subject(
     threads: int = 1,
     files: Sequence[str] = (),
     name: str = "",
+    contrasts: Sequence[str] = (),
     in_memory: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """Run the per-subject stages of ``folder`` (DICOM or NIfTI) into ``out_dir``.
@@ -47,8 +49,10 @@ def preprocess_subject(
     ``name`` restrict and name the inventory (``dicom.inventory_subject``'s
     ``only`` and ``name``: a BIDS run). Without ``in_memory`` every stage reads
     its inputs from the files the stages before it wrote (the same results; the
-    tests compare the two). Returns the stage records by stage name
-    (``paths.STAGES`` up to ``iqm``).
+    tests compare the two). ``contrasts`` (``T2w``, ``FLAIR``; ``paths.EXTRA_CONTRASTS``)
+    are audited after the T1w's stages (``mriaudit.contrasts.stage``), one record each
+    (``paths.contrast_record``). Returns the records by stage name (``paths.STAGES``
+    up to ``iqm``), then by contrast.
     """
     folder, out_dir = Path(folder), Path(out_dir)
     handoff = preprocess.Handoff() if in_memory else None
@@ -88,6 +92,7 @@ def preprocess_subject(
                 rules=rules,
                 only=files,
                 name=name,
+                contrasts=contrasts,
             ),
             record("inventory"),
         ),
@@ -136,8 +141,51 @@ def preprocess_subject(
             record("iqm"),
         ),
     ]
+    steps += [
+        _contrast_step(folder, out_dir, bids_id, c, resolution, threads, handoff) for c in contrasts
+    ]
     done = chain.run_chain(steps, what=f"{bids_id}: preprocess")
     derivatives.write_sidecars(
         out_dir, bids_id, res=resolution, only=("T1w", "n4", "head_mask", "preproc", "brain_mask")
     )
     return done
+
+
+def _contrast_step(
+    folder: Path,
+    out_dir: Path,
+    bids_id: str,
+    contrast: str,
+    resolution: int,
+    threads: int,
+    handoff: preprocess.Handoff | None,
+) -> chain.Step:
+    """The chain step of one contrast beside the T1w (it needs the T1w registered)."""
+    images = (
+        paths.contrast_image(out_dir, bids_id, contrast),
+        paths.contrast_sidecar(out_dir, bids_id, contrast),
+        paths.contrast_to_t1w(out_dir, bids_id, contrast),
+        paths.contrast_preproc(out_dir, bids_id, contrast, res=resolution),
+    )
+    record = paths.contrast_record(out_dir, bids_id, contrast)
+    return chain.Step(
+        contrast,
+        lambda: contrast_stage.contrast_subject(
+            folder,
+            contrast=contrast,
+            inventory_record=paths.record(out_dir, bids_id, "inventory"),
+            t1w_n4=paths.n4(out_dir, bids_id),
+            t1w_transform=paths.transform(out_dir, bids_id),
+            out_image=images[0],
+            out_sidecar=images[1],
+            out_to_t1w=images[2],
+            out_preproc=images[3],
+            record_path=record,
+            upstream=[paths.record(out_dir, bids_id, "register")],
+            resolution=resolution,
+            threads=threads,
+            handoff=handoff,
+        ),
+        record,
+        images,
+    )

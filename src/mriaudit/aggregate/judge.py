@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mriaudit import audit, robust
+from mriaudit import audit, paths, robust
 from mriaudit.aggregate.reasons import (
     _STATUS_PREFIX,
     AUDIT_REASON,
@@ -26,12 +26,13 @@ from mriaudit.aggregate.reasons import (
     _component_reason,
     _drivers,
     _finding_reason,
+    contrast_reasons,
     flagged_otherwise,
     iqm_causes,
     iqm_tables,
 )
-from mriaudit.aggregate.rows import _fmt, _numeric
-from mriaudit.records import FAILED, OK
+from mriaudit.aggregate.rows import _fmt, _numeric, contrast_column
+from mriaudit.records import FAILED, NO_SERIES, OK
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +214,17 @@ def protocol_deviations(frame: pd.DataFrame) -> list[list[str]]:
     return found
 
 
+def present_contrasts(extras: list[dict[str, Any]]) -> set[str]:
+    """The contrasts beside the T1w that at least one subject has a series of: a cohort
+    of T1w only says nothing of T2w or FLAIR, per subject or in its columns."""
+    return {
+        contrast
+        for extra in extras
+        for contrast, entry in extra.get("contrasts", {}).items()
+        if entry.get("status") != NO_SERIES and not entry.get("skipped")
+    }
+
+
 def _judge(
     frame: pd.DataFrame, extras: list[dict[str, Any]], settings: dict[str, float]
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -227,6 +239,7 @@ def _judge(
     score = np.where(scored, z, np.nan)
     deviations = protocol_deviations(frame)
     duplicates = duplicate_images(frame)
+    present = present_contrasts(extras)
     for i, extra in enumerate(extras):
         reasons: list[str] = []
         notes: list[str] = []
@@ -245,10 +258,21 @@ def _judge(
                 notes.append(NOTE_FINDINGS[code])
         if duplicates[i]:
             reasons.append(f"identical image data to {', '.join(duplicates[i])}")
+        contrast_flags: list[str] = []
+        for contrast, entry in extra.get("contrasts", {}).items():
+            if contrast not in present:
+                continue
+            flags, contrast_notes = contrast_reasons(contrast, entry)
+            contrast_flags += flags
+            notes += contrast_notes
+            extra["findings"] += [f"{contrast}:{code}" for code in entry["findings"]]
         extra["findings"] = extra["findings"] + deviations[i]
         extra["findings"] += ["duplicate_image"] if duplicates[i] else []
         extra["notes"] = notes
         extra["flag_reasons"] = reasons
+        extra["contrast_flags"] = contrast_flags
+    # A hard finding of the T1w keeps the subject out of the audit score's pool; one of
+    # another contrast says nothing of its T1w, so it flags the subject after the audit.
     hard = np.array([bool(extra["flag_reasons"]) for extra in extras], dtype=bool)
     result = _audit(frame, ok, hard, settings)
     _, titles = iqm_tables()
@@ -269,6 +293,7 @@ def _judge(
             if drivers:
                 text += " driven by " + " and ".join(extra["audit_drivers"])
             extra["flag_reasons"].insert(0, text)
+        extra["flag_reasons"] += extra.pop("contrast_flags")
         flagged.append(bool(extra["flag_reasons"]))
         reasons_col.append("; ".join(extra["flag_reasons"]))
         findings_col.append("; ".join(extra["findings"]))
@@ -280,6 +305,14 @@ def _judge(
     frame["flag_reasons"] = reasons_col
     frame["findings"] = findings_col
     frame["notes"] = notes_col
+    absent = [
+        column
+        for contrast in paths.EXTRA_CONTRASTS
+        if contrast not in present
+        for column in frame.columns
+        if column.startswith(contrast_column(contrast, ""))
+    ]
+    frame = frame.drop(columns=absent)
     summary = {
         "n_subjects": len(frame),
         "flag": settings,

@@ -16,7 +16,7 @@ import numpy as np
 
 from mriaudit import audit
 from mriaudit.aggregate.rows import _as_float
-from mriaudit.records import FAILED, NO_SERIES
+from mriaudit.records import FAILED, NO_SERIES, OK
 
 #: Findings that flag the subject, with their plain reason.
 FLAGGING_FINDINGS: dict[str, str] = {
@@ -43,6 +43,45 @@ NOTE_FINDINGS: dict[str, str] = {
     "repeat_series": "repeat T1 acquisitions: the best was audited (see the series table)",
     "not_scored": "not scored by the anomaly model",
 }
+
+#: Findings of a contrast beside the T1w (``mriaudit.contrasts.stage``): each flags the
+#: subject, its reason starting with the contrast ("T2w: ...").
+CONTRAST_FINDINGS: dict[str, str] = {
+    "contrast_mismatch": "does not match the subject's T1w (another person or session?)",
+    "contrast_unexpected": "labelled T2w but its contrast is T1-like",
+    "registration_failed": "no anatomy in template space after co-registration to the T1w",
+}
+# A contrast finding's evidence in its reason: (metric, words).
+_CONTRAST_EVIDENCE: dict[str, tuple[str, str]] = {
+    "contrast_mismatch": ("coreg_alignment", "edge alignment"),
+    "contrast_unexpected": ("core_skew", "core skew"),
+    "registration_failed": ("reg_mutual_information", "mutual information"),
+}
+
+
+def contrast_reasons(contrast: str, entry: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """``(flag reasons, notes)`` of one contrast beside the T1w (``entry``: its status,
+    reason, findings and metrics as ``rows._subject_row`` keeps them). A contrast the
+    subject lacks is a note; one skipped because the T1w failed says nothing more."""
+    status = entry.get("status")
+    if status == NO_SERIES:
+        return [], [f"{contrast}: {entry.get('reason') or f'no {contrast} series'}"]
+    if entry.get("skipped"):
+        return [], []
+    if status != OK:
+        return [f"{contrast}: failed: {entry.get('reason', '')}"], []
+    reasons = []
+    for code in entry.get("findings") or []:
+        if code not in CONTRAST_FINDINGS:
+            continue
+        text = f"{contrast}: {CONTRAST_FINDINGS[code]}"
+        metric, words = _CONTRAST_EVIDENCE[code]
+        value = _as_float((entry.get("metrics") or {}).get(metric))
+        if math.isfinite(value):
+            text += f" ({words} {value:.2f})"
+        reasons.append(text)
+    return reasons, []
+
 
 # Counts that make a finding's reason concrete.
 _FINDING_COUNTS: dict[str, str] = {

@@ -1,8 +1,10 @@
 """Reading the per-subject stage records into one row per subject.
 
 ``read_subject_records`` loads every stage record of a subject
-(``paths.record``); ``_subject_row`` merges them into its row (status, reason
-and stage of the first problem, findings, metrics with ``METRIC_PREFIXES``).
+(``paths.record``), ``read_contrast_records`` those of its other contrasts
+(``paths.contrast_record``); ``_subject_row`` merges them into its row (status,
+reason and stage of the first problem, findings, metrics with
+``METRIC_PREFIXES``, and per contrast its ``contrast_column`` cells).
 """
 
 from __future__ import annotations
@@ -44,6 +46,34 @@ def read_subject_records(out_dir: Path, bids_id: str) -> dict[str, dict[str, Any
     }
 
 
+def read_contrast_records(out_dir: Path, bids_id: str) -> dict[str, dict[str, Any]]:
+    """The record of each contrast audited beside the T1w (``paths.contrast_record``), by
+    contrast; a contrast without a record was not asked for and is left out."""
+    found = {}
+    for contrast in paths.EXTRA_CONTRASTS:
+        record = _read_record(paths.contrast_record(out_dir, bids_id, contrast), contrast)
+        if record is not None:
+            found[contrast] = record
+    return found
+
+
+def contrast_column(contrast: str, name: str) -> str:
+    """A contrast's column in scores.tsv: ``t2w_status``, ``flair_coreg_alignment``."""
+    return f"{contrast.lower()}_{name}"
+
+
+def _contrast_cells(contrast: str, record: dict[str, Any]) -> dict[str, Any]:
+    """A contrast's status, reason and metrics as row cells (``contrast_column`` names)."""
+    cells = {
+        contrast_column(contrast, "status"): record.get("status", FAILED),
+        contrast_column(contrast, "reason"): str(record.get("reason") or ""),
+    }
+    for key, value in (record.get("metrics") or {}).items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            cells[contrast_column(contrast, key)] = value
+    return cells
+
+
 def _first_problem(records: dict[str, dict[str, Any] | None]) -> tuple[str, str, str]:
     """``(status, reason, stage)`` of the first record that is not ok, else ``(ok, "", "")``."""
     for stage, record in records.items():
@@ -65,9 +95,13 @@ def _plain(value: Any) -> Any:
 
 
 def _subject_row(
-    subject: cohort.Subject, records: dict[str, dict[str, Any] | None]
+    subject: cohort.Subject,
+    records: dict[str, dict[str, Any] | None],
+    contrasts: dict[str, dict[str, Any]] | None = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One scores.tsv row (before cohort statistics) and the extras for the subject JSON."""
+    """One scores.tsv row (before cohort statistics) and the extras for the subject JSON;
+    ``contrasts``: the records of the contrasts beside the T1w (``read_contrast_records``)."""
+    contrasts = contrasts or {}
     status, reason, failed_stage = _first_problem(records)
     metrics: dict[str, Any] = {}
     findings: list[str] = []
@@ -95,6 +129,8 @@ def _subject_row(
         # anomaly_raw is already in the row, and only when the score stage is ok.
         if key.startswith(METRIC_PREFIXES) and key not in row:
             row[key] = _plain(value)
+    for contrast, record in contrasts.items():
+        row.update(_contrast_cells(contrast, record))
     top_regions = score.get("top_regions") if isinstance(score.get("top_regions"), list) else []
     detail = {
         "metrics": metrics,
@@ -109,10 +145,22 @@ def _subject_row(
             stage: None if record is None else {k: v for k, v in record.items() if k != "metrics"}
             for stage, record in records.items()
         },
+        "contrasts": contrasts,
     }
     extra = {
         "findings": findings,
         "top_regions": top_regions,
+        # Each contrast's status, reason and findings: its flag reasons and notes.
+        "contrasts": {
+            contrast: {
+                "status": record.get("status", FAILED),
+                "reason": str(record.get("reason") or ""),
+                "skipped": bool(record.get("skipped")),
+                "findings": [str(code) for code in record.get("findings") or []],
+                "metrics": record.get("metrics") or {},
+            }
+            for contrast, record in contrasts.items()
+        },
         # Only findings need the metrics again (the counts in their reasons).
         "metrics": metrics if findings else {},
         # The subject JSON's bulk, kept as text until it is written: 100,000 subjects'

@@ -29,6 +29,8 @@ from mriaudit.aggregate.rows import (
     _as_float,
     _subject_row,
     compact_json,
+    contrast_column,
+    read_contrast_records,
     read_subject_records,
 )
 from mriaudit.records import FAILED, OK
@@ -77,6 +79,9 @@ _BASE_COLUMNS = (
 def _ordered_columns(frame: pd.DataFrame, *, with_labels: bool) -> list[str]:
     columns = list(_BASE_COLUMNS)
     for prefix in METRIC_PREFIXES:
+        columns += [c for c in frame.columns if c.startswith(prefix) and c not in columns]
+    for contrast in paths.EXTRA_CONTRASTS:
+        prefix = contrast_column(contrast, "")
         columns += [c for c in frame.columns if c.startswith(prefix) and c not in columns]
     columns += [c for c in frame.columns if c.startswith(PARTICIPANT_PREFIX)]
     if with_labels:
@@ -128,7 +133,11 @@ def aggregate_cohort(
             return None
         # Each subject's records become its row and compact extras at once, so the
         # records of 100,000 subjects are never all in memory together.
-        return _subject_row(subject, read_subject_records(out_dir, subject.bids_id))
+        return _subject_row(
+            subject,
+            read_subject_records(out_dir, subject.bids_id),
+            read_contrast_records(out_dir, subject.bids_id),
+        )
 
     # Tens of thousands of small files: threads overlap the file system's latency.
     with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
@@ -285,8 +294,9 @@ def _subject_json(
 
     The writer adds the record-level detail kept by ``rows._subject_row``:
     ``metrics`` merges every stage's metrics (later stages win on a shared
-    name), ``warnings`` per stage, and ``records`` keeps each stage's status,
-    reason, findings, warnings, timing and extras.
+    name), ``warnings`` per stage, ``records`` keeps each stage's status,
+    reason, findings, warnings, timing and extras, and ``contrasts`` the record of
+    each contrast beside the T1w.
     """
     data = {
         "folder": row["folder"],

@@ -379,6 +379,15 @@ def _convert(
     subject_dir: Path, inventory_record: Path, out_image: Path, out_sidecar: Path
 ) -> dict[str, Any]:
     selected = read_record(inventory_record).get("selected") or {}
+    return convert_selected(subject_dir, selected, out_image=out_image, out_sidecar=out_sidecar)
+
+
+def convert_selected(
+    subject_dir: Path, selected: dict[str, Any], *, out_image: Path, out_sidecar: Path
+) -> dict[str, Any]:
+    """Convert what an inventory ``selected`` (a DICOM series or a NIfTI file, paths
+    relative to ``subject_dir``) to ``out_image`` and ``out_sidecar``; the ``convert``
+    record (``conv_*`` metrics, warnings). Raises ``StageError`` for a data problem."""
     kind = selected.get("kind")
     if kind == "dicom":
         return _convert_dicom(subject_dir, selected, out_image, out_sidecar)

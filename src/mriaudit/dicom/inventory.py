@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any
 
 from mriaudit import series as series_class
 from mriaudit import sources
+from mriaudit.contrasts import select as contrast_select
 from mriaudit.dicom.geometry import _Geometry, _series_geometry, _slice_positions
 from mriaudit.dicom.nifti import _looks, _nifti_row, _no_nifti_reason, choose_nifti
 from mriaudit.dicom.scan import _plural, _Scan, _scan_folder, _Series
@@ -164,6 +165,26 @@ def _series_findings(
     return [name for name in FINDINGS if present[name]], len(unreadable)
 
 
+def _dicom_selected(
+    series: _Series, row: dict[str, Any], geometry: _Geometry, why: str
+) -> dict[str, Any]:
+    """What ``convert`` needs of a chosen DICOM series: its readable files, and where a gap
+    is, the slice positions to put the absent slices back at (as zeros)."""
+    truncated = set(series.unusable)
+    selected = {
+        "kind": "dicom",
+        "series_uid": row["series_uid"],
+        "files": sorted(f for f in series.files if f not in truncated),
+        "description": row["description"],
+        "why": why,
+    }
+    if geometry.gaps.missing and not geometry.gaps.nonuniform and geometry.normal is not None:
+        selected["slice_normal_lps"] = [float(v) for v in geometry.normal]
+        selected["slice_positions_mm"] = _slice_positions(series, geometry.normal, truncated)
+        selected["slice_spacing_mm"] = geometry.gaps.spacing
+    return selected
+
+
 def _dicom_record(
     scan: _Scan,
     rows: list[dict[str, Any]],
@@ -184,9 +205,7 @@ def _dicom_record(
     )
     if n_unreadable:
         warnings_.append(f"{_plural(n_unreadable, 'unreadable file')} next to the audited series")
-    truncated = set(series.unusable)
     why = selection.verdicts[uid][1]
-    geometry = geometries[uid]
     log.info(
         "selected series %s (%s): %s, %d slices; findings: %s",
         row["series_number"],
@@ -195,18 +214,7 @@ def _dicom_record(
         row["n_slices"],
         ", ".join(findings) or "none",
     )
-    selected = {
-        "kind": "dicom",
-        "series_uid": uid,
-        "files": sorted(f for f in series.files if f not in truncated),
-        "description": row["description"],
-        "why": why,
-    }
-    if geometry.gaps.missing and not geometry.gaps.nonuniform and geometry.normal is not None:
-        # Convert puts the absent slices back as zeros at their positions.
-        selected["slice_normal_lps"] = [float(v) for v in geometry.normal]
-        selected["slice_positions_mm"] = _slice_positions(series, geometry.normal, truncated)
-        selected["slice_spacing_mm"] = geometry.gaps.spacing
+    selected = _dicom_selected(series, row, geometries[uid], why)
     return make_record(
         "inventory",
         status=OK,
@@ -218,20 +226,17 @@ def _dicom_record(
 
 
 def _nifti_record(
-    subject_dir: Path,
     scan: _Scan,
     rules: dict[str, Any],
     warnings_: list[str],
     dicom_rows: list[dict[str, Any]],
-    series_table: Path,
+    rows: list[dict[str, Any]],
 ) -> dict[str, Any]:
-    rows = [_nifti_row(subject_dir, rel, rules) for rel in scan.nifti]
     unreadable = [r["path"] for r in rows if r["n_unreadable"]]
     scan.unreadable.extend(unreadable)
     index, why = choose_nifti(rows)
     metrics = _base_metrics(scan, len(dicom_rows) + len(rows))
     if index is None:
-        write_series_table(dicom_rows + rows, series_table)
         reason = _no_nifti_reason(rows)
         return make_record(
             "inventory", status=NO_SERIES, reason=reason, metrics=metrics, warnings=warnings_
@@ -243,7 +248,6 @@ def _nifti_record(
             f"{Path(row['path']).name}: its intensities look T2-weighted (CSF brighter than"
             " white matter), not like the T1w audited"
         )
-    write_series_table(dicom_rows + rows, series_table)
     metrics.update(_row_metrics(row))
     metrics.update(hdr_missing_slices=0, hdr_duplicate_slices=0)
     if not metrics["hdr_series_description"]:
@@ -275,6 +279,7 @@ def _inventory(
     *,
     only: Collection[str] = (),
     name: str = "",
+    contrasts: Sequence[str] = (),
 ) -> dict[str, Any]:
     if not (subject_dir.is_dir() or sources.is_subject_archive(subject_dir)):
         message = f"subject folder not found: {subject_dir.name}"
@@ -302,25 +307,70 @@ def _inventory(
         selection = select_series(rows, rules)
     for row in rows:
         row["verdict"], row["reason"] = selection.verdicts[row["series_uid"]]
+    nifti_rows: list[dict[str, Any]] | None = None
+
+    def read_nifti_rows() -> list[dict[str, Any]]:
+        nonlocal nifti_rows
+        if nifti_rows is None:
+            nifti_rows = [_nifti_row(subject_dir, rel, rules) for rel in scan.nifti]
+        return nifti_rows
+
     if selection.uid is not None:
         if scan.nifti:
             warnings_.append(f"{_plural(len(scan.nifti), 'NIfTI file')} ignored: DICOM audited")
-        write_series_table(rows, series_table)
-        return _dicom_record(scan, rows, geometries, selection, warnings_)
-    if scan.nifti and not choice_problem:
+        record = _dicom_record(scan, rows, geometries, selection, warnings_)
+    elif scan.nifti and not choice_problem:
         if rows:
             warnings_.append("no usable DICOM T1 series: audited a NIfTI file instead")
-        return _nifti_record(subject_dir, scan, rules, warnings_, rows, series_table)
-    write_series_table(rows, series_table)
-    reason = choice_problem or _no_series_reason(scan, rows)
-    log.warning("no series: %s", reason)
-    return make_record(
-        "inventory",
-        status=NO_SERIES,
-        reason=reason,
-        metrics=_base_metrics(scan, len(rows)),
-        warnings=warnings_,
-    )
+        record = _nifti_record(scan, rules, warnings_, rows, read_nifti_rows())
+    else:
+        reason = choice_problem or _no_series_reason(scan, rows)
+        log.warning("no series: %s", reason)
+        record = make_record(
+            "inventory",
+            status=NO_SERIES,
+            reason=reason,
+            metrics=_base_metrics(scan, len(rows)),
+            warnings=warnings_,
+        )
+    if record["status"] == OK and contrasts:
+        record["contrasts"] = {
+            contrast: _contrast_selection(
+                subject_dir, scan, rows, geometries, read_nifti_rows, rules, contrast
+            )
+            for contrast in contrasts
+        }
+    write_series_table(rows + (nifti_rows or []), series_table)
+    return record
+
+
+def _contrast_selection(
+    subject_dir: Path,
+    scan: _Scan,
+    rows: list[dict[str, Any]],
+    geometries: dict[str, _Geometry],
+    read_nifti_rows: Callable[[], list[dict[str, Any]]],
+    rules: dict[str, Any],
+    contrast: str,
+) -> dict[str, Any]:
+    """``{"selected": ...}`` (what ``convert`` takes) of the subject's ``contrast`` series, or
+    ``{"reason": ...}`` why it has none. DICOM first, then NIfTI files (by name); the chosen
+    row's verdict in the series table says it is audited as ``contrast``."""
+    index, why = contrast_select.choose_dicom(rows, contrast, rules)
+    if index is not None:
+        row = rows[index]
+        row["verdict"], row["reason"] = "selected", f"audited as {contrast}: {why}"
+        series = scan.series[row["series_uid"]]
+        return {"selected": _dicom_selected(series, row, geometries[row["series_uid"]], why)}
+    if not scan.nifti:
+        return {"reason": why}
+    nifti_rows = read_nifti_rows()
+    index, nifti_why = contrast_select.choose_nifti(nifti_rows, contrast)
+    if index is None:
+        return {"reason": why if rows else nifti_why}
+    row = nifti_rows[index]
+    row["verdict"], row["reason"] = "selected", f"audited as {contrast}: {nifti_why}"
+    return {"selected": {"kind": "nifti", "files": [row["path"]], "description": nifti_why}}
 
 
 def inventory_subject(
@@ -331,6 +381,7 @@ def inventory_subject(
     rules: dict,
     only: Collection[str] = (),
     name: str = "",
+    contrasts: Sequence[str] = (),
 ) -> dict:
     """List the subject's series, choose the audited one and audit its headers.
 
@@ -344,12 +395,16 @@ def inventory_subject(
     ``series.DEFAULT_RULES``). Status ``no_series`` when nothing usable is found.
     ``only`` restricts the inventory to those files (a BIDS run's own; relative to
     ``subject_dir``); ``name`` is the unit's name in the ``series.choose`` config
-    (default: the folder's or archive's name).
+    (default: the folder's or archive's name). ``contrasts`` (``T2w``, ``FLAIR``) are
+    selected too when the T1 is: the record's ``contrasts`` maps each to
+    ``{"selected": ...}`` or ``{"reason": ...}`` (``mriaudit.contrasts.select``).
     """
     subject_dir, series_table = Path(subject_dir), Path(series_table)
     record = run_stage(
         "inventory",
-        lambda: _inventory(subject_dir, series_table, rules, only=only, name=name),
+        lambda: _inventory(
+            subject_dir, series_table, rules, only=only, name=name, contrasts=contrasts
+        ),
         record_path=record_path,
     )
     if not series_table.exists():

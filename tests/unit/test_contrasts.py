@@ -1,0 +1,247 @@
+"""T2w and FLAIR beside the T1w: selection, co-registration checks, the subject's row."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from mriaudit import aggregate, dicom, paths, records, tables, template
+from mriaudit.aggregate.reasons import contrast_reasons
+from mriaudit.contrasts import choose_nifti
+from mriaudit.contrasts.coregister import MIN_ALIGNMENT, gradient_alignment
+from mriaudit.subject import preprocess_subject
+from tests.unit.test_aggregate import (  # the shared fake cohort
+    built_cohort,  # noqa: F401  (fixture)
+    copy_cohort,
+    grid,  # noqa: F401  (fixture)
+    run_aggregate,
+)
+
+CONTRASTS = ("T2w", "FLAIR")
+
+
+def _inventory(subject: Path, out: Path) -> tuple[dict, pd.DataFrame]:
+    record = dicom.inventory_subject(
+        subject,
+        series_table=out / "series.tsv",
+        record_path=out / "inventory.json",
+        rules={},
+        contrasts=CONTRASTS,
+    )
+    return record, tables.read_tsv(out / "series.tsv", text=True)
+
+
+def test_each_contrast_takes_its_series_from_the_headers(dicom_series, tmp_path):
+    subject = tmp_path / "sub-1"
+    dicom_series(subject / "t1", series_number=2, shape=(16, 16, 20))
+    # Names that say nothing: the timings decide.
+    spin_echo = {"scanning_sequence": ("SE",), "sequence_name": "*tse2d1_15", "flip_angle": 150.0}
+    dicom_series(
+        subject / "a",
+        description="ax 1",
+        series_number=3,
+        tr=5000.0,
+        te=100.0,
+        ti=None,
+        acquisition="2D",
+        **spin_echo,
+    )
+    dicom_series(
+        subject / "b",
+        description="ax 2",
+        series_number=4,
+        tr=9000.0,
+        te=90.0,
+        ti=2500.0,
+        acquisition="2D",
+        scanning_sequence=("SE", "IR"),
+        sequence_name="*tir2d1_21",
+        flip_angle=150.0,
+    )
+    dicom_series(
+        subject / "c",
+        description="ax 3",
+        series_number=5,
+        tr=3000.0,
+        te=12.0,
+        ti=None,
+        acquisition="2D",
+        **spin_echo,
+    )
+    record, table = _inventory(subject, tmp_path / "out")
+    assert record["status"] == "ok"
+    assert record["selected"]["description"] == "t1_mprage_sag"
+    chosen = record["contrasts"]
+    assert chosen["T2w"]["selected"]["description"] == "ax 1"
+    assert chosen["FLAIR"]["selected"]["description"] == "ax 2"
+    verdicts = dict(zip(table["description"], table["reason"], strict=True))
+    assert verdicts["ax 1"].startswith("audited as T2w: best T2w series (spin echo")
+    assert verdicts["ax 2"].startswith("audited as FLAIR: best FLAIR series (long inversion")
+    assert dict(zip(table["description"], table["verdict"], strict=True))["ax 3"] == "rejected"
+
+    # Proton density is another contrast, never a T2w; a subject without them says what it has.
+    shutil.rmtree(subject / "a")
+    shutil.rmtree(subject / "b")
+    record, _ = _inventory(subject, tmp_path / "out2")
+    assert record["contrasts"]["T2w"] == {
+        "reason": "no T2w series (proton-density (PD): 1; not audited as T2w)"
+    }
+
+
+def test_nifti_contrasts_are_read_from_their_names(nifti_file, tmp_path):
+    subject = tmp_path / "sub-1"
+    names = [
+        "BraTS-GLI-00001-000-t1n.nii.gz",
+        "BraTS-GLI-00001-000-t1c.nii.gz",
+        "BraTS-GLI-00001-000-t2w.nii.gz",
+        "BraTS-GLI-00001-000-t2f.nii.gz",
+        "chris_PD.nii.gz",
+    ]
+    for name in names:
+        nifti_file(subject / name, shape=(20, 20, 16))
+    record, table = _inventory(subject, tmp_path / "out")
+    assert record["selected"]["files"] == ["BraTS-GLI-00001-000-t1n.nii.gz"]
+    assert record["contrasts"]["T2w"]["selected"]["files"] == ["BraTS-GLI-00001-000-t2w.nii.gz"]
+    assert record["contrasts"]["FLAIR"]["selected"]["files"] == ["BraTS-GLI-00001-000-t2f.nii.gz"]
+    verdicts = dict(zip(table["path"], table["verdict"], strict=True))
+    assert verdicts["chris_PD.nii.gz"] == "rejected"
+    rows = [{"path": "x_fla.nii.gz", "shape": (4, 4, 4), "geometry_ok": True}]
+    assert choose_nifti(rows, "FLAIR")[0] == 0
+    assert choose_nifti(rows, "T2w") == (None, "no T2w series (FLAIR: 1; not audited as T2w)")
+
+
+def test_gradient_alignment_sees_one_head_whatever_is_bright():
+    rng = np.random.default_rng(0)
+    from scipy import ndimage
+
+    head = ndimage.gaussian_filter(rng.normal(size=(40, 40, 40)), 3)
+    mask = np.ones(head.shape, dtype=bool)
+    other = ndimage.gaussian_filter(rng.normal(size=(40, 40, 40)), 3)
+    # Inverted contrast (a T2 of the same head) keeps its edges; another head does not.
+    assert gradient_alignment(head, -2.0 * head + 5.0, mask) == pytest.approx(1.0)
+    assert gradient_alignment(head, other, mask) < 0.5
+    assert np.isnan(gradient_alignment(head, other, np.zeros_like(mask)))
+
+
+def _real_subject(root: Path, name: str, files: dict[str, Path]) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True)
+    for target, source in files.items():
+        shutil.copyfile(source, folder / target)
+    return folder
+
+
+def test_a_t2_of_another_person_is_flagged_with_a_cross_contrast_reason(shared_data, tmp_path):
+    """Real glioma scans: BraTS' own T1, T2 and FLAIR belong together; TCGA's T2 beside the
+    BraTS T1 is another person's; a post-contrast T1 named T2w is T1-like."""
+    brats = shared_data / "nifti" / "BraTS-GLI-00001-000"
+    tcga = shared_data / "nifti" / "TCGA-FG-6692" / "brats_space_bet"
+    t1 = {"sub-x_T1w.nii.gz": brats / "BraTS-GLI-00001-000-t1n.nii.gz"}
+    subjects = {
+        "same": {
+            **t1,
+            "sub-x_T2w.nii.gz": brats / "BraTS-GLI-00001-000-t2w.nii.gz",
+            "sub-x_FLAIR.nii.gz": brats / "BraTS-GLI-00001-000-t2f.nii.gz",
+        },
+        "other": {**t1, "sub-x_T2w.nii.gz": tcga / "TCGA-FG-6692_t2_bet.nii.gz"},
+        "relabelled": {**t1, "sub-x_T2w.nii.gz": brats / "BraTS-GLI-00001-000-t1c.nii.gz"},
+    }
+    out = tmp_path / "out"
+    done = {}
+    for name, files in subjects.items():
+        folder = _real_subject(tmp_path / "in", name, files)
+        done[name] = preprocess_subject(
+            folder, out_dir=out, bids_id=name, rules={}, contrasts=CONTRASTS
+        )
+        for contrast in CONTRASTS:
+            saved = records.read_record(paths.contrast_record(out, name, contrast))
+            assert saved["status"] == done[name][contrast]["status"]
+
+    same = done["same"]
+    for contrast in CONTRASTS:
+        assert same[contrast]["status"] == "ok" and same[contrast]["findings"] == []
+        assert same[contrast]["metrics"]["coreg_alignment"] > MIN_ALIGNMENT + 0.05
+        registered = nib.load(paths.contrast_preproc(out, "same", contrast, res=2))
+        reference = template.load_template(resolution=2)
+        assert registered.shape == reference.shape
+        np.testing.assert_allclose(registered.affine, reference.affine, atol=1e-4)
+    assert same["T2w"]["metrics"]["reg_similarity"] > 0.2  # T2-like in template space
+
+    other = done["other"]["T2w"]
+    assert other["status"] == "ok" and "contrast_mismatch" in other["findings"]
+    assert other["metrics"]["coreg_alignment"] < MIN_ALIGNMENT
+    flags, notes = contrast_reasons("T2w", other)
+    assert flags[0].startswith("T2w: does not match the subject's T1w (another person or session?)")
+    assert "edge alignment 0." in flags[0] and notes == []
+    assert done["other"]["FLAIR"]["status"] == "no_series"
+    assert contrast_reasons("FLAIR", done["other"]["FLAIR"]) == (
+        [],
+        ["FLAIR: no FLAIR series (T2w: 1; not audited as FLAIR)"],
+    )
+
+    relabelled = done["relabelled"]["T2w"]
+    assert relabelled["findings"] == ["contrast_unexpected"]
+    assert relabelled["metrics"]["core_skew"] < 0.1
+    assert "contrast_mismatch" not in relabelled["findings"]
+
+
+def _write_contrast(out: Path, label: str, contrast: str, record: dict) -> None:
+    records.write_json(paths.contrast_record(out, label, contrast), record)
+
+
+def test_contrasts_in_the_subjects_row(built_cohort, tmp_path):  # noqa: F811 (fixture)
+    cohort = copy_cohort(built_cohort, tmp_path)
+    before = run_aggregate(cohort)
+    out = cohort["out"]
+    # Only missing contrasts: a T1-only cohort reads exactly as before.
+    for label in ("01", "02", "11"):
+        for contrast in CONTRASTS:
+            reason = f"no {contrast} series"
+            _write_contrast(
+                out,
+                label,
+                contrast,
+                records.make_record("contrast", status="no_series", reason=reason),
+            )
+    pd.testing.assert_frame_equal(run_aggregate(cohort), before)
+
+    clean = {"coreg_alignment": 0.72, "coreg_overlap": 0.98, "reg_similarity": 0.35}
+    _write_contrast(
+        out, "01", "T2w", records.make_record("contrast", metrics=clean, contrast="T2w")
+    )
+    mismatch = {**clean, "coreg_alignment": 0.49}
+    _write_contrast(
+        out,
+        "02",
+        "T2w",
+        records.make_record("contrast", findings=["contrast_mismatch"], metrics=mismatch),
+    )
+    frame = run_aggregate(cohort)
+    rows = {row["folder"]: row for row in frame.to_dict("records")}
+    assert rows["sub-01"]["t2w_status"] == "ok" and rows["sub-01"]["t2w_coreg_alignment"] == 0.72
+    assert not rows["sub-01"]["flagged"]
+    assert rows["sub-02"]["flagged"]
+    assert "T2w: does not match the subject's T1w" in rows["sub-02"]["flag_reasons"]
+    assert "(edge alignment 0.49)" in rows["sub-02"]["flag_reasons"]
+    assert "T2w:contrast_mismatch" in rows["sub-02"]["findings"]
+    assert rows["sub-11"]["t2w_status"] == "no_series"
+    assert "T2w: no T2w series" in rows["sub-11"]["notes"]
+    # No subject has a FLAIR: no FLAIR columns, no FLAIR notes.
+    assert not [c for c in frame.columns if c.startswith("flair_")]
+    assert "FLAIR" not in rows["sub-11"]["notes"]
+    # The T1w's own columns and scores are untouched.
+    for column in before.columns:
+        if column not in ("folder", "flagged", "flag_reasons", "findings", "notes"):
+            left = before.set_index("folder")[column]
+            right = frame.set_index("folder")[column].reindex(left.index)
+            pd.testing.assert_series_equal(left, right, check_names=False)
+    scores = aggregate.read_scores(paths.scores_table(out))
+    assert list(scores.columns) == list(frame.columns)
+    subject = json.loads(paths.subject_scores(out, "02").read_text())
+    assert subject["contrasts"]["T2w"]["findings"] == ["contrast_mismatch"]
