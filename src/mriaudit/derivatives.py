@@ -111,7 +111,25 @@ def _sidecars(out_dir: Path, bids_id: str, res: int) -> dict[Path, dict[str, Any
     native = _uri(out_dir, image["T1w"])
     # The template as nilearn ships it: what the images in template space are aligned to.
     template = f"nilearn MNI152 template mni_icbm152_t1_tal_nlin_sym_09a at {res} mm"
-    return {
+    every = paths.subject_images(out_dir, bids_id, res=res)
+    contrasts = {
+        every[f"{contrast}_preproc"]: {
+            "Description": (
+                f"bias-corrected {contrast}, registered rigidly to the subject's T1w and "
+                "resampled to the template through the T1w's affine"
+            ),
+            "SkullStripped": False,
+            "Resolution": grid,
+            "Sources": [
+                _uri(out_dir, every[contrast]),
+                _uri(out_dir, every[f"{contrast}_to_T1w"]),
+                _uri(out_dir, image["transform"]),
+            ],
+            "SpatialReference": template,
+        }
+        for contrast in paths.EXTRA_CONTRASTS
+    }
+    return contrasts | {
         image["n4"]: {
             "Description": "N4 bias-field corrected T1w (ANTsPy), native grid",
             "SkullStripped": False,
@@ -167,18 +185,20 @@ def write_sidecars(
         for image, sidecar in _sidecars(out_dir, bids_id, res).items()
         if image in wanted and image.is_file()
     }
-    converted, converted_json = images["T1w"], images["T1w_sidecar"]
-    if converted in wanted and converted.is_file():
-        try:
-            data = json.loads(converted_json.read_text())
-        except (OSError, ValueError):
-            data = {}
-        data = data if isinstance(data, dict) else {}
-        data.setdefault("SkullStripped", False)
-        data.setdefault(
-            "Description", "the audited series as dcm2niix converted it (or the input NIfTI)"
-        )
-        sidecars[converted_json] = data
+    for name in ("T1w", *paths.EXTRA_CONTRASTS):
+        converted, converted_json = images[name], images[f"{name}_sidecar"]
+        if converted in wanted and converted.is_file():
+            try:
+                data = json.loads(converted_json.read_text())
+            except (OSError, ValueError):
+                data = {}
+            data = data if isinstance(data, dict) else {}
+            data.setdefault("SkullStripped", False)
+            data.setdefault(
+                "Description",
+                f"the audited {name} series as dcm2niix converted it (or the input NIfTI)",
+            )
+            sidecars[converted_json] = data
     written = []
     for path, sidecar in sidecars.items():
         try:

@@ -181,6 +181,16 @@ def anomaly_thumbnail(out: str | Path, sub: str) -> Path:
     return _figure(out, sub, f"space-{SPACE}_desc-anomaly_T1w.webp")
 
 
+def contrast_native_thumbnail(out: str | Path, sub: str, contrast: str) -> Path:
+    """Three planes of a contrast's converted image, whole field of view."""
+    return _figure(out, sub, f"desc-native_{_extra_contrast(contrast)}.webp")
+
+
+def contrast_template_thumbnail(out: str | Path, sub: str, contrast: str) -> Path:
+    """Three planes of a contrast on the template grid (beside the T1w's, the same planes)."""
+    return _figure(out, sub, f"space-{SPACE}_desc-preproc_{_extra_contrast(contrast)}.webp")
+
+
 def sidecar(image: str | Path) -> Path:
     """The JSON sidecar of a NIfTI image (same name, ``.json``)."""
     image = Path(image)
@@ -209,6 +219,8 @@ def subject_images(out: str | Path, sub: str, *, res: int) -> dict[str, Path]:
                 (f"{contrast}_sidecar", contrast_sidecar(out, sub, contrast)),
                 (f"{contrast}_to_T1w", contrast_to_t1w(out, sub, contrast)),
                 (f"{contrast}_preproc", contrast_preproc(out, sub, contrast, res=res)),
+                (f"{contrast}_native_thumbnail", contrast_native_thumbnail(out, sub, contrast)),
+                (f"{contrast}_template_thumbnail", contrast_template_thumbnail(out, sub, contrast)),
             )
         },
     }

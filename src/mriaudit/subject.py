@@ -146,7 +146,17 @@ def preprocess_subject(
     ]
     done = chain.run_chain(steps, what=f"{bids_id}: preprocess")
     derivatives.write_sidecars(
-        out_dir, bids_id, res=resolution, only=("T1w", "n4", "head_mask", "preproc", "brain_mask")
+        out_dir,
+        bids_id,
+        res=resolution,
+        only=(
+            "T1w",
+            "n4",
+            "head_mask",
+            "preproc",
+            "brain_mask",
+            *(name for c in contrasts for name in (c, f"{c}_preproc")),
+        ),
     )
     return done
 
@@ -166,6 +176,8 @@ def _contrast_step(
         paths.contrast_sidecar(out_dir, bids_id, contrast),
         paths.contrast_to_t1w(out_dir, bids_id, contrast),
         paths.contrast_preproc(out_dir, bids_id, contrast, res=resolution),
+        paths.contrast_native_thumbnail(out_dir, bids_id, contrast),
+        paths.contrast_template_thumbnail(out_dir, bids_id, contrast),
     )
     record = paths.contrast_record(out_dir, bids_id, contrast)
     return chain.Step(
@@ -180,6 +192,7 @@ def _contrast_step(
             out_sidecar=images[1],
             out_to_t1w=images[2],
             out_preproc=images[3],
+            out_pictures=(images[4], images[5]),
             record_path=record,
             upstream=[paths.record(out_dir, bids_id, "register")],
             resolution=resolution,

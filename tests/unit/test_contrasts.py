@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from mriaudit import aggregate, dicom, paths, records, tables, template
+from mriaudit import aggregate, dicom, paths, records, tables, template, thumbnails
 from mriaudit.aggregate.reasons import contrast_reasons
 from mriaudit.contrasts import choose_nifti
 from mriaudit.contrasts.coregister import MIN_ALIGNMENT, gradient_alignment
@@ -22,6 +23,7 @@ from tests.unit.test_aggregate import (  # the shared fake cohort
     grid,  # noqa: F401  (fixture)
     run_aggregate,
 )
+from tests.unit.test_report import render
 
 CONTRASTS = ("T2w", "FLAIR")
 
@@ -182,7 +184,7 @@ def test_a_t2_of_another_person_is_flagged_with_a_cross_contrast_reason(shared_d
     assert done["other"]["FLAIR"]["status"] == "no_series"
     assert contrast_reasons("FLAIR", done["other"]["FLAIR"]) == (
         [],
-        ["FLAIR: no FLAIR series (T2w: 1; not audited as FLAIR)"],
+        ["no FLAIR series (T2w: 1; not audited as FLAIR)"],
     )
 
     relabelled = done["relabelled"]["T2w"]
@@ -229,9 +231,9 @@ def test_contrasts_in_the_subjects_row(built_cohort, tmp_path):  # noqa: F811 (f
     assert rows["sub-02"]["flagged"]
     assert "T2w: does not match the subject's T1w" in rows["sub-02"]["flag_reasons"]
     assert "(edge alignment 0.49)" in rows["sub-02"]["flag_reasons"]
-    assert "T2w:contrast_mismatch" in rows["sub-02"]["findings"]
+    assert "contrast_mismatch: T2w" in rows["sub-02"]["findings"]
     assert rows["sub-11"]["t2w_status"] == "no_series"
-    assert "T2w: no T2w series" in rows["sub-11"]["notes"]
+    assert "no T2w series" in rows["sub-11"]["notes"]
     # No subject has a FLAIR: no FLAIR columns, no FLAIR notes.
     assert not [c for c in frame.columns if c.startswith("flair_")]
     assert "FLAIR" not in rows["sub-11"]["notes"]
@@ -245,3 +247,38 @@ def test_contrasts_in_the_subjects_row(built_cohort, tmp_path):  # noqa: F811 (f
     assert list(scores.columns) == list(frame.columns)
     subject = json.loads(paths.subject_scores(out, "02").read_text())
     assert subject["contrasts"]["T2w"]["findings"] == ["contrast_mismatch"]
+
+
+def test_the_report_shows_each_contrast_beside_the_t1w(built_cohort, tmp_path):  # noqa: F811 (fixture)
+    cohort = copy_cohort(built_cohort, tmp_path)
+    out = cohort["out"]
+    metrics = {"coreg_alignment": 0.42, "coreg_overlap": 0.9}
+    _write_contrast(
+        out,
+        "01",
+        "T2w",
+        records.make_record("contrast", findings=["contrast_mismatch"], metrics=metrics),
+    )
+    _write_contrast(
+        out,
+        "02",
+        "T2w",
+        records.make_record("contrast", status="no_series", reason="no T2w series"),
+    )
+    picture = np.zeros((8, 24), dtype=np.uint8)
+    thumbnails.save_picture(picture, paths.contrast_native_thumbnail(out, "01", "T2w"))
+    run_aggregate(cohort)
+    html = render(cohort, with_metrics=False)
+    summary = re.search(r'<tr data-contrast="T2w">(.*?)</tr>', html).group(1)
+    assert re.findall(r"<td>([^<]*)</td>", summary) == ["T2w", "1", "1", "0", "1", "1"]
+    data = json.loads(
+        re.search(
+            r'<script type="application/json" id="cohort-data">(.*?)</script>', html, re.S
+        ).group(1)
+    )
+    subjects = {s["folder"]: s for s in data["subjects"]}
+    (view,) = subjects["sub-01"]["contrasts"]
+    assert view["contrast"] == "T2w" and view["status"] == "ok"
+    assert view["native"].startswith("data:image/webp;base64,") and view["registered"] == ""
+    assert subjects["sub-02"]["contrasts"][0]["status"] == "no_series"
+    assert "contrasts" not in subjects["a-b"]  # not processed (a BIDS id collision)

@@ -265,7 +265,7 @@ def _judge(
             flags, contrast_notes = contrast_reasons(contrast, entry)
             contrast_flags += flags
             notes += contrast_notes
-            extra["findings"] += [f"{contrast}:{code}" for code in entry["findings"]]
+            extra["findings"] += [f"{code}: {contrast}" for code in entry["findings"]]
         extra["findings"] = extra["findings"] + deviations[i]
         extra["findings"] += ["duplicate_image"] if duplicates[i] else []
         extra["notes"] = notes

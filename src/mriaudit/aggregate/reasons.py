@@ -65,7 +65,7 @@ def contrast_reasons(contrast: str, entry: dict[str, Any]) -> tuple[list[str], l
     subject lacks is a note; one skipped because the T1w failed says nothing more."""
     status = entry.get("status")
     if status == NO_SERIES:
-        return [], [f"{contrast}: {entry.get('reason') or f'no {contrast} series'}"]
+        return [], [str(entry.get("reason") or f"no {contrast} series")]
     if entry.get("skipped"):
         return [], []
     if status != OK:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from mriaudit import records, series, template
+from mriaudit import records, series, template, thumbnails
 from mriaudit.contrasts.coregister import MIN_ALIGNMENT, coregister, to_template
 from mriaudit.dicom.convert import convert_selected
 from mriaudit.preprocess.bias import bias_field_stats, n4_bias_field
@@ -102,6 +102,7 @@ def contrast_subject(
     out_preproc: Path,
     record_path: Path,
     upstream: Sequence[Path],
+    out_pictures: tuple[Path, Path] | None = None,
     resolution: int = 2,
     threads: int = 1,
     handoff: Handoff | None = None,
@@ -112,7 +113,9 @@ def contrast_subject(
     corrects its bias field (N4 in its head mask, kept in memory), registers it
     rigidly to the subject's bias-corrected T1w ``t1w_n4`` (``out_to_t1w``) and
     resamples it onto the template grid of ``resolution`` mm through the T1w's
-    ``t1w_transform`` (``out_preproc``, float32). Metrics: the ``conv_*`` of the
+    ``t1w_transform`` (``out_preproc``, float32); ``out_pictures``: the report's
+    pictures of the converted image and of the template-space one
+    (``mriaudit.thumbnails``). Metrics: the ``conv_*`` of the
     conversion, ``n4_p05``/``n4_p95``, ``coreg_alignment`` (0-1, see
     ``coregister``), ``coreg_overlap`` (0-1), ``reg_mutual_information`` (nats)
     and, for T2w, ``reg_similarity``. Findings: see the module. ``no_series``
@@ -160,6 +163,16 @@ def contrast_subject(
                 template=ants_image(fixed.get_fdata(dtype=np.float32), fixed.affine),
             )
         save_on_template(registered, fixed.affine, out_preproc, dtype=np.float32)
+        pictures = (
+            []
+            if out_pictures is None
+            else [
+                *thumbnails.try_draw(thumbnails.write_native_thumbnail, out_image, out_pictures[0]),
+                *thumbnails.try_draw(
+                    thumbnails.write_anomaly_thumbnail, out_preproc, None, out_pictures[1]
+                ),
+            ]
+        )
         stats = bias_field_stats(field, mask)
         metrics = {
             **converted["metrics"],
@@ -168,7 +181,7 @@ def contrast_subject(
             "coreg_overlap": round(coreg.overlap, 4),
         }
         findings: list[str] = []
-        warnings = list(converted["warnings"])
+        warnings = [*converted["warnings"], *pictures]
         skew = series.core_skew(data, tuple(float(z) for z in spacing))
         metrics["core_skew"] = round(skew, 4) if np.isfinite(skew) else None
         if contrast == "T2w" and series.contrast_look(skew) == "T1w":
@@ -216,7 +229,7 @@ def contrast_subject(
         CONTRAST_STAGE,
         work,
         record_path=record_path,
-        image_outputs=[out_image, out_sidecar, out_to_t1w, out_preproc],
+        image_outputs=[out_image, out_sidecar, out_to_t1w, out_preproc, *(out_pictures or ())],
         upstream=upstream,
     )
     return record

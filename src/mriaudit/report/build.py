@@ -34,7 +34,7 @@ from mriaudit.aggregate import (
     table_threshold,
 )
 from mriaudit.records import OK
-from mriaudit.report import figures, sites, workbench
+from mriaudit.report import contrasts, figures, sites, workbench
 from mriaudit.tables import read_tsv
 
 log = logging.getLogger(__name__)
@@ -408,6 +408,7 @@ def build_report(
         "participants": sites.participant_views(frame, threshold=_float(threshold)),
         "mriqc": mriqc,
         "findings": _finding_counts(frame),
+        "contrasts": contrasts.summary(frame),
         "rows": rows,
         "has_labels": truths is not None,
         "metrics": metrics,

@@ -4,7 +4,7 @@
 page's script draws: the scores and key IQMs as brushable strips, a 2D PCA
 embedding of the standardised IQMs and scores, and the subject's two pictures
 (``mriaudit.thumbnails``: native whole field of view, registered with the
-anomaly map). Up to ``max_inline`` subjects the pictures are inline ``data:``
+anomaly map), and those of each contrast beside the T1w (``contrasts``). Up to ``max_inline`` subjects the pictures are inline ``data:``
 URIs, so the page stays one self-contained file (about 13 kB per subject, 13 MB
 for 1,000); above it they are hard-linked (or copied) into a sidecar folder
 beside the page, ``report_files/``, which the page names.
@@ -31,6 +31,7 @@ from sklearn.decomposition import PCA
 
 from mriaudit import paths, robust
 from mriaudit.aggregate import iqm_tables, iqm_title
+from mriaudit.report import contrasts
 
 #: Default of config report.max_subjects_inline.
 MAX_SUBJECTS_INLINE = 1000
@@ -142,6 +143,11 @@ def cohort_data(
     groups = sorted({str(g) for g in frame.get("scanner_group", pd.Series(dtype=str)) if g})
     group_index = {g: i for i, g in enumerate(groups)}
     columns = [pd.to_numeric(frame[m["key"]], errors="coerce").to_numpy() for m in metrics]
+    extra_contrasts = contrasts.present(frame)
+
+    def uri(path: Path, name: str) -> str:
+        return _picture_uri(path, inline=inline, sidecar=sidecar, name=name)
+
     subjects = []
     for i, row in enumerate(frame.to_dict("records")):
         bids_id = str(row.get("bids_id") or "")
@@ -169,6 +175,8 @@ def cohort_data(
                 **pictures,
             }
         )
+        if extra_contrasts and row.get("failed_stage") != "cohort":
+            subjects[-1]["contrasts"] = contrasts.pictures(row, out_dir, extra_contrasts, uri)
     data = {
         "run_id": run,
         "metrics": metrics,

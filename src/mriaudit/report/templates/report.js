@@ -300,6 +300,34 @@
     img.hidden = !uri;
     if (none) { none.hidden = !!uri; }
   }
+  // Each contrast beside the T1w: its native picture and its template-space one (the
+  // T1w's planes), built as elements so no folder or reason text is read as HTML.
+  function showContrasts(views) {
+    const box = part(".contrast-views");
+    if (!box) { return; }
+    box.replaceChildren();
+    views.forEach((v) => {
+      [["native", "native, whole field of view"], ["registered", "template space, through the T1w"]].forEach(([key, words]) => {
+        const fig = document.createElement("figure");
+        fig.dataset.contrast = v.contrast;
+        if (v[key]) {
+          const img = document.createElement("img");
+          img.src = v[key];
+          img.alt = v.contrast + ", " + words;
+          fig.appendChild(img);
+        } else {
+          const none = document.createElement("p");
+          none.className = "noimg";
+          none.textContent = "no image (" + v.status + ")";
+          fig.appendChild(none);
+        }
+        const cap = document.createElement("figcaption");
+        cap.textContent = v.contrast + ": " + words;
+        fig.appendChild(cap);
+        box.appendChild(fig);
+      });
+    });
+  }
   function showDecision(row) {
     const out = part(".decision"), c = controls.get(row);
     if (out && c && c.sel) { out.textContent = "decision: " + c.sel.value + (c.note && c.note.value ? " \u00b7 note: " + c.note.value : ""); }
@@ -336,6 +364,7 @@
       if (row) { showDecision(row); }
       showImage("native", s.native || "");
       showImage("registered", s.registered || "");
+      showContrasts(s.contrasts || []);
       panel.hidden = false;
       document.body.classList.add("panel-open");
     }
