@@ -31,6 +31,7 @@ rule aggregate:
     input:
         stages=str(paths.stage_table(OUT)),
         model_scores=str(paths.model_scores(OUT)),
+        contrast_scores=contrast_model_scores,
         labels=labels_input,
     output:
         scores=report(

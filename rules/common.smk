@@ -37,6 +37,7 @@ wildcard_constraints:
     bids_id="[A-Za-z0-9]+(_ses-[A-Za-z0-9]+)?(_run-[0-9]+)?",
     scan_dir="sub-[A-Za-z0-9]+(/ses-[A-Za-z0-9]+)?",
     shard="[0-9]+of[0-9]+",
+    contrast="|".join(paths.EXTRA_CONTRASTS),
 
 
 def each_subject(path_function, *args, **kwargs):
@@ -88,6 +89,26 @@ def labels_input(wildcards):
 
 def model_checkpoint(wildcards):
     return str(paths.model_checkpoint(OUT)) if TRAIN_MODEL else MODEL["checkpoint"]
+
+
+def contrast_images(wildcards):
+    """Every subject's image of ``{contrast}`` on the template grid (what its model reads)."""
+    return each_subject(
+        paths.contrast_preproc, wildcards.contrast, res=config["template_resolution"]
+    )
+
+
+def contrast_name(wildcards):
+    return wildcards.contrast
+
+
+def contrast_records(wildcards):
+    return each_subject(paths.contrast_record, wildcards.contrast)
+
+
+def contrast_model_scores(wildcards):
+    """The score tables of the contrasts' models: the cohort rules wait for them."""
+    return [str(paths.model_scores(OUT, contrast=c)) for c in EXTRA_CONTRASTS]
 
 
 def mriqc_agreement_input(wildcards):

@@ -16,4 +16,5 @@ score_cohort(
     threads=snakemake.threads,
     only=list(snakemake.params.subjects),
     method=snakemake.params.method,
+    contrast=snakemake.params.contrast,
 )

@@ -1,4 +1,4 @@
-"""Snakemake wrapper: train the normative model(s) on the reference subjects."""
+"""Snakemake wrapper: train one contrast's normative model(s) on the reference subjects."""
 
 from pathlib import Path
 
@@ -29,4 +29,5 @@ train_cohort(
     max_subjects=training["max_subjects"],
     scanner_groups=read_scanner_groups(Path(snakemake.input.stages)),
     method=snakemake.params.method,
+    contrast=snakemake.params.contrast,
 )

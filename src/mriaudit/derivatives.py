@@ -128,6 +128,22 @@ def _sidecars(out_dir: Path, bids_id: str, res: int) -> dict[Path, dict[str, Any
             "SpatialReference": template,
         }
         for contrast in paths.EXTRA_CONTRASTS
+    } | {
+        every[f"{contrast}_anomaly_map"]: {
+            "Description": (
+                f"voxel anomaly map of the {contrast} normative model: robust z of the "
+                "reconstruction error against the reference scans, smoothed"
+            ),
+            "Units": "robust z (dimensionless)",
+            "SkullStripped": True,
+            "Resolution": grid,
+            "Sources": [
+                _uri(out_dir, every[f"{contrast}_preproc"]),
+                f"bids::model/{contrast}/model.pt",
+            ],
+            "SpatialReference": template,
+        }
+        for contrast in paths.EXTRA_CONTRASTS
     }
     return contrasts | {
         image["n4"]: {

@@ -161,10 +161,15 @@ def transform(out: str | Path, sub: str) -> Path:
     return _anat(out, sub, f"from-T1w_to-{SPACE}_mode-image_xfm.mat")
 
 
-def anomaly_map(out: str | Path, sub: str, *, res: int) -> Path:
-    """Voxel anomaly map (robust z) on the template grid. BIDS derivatives keep the source's
-    suffix and say what was derived with ``desc``; the sidecar says it is a z-map."""
-    return _anat(out, sub, f"{_template(res)}_desc-anomaly_T1w.nii.gz")
+def _contrast(contrast: str) -> str:
+    return contrast if contrast == "T1w" else _extra_contrast(contrast)
+
+
+def anomaly_map(out: str | Path, sub: str, *, res: int, contrast: str = "T1w") -> Path:
+    """Voxel anomaly map (robust z) on the template grid, of the T1w or of another
+    ``contrast``'s model. BIDS derivatives keep the source's suffix and say what was
+    derived with ``desc``; the sidecar says it is a z-map."""
+    return _anat(out, sub, f"{_template(res)}_desc-anomaly_{_contrast(contrast)}.nii.gz")
 
 
 def _figure(out: str | Path, sub: str, suffix: str) -> Path:
@@ -176,9 +181,14 @@ def native_thumbnail(out: str | Path, sub: str) -> Path:
     return _figure(out, sub, "desc-native_T1w.webp")
 
 
-def anomaly_thumbnail(out: str | Path, sub: str) -> Path:
-    """Three planes of the registered image with the anomaly map over it."""
-    return _figure(out, sub, f"space-{SPACE}_desc-anomaly_T1w.webp")
+def anomaly_thumbnail(out: str | Path, sub: str, *, contrast: str = "T1w") -> Path:
+    """Three planes of the registered image (of ``contrast``) with the anomaly map over it."""
+    return _figure(out, sub, f"space-{SPACE}_desc-anomaly_{_contrast(contrast)}.webp")
+
+
+def contrast_score_record(out: str | Path, sub: str, contrast: str) -> Path:
+    """Status record of the score stage of a contrast's model: ``sub-<id>_desc-<contrast>score_qc.json``."""
+    return subject_dir(out, sub) / f"sub-{sub}_desc-{_extra_contrast(contrast)}score_qc.json"
 
 
 def contrast_native_thumbnail(out: str | Path, sub: str, contrast: str) -> Path:
@@ -221,6 +231,11 @@ def subject_images(out: str | Path, sub: str, *, res: int) -> dict[str, Path]:
                 (f"{contrast}_preproc", contrast_preproc(out, sub, contrast, res=res)),
                 (f"{contrast}_native_thumbnail", contrast_native_thumbnail(out, sub, contrast)),
                 (f"{contrast}_template_thumbnail", contrast_template_thumbnail(out, sub, contrast)),
+                (f"{contrast}_anomaly_map", anomaly_map(out, sub, res=res, contrast=contrast)),
+                (
+                    f"{contrast}_anomaly_thumbnail",
+                    anomaly_thumbnail(out, sub, contrast=contrast),
+                ),
             )
         },
     }
@@ -231,23 +246,33 @@ def subject_scores(out: str | Path, sub: str) -> Path:
     return subject_dir(out, sub) / f"sub-{sub}_scores.json"
 
 
-def model_checkpoint(out: str | Path) -> Path:
-    return Path(out) / "model" / "model.pt"
+def _model_dir(out: str | Path, contrast: str) -> Path:
+    """``model/`` for the T1w's model, ``model/<contrast>/`` for another contrast's
+    (``"{contrast}"``: the rules' wildcard)."""
+    if contrast == "T1w":
+        return Path(out) / "model"
+    if contrast != "{contrast}":
+        _extra_contrast(contrast)
+    return Path(out) / "model" / contrast
 
 
-def model_sidecar(out: str | Path) -> Path:
-    return Path(out) / "model" / "model.json"
+def model_checkpoint(out: str | Path, *, contrast: str = "T1w") -> Path:
+    return _model_dir(out, contrast) / "model.pt"
 
 
-def model_scores(out: str | Path) -> Path:
+def model_sidecar(out: str | Path, *, contrast: str = "T1w") -> Path:
+    return _model_dir(out, contrast) / "model.json"
+
+
+def model_scores(out: str | Path, *, contrast: str = "T1w") -> Path:
     """Every subject's score-stage status and raw score, one row each (the score jobs' tables, merged)."""
-    return Path(out) / "model" / "anomaly_scores.tsv"
+    return _model_dir(out, contrast) / "anomaly_scores.tsv"
 
 
-def score_shard(out: str | Path, shard: str) -> Path:
+def score_shard(out: str | Path, shard: str, *, contrast: str = "T1w") -> Path:
     """The score table of one score job: the slice ``shard`` (``"001of004"``, ``"{shard}"``
     for the rule's pattern) of the cohort (see ``cohort.score_shards``)."""
-    return Path(out) / "model" / "shards" / f"anomaly_scores_shard-{shard}.tsv"
+    return _model_dir(out, contrast) / "shards" / f"anomaly_scores_shard-{shard}.tsv"
 
 
 def dataset_description(out: str | Path) -> Path:

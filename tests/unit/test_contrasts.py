@@ -16,13 +16,17 @@ from mriaudit import aggregate, dicom, paths, records, tables, template, thumbna
 from mriaudit.aggregate.reasons import contrast_reasons
 from mriaudit.contrasts import choose_nifti
 from mriaudit.contrasts.coregister import MIN_ALIGNMENT, gradient_alignment
+from mriaudit.model.score import score_cohort
+from mriaudit.model.train import train_cohort
 from mriaudit.subject import preprocess_subject
+from mriaudit.template import load_template
 from tests.unit.test_aggregate import (  # the shared fake cohort
     built_cohort,  # noqa: F401  (fixture)
     copy_cohort,
     grid,  # noqa: F401  (fixture)
     run_aggregate,
 )
+from tests.unit.test_model import FAST, LESION_MM, LESION_RADIUS_MM, NORMALS, _synthetic
 from tests.unit.test_report import render
 
 CONTRASTS = ("T2w", "FLAIR")
@@ -282,3 +286,98 @@ def test_the_report_shows_each_contrast_beside_the_t1w(built_cohort, tmp_path): 
     assert view["native"].startswith("data:image/webp;base64,") and view["registered"] == ""
     assert subjects["sub-02"]["contrasts"][0]["status"] == "no_series"
     assert "contrasts" not in subjects["a-b"]  # not processed (a BIDS id collision)
+
+
+def test_each_contrast_has_its_own_model(tmp_path):
+    """A T2w model trained out of fold on the subjects' T2w images scores a T2-bright lesion
+    above every normal, into the contrast's own outputs; a T2w that does not belong to its
+    T1w does not train it."""
+    out = tmp_path / "out"
+    rng = np.random.default_rng(11)
+    reference = load_template(resolution=2)
+    labels = [*NORMALS, "les", "other"]
+
+    def t2_like(image: np.ndarray) -> np.ndarray:
+        # CSF bright, white matter dark: the T1-like synthetic head turned around inside it.
+        head = image > 0.1 * np.percentile(image, 99)
+        return np.where(head, np.percentile(image, 99) - image, 0.0).clip(0).astype(np.float32)
+
+    centre = np.linalg.solve(reference.affine[:3, :3], LESION_MM - reference.affine[:3, 3])
+    distance = np.linalg.norm((np.indices(reference.shape).T - centre).T, axis=0) * 2.0
+    lesion = np.clip(LESION_RADIUS_MM - distance + 0.5, 0.0, 1.0)
+    for label in labels:
+        image = t2_like(_synthetic(rng))
+        if label == "les":  # a T2-bright lesion (oedema, a stroke) in white matter
+            bright = 2.0 * np.median(image[image > 0])
+            image = image * (1 - lesion) + bright * lesion
+        path = paths.contrast_preproc(out, label, "T2w", res=2)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(nib.Nifti1Image(image, reference.affine), path)
+        findings = ["contrast_mismatch"] if label == "other" else []
+        records.write_json(
+            paths.contrast_record(out, label, "T2w"),
+            records.make_record("contrast", findings=findings, contrast="T2w"),
+        )
+    sidecar = train_cohort(
+        [paths.contrast_preproc(out, s, "T2w", res=2) for s in labels],
+        [paths.contrast_record(out, s, "T2w") for s in labels],
+        labels,
+        reference=[*NORMALS, "other"],
+        out_checkpoint=paths.model_checkpoint(out, contrast="T2w"),
+        out_sidecar=paths.model_sidecar(out, contrast="T2w"),
+        folds=2,
+        epochs=8,
+        options=FAST,
+        device="cpu",
+        threads=2,
+        contrast="T2w",
+    )
+    assert sidecar["status"] == "ok" and sidecar["contrast"] == "T2w"
+    assert "another head" in sidecar["excluded_reference"]["other"]
+    stages = tmp_path / "stages.tsv"
+    tables.write_tsv(pd.DataFrame({"bids_id": labels}), stages)
+    table = score_cohort(
+        stages,
+        checkpoint=paths.model_checkpoint(out, contrast="T2w"),
+        out_dir=out,
+        out_table=paths.score_shard(out, "1of1", contrast="T2w"),
+        resolution=2,
+        device="cpu",
+        threads=1,
+        contrast="T2w",
+    )
+    raw = dict(zip(table["bids_id"], table["anomaly_raw"], strict=True))
+    assert raw["les"] > 2 * max(raw[s] for s in NORMALS), raw
+    for label in labels:
+        assert records.read_record(paths.contrast_score_record(out, label, "T2w"))["status"] == "ok"
+        assert paths.anomaly_map(out, label, res=2, contrast="T2w").is_file()
+    assert not paths.record(out, "les", "score").exists()  # the T1w's record is not touched
+
+
+def test_a_contrasts_model_flags_the_subject_for_that_contrast(built_cohort, tmp_path):  # noqa: F811 (fixture)
+    cohort = copy_cohort(built_cohort, tmp_path)
+    out = cohort["out"]
+    before = run_aggregate(cohort).set_index("folder")
+    normals = [f"{i:02d}" for i in range(1, 11)]
+    raws = dict(zip(normals, np.linspace(0.9, 1.1, len(normals)), strict=True)) | {"12": 3.0}
+    for label, raw in raws.items():
+        _write_contrast(out, label, "FLAIR", records.make_record("contrast", contrast="FLAIR"))
+        score = records.make_record(
+            "score",
+            metrics={"anomaly_raw": float(raw)},
+            in_reference=label in normals,
+            top_regions=[{"centroid_mm": [30.0, -20.0, 20.0], "volume_ml": 2.1, "peak": 5.0}],
+        )
+        records.write_json(paths.contrast_score_record(out, label, "FLAIR"), score)
+    frame = run_aggregate(cohort).set_index("folder")
+    z = frame["flair_anomaly_score"]
+    median = np.median([raws[s] for s in normals])
+    assert z["sub-12"] > 10 and abs(z["sub-05"]) < 2 and np.isnan(z["sub-11"])
+    assert z["sub-12"] == pytest.approx(
+        (3.0 - median) / (1.4826 * np.median(np.abs(np.array([raws[s] for s in normals]) - median)))
+    )
+    reasons = frame.at["sub-12", "flag_reasons"]
+    assert "FLAIR: anomaly z=" in reasons and "at (30, -20, 20) mm, 2.1 ml" in reasons
+    assert not any("FLAIR: anomaly" in r for r in frame.drop(index="sub-12")["flag_reasons"])
+    # The T1w's scores are the T1w's alone.
+    pd.testing.assert_series_equal(frame["audit_score"], before["audit_score"].reindex(frame.index))

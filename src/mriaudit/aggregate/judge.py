@@ -26,12 +26,13 @@ from mriaudit.aggregate.reasons import (
     _component_reason,
     _drivers,
     _finding_reason,
+    _top_region_text,
     contrast_reasons,
     flagged_otherwise,
     iqm_causes,
     iqm_tables,
 )
-from mriaudit.aggregate.rows import _fmt, _numeric, contrast_column
+from mriaudit.aggregate.rows import _as_float, _fmt, _numeric, contrast_column
 from mriaudit.records import FAILED, NO_SERIES, OK
 
 log = logging.getLogger(__name__)
@@ -225,6 +226,30 @@ def present_contrasts(extras: list[dict[str, Any]]) -> set[str]:
     }
 
 
+def _contrast_model_flags(
+    contrast: str, extras: list[dict[str, Any]], settings: dict[str, float]
+) -> np.ndarray:
+    """The robust z of ``contrast``'s model scores against its reference subjects, (n,),
+    as the T1w's ``anomaly_score``; a subject at the threshold (``audit.audit_threshold``
+    of these scores) gets the reason in its ``contrast_flags``."""
+    entries = [extra.get("contrasts", {}).get(contrast, {}) for extra in extras]
+    raw = np.array([_as_float(e.get("anomaly_raw")) for e in entries])
+    status = np.array([str(e.get("status", "")) for e in entries])
+    scored = np.isfinite(raw)
+    in_reference = np.array([bool(e.get("in_reference")) for e in entries])
+    reference = reference_mask(status, in_reference, scored)
+    z, _, _ = robust_z(raw, reference)
+    threshold = audit.audit_threshold(
+        z, reference, audit_z=settings["audit_z"], fp_budget=settings["fp_budget"]
+    )
+    for i, extra in enumerate(extras):
+        if np.isfinite(z[i]) and z[i] >= threshold:
+            text = f"{contrast}: anomaly z={z[i]:.1f} (threshold {threshold:.1f})"
+            region = _top_region_text(entries[i].get("top_regions") or [])
+            extra["contrast_flags"].append(f"{text} at {region}" if region else text)
+    return np.where(scored, z, np.nan)
+
+
 def _judge(
     frame: pd.DataFrame, extras: list[dict[str, Any]], settings: dict[str, float]
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
@@ -274,6 +299,9 @@ def _judge(
     # A hard finding of the T1w keeps the subject out of the audit score's pool; one of
     # another contrast says nothing of its T1w, so it flags the subject after the audit.
     hard = np.array([bool(extra["flag_reasons"]) for extra in extras], dtype=bool)
+    contrast_scores = {
+        contrast: _contrast_model_flags(contrast, extras, settings) for contrast in present
+    }
     result = _audit(frame, ok, hard, settings)
     _, titles = iqm_tables()
     causes = iqm_causes()
@@ -305,6 +333,8 @@ def _judge(
     frame["flag_reasons"] = reasons_col
     frame["findings"] = findings_col
     frame["notes"] = notes_col
+    for contrast, z in contrast_scores.items():
+        frame[contrast_column(contrast, "anomaly_score")] = z
     absent = [
         column
         for contrast in paths.EXTRA_CONTRASTS

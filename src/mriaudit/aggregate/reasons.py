@@ -64,10 +64,10 @@ def contrast_reasons(contrast: str, entry: dict[str, Any]) -> tuple[list[str], l
     reason, findings and metrics as ``rows._subject_row`` keeps them). A contrast the
     subject lacks is a note; one skipped because the T1w failed says nothing more."""
     status = entry.get("status")
-    if status == NO_SERIES:
-        return [], [str(entry.get("reason") or f"no {contrast} series")]
     if entry.get("skipped"):
         return [], []
+    if status == NO_SERIES:
+        return [], [str(entry.get("reason") or f"no {contrast} series")]
     if status != OK:
         return [f"{contrast}: failed: {entry.get('reason', '')}"], []
     reasons = []

@@ -48,13 +48,28 @@ def read_subject_records(out_dir: Path, bids_id: str) -> dict[str, dict[str, Any
 
 def read_contrast_records(out_dir: Path, bids_id: str) -> dict[str, dict[str, Any]]:
     """The record of each contrast audited beside the T1w (``paths.contrast_record``), by
-    contrast; a contrast without a record was not asked for and is left out."""
+    contrast, with the record of its model's score stage under ``"score"`` (None where
+    it was not scored); a contrast without a record was not asked for and is left out."""
     found = {}
     for contrast in paths.EXTRA_CONTRASTS:
         record = _read_record(paths.contrast_record(out_dir, bids_id, contrast), contrast)
         if record is not None:
-            found[contrast] = record
+            score = paths.contrast_score_record(out_dir, bids_id, contrast)
+            found[contrast] = {**record, "score": _read_record(score, "score")}
     return found
+
+
+def _contrast_score(record: dict[str, Any]) -> dict[str, Any]:
+    """What a contrast's model said of the subject: its raw score (NaN unless ``ok``),
+    whether the subject trained that model, its most anomalous regions."""
+    score = record.get("score") or {}
+    raw = (score.get("metrics") or {}).get("anomaly_raw") if score.get("status") == OK else None
+    regions = score.get("top_regions")
+    return {
+        "anomaly_raw": _as_float(raw),
+        "in_reference": bool(score.get("in_reference", False)),
+        "top_regions": regions if isinstance(regions, list) else [],
+    }
 
 
 def contrast_column(contrast: str, name: str) -> str:
@@ -71,6 +86,7 @@ def _contrast_cells(contrast: str, record: dict[str, Any]) -> dict[str, Any]:
     for key, value in (record.get("metrics") or {}).items():
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             cells[contrast_column(contrast, key)] = value
+    cells[contrast_column(contrast, "anomaly_raw")] = _contrast_score(record)["anomaly_raw"]
     return cells
 
 
@@ -158,6 +174,7 @@ def _subject_row(
                 "skipped": bool(record.get("skipped")),
                 "findings": [str(code) for code in record.get("findings") or []],
                 "metrics": record.get("metrics") or {},
+                **_contrast_score(record),
             }
             for contrast, record in contrasts.items()
         },

@@ -135,11 +135,20 @@ def load_normalised(path: str | Path, *, grid: BrainGrid) -> np.ndarray:
     return normalised[grid.index]
 
 
+#: Findings of a register (or contrast) record that keep a subject out of the reference.
+UNFIT_FINDINGS = {
+    "registration_failed": "registration failed",
+    "contrast_mismatch": "does not match its T1w (another head or session?)",
+    "contrast_unexpected": "its contrast is not the one its name says",
+}
+
+
 def reference_problem(image: str | Path, record: str | Path) -> str:
     """Why a subject cannot train the model ("" when it can).
 
-    A reference subject needs a register record with status ``ok``, without the
-    ``registration_failed`` finding, and a non-empty registered image.
+    A reference subject needs a register record (or, for another contrast's model,
+    its ``contrast`` record) with status ``ok``, without a finding that makes its
+    image unfit (``UNFIT_FINDINGS``), and a non-empty registered image.
     """
     record = Path(record)
     try:
@@ -149,8 +158,9 @@ def reference_problem(image: str | Path, record: str | Path) -> str:
     status = content.get("status")
     if status != "ok":
         return f"register status {status}"
-    if "registration_failed" in content.get("findings", []):
-        return "registration failed"
+    unfit = [f for f in content.get("findings", []) if f in UNFIT_FINDINGS]
+    if unfit:
+        return UNFIT_FINDINGS[unfit[0]]
     image = Path(image)
     if not image.is_file() or image.stat().st_size == 0:
         return "registered image missing or empty"

@@ -161,16 +161,33 @@ class _Job:
     out_thumbnail: Path
     record_path: Path
     upstream: tuple[Path, ...]
+    contrast: str = "T1w"
+
+    @property
+    def map_name(self) -> str:
+        """The map's name in ``paths.subject_images`` (its sidecar's key)."""
+        return "anomaly_map" if self.contrast == "T1w" else f"{self.contrast}_anomaly_map"
 
     @classmethod
-    def of(cls, out_dir: Path, bids_id: str, *, resolution: int) -> _Job:
+    def of(cls, out_dir: Path, bids_id: str, *, resolution: int, contrast: str = "T1w") -> _Job:
+        """The T1w's job, or that of another ``contrast``'s model (its image on the
+        template grid, its map, picture and record; upstream its ``contrast`` record)."""
+        if contrast == "T1w":
+            image = paths.preproc(out_dir, bids_id, res=resolution)
+            record = paths.record(out_dir, bids_id, STAGE)
+            upstream = paths.record(out_dir, bids_id, "register")
+        else:
+            image = paths.contrast_preproc(out_dir, bids_id, contrast, res=resolution)
+            record = paths.contrast_score_record(out_dir, bids_id, contrast)
+            upstream = paths.contrast_record(out_dir, bids_id, contrast)
         return cls(
             bids_id,
-            paths.preproc(out_dir, bids_id, res=resolution),
-            paths.anomaly_map(out_dir, bids_id, res=resolution),
-            paths.anomaly_thumbnail(out_dir, bids_id),
-            paths.record(out_dir, bids_id, STAGE),
-            (paths.record(out_dir, bids_id, "register"),),
+            image,
+            paths.anomaly_map(out_dir, bids_id, res=resolution, contrast=contrast),
+            paths.anomaly_thumbnail(out_dir, bids_id, contrast=contrast),
+            record,
+            (upstream,),
+            contrast,
         )
 
     def run(self, scorer: Scorer | None) -> dict:
@@ -225,7 +242,7 @@ def _score_pipelined(
         record["elapsed_s"] = round(outcome.cost.wall_s + time.perf_counter() - wall, 3)
         record["cpu_s"] = round(outcome.cost.cpu_s + time.thread_time() - cpu, 3)
         records.write_json(job.record_path, record)
-        derivatives.write_sidecars(out_dir, job.bids_id, res=resolution, only=("anomaly_map",))
+        derivatives.write_sidecars(out_dir, job.bids_id, res=resolution, only=(job.map_name,))
 
     pipeline.run(
         jobs,
@@ -285,6 +302,7 @@ def score_cohort(
     threads: int = 1,
     only: Sequence[str] | None = None,
     method: str | None = None,
+    contrast: str = "T1w",
 ) -> pd.DataFrame:
     """Stage ``score`` of every subject of ``stage_table`` (``aggregate.write_stage_table``),
     or of those of its ``bids_id``s in ``only`` (a shard of the cohort; an id that is
@@ -307,7 +325,8 @@ def score_cohort(
     ``anomaly_raw``, ``fold``, ``in_reference``, ``elapsed_s``) and returns it.
     Given ``method`` (config ``model.method``), a checkpoint of another method is
     refused: every subject is ``not_scored`` with that reason (see
-    :meth:`Scorer.load`).
+    :meth:`Scorer.load`). ``contrast`` (``T2w``, ``FLAIR``) scores that contrast's
+    images with its own model (``_Job.of``); the T1w's by default.
     """
     out_dir = Path(out_dir)
     # Labels are strings as written ("001", "NA" included), never numbers or NaN.
@@ -317,7 +336,7 @@ def score_cohort(
     torch_threads = max(1, threads) if workers == 1 else 1
     helpers = max(1, threads // workers)
     pipelined = PIPELINE_ON_CPU or _uses_gpu(device)
-    jobs = {b: _Job.of(out_dir, b, resolution=resolution) for b in bids_ids}
+    jobs = {b: _Job.of(out_dir, b, resolution=resolution, contrast=contrast) for b in bids_ids}
 
     def work(shard: Sequence[str], *, pipelined: bool) -> None:
         ready = []
@@ -327,7 +346,7 @@ def score_cohort(
                 ready.append(job)
             else:  # its record copies the upstream's status: nothing to load or score
                 job.run(None)
-                derivatives.write_sidecars(out_dir, bids_id, res=resolution, only=("anomaly_map",))
+                derivatives.write_sidecars(out_dir, bids_id, res=resolution, only=(job.map_name,))
         if not ready:
             return
         try:
@@ -347,7 +366,7 @@ def score_cohort(
             return
         for job in ready:
             job.run(scorer)
-            derivatives.write_sidecars(out_dir, job.bids_id, res=resolution, only=("anomaly_map",))
+            derivatives.write_sidecars(out_dir, job.bids_id, res=resolution, only=(job.map_name,))
 
     def unusable(shard: Sequence[str], reason: str) -> None:
         log.error("%s", reason)

@@ -184,6 +184,7 @@ def train_cohort(
     scanner_groups: Mapping[str, str] | None = None,
     options: TrainOptions | None = None,
     method: str | None = None,
+    contrast: str = "T1w",
 ) -> dict:
     """Train the K out-of-fold models of ``method`` on the usable reference subjects.
 
@@ -207,8 +208,9 @@ def train_cohort(
     ``fp32``, ``bf16``; :func:`mriaudit.model.device.resolve_precision`) is the
     network's arithmetic while it trains; scoring is always float32.
 
-    ``images`` (registered, template grid), ``records`` (register stage) and
-    ``subjects`` (BIDS ids) are aligned; ``reference`` holds the ids
+    ``images`` (registered, template grid), ``records`` (register stage; for another
+    ``contrast`` than the T1w, its ``contrast`` records) and ``subjects`` (BIDS ids)
+    are aligned; the sidecar records the ``contrast``; ``reference`` holds the ids
     allowed to train. Writes the checkpoint (``torch.save`` dict) and a JSON
     sidecar and returns the sidecar dict. When fewer than 3 reference subjects
     are usable, the checkpoint says ``{"status": "failed", "reason": ...}`` and
@@ -245,6 +247,7 @@ def train_cohort(
         "status": OK,
         "reason": "",
         "method": method,
+        "contrast": contrast,
         "torch_version": torch.__version__,
         "device": str(torch_device),
         "precision": arithmetic,

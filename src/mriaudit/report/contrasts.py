@@ -1,6 +1,6 @@
 """The report's view of the contrasts beside the T1w: a summary per contrast and the
-subject view's pictures of each (``paths.contrast_native_thumbnail`` and
-``paths.contrast_template_thumbnail``, beside the T1w's)."""
+subject view's pictures of each (native whole field of view; template space with its
+model's anomaly map, beside the T1w's)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,16 @@ import pandas as pd
 from mriaudit import paths
 from mriaudit.aggregate.rows import contrast_column
 
+def _registered(out: Path, bids_id: str, contrast: str) -> Path:
+    """The contrast on the template grid with its model's map over it, or without a map
+    where its model scored nothing."""
+    scored = paths.anomaly_thumbnail(out, bids_id, contrast=contrast)
+    return scored if scored.is_file() else paths.contrast_template_thumbnail(out, bids_id, contrast)
+
+
 _PICTURES: dict[str, Callable[[Path, str, str], Path]] = {
     "native": paths.contrast_native_thumbnail,
-    "registered": paths.contrast_template_thumbnail,
+    "registered": _registered,
 }
 
 
