@@ -24,7 +24,7 @@ $(STAMP): requirements.lock pyproject.toml
 # The demo cohort is generated once; delete results/demo-input to regenerate it.
 $(DEMO_LABELS): | $(STAMP)
 	rm -rf $(DEMO_INPUT)
-	$(BIN)/python -m mriaudit.demo $(DEMO_INPUT) --subjects $(DEMO_SUBJECTS) --labels $(DEMO_LABELS)
+	$(BIN)/python -m mriaudit.demo $(DEMO_INPUT) --subjects $(DEMO_SUBJECTS) --labels $(DEMO_LABELS) --contrasts T2w FLAIR
 
 demo: venv $(DEMO_LABELS)
 	$(BIN)/snakemake --cores all --config input_dir=$(DEMO_INPUT) output_dir=$(DEMO_OUT) labels=$(DEMO_LABELS)

@@ -24,6 +24,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import pandas as pd
 from scipy import stats
 from sklearn.metrics import (
     average_precision_score,
@@ -32,8 +33,9 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from mriaudit import cohort
+from mriaudit import cohort, paths
 from mriaudit.aggregate import flag_settings, read_scores, subject_image, table_threshold
+from mriaudit.aggregate.rows import contrast_column
 from mriaudit.records import OK, write_json
 
 log = logging.getLogger(__name__)
@@ -240,6 +242,53 @@ def _curves(y: np.ndarray, s: np.ndarray, *, n_bootstrap: int, seed: int) -> dic
     }
 
 
+def label_contrasts(labels_path: Path) -> dict[str, str]:
+    """The labels file's optional ``contrast`` column: {folder: contrast an anomaly is in}
+    (rows without one are left out: the T1w)."""
+    table = cohort.read_labels_table(labels_path)
+    if "contrast" not in table:
+        return {}
+    named = table["contrast"].fillna("").astype(str).str.strip()
+    return {f: c for f, c in zip(table["folder"], named, strict=True) if c}
+
+
+def _contrast_metrics(
+    frame: pd.DataFrame,
+    contrast: str,
+    subject_truth: np.ndarray,
+    in_contrast: np.ndarray,
+    *,
+    n_bootstrap: int,
+    seed: int,
+) -> dict[str, Any]:
+    """Detection in one contrast beside the T1w: its model's score (``<contrast>_anomaly_score``)
+    and its flags against the anomalies labelled in that contrast, over the labelled
+    subjects whose contrast was audited."""
+    audited = (frame[contrast_column(contrast, "status")].fillna("").astype(str) == OK).to_numpy()
+    labelled = audited & (subject_truth >= 0)
+    positive = (subject_truth == 1) & (in_contrast == contrast)
+    column = contrast_column(contrast, "anomaly_score")
+    score = frame[column].to_numpy(dtype=float) if column in frame else np.full(len(frame), np.nan)
+    # Unscored (the model could not train) ranks lowest: a detector that said nothing.
+    finite = np.isfinite(score)
+    ranked = np.where(finite, score, float(score[finite].min()) - 1.0 if finite.any() else 0.0)
+    y = positive[labelled].astype(int)
+    flags = frame["flag_reasons"].fillna("").astype(str).str.contains(f"{contrast}: ", regex=False)
+    out: dict[str, Any] = {
+        "score": column,
+        "n_pos": int(y.sum()),
+        "n_neg": int((y == 0).sum()),
+        "n_scored": int((labelled & np.isfinite(score)).sum()),
+        "flagged": confusion(y, flags.to_numpy()[labelled]),
+    }
+    if y.any() and (y == 0).any():
+        curves = _curves(y, ranked[labelled], n_bootstrap=n_bootstrap, seed=seed)
+        out.update({k: curves[k] for k in ("auroc", "auroc_ci", "auprc", "auprc_ci")})
+    else:
+        out.update({"auroc": None, "auroc_ci": None, "auprc": None, "auprc_ci": None})
+    return out
+
+
 def evaluate_cohort(
     scores_tsv: Path,
     labels_path: Path,
@@ -252,8 +301,10 @@ def evaluate_cohort(
 ) -> dict[str, Any]:
     """Compute detection metrics from scores.tsv and the labels TSV; write metrics.json.
 
-    Positive class: truth 1 (anomalous); score: ``audit_score`` (higher = more
-    anomalous), and ``model_only`` for ``anomaly_score``. AUROC/AUPRC are None
+    Positive class: truth 1 (anomalous), of the T1w (an anomaly labelled in another
+    ``contrast`` counts in ``contrasts``, where that contrast's model and flags are
+    judged; ``flagged`` judges the subject's flag on any contrast); score:
+    ``audit_score`` (higher = more anomalous), and ``model_only`` for ``anomaly_score``. AUROC/AUPRC are None
     when the scored subjects hold one class only. ``localisation`` (``localisation_summary``, anomaly maps read from
     ``output_dir``) is None when the labels give no lesion. Returns the metrics
     dict that is written.
@@ -267,7 +318,12 @@ def evaluate_cohort(
         log.warning(
             "%d labelled subjects are not in scores.tsv, e.g. %s", len(unmatched), unmatched[:3]
         )
-    truth = np.array([labels.get(f, -1) for f in folders])
+    subject_truth = np.array([labels.get(f, -1) for f in folders])
+    anomaly_in = label_contrasts(labels_path)
+    in_contrast = np.array([anomaly_in.get(f, "T1w") for f in folders])
+    # The T1w's scores are judged on the T1w: an anomaly planted in another contrast
+    # leaves its subject's T1w normal (that contrast's model is judged on it below).
+    truth = np.where((subject_truth == 1) & (in_contrast != "T1w"), 0, subject_truth)
     labelled = truth >= 0
     score = frame["audit_score"].to_numpy(dtype=float)
     status = frame["status"].to_numpy(dtype=str)
@@ -330,7 +386,14 @@ def evaluate_cohort(
     flagged = frame["flagged"].to_numpy(dtype=bool) | (status != OK)
     metrics["flagged"] = {
         "n": int(labelled.sum()),
-        **confusion(truth[labelled], flagged[labelled]),
+        **confusion(subject_truth[labelled], flagged[labelled]),
+    }
+    metrics["contrasts"] = {
+        contrast: _contrast_metrics(
+            frame, contrast, subject_truth, in_contrast, n_bootstrap=n_bootstrap, seed=seed
+        )
+        for contrast in paths.EXTRA_CONTRASTS
+        if contrast_column(contrast, "status") in frame
     }
     lesions = cohort.read_lesions(labels_path)
     metrics["localisation"] = (

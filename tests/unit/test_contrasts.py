@@ -15,7 +15,7 @@ import pytest
 from mriaudit import aggregate, dicom, paths, records, tables, template, thumbnails
 from mriaudit.aggregate.reasons import contrast_reasons
 from mriaudit.contrasts import choose_nifti
-from mriaudit.contrasts.coregister import MIN_ALIGNMENT, gradient_alignment
+from mriaudit.contrasts.coregister import MIN_ALIGNMENT_GAIN, gradient_alignment
 from mriaudit.model.score import score_cohort
 from mriaudit.model.train import train_cohort
 from mriaudit.subject import preprocess_subject
@@ -172,7 +172,7 @@ def test_a_t2_of_another_person_is_flagged_with_a_cross_contrast_reason(shared_d
     same = done["same"]
     for contrast in CONTRASTS:
         assert same[contrast]["status"] == "ok" and same[contrast]["findings"] == []
-        assert same[contrast]["metrics"]["coreg_alignment"] > MIN_ALIGNMENT + 0.05
+        assert same[contrast]["metrics"]["coreg_alignment_gain"] > MIN_ALIGNMENT_GAIN + 0.2
         registered = nib.load(paths.contrast_preproc(out, "same", contrast, res=2))
         reference = template.load_template(resolution=2)
         assert registered.shape == reference.shape
@@ -181,10 +181,10 @@ def test_a_t2_of_another_person_is_flagged_with_a_cross_contrast_reason(shared_d
 
     other = done["other"]["T2w"]
     assert other["status"] == "ok" and "contrast_mismatch" in other["findings"]
-    assert other["metrics"]["coreg_alignment"] < MIN_ALIGNMENT
+    assert other["metrics"]["coreg_alignment_gain"] < MIN_ALIGNMENT_GAIN
     flags, notes = contrast_reasons("T2w", other)
     assert flags[0].startswith("T2w: does not match the subject's T1w (another person or session?)")
-    assert "edge alignment 0." in flags[0] and notes == []
+    assert "edge alignment above chance 0." in flags[0] and notes == []
     assert done["other"]["FLAIR"]["status"] == "no_series"
     assert contrast_reasons("FLAIR", done["other"]["FLAIR"]) == (
         [],
@@ -217,11 +217,11 @@ def test_contrasts_in_the_subjects_row(built_cohort, tmp_path):  # noqa: F811 (f
             )
     pd.testing.assert_frame_equal(run_aggregate(cohort), before)
 
-    clean = {"coreg_alignment": 0.72, "coreg_overlap": 0.98, "reg_similarity": 0.35}
+    clean = {"coreg_alignment": 0.72, "coreg_alignment_gain": 0.5, "reg_similarity": 0.35}
     _write_contrast(
         out, "01", "T2w", records.make_record("contrast", metrics=clean, contrast="T2w")
     )
-    mismatch = {**clean, "coreg_alignment": 0.49}
+    mismatch = {**clean, "coreg_alignment_gain": 0.09}
     _write_contrast(
         out,
         "02",
@@ -234,7 +234,7 @@ def test_contrasts_in_the_subjects_row(built_cohort, tmp_path):  # noqa: F811 (f
     assert not rows["sub-01"]["flagged"]
     assert rows["sub-02"]["flagged"]
     assert "T2w: does not match the subject's T1w" in rows["sub-02"]["flag_reasons"]
-    assert "(edge alignment 0.49)" in rows["sub-02"]["flag_reasons"]
+    assert "(edge alignment above chance 0.09)" in rows["sub-02"]["flag_reasons"]
     assert "contrast_mismatch: T2w" in rows["sub-02"]["findings"]
     assert rows["sub-11"]["t2w_status"] == "no_series"
     assert "no T2w series" in rows["sub-11"]["notes"]
@@ -256,7 +256,7 @@ def test_contrasts_in_the_subjects_row(built_cohort, tmp_path):  # noqa: F811 (f
 def test_the_report_shows_each_contrast_beside_the_t1w(built_cohort, tmp_path):  # noqa: F811 (fixture)
     cohort = copy_cohort(built_cohort, tmp_path)
     out = cohort["out"]
-    metrics = {"coreg_alignment": 0.42, "coreg_overlap": 0.9}
+    metrics = {"coreg_alignment_gain": 0.05, "coreg_overlap": 0.9}
     _write_contrast(
         out,
         "01",

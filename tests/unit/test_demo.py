@@ -20,6 +20,7 @@ import pytest
 from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
 
 from mriaudit import cohort, demo, heads
+from mriaudit import series as series_class
 from mriaudit.demo import anatomy, generate, physics, writer
 
 SEED = 3
@@ -495,3 +496,58 @@ def test_flatten_removes_a_smooth_field_and_keeps_the_anatomy():
     assert left_right(head * field) > 1.15
     assert left_right(flat) == pytest.approx(left_right(head), abs=0.06)
     assert np.corrcoef(flat[inside], head[inside])[0, 1] > 0.97
+
+
+# ------------------------------------------------------- contrasts beside the T1
+
+
+def test_contrasts_beside_the_t1_leave_the_t1_cohort_as_it_was():
+    plain = demo.plan_cohort(30, seed=0)
+    plans = demo.plan_cohort(30, seed=0, contrasts=("T2w", "FLAIR"))
+    moved = collections.Counter()
+    for before, after in zip(plain, plans, strict=True):
+        assert after.folder == before.folder and after.has_localizer == before.has_localizer
+        if after.anomaly_contrast == "T1w":
+            assert (after.kind, after.variant) == (before.kind, before.variant)
+        else:  # an anomaly of another contrast is planted in a normal subject
+            assert before.kind == "normal" and after.kind != "normal"
+            moved[after.anomaly_contrast] += 1
+        has_t1 = after.kind not in ("localizer_only", "empty_folder")
+        assert after.contrasts == (("T2w", "FLAIR") if has_t1 else ())
+        assert not after.has_t2  # the 2D distractor gives way to the real T2w
+    assert moved == {"T2w": 3, "FLAIR": 3}
+    assert sum(p.kind == "normal" for p in plans) >= 3
+    with pytest.raises(ValueError, match="unknown contrasts"):
+        demo.plan_cohort(30, seed=0, contrasts=("PD",))
+
+
+def test_an_anomaly_of_one_contrast_leaves_the_others_normal(base_plan, normal_frames):
+    plan = replace(base_plan, contrasts=("T2w", "FLAIR"), kind="lesion", variant="hyper")
+    flair_lesion = demo.render_subject(
+        replace(plan, anomaly_contrast="FLAIR"), voxel_size_mm=VOXEL_MM
+    )
+    normal = demo.render_subject(replace(plan, kind="normal", variant=""), voxel_size_mm=VOXEL_MM)
+    roles = {s.role: s for s in flair_lesion.series}
+    assert set(roles) == {"t1", "t2w", "flair"}
+    np.testing.assert_array_equal(roles["t1"].frames, normal_frames)  # the T1 is normal
+    others = {s.role: s for s in normal.series}
+    np.testing.assert_array_equal(roles["t2w"].frames, others["t2w"].frames)
+    changed = roles["flair"].frames.astype(float) - others["flair"].frames.astype(float)
+    assert changed.max() > 0.2 * others["flair"].frames.max()  # FLAIR-bright
+    assert flair_lesion.notes[0].startswith("FLAIR only: bright lesion")
+    # The headers say what each series is: the classifier the audit uses reads them so.
+    for role, expected in (("t2w", "T2w"), ("flair", "FLAIR")):
+        tags = roles[role].tags
+        families = set(np.atleast_1d(tags["ScanningSequence"]))
+        found, _ = series_class.contrast_from_timing(
+            families,
+            tr=tags["RepetitionTime"],
+            te=tags["EchoTime"],
+            ti=tags.get("InversionTime"),
+            flip=tags["FlipAngle"],
+        )
+        assert found == expected, (role, tags)
+    # Its own draws: the FLAIR is not the T1's acquisition in another look-up table.
+    assert roles["flair"].frames.shape != normal_frames.shape or not np.array_equal(
+        roles["flair"].positions, roles["t1"].positions
+    )

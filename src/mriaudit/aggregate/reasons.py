@@ -53,7 +53,7 @@ CONTRAST_FINDINGS: dict[str, str] = {
 }
 # A contrast finding's evidence in its reason: (metric, words).
 _CONTRAST_EVIDENCE: dict[str, tuple[str, str]] = {
-    "contrast_mismatch": ("coreg_alignment", "edge alignment"),
+    "contrast_mismatch": ("coreg_alignment_gain", "edge alignment above chance"),
     "contrast_unexpected": ("core_skew", "core skew"),
     "registration_failed": ("reg_mutual_information", "mutual information"),
 }

@@ -7,7 +7,8 @@ alignment of their edges once registered (``gradient_alignment``: the mean
 squared cosine between the two images' intensity gradients where both have
 edges, the normalised gradient field of Haber and Modersitzki), on the
 contrast's own grid with the T1w brought to its resolution
-(``_check_on_contrast_grid``). It ignores which tissue is bright, so it serves
+(``_check_on_contrast_grid``), as its share above the alignment of the T1w
+shifted by a few millimetres (chance). It ignores which tissue is bright, so it serves
 T1w against T2w, FLAIR or PD alike; a rigid transform cannot make another
 person's brain fit, so their edges stay apart. Mutual information does not tell
 the two apart (normalised, 1.01-1.21 for one head and 1.005-1.13 for two).
@@ -27,16 +28,19 @@ from mriaudit.preprocess.images import ants_image
 
 #: Grid (mm) of the co-registration and of its check.
 COREG_GRID_MM = 2.0
-#: Below this ``gradient_alignment`` a contrast does not belong with the subject's T1w.
-#: Calibrated on the real scans of ../shared (N4, this registration and check): one head
-#: (BraTS and TCGA glioma T1 with their T2 and FLAIR, 1 mm skull-stripped and 5.5 mm
-#: slices with skull; Chris Rorden's T1 and PD) 0.77-0.82; two heads (10 pairs of
-#: different people: T2 or FLAIR, 1 mm or 5.5 mm, with or without skull) 0.41-0.60,
-#: and one at 0.73 (a 1.6 mm T1 of head and neck against TCGA's 5.5 mm T2): missed.
-#: The demo's 2D T2 of its own head (2.4 x 2.4 x 5.8 mm) 0.74-0.78, at 6 x 6 x 14 mm
-#: 0.71. niivue's register_T2w is left out: it matches Chris Rorden's T1 (0.80) better
-#: than the T1 it ships with (0.65), and its provenance is undocumented.
-MIN_ALIGNMENT = 0.65
+#: The T1w shifted this far (mm) along each axis gives the alignment of edges by chance.
+NULL_SHIFT_MM = 8.0
+#: Below this alignment gain (the share of ``gradient_alignment`` above chance) a contrast
+#: does not belong with the subject's T1w. On the real scans of ../shared (N4, this
+#: registration and check): one head (BraTS and TCGA glioma T1 with their T2 and
+#: FLAIR, 1 mm skull-stripped and 5.5 mm slices with skull; Chris Rorden's T1 and PD)
+#: 0.42-0.62; two heads (9 pairs of different people: T2 or FLAIR, 1 mm or 5.5 mm,
+#: with or without skull) 0.005-0.13. The demo's 3D T2w and FLAIR of its own head at
+#: 3 mm 0.21-0.36, its 2D T2 0.26-0.40. The raw alignment separates neither: it rises
+#: with resolution and SNR (one head 0.54-0.82, two heads 0.41-0.73). niivue's
+#: register_T2w is left out: it matches Chris Rorden's T1 better than the T1 it
+#: ships with, and its provenance is undocumented.
+MIN_ALIGNMENT_GAIN = 0.17
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class Coregistration:
 
     transform: Path
     alignment: float
+    gain: float
     overlap: float
 
 
@@ -100,14 +105,18 @@ def _smoothed(image: ants.ANTsImage, sigma_mm: np.ndarray) -> ants.ANTsImage:
 
 def _check_on_contrast_grid(
     moving: ants.ANTsImage, t1: ants.ANTsImage, transform: Path
-) -> tuple[float, float]:
-    """``(alignment, overlap)`` of a co-registered pair, on the contrast's own grid.
+) -> tuple[float, float, float]:
+    """``(alignment, gain, overlap)`` of a co-registered pair, on the contrast's own grid.
 
     The contrast's grid is coarsened to at least ``COREG_GRID_MM`` per axis, and the
     T1w blurred to its in-plane voxel and resampled onto it: both then show the
     anatomy at the contrast's resolution, so a 2D series of thick slices is not
     judged by the T1w's finer detail. Gradients run along the axes whose voxel is
     at most 1.5 times the finest (across thick slices, partial volume decides).
+    How well edges align by chance depends on the images (noise, resolution,
+    skull): ``gain`` is the alignment's share above chance, ``(a - a0) / (1 - a0)``
+    with ``a0`` the mean alignment with the T1w shifted ``NULL_SHIFT_MM`` along
+    each axis either way.
     """
     own = np.asarray(moving.spacing, dtype=float)
     spacing = np.maximum(own, COREG_GRID_MM)
@@ -119,11 +128,25 @@ def _check_on_contrast_grid(
     # The transform maps T1w points to the contrast's: the contrast's grid needs its inverse.
     t1_there = ants.apply_transforms(contrast, blurred, [str(transform)], whichtoinvert=[True])
     contrast_data, t1_data = contrast.numpy(), t1_there.numpy()
-    t1_head = foreground(t1_data)
-    both = t1_head & foreground(contrast_data)
     axes = [i for i in range(3) if spacing[i] <= 1.5 * finest]
-    overlap = float(both.sum() / max(int(t1_head.sum()), 1))
-    return gradient_alignment(contrast_data, t1_data, both, axes=axes), overlap
+    contrast_head = foreground(contrast_data)
+
+    def alignment(t1_image: np.ndarray) -> float:
+        both = foreground(t1_image) & contrast_head
+        return gradient_alignment(contrast_data, t1_image, both, axes=axes)
+
+    aligned = alignment(t1_data)
+    chance = np.nanmean(
+        [
+            alignment(np.roll(t1_data, sign * max(1, round(NULL_SHIFT_MM / spacing[axis])), axis))
+            for axis in range(3)
+            for sign in (1, -1)
+        ]
+    )
+    gain = (aligned - chance) / (1.0 - chance) if chance < 1 else float("nan")
+    t1_head = foreground(t1_data)
+    overlap = float((t1_head & contrast_head).sum() / max(int(t1_head.sum()), 1))
+    return aligned, float(gain), overlap
 
 
 def coregister(
@@ -138,7 +161,7 @@ def coregister(
     to the subject's ``t1`` (its own grid and affine) on a 2 mm grid, inside
     ``ants_environment`` (whose folder is ``workdir``). Returns the transform and the
     check's figures (``_check_on_contrast_grid``): ``alignment`` (``gradient_alignment``,
-    0-1) and ``overlap`` (the fraction of the T1w's head, on the contrast's grid, that
+    0-1), its ``gain`` above chance and ``overlap`` (the fraction of the T1w's head, on the contrast's grid, that
     the contrast covers: a skull-stripped contrast covers less)."""
     moving_image, t1_image = ants_image(moving, moving_affine), ants_image(t1, t1_affine)
     result = ants.registration(
@@ -151,8 +174,8 @@ def coregister(
         outprefix=str(workdir / "coreg_"),
     )
     transform = Path(result["fwdtransforms"][0])
-    alignment, overlap = _check_on_contrast_grid(moving_image, t1_image, transform)
-    return Coregistration(transform, alignment, overlap)
+    alignment, gain, overlap = _check_on_contrast_grid(moving_image, t1_image, transform)
+    return Coregistration(transform, alignment, gain, overlap)
 
 
 def to_template(

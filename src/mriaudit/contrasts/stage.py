@@ -8,7 +8,7 @@ stages in the same ``preprocess`` job. A subject without the contrast gets
 Findings (status stays ``ok``):
 
 - ``contrast_mismatch``: the contrast and the T1w do not show one head after a
-  rigid co-registration (``coregister.MIN_ALIGNMENT``): another person's series,
+  rigid co-registration (``coregister.MIN_ALIGNMENT_GAIN``): another person's series,
   or another session's with the head changed;
 - ``contrast_unexpected``: a T2w whose intensities look T1-weighted (white
   matter the bulk and brightest of the brain's core: ``series.core_skew``; T2w
@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from mriaudit import records, series, template, thumbnails
-from mriaudit.contrasts.coregister import MIN_ALIGNMENT, coregister, to_template
+from mriaudit.contrasts.coregister import MIN_ALIGNMENT_GAIN, coregister, to_template
 from mriaudit.dicom.convert import convert_selected
 from mriaudit.preprocess.bias import bias_field_stats, n4_bias_field
 from mriaudit.preprocess.images import (
@@ -117,7 +117,8 @@ def contrast_subject(
     pictures of the converted image and of the template-space one
     (``mriaudit.thumbnails``). Metrics: the ``conv_*`` of the
     conversion, ``n4_p05``/``n4_p95``, ``coreg_alignment`` (0-1, see
-    ``coregister``), ``coreg_overlap`` (0-1), ``reg_mutual_information`` (nats)
+    ``coregister``) and its gain above chance ``coreg_alignment_gain``,
+    ``coreg_overlap`` (0-1), ``reg_mutual_information`` (nats)
     and, for T2w, ``reg_similarity``. Findings: see the module. ``no_series``
     when the subject has no such series; skipped when an ``upstream`` record (the
     T1w's registration, first) is not ``ok``; no template-space checks when the
@@ -178,6 +179,7 @@ def contrast_subject(
             **converted["metrics"],
             **{k: v for k, v in stats.items() if k.startswith("n4_")},
             "coreg_alignment": round(coreg.alignment, 4) if np.isfinite(coreg.alignment) else None,
+            "coreg_alignment_gain": round(coreg.gain, 4) if np.isfinite(coreg.gain) else None,
             "coreg_overlap": round(coreg.overlap, 4),
         }
         findings: list[str] = []
@@ -190,12 +192,12 @@ def contrast_subject(
                 f"contrast_unexpected: labelled T2w but its intensities look T1-weighted "
                 f"(CSF darker than white matter; core skew {skew:.2f} < {series.T1_LIKE_SKEW})"
             )
-        if not np.isfinite(coreg.alignment) or coreg.alignment < MIN_ALIGNMENT:
+        if not np.isfinite(coreg.gain) or coreg.gain < MIN_ALIGNMENT_GAIN:
             findings.append("contrast_mismatch")
             warnings.append(
                 f"contrast_mismatch: the {contrast} does not match the subject's T1w after "
-                f"co-registration (edge alignment {coreg.alignment:.2f} < {MIN_ALIGNMENT}): "
-                "another person's or another session's series?"
+                f"co-registration (edge alignment above chance {coreg.gain:.2f} < "
+                f"{MIN_ALIGNMENT_GAIN}): another person's or another session's series?"
             )
         t1w_register = records.read_record(upstream[0]) if upstream else {}
         if "registration_failed" in (t1w_register.get("findings") or []):

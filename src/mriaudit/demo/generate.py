@@ -19,7 +19,13 @@ import numpy as np
 import pandas as pd
 
 from mriaudit.demo.anatomy import _head
-from mriaudit.demo.plan import FULL_MIX_SUBJECTS, MIN_SUBJECTS, SubjectPlan, plan_cohort
+from mriaudit.demo.plan import (
+    EXTRA_CONTRASTS,
+    FULL_MIX_SUBJECTS,
+    MIN_SUBJECTS,
+    SubjectPlan,
+    plan_cohort,
+)
 from mriaudit.demo.render import SubjectScan, render_subject
 from mriaudit.demo.writer import write_subject
 from mriaudit.template import load_brain_mask
@@ -31,6 +37,7 @@ LABEL_COLUMNS = (
     "folder",
     "truth",
     "kind",
+    "contrast",
     "description",
     "lesion_x_mm",
     "lesion_y_mm",
@@ -43,12 +50,15 @@ TEMPLATE_PERSON = "MNI152"
 
 
 def _truth_row(scan: SubjectScan) -> dict[str, object]:
-    lesion = scan.lesion
+    # The lesion columns locate a lesion on the T1's anomaly map; one planted in another
+    # contrast is described in words only.
+    lesion = scan.lesion if scan.plan.anomaly_contrast == "T1w" else None
     centre = lesion.centre_mni_mm if lesion else (np.nan, np.nan, np.nan)
     return {
         "folder": scan.plan.folder,
         "truth": scan.plan.truth,
         "kind": scan.plan.kind,
+        "contrast": scan.plan.anomaly_contrast if scan.plan.truth else "",
         "description": "; ".join(scan.notes) or "normal",
         "lesion_x_mm": centre[0],
         "lesion_y_mm": centre[1],
@@ -109,6 +119,7 @@ def generate_cohort(
     voxel_size_mm: float = 1.2,
     labels_path: str | Path | None = None,
     jobs: int | None = None,
+    contrasts: tuple[str, ...] = (),
 ) -> pd.DataFrame:
     """Write the demo cohort under ``out_dir`` and its labels TSV; return the labels table.
 
@@ -117,10 +128,12 @@ def generate_cohort(
     varies it by +-10 %); 0.8-8 mm. ``jobs`` worker processes (default: up to 4
     at full resolution, 1 for coarse cohorts); the output does not depend on it.
     The table has ``LABEL_COLUMNS``, lesion centres in MNI mm (RAS), one row per
-    folder, sorted by folder name.
+    folder, sorted by folder name; ``contrast`` names the contrast an anomaly is in.
+    ``contrasts`` (``T2w``, ``FLAIR``) are rendered beside each T1, some with an
+    anomaly of their own (``plan.plan_cohort``).
     """
     return write_cohort(
-        plan_cohort(n_subjects, seed=seed),
+        plan_cohort(n_subjects, seed=seed, contrasts=contrasts),
         out_dir,
         voxel_size_mm=voxel_size_mm,
         labels_path=labels_path,
@@ -176,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--jobs", type=int, default=None, help="worker processes (default: automatic, up to 4)"
     )
+    parser.add_argument(
+        "--contrasts",
+        nargs="*",
+        default=[],
+        choices=EXTRA_CONTRASTS,
+        help="contrasts rendered beside each T1, some with an anomaly of their own (default none)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     started = time.perf_counter()
@@ -187,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             voxel_size_mm=args.voxel_size,
             labels_path=args.labels,
             jobs=args.jobs,
+            contrasts=tuple(args.contrasts),
         )
     except (ValueError, FileExistsError) as error:
         parser.error(str(error))

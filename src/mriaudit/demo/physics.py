@@ -2,7 +2,7 @@
 
 ``Grid`` is a 3D T1 acquisition grid (sagittal or axial, sometimes oblique)
 fitted around the head and sampled in one ``map_coordinates`` pass
-(``_sample``); the physics on top: contrast look-up tables (T1 and T2), a
+(``_sample``); the physics on top: contrast look-up tables (T1, T2 and FLAIR), a
 Legendre bias field, motion ghosting along the phase-encode axis, a k-space
 spike, wrap-around, Rician noise, and the stored integer scaling.
 """
@@ -169,6 +169,20 @@ _T2_LUT = (
 def _t2_lut(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """``_T2_LUT`` with per-subject tissue-level jitter: the 3D T2 of a T2w cohort."""
     x, y = _T2_LUT
+    return x, y * np.r_[1.0, 1.0, rng.uniform(0.95, 1.05, size=y.size - 2)]
+
+
+# T1 working scale -> FLAIR: CSF suppressed (dark), grey above white matter, and what is
+# brighter than white matter in the T1 scale (a hyperintense lesion) bright.
+_FLAIR_LUT = (
+    np.array([0.0, 0.05, 0.1, 0.2, 0.35, 0.6, 0.8, 0.95, 1.03, 2.0]),
+    np.array([0.0, 0.05, 0.15, 0.12, 0.4, 0.75, 0.55, 0.6, 1.3, 1.3]),
+)
+
+
+def _flair_lut(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``_FLAIR_LUT`` with per-subject tissue-level jitter."""
+    x, y = _FLAIR_LUT
     return x, y * np.r_[1.0, 1.0, rng.uniform(0.95, 1.05, size=y.size - 2)]
 
 

@@ -7,12 +7,23 @@ plans the detection benchmark's cohort on real heads (``mriaudit.heads``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from mriaudit.cohort import to_bids_id
+
+#: Contrasts the demo renders beside the T1 (``--contrasts``).
+EXTRA_CONTRASTS = ("T2w", "FLAIR")
+#: Anomalies planted in one contrast beside the T1 only, handed to normals in turn:
+#: a lesion as it shows there (T2-bright, FLAIR-bright), then acquisition artefacts.
+CONTRAST_ANOMALIES: dict[str, tuple[tuple[str, str], ...]] = {
+    "T2w": (("lesion", "hypo"), ("ghosting", ""), ("noise", "")),
+    "FLAIR": (("lesion", "hyper"), ("spike", ""), ("bias", "")),
+}
+#: Share of the cohort with an anomaly in each contrast beside the T1.
+CONTRAST_ANOMALY_FRACTION = 0.1
 
 ANOMALY_KINDS = (
     "lesion",
@@ -59,6 +70,10 @@ class SubjectPlan:
     variant: str = ""
     has_localizer: bool = True
     has_t2: bool = False
+    #: Contrasts rendered beside the T1 (``T2w``, ``FLAIR``), and the one the anomaly is
+    #: planted in (the others are normal).
+    contrasts: tuple[str, ...] = ()
+    anomaly_contrast: str = "T1w"
     seed: int = 0
     #: Whose head: ``""`` for the template head, else a person of ``mriaudit.heads``
     #: whose prepared head volume is ``head_path``.
@@ -70,12 +85,13 @@ class SubjectPlan:
         """1 = anomalous or broken (should be excluded), 0 = normal."""
         return 0 if self.kind == "normal" else 1
 
-    def rng(self, stream: str) -> np.random.Generator:
-        """Independent generator per aspect, so an anomaly never changes the other draws."""
-        sequence = np.random.SeedSequence(
-            self.seed, spawn_key=(self.number, _STREAMS.index(stream))
-        )
-        return np.random.default_rng(sequence)
+    def rng(self, stream: str, *, series: str = "") -> np.random.Generator:
+        """Independent generator per aspect, so an anomaly never changes the other draws;
+        ``series`` (a contrast beside the T1) draws its own series' aspects."""
+        key = (self.number, _STREAMS.index(stream))
+        if series:
+            key += (1 + EXTRA_CONTRASTS.index(series),)
+        return np.random.default_rng(np.random.SeedSequence(self.seed, spawn_key=key))
 
 
 def _anomaly_count(n_subjects: int) -> int:
@@ -95,8 +111,21 @@ def _folder_names(n_subjects: int) -> list[str]:
     return names
 
 
-def plan_cohort(n_subjects: int, *, seed: int) -> list[SubjectPlan]:
-    """One plan per subject, in folder order; kinds are shuffled over the folders."""
+def plan_cohort(
+    n_subjects: int, *, seed: int, contrasts: tuple[str, ...] = ()
+) -> list[SubjectPlan]:
+    """One plan per subject, in folder order; kinds are shuffled over the folders.
+
+    ``contrasts`` (``T2w``, ``FLAIR``) are rendered beside every subject's T1 (and
+    replace the 2D T2 some subjects otherwise hold as a distractor); about a tenth
+    of the cohort per contrast, taken from the normals, gets an anomaly in that
+    contrast only (``CONTRAST_ANOMALIES``). Without them the plans are those of a
+    T1 cohort, draw for draw.
+    """
+    unknown = sorted(set(contrasts) - set(EXTRA_CONTRASTS))
+    if unknown:
+        message = f"unknown contrasts {unknown}; the demo renders {EXTRA_CONTRASTS} beside the T1"
+        raise ValueError(message)
     if n_subjects < MIN_SUBJECTS:
         message = (
             f"the demo cohort needs at least {MIN_SUBJECTS} subjects "
@@ -131,11 +160,46 @@ def plan_cohort(n_subjects: int, *, seed: int) -> list[SubjectPlan]:
                 seed=seed,
             )
         )
+    if contrasts:
+        plans = _with_contrasts(plans, contrasts, seed=seed)
     ids = [to_bids_id(p.folder) for p in plans]
     if len(set(ids)) != len(ids):
         message = f"demo folder names collide on their BIDS ids: {ids}"
         raise RuntimeError(message)
     return plans
+
+
+def _with_contrasts(
+    plans: list[SubjectPlan], contrasts: tuple[str, ...], *, seed: int
+) -> list[SubjectPlan]:
+    """``plans`` with ``contrasts`` beside each T1 and a share of the normals turned into
+    anomalies of one of those contrasts (their own random stream: the T1 cohort's draws
+    stay as they were)."""
+    normals = [i for i, p in enumerate(plans) if p.kind == "normal"]
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(1,)))
+    order = [normals[i] for i in rng.permutation(len(normals))]
+    per_contrast = max(1, round(CONTRAST_ANOMALY_FRACTION * len(plans)))
+    # Keep at least three normals: each contrast's model needs a reference.
+    per_contrast = min(per_contrast, max(0, (len(normals) - 3) // len(contrasts)))
+    changes: dict[int, dict[str, str]] = {}
+    for c, contrast in enumerate(contrasts):
+        kinds = CONTRAST_ANOMALIES[contrast]
+        for k in range(per_contrast):
+            kind, variant = kinds[k % len(kinds)]
+            changes[order[c * per_contrast + k]] = {
+                "kind": kind,
+                "variant": variant,
+                "anomaly_contrast": contrast,
+            }
+    return [
+        replace(
+            plan,
+            contrasts=contrasts if plan.kind not in ("localizer_only", "empty_folder") else (),
+            has_t2=False,
+            **changes.get(i, {}),
+        )
+        for i, plan in enumerate(plans)
+    ]
 
 
 def plan_real_heads(

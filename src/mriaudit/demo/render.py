@@ -2,13 +2,14 @@
 
 ``render_subject`` turns a plan into a ``SubjectScan``: the 3D T1 (with the
 plan's anomaly), most subjects a localizer, a few a 2D axial T2 as distractor
-series, on a vendor-like scanner (Siemens, GE, Philips; 1.5 T and 3 T) with its
+series, and with the plan's ``contrasts`` a 3D T2w and FLAIR of the same head
+(the anomaly in the one the plan names), on a vendor-like scanner (Siemens, GE, Philips; 1.5 T and 3 T) with its
 sequence names and timing (``VENDORS``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -23,6 +24,7 @@ from mriaudit.demo.physics import (
     _contrast_lut,
     _draw_scaling,
     _fit_grid,
+    _flair_lut,
     _fold,
     _ghosting,
     _rician,
@@ -47,6 +49,8 @@ class Vendor:
     t2_tags: dict[str, object]
     t2_3d_description: dict[str, str]
     t2_3d_sequence: str
+    flair_3d_description: dict[str, str]
+    flair_3d_sequence: str
     localizer_description: str
     bits_stored: int
     series_step: int
@@ -73,6 +77,11 @@ VENDORS = (
         },
         t2_3d_description={"sagittal": "t2_spc_sag_p2_iso", "axial": "t2_spc_tra_p2_iso"},
         t2_3d_sequence="*spc_282ns",
+        flair_3d_description={
+            "sagittal": "t2_space_dark-fluid_sag_p2_iso",
+            "axial": "t2_space_dark-fluid_tra_p2_iso",
+        },
+        flair_3d_sequence="*spcir_278ns",
         localizer_description="localizer",
         bits_stored=12,
         series_step=1,
@@ -97,6 +106,8 @@ VENDORS = (
         },
         t2_3d_description={"sagittal": "Sag CUBE T2", "axial": "Ax CUBE T2"},
         t2_3d_sequence="cube",
+        flair_3d_description={"sagittal": "Sag CUBE FLAIR", "axial": "Ax CUBE FLAIR"},
+        flair_3d_sequence="cube",
         localizer_description="3Plane Localizer",
         bits_stored=16,
         series_step=1,
@@ -117,6 +128,8 @@ VENDORS = (
         t2_tags={"SequenceName": "TSE", "ScanningSequence": "SE", "SequenceVariant": "SK"},
         t2_3d_description={"sagittal": "sT2W_3D_TSE", "axial": "T2W_3D_TSE"},
         t2_3d_sequence="TSE3D",
+        flair_3d_description={"sagittal": "3D_Brain_VIEW_FLAIR", "axial": "3D_FLAIR_tra"},
+        flair_3d_sequence="IRTSE3D",
         localizer_description="Survey localizer",
         bits_stored=12,
         series_step=100,
@@ -238,11 +251,18 @@ def _render_t1(
     scanner: Scanner,
     voxel_size_mm: float,
     contrast: str = "T1w",
+    *,
+    series: str = "",
 ) -> tuple[Series, list[str]]:
-    """The audited 3D series (T1, or T2 for ``contrast="T2w"``) with the plan's anomaly,
-    and notes describing it and the protocol."""
-    acq = _draw_acquisition(plan.rng("acquisition"), voxel_size_mm)
-    anomaly = plan.rng("anomaly")
+    """A 3D series with the plan's anomaly, and notes describing it and the protocol: the
+    audited series (T1, or T2 for ``contrast="T2w"``), or with ``series`` (``T2w``,
+    ``FLAIR``) that contrast beside the T1, with draws of its own."""
+
+    def rng(stream: str) -> np.random.Generator:
+        return plan.rng(stream, series=series)
+
+    acq = _draw_acquisition(rng("acquisition"), voxel_size_mm)
+    anomaly = rng("anomaly")
     row_dir, col_dir = _axes(acq.orientation, acq.tilt_deg)
     grid = _fit_grid(
         anatomy,
@@ -253,8 +273,10 @@ def _render_t1(
         margins_mm=acq.margins_mm,
     )
     notes: list[str] = []
-    if contrast == "T2w":
-        lut = acq.lut if plan.kind == "wrong_contrast" else _t2_lut(plan.rng("contrast"))
+    if contrast == "FLAIR":
+        lut, wrong = _flair_lut(rng("contrast")), ""
+    elif contrast == "T2w":
+        lut = acq.lut if plan.kind == "wrong_contrast" else _t2_lut(rng("contrast"))
         wrong = "T1-like (CSF dark, white matter bright) labelled as T2"
     else:
         lut = _T2_LUT if plan.kind == "wrong_contrast" else acq.lut
@@ -271,8 +293,8 @@ def _render_t1(
     snr = float(anomaly.uniform(3.0, 5.0)) if plan.kind == "noise" else acq.snr
     if plan.kind == "noise":
         notes.append(f"heavy noise: SNR {snr:.1f} (white matter / noise sigma)")
-    magnitude = _rician(signal, _WM / snr, plan.rng("noise"))
-    scaling = _draw_scaling(plan.rng("scaling"), scanner.vendor.bits_stored)
+    magnitude = _rician(signal, _WM / snr, rng("noise"))
+    scaling = _draw_scaling(rng("scaling"), scanner.vendor.bits_stored)
     frames = scaling.store(magnitude)
     dropped: frozenset[int] = frozenset()
     if plan.kind == "missing_slices":
@@ -289,7 +311,22 @@ def _render_t1(
             frames[first : first + count] = 0
             notes.append(f"missing slices: slices {first + 1}-{first + count} all zero")
     vendor = scanner.vendor
-    if contrast == "T2w":
+    if contrast == "FLAIR":
+        # Variable-flip-angle turbo spin echo after a long inversion (SPACE/CUBE/VIEW FLAIR).
+        tags = {
+            **vendor.t2_tags,
+            "SequenceName": vendor.flair_3d_sequence,
+            "ScanningSequence": ["SE", "IR"],
+        }
+        timing = {
+            "RepetitionTime": 5000.0,
+            "EchoTime": 387.0,
+            "InversionTime": 1800.0,
+            "FlipAngle": 120.0,
+        }
+        description = vendor.flair_3d_description[acq.orientation]
+        train = 278
+    elif contrast == "T2w":
         # Variable-flip-angle turbo spin echo (SPACE, CUBE, VISTA): long TR and TE.
         tags = {**vendor.t2_tags, "SequenceName": vendor.t2_3d_sequence}
         timing = {"RepetitionTime": 3200.0, "EchoTime": 408.0, "FlipAngle": 120.0}
@@ -315,8 +352,8 @@ def _render_t1(
         + (f" tilted {acq.tilt_deg:.1f} deg" if acq.tilt_deg else "")
         + f", SNR {snr:.0f}"
     )
-    series = Series(
-        role="t1",
+    rendered = Series(
+        role=series.lower() or "t1",
         number=0,
         description=description,
         frames=frames,
@@ -329,7 +366,9 @@ def _render_t1(
         tags=tags,
         dropped=dropped,
     )
-    return series, [*notes, summary]
+    if series:
+        notes = [f"{series} only: {note}" for note in notes]
+    return rendered, [*notes, summary]
 
 
 def _render_localizer(
@@ -445,12 +484,19 @@ def render_subject(
     if plan.kind == "empty_folder":
         scan.notes.append("empty folder: no files at all")
         return scan
+    # The anomaly is in one contrast: the T1 (and what else shows the head) or another.
+    in_t1 = plan.anomaly_contrast == "T1w"
+    normal = replace(plan, kind="normal", variant="")
+    anomalous_head = head
     if plan.kind == "lesion":
-        head, scan.lesion = _add_lesion(head, plan)
+        anomalous_head, scan.lesion = _add_lesion(head, plan)
         centre = ", ".join(f"{v:g}" for v in scan.lesion.centre_mni_mm)
-        scan.notes.append(
-            f"{scan.lesion.contrast} lesion, radius {scan.lesion.radius_mm:g} mm at MNI ({centre})"
-        )
+        # A lesion of another contrast is bright there (T2: the T1-dark kind; FLAIR: the
+        # T1-bright kind, through their look-up tables).
+        what = scan.lesion.contrast if in_t1 else f"{plan.anomaly_contrast} only: bright"
+        scan.notes.append(f"{what} lesion, radius {scan.lesion.radius_mm:g} mm at MNI ({centre})")
+        if in_t1:
+            head = anomalous_head
     extra = plan.rng("extra")
     if plan.has_localizer:
         scan.series.append(_render_localizer(head, anatomy, scanner, voxel_size_mm, extra))
@@ -459,9 +505,24 @@ def render_subject(
     else:
         if plan.has_t2:
             scan.series.append(_render_t2(head, anatomy, scanner, voxel_size_mm, extra))
-        t1, notes = _render_t1(plan, head, anatomy, scanner, voxel_size_mm, contrast)
+        t1_plan = plan if in_t1 else normal
+        t1, notes = _render_t1(t1_plan, head, anatomy, scanner, voxel_size_mm, contrast)
         scan.series.append(t1)
         scan.notes += notes
+        for extra in plan.contrasts:
+            mine = plan.anomaly_contrast == extra
+            rendered, extra_notes = _render_t1(
+                plan if mine else normal,
+                anomalous_head if mine else head,
+                anatomy,
+                scanner,
+                voxel_size_mm,
+                extra,
+                series=extra,
+            )
+            scan.series.append(rendered)
+            # The protocol summary of the T1 is enough; an anomaly's notes are kept.
+            scan.notes += extra_notes[:-1]
     if plan.kind == "truncated_file":
         scan.notes.insert(0, "truncated file: one T1 DICOM file cut inside its pixel data")
     step = scanner.vendor.series_step

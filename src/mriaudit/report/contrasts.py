@@ -13,6 +13,7 @@ import pandas as pd
 from mriaudit import paths
 from mriaudit.aggregate.rows import contrast_column
 
+
 def _registered(out: Path, bids_id: str, contrast: str) -> Path:
     """The contrast on the template grid with its model's map over it, or without a map
     where its model scored nothing."""
