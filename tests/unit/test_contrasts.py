@@ -46,40 +46,25 @@ def _inventory(subject: Path, out: Path) -> tuple[dict, pd.DataFrame]:
 def test_each_contrast_takes_its_series_from_the_headers(dicom_series, tmp_path):
     subject = tmp_path / "sub-1"
     dicom_series(subject / "t1", series_number=2, shape=(16, 16, 20))
-    # Names that say nothing: the timings decide.
-    spin_echo = {"scanning_sequence": ("SE",), "sequence_name": "*tse2d1_15", "flip_angle": 150.0}
-    dicom_series(
-        subject / "a",
-        description="ax 1",
-        series_number=3,
-        tr=5000.0,
-        te=100.0,
-        ti=None,
-        acquisition="2D",
-        **spin_echo,
-    )
-    dicom_series(
-        subject / "b",
-        description="ax 2",
-        series_number=4,
-        tr=9000.0,
-        te=90.0,
-        ti=2500.0,
-        acquisition="2D",
-        scanning_sequence=("SE", "IR"),
-        sequence_name="*tir2d1_21",
-        flip_angle=150.0,
-    )
-    dicom_series(
-        subject / "c",
-        description="ax 3",
-        series_number=5,
-        tr=3000.0,
-        te=12.0,
-        ti=None,
-        acquisition="2D",
-        **spin_echo,
-    )
+    # Names that say nothing: the timings decide (T2w, FLAIR, proton density).
+    series = {  # description: (folder, number, TR, TE, TI, ScanningSequence, SequenceName)
+        "ax 1": ("a", 3, 5000.0, 100.0, None, ("SE",), "*tse2d1_15"),
+        "ax 2": ("b", 4, 9000.0, 90.0, 2500.0, ("SE", "IR"), "*tir2d1_21"),
+        "ax 3": ("c", 5, 3000.0, 12.0, None, ("SE",), "*tse2d1_15"),
+    }
+    for description, (folder, number, tr, te, ti, scanning, name) in series.items():
+        dicom_series(
+            subject / folder,
+            description=description,
+            series_number=number,
+            tr=tr,
+            te=te,
+            ti=ti,
+            scanning_sequence=scanning,
+            sequence_name=name,
+            acquisition="2D",
+            flip_angle=150.0,
+        )
     record, table = _inventory(subject, tmp_path / "out")
     assert record["status"] == "ok"
     assert record["selected"]["description"] == "t1_mprage_sag"
@@ -117,6 +102,12 @@ def test_nifti_contrasts_are_read_from_their_names(nifti_file, tmp_path):
     assert record["contrasts"]["FLAIR"]["selected"]["files"] == ["BraTS-GLI-00001-000-t2f.nii.gz"]
     verdicts = dict(zip(table["path"], table["verdict"], strict=True))
     assert verdicts["chris_PD.nii.gz"] == "rejected"
+    # Two names say T1 (a TCGA export): the native one wins over the larger post-Gd one.
+    tcga = tmp_path / "tcga"
+    nifti_file(tcga / "T1_AX_SE_10_se2d1_t1.nii.gz", shape=(20, 20, 16))
+    nifti_file(tcga / "MRHR_T1_AX_POST_GAD_SE_13_se2d1r_t1c.nii.gz", shape=(24, 24, 16))
+    record, _ = _inventory(tcga, tmp_path / "out-tcga")
+    assert record["selected"]["files"] == ["T1_AX_SE_10_se2d1_t1.nii.gz"]
     rows = [{"path": "x_fla.nii.gz", "shape": (4, 4, 4), "geometry_ok": True}]
     assert choose_nifti(rows, "FLAIR")[0] == 0
     assert choose_nifti(rows, "T2w") == (None, "no T2w series (FLAIR: 1; not audited as T2w)")
@@ -144,8 +135,9 @@ def _real_subject(root: Path, name: str, files: dict[str, Path]) -> Path:
 
 
 def test_a_t2_of_another_person_is_flagged_with_a_cross_contrast_reason(shared_data, tmp_path):
-    """Real glioma scans: BraTS' own T1, T2 and FLAIR belong together; TCGA's T2 beside the
-    BraTS T1 is another person's; a post-contrast T1 named T2w is T1-like."""
+    """Real glioma scans: BraTS' own T1, T2 and FLAIR belong together, and so do TCGA's
+    (2D, thick slices, with skull); TCGA's T2 beside the BraTS T1 is another person's;
+    a post-contrast T1 named T2w is T1-like."""
     brats = shared_data / "nifti" / "BraTS-GLI-00001-000"
     tcga = shared_data / "nifti" / "TCGA-FG-6692" / "brats_space_bet"
     t1 = {"sub-x_T1w.nii.gz": brats / "BraTS-GLI-00001-000-t1n.nii.gz"}
@@ -157,6 +149,8 @@ def test_a_t2_of_another_person_is_flagged_with_a_cross_contrast_reason(shared_d
         },
         "other": {**t1, "sub-x_T2w.nii.gz": tcga / "TCGA-FG-6692_t2_bet.nii.gz"},
         "relabelled": {**t1, "sub-x_T2w.nii.gz": brats / "BraTS-GLI-00001-000-t1c.nii.gz"},
+        # A clinical export: 2D axial series of 5.5 mm slices with the skull, as TCIA has them.
+        "clinical": {path.name: path for path in sorted((tcga.parent / "raw").glob("*.nii.gz"))},
     }
     out = tmp_path / "out"
     done = {}
@@ -178,6 +172,12 @@ def test_a_t2_of_another_person_is_flagged_with_a_cross_contrast_reason(shared_d
         assert registered.shape == reference.shape
         np.testing.assert_allclose(registered.affine, reference.affine, atol=1e-4)
     assert same["T2w"]["metrics"]["reg_similarity"] > 0.2  # T2-like in template space
+
+    clinical = done["clinical"]
+    assert clinical["inventory"]["selected"]["files"][0].endswith("_t1.nii.gz")  # not t1c
+    for contrast in CONTRASTS:
+        assert clinical[contrast]["status"] == "ok", clinical[contrast]
+        assert "contrast_mismatch" not in clinical[contrast]["findings"]
 
     other = done["other"]["T2w"]
     assert other["status"] == "ok" and "contrast_mismatch" in other["findings"]

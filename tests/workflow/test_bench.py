@@ -33,15 +33,18 @@ def test_scale_part_writes_figures_and_a_table(tmp_path, capsys):
     assert scale["dry_run_40_s"] > 0 and scale["aggregate_report_40_s"] > 0
     assert scale["dry_run_40_peak_rss_mb"] > 50 and scale["aggregate_report_40_peak_rss_mb"] > 50
     assert scale["report_40_mb"] > 0
-    # 40 subjects: 2 preprocess groups of 25, collect, train, 1 score job, the cohort group.
+    # 40 subjects: 2 preprocess groups of 25, collect, train, 1 score job, the cohort group;
+    # a training and a score job per contrast beside the T1w (T2w, FLAIR).
     assert scale["slurm_jobs_40_by_kind"] == {
         "collect": 1,
         "group cohort": 1,
         "group subject": 2,
         "score": 1,
         "train_model": 1,
+        "score_contrast": 2,
+        "train_contrast_model": 2,
     }
-    assert scale["slurm_jobs_40"] == 6
+    assert scale["slurm_jobs_40"] == 10
     assert result["machine"]["cores"] >= 1 and result["machine"]["cpu"]
     printed = capsys.readouterr().out
     assert "scale (40 subjects)" in printed and "aggregate + report" in printed

@@ -44,7 +44,29 @@ def test_dry_run_builds_one_chain_per_subject(placeholder_cohort, tmp_path):
     assert jobs["preprocess"] == 3, jobs
     for rule in ["collect", "train_model", "score", "aggregate", "report"]:
         assert jobs[rule] == 1, jobs
+    # A model per contrast beside the T1w (config contrasts: T2w and FLAIR by default).
+    for rule in ["train_contrast_model", "score_contrast", "merge_contrast_scores"]:
+        assert jobs[rule] == 2, jobs
     assert "evaluate" not in jobs, "metrics.json only when labels are given"
+
+
+def test_a_t1_only_config_has_no_contrast_jobs(placeholder_cohort, tmp_path):
+    result = snakemake(
+        "-n",
+        "--config",
+        f"input_dir={placeholder_cohort}",
+        f"output_dir={tmp_path / 'out'}",
+        "contrasts=[T1w]",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = _jobs(result.stdout)
+    assert jobs["preprocess"] == 3 and jobs["train_model"] == 1, jobs
+    assert not {"train_contrast_model", "score_contrast", "merge_contrast_scores"} & set(jobs)
+    assert "_desc-T2w_qc.json" not in result.stdout
+    refused = snakemake(
+        "-n", "--config", f"input_dir={placeholder_cohort}", "contrasts=[T2w, FLAIR]"
+    )
+    assert refused.returncode != 0 and "contrasts" in refused.stderr, refused.stderr[-2000:]
 
 
 def test_contract_paths_are_targets_with_absolute_output_dir(placeholder_cohort, tmp_path):
@@ -73,6 +95,8 @@ def test_reused_checkpoint_skips_training(placeholder_cohort, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = _jobs(result.stdout)
     assert "train_model" not in jobs and jobs["score"] == 1
+    # The checkpoint is the T1w's: each other contrast's model is trained on the cohort.
+    assert jobs["train_contrast_model"] == 2
 
 
 def test_missing_input_dir_is_a_clear_config_error(tmp_path):

@@ -44,7 +44,7 @@ STOP = ROOT / "tools" / "slurm" / "stop-local-slurm.sh"
 # A fixed state folder: a cluster left over by an interrupted session is reused, then stopped.
 CLUSTER_STATE = Path(tempfile.gettempdir()) / "mriaudit-slurm-test"
 SUBJECT_RULES = ["preprocess"]
-MODEL_RULES = ("train_model", "score")
+MODEL_RULES = ("train_model", "score", "train_contrast_model", "score_contrast")
 # The partitions of start-local-slurm.sh: jobs without -p go to the first.
 DEFAULT_PARTITION, GPU_PARTITION = "debug", "gpu"
 SUBJECTS_PER_SCORE_JOB = 2
@@ -108,7 +108,8 @@ def test_profile_names_no_partition_and_asks_a_gpu_for_the_model_rules():
     for rule in MODEL_RULES:
         assert profile["set-resources"][rule]["gpu"] == 1, rule
     # Their CPUs (--cpus-per-task, one task per GPU) are their threads, capped by `cores`.
-    assert 1 <= profile["set-threads"]["train_model"] <= profile["cores"]
+    for rule in ("train_model", "train_contrast_model"):
+        assert 1 <= profile["set-threads"][rule] <= profile["cores"], rule
     # Partitions and accounts belong to site profiles: the jobs go to the default partition.
     for resources in [profile["default-resources"], *profile["set-resources"].values()]:
         assert not {"slurm_partition", "slurm_account", "cpus_per_gpu"} & set(resources)
@@ -316,8 +317,9 @@ def _slurm_run(
 def slurm_run(slurm_cluster, demo_cohort, tmp_path_factory) -> SlurmRun:
     """The whole demo cohort with profiles/slurm and no site profile."""
     configfile = _configfile(tmp_path_factory.mktemp("slurm"), *demo_cohort)
-    # One preprocess group, collect, train_model, the score shards and the cohort group.
-    jobs = 4 + _shards(demo_cohort[0])
+    # One preprocess group, collect, train_model, the score shards and the cohort group;
+    # per contrast beside the T1w (T2w, FLAIR) its training job and its score shards.
+    jobs = 4 + _shards(demo_cohort[0]) + 2 * (1 + _shards(demo_cohort[0]))
     return _slurm_run(PLAIN_ARGS, configfile, count_at_least=jobs, label="profiles/slurm alone")
 
 

@@ -118,8 +118,8 @@ def contrast_subject(
     (``mriaudit.thumbnails``). Metrics: the ``conv_*`` of the
     conversion, ``n4_p05``/``n4_p95``, ``coreg_alignment`` (0-1, see
     ``coregister``) and its gain above chance ``coreg_alignment_gain``,
-    ``coreg_overlap`` (0-1), ``reg_mutual_information`` (nats)
-    and, for T2w, ``reg_similarity``. Findings: see the module. ``no_series``
+    ``coreg_overlap`` (0-1), ``core_skew`` (``series.core_skew``),
+    ``reg_mutual_information`` (nats) and, for T2w, ``reg_similarity``. Findings: see the module. ``no_series``
     when the subject has no such series; skipped when an ``upstream`` record (the
     T1w's registration, first) is not ``ok``; no template-space checks when the
     T1w's registration failed. Returns the record.

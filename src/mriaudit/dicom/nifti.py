@@ -25,6 +25,8 @@ from mriaudit.dicom.table import SERIES_COLUMNS
 log = logging.getLogger(__name__)
 
 
+#: BraTS' and TCGA's names of a post-contrast T1 (``t1c``, ``t1ce``, ``t1gd``).
+_POST_CONTRAST_T1 = re.compile(r"(?<![a-z0-9])t1(c|ce|gd)(?![a-z0-9])", re.IGNORECASE)
 _NIFTI_NOT_IMAGE = re.compile(r"mask|seg|label|lesion|roi|probseg|dseg", re.IGNORECASE)
 
 
@@ -116,8 +118,8 @@ def choose_nifti(rows: list[dict[str, Any]]) -> tuple[int | None, str]:
     (``_T2w``, ``_FLAIR``, ``_dwi``, ``t2_tse``: ``series.file_class``), which
     rejects it with that reason. With one eligible file, it is chosen. With several,
     files whose name says T1w/T1 (``sub-01_T1w``, ``t1``; not ``t1c``) win over
-    the others, names that look like masks or labels lose, then the largest
-    image wins.
+    the others, a post-contrast name (``POST_GAD``, ``t1c``) loses to a native one,
+    names that look like masks or labels lose, then the largest image wins.
     """
 
     def is_volume(row: dict[str, Any]) -> bool:
@@ -155,8 +157,17 @@ def choose_nifti(rows: list[dict[str, Any]]) -> tuple[int | None, str]:
 
     def key(i: int) -> tuple[Any, ...]:
         says_t1 = rows[i]["contrast"] == "T1w"
+        # A post-contrast T1 (``T1_POST_GAD``, BraTS ``t1c``) after a native one, as in DICOM.
+        stem = name(i).split(".")[0]
+        post = series_class.post_contrast(None, stem) or bool(_POST_CONTRAST_T1.search(stem))
         not_image = bool(_NIFTI_NOT_IMAGE.search(name(i)))
-        return (not says_t1, not_image, -int(np.prod(rows[i]["shape"][:3])), rows[i]["path"])
+        return (
+            not says_t1,
+            post,
+            not_image,
+            -int(np.prod(rows[i]["shape"][:3])),
+            rows[i]["path"],
+        )
 
     ordered = sorted(eligible, key=key)
     best = ordered[0]
@@ -164,9 +175,15 @@ def choose_nifti(rows: list[dict[str, Any]]) -> tuple[int | None, str]:
     if len(named) == 1:
         why = f"name says T1 ({name(best)}) among {len(eligible)} NIfTI images"
     elif named:
-        why = f"{len(named)} NIfTI names say T1; chose the largest ({name(best)})"
+        why = (
+            f"{len(named)} NIfTI names say T1; chose {name(best)} "
+            "(a native T1 before a post-contrast one, then the largest)"
+        )
     else:
-        why = f"no NIfTI name says T1w/T1; chose the largest image ({name(best)})"
+        why = (
+            f"no NIfTI name says T1w/T1; chose {name(best)} "
+            "(a native image before a post-contrast one, then the largest)"
+        )
     for i in ordered[1:]:
         rows[i].update(verdict="rejected", reason=f"ranked below {name(best)}")
     return best, why
