@@ -527,11 +527,17 @@ def test_an_anomaly_of_one_contrast_leaves_the_others_normal(base_plan, normal_f
         replace(plan, anomaly_contrast="FLAIR"), voxel_size_mm=VOXEL_MM
     )
     normal = demo.render_subject(replace(plan, kind="normal", variant=""), voxel_size_mm=VOXEL_MM)
+    # A lesion labelled in the T1 is the T1's alone too.
+    t1_lesion = demo.render_subject(plan, voxel_size_mm=VOXEL_MM)
+    t1_roles = {s.role: s for s in t1_lesion.series}
     roles = {s.role: s for s in flair_lesion.series}
     assert set(roles) == {"t1", "t2w", "flair"}
     np.testing.assert_array_equal(roles["t1"].frames, normal_frames)  # the T1 is normal
     others = {s.role: s for s in normal.series}
     np.testing.assert_array_equal(roles["t2w"].frames, others["t2w"].frames)
+    assert not np.array_equal(t1_roles["t1"].frames, normal_frames)
+    for role in ("t2w", "flair"):
+        np.testing.assert_array_equal(t1_roles[role].frames, others[role].frames)
     changed = roles["flair"].frames.astype(float) - others["flair"].frames.astype(float)
     assert changed.max() > 0.2 * others["flair"].frames.max()  # FLAIR-bright
     assert flair_lesion.notes[0].startswith("FLAIR only: bright lesion")

@@ -487,7 +487,7 @@ def render_subject(
     # The anomaly is in one contrast: the T1 (and what else shows the head) or another.
     in_t1 = plan.anomaly_contrast == "T1w"
     normal = replace(plan, kind="normal", variant="")
-    anomalous_head = head
+    normal_head = anomalous_head = head
     if plan.kind == "lesion":
         anomalous_head, scan.lesion = _add_lesion(head, plan)
         centre = ", ".join(f"{v:g}" for v in scan.lesion.centre_mni_mm)
@@ -513,7 +513,7 @@ def render_subject(
             mine = plan.anomaly_contrast == extra
             rendered, extra_notes = _render_t1(
                 plan if mine else normal,
-                anomalous_head if mine else head,
+                anomalous_head if mine else normal_head,
                 anatomy,
                 scanner,
                 voxel_size_mm,
