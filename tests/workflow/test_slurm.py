@@ -333,8 +333,13 @@ def site_run(slurm_run) -> SlurmRun:
                       label="with profiles/slurm-ci, score forced")  # fmt: skip
 
 
+def _rule(job: SlurmJob) -> str:
+    """``rule_<name>`` of a job's comment (the plugin appends ``_wildcards_...``)."""
+    return job.comment.split("_wildcards")[0]
+
+
 def _is_model_job(job: SlurmJob) -> bool:
-    return job.comment.startswith(tuple(f"rule_{rule}" for rule in MODEL_RULES))
+    return _rule(job) in {f"rule_{rule}" for rule in MODEL_RULES}
 
 
 def _assert_model_jobs(
@@ -342,9 +347,7 @@ def _assert_model_jobs(
 ) -> None:
     """``rules`` ran with one GPU in ``partition``; every other job in the default partition."""
     model_jobs = [job for job in jobs if _is_model_job(job)]
-    assert {job.comment.split("_wildcards")[0] for job in model_jobs} >= {
-        f"rule_{rule}" for rule in rules
-    }, jobs
+    assert {_rule(job) for job in model_jobs} >= {f"rule_{rule}" for rule in rules}, jobs
     for job in model_jobs:
         assert job.partition == partition, job
         assert "gres/gpu=1" in job.requested, job
@@ -383,7 +386,7 @@ def test_sharded_score_jobs_give_the_unsharded_runs_tables_and_report(slurm_run,
     assert slurm_run.result.returncode == 0, slurm_run.result.stderr[-5000:]
     shards = _shards(slurm_run.input_dir)
     assert shards >= 2
-    score_jobs = [job for job in slurm_run.jobs if job.comment.startswith("rule_score")]
+    score_jobs = [job for job in slurm_run.jobs if _rule(job) == "rule_score"]
     assert len(score_jobs) == shards, slurm_run.jobs
     unsharded = tmp_path / "out"
     # Preprocessing and the model are reused (modification times kept); the score, merge
@@ -433,11 +436,11 @@ def test_per_subject_rules_ran_in_groups(slurm_run):
         ]
         assert ran, f"no {rule} job ran"
         instances += len(ran)
-    subject_jobs = [job for job in slurm_run.jobs if not job.comment.startswith("rule_score")]
+    subject_jobs = [job for job in slurm_run.jobs if not _is_model_job(job)]
     assert len(subject_jobs) < instances, (len(slurm_run.jobs), instances)
     for job in subject_jobs:
         # A per-subject rule submitted alone would carry its wildcards in the comment (a
-        # score job carries its shard's).
+        # score job carries its shard's, a contrast's model job its contrast).
         assert "_wildcards_" not in job.comment, job
     assert all(job.state == "COMPLETED" for job in slurm_run.jobs), slurm_run.jobs
 
