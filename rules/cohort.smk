@@ -54,6 +54,7 @@ rule aggregate:
         labels=LABELS,
         flag=config["flag"],
         resolution=config["template_resolution"],
+        contrasts=EXTRA_CONTRASTS,
     threads: 1
     resources:
         mem_mb=mem_per_attempt(4000),

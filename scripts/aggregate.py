@@ -15,4 +15,5 @@ aggregate_cohort(
     out_exclusions=Path(snakemake.output.exclusions),
     out_subjects=Path(snakemake.output.subjects),
     resolution=snakemake.params.resolution,
+    contrasts=list(snakemake.params.contrasts),
 )

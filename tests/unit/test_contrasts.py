@@ -249,6 +249,21 @@ def test_contrasts_in_the_subjects_row(built_cohort, tmp_path):  # noqa: F811 (f
             pd.testing.assert_series_equal(left, right, check_names=False)
     scores = aggregate.read_scores(paths.scores_table(out))
     assert list(scores.columns) == list(frame.columns)
+    # A run asked for the T1w alone reads no record an earlier run left of another contrast.
+    cohort_dir = paths.cohort_dir(out)
+    t1_only = aggregate.aggregate_cohort(
+        cohort["input"],
+        out,
+        labels_path=str(cohort["labels"]),
+        flag={},
+        out_scores=cohort_dir / "scores.tsv",
+        out_exclusions=cohort_dir / "exclusions.tsv",
+        out_subjects=cohort_dir / "subjects.tsv",
+        resolution=2,
+        contrasts=(),
+    )
+    pd.testing.assert_frame_equal(t1_only, before)
+    frame = run_aggregate(cohort)
     subject = json.loads(paths.subject_scores(out, "02").read_text())
     assert subject["contrasts"]["T2w"]["findings"] == ["contrast_mismatch"]
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,12 +47,14 @@ def read_subject_records(out_dir: Path, bids_id: str) -> dict[str, dict[str, Any
     }
 
 
-def read_contrast_records(out_dir: Path, bids_id: str) -> dict[str, dict[str, Any]]:
-    """The record of each contrast audited beside the T1w (``paths.contrast_record``), by
-    contrast, with the record of its model's score stage under ``"score"`` (None where
-    it was not scored); a contrast without a record was not asked for and is left out."""
+def read_contrast_records(
+    out_dir: Path, bids_id: str, *, contrasts: Sequence[str] = paths.EXTRA_CONTRASTS
+) -> dict[str, dict[str, Any]]:
+    """The record of each of ``contrasts`` (the ones audited beside the T1w) by contrast,
+    with the record of its model's score stage under ``"score"`` (None where it was not
+    scored); a contrast without a record (``paths.contrast_record``) is left out."""
     found = {}
-    for contrast in paths.EXTRA_CONTRASTS:
+    for contrast in contrasts:
         record = _read_record(paths.contrast_record(out_dir, bids_id, contrast), contrast)
         if record is not None:
             score = paths.contrast_score_record(out_dir, bids_id, contrast)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -110,11 +111,14 @@ def aggregate_cohort(
     out_exclusions: Path,
     out_subjects: Path,
     resolution: int,
+    contrasts: Sequence[str] = paths.EXTRA_CONTRASTS,
 ) -> pd.DataFrame:
     """Merge every subject's records into scores.tsv, exclusions.tsv and subjects.tsv.
 
     ``resolution`` is the template grid (mm) of the registered images, whose names
     the subject JSON's ``images`` manifest lists (what :func:`subject_image` reads).
+    ``contrasts``: those audited beside the T1w (config ``contrasts``); a record of
+    another, left by an earlier run, is not read.
 
     One row per first-level folder of ``input_dir`` (folders with a naming
     problem included, as ``failed``), sorted flagged first then by
@@ -136,7 +140,7 @@ def aggregate_cohort(
         return _subject_row(
             subject,
             read_subject_records(out_dir, subject.bids_id),
-            read_contrast_records(out_dir, subject.bids_id),
+            read_contrast_records(out_dir, subject.bids_id, contrasts=contrasts),
         )
 
     # Tens of thousands of small files: threads overlap the file system's latency.
