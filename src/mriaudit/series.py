@@ -113,7 +113,9 @@ _SEQUENCE_FAMILIES: tuple[tuple[str, re.Pattern[str]], ...] = (
 _NO_AGENT = re.compile(r"^\s*(none|no|n/?a|-|0)?\s*$", re.I)
 #: Names of a post-contrast series (tie-break where the agent tag is empty).
 _POST_CONTRAST_NAME = re.compile(
-    r"(?<![a-z])(post|gd|gad|gado|contrast|km)(?![a-z])|\+c(?![a-z])|_c(?![a-z0-9])|(?<![a-z])ce(?![a-z])",
+    r"(?<![a-z])(post|gd|gad|gado|contrast|km)(?![a-z])|\+c(?![a-z])|_c(?![a-z0-9])|(?<![a-z])ce(?![a-z])"
+    # BraTS' and TCGA's post-contrast T1: t1c, t1ce, t1gd.
+    r"|(?<![a-z0-9])t1(c|ce|gd)(?![a-z0-9])",
     re.I,
 )
 

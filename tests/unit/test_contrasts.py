@@ -16,6 +16,7 @@ from mriaudit import aggregate, dicom, paths, records, tables, template, thumbna
 from mriaudit.aggregate.reasons import contrast_reasons
 from mriaudit.contrasts import choose_nifti
 from mriaudit.contrasts.coregister import MIN_ALIGNMENT_GAIN, gradient_alignment
+from mriaudit.dicom import inventory
 from mriaudit.model.score import score_cohort
 from mriaudit.model.train import train_cohort
 from mriaudit.subject import preprocess_subject
@@ -396,3 +397,20 @@ def test_a_contrasts_model_flags_the_subject_for_that_contrast(built_cohort, tmp
     assert not any("FLAIR: anomaly" in r for r in frame.drop(index="sub-12")["flag_reasons"])
     # The T1w's scores are the T1w's alone.
     pd.testing.assert_series_equal(frame["audit_score"], before["audit_score"].reindex(frame.index))
+
+
+def test_a_broken_contrast_selection_costs_the_t1_nothing(dicom_series, tmp_path, monkeypatch):
+    subject = tmp_path / "sub-1"
+    dicom_series(subject / "t1", series_number=2, shape=(16, 16, 20))
+
+    def broken(*args, **kwargs):
+        message = "a header no one foresaw"
+        raise RuntimeError(message)
+
+    monkeypatch.setattr(inventory.contrast_select, "choose_dicom", broken)
+    record, _ = _inventory(subject, tmp_path / "out")
+    assert record["status"] == "ok" and record["selected"]["description"] == "t1_mprage_sag"
+    assert record["contrasts"]["T2w"] == {
+        "reason": "T2w selection failed: RuntimeError: a header no one foresaw",
+        "failed": True,
+    }

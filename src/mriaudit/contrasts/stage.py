@@ -130,6 +130,8 @@ def contrast_subject(
         if not chosen:
             message = f"the inventory did not look for a {contrast} series"
             raise records.StageError(message)
+        if chosen.get("failed"):
+            raise records.StageError(chosen.get("reason", ""))
         if "selected" not in chosen:
             # What the subject lacks is said in the report, not logged as an error.
             log.info("%s: %s", contrast, chosen.get("reason", ""))

@@ -334,12 +334,17 @@ def _inventory(
             warnings=warnings_,
         )
     if record["status"] == OK and contrasts:
-        record["contrasts"] = {
-            contrast: _contrast_selection(
-                subject_dir, scan, rows, geometries, read_nifti_rows, rules, contrast
-            )
-            for contrast in contrasts
-        }
+        record["contrasts"] = {}
+        for contrast in contrasts:
+            try:
+                found = _contrast_selection(
+                    subject_dir, scan, rows, geometries, read_nifti_rows, rules, contrast
+                )
+            except Exception as error:  # another contrast's problem never costs the T1
+                log.exception("%s selection failed", contrast)
+                reason = f"{contrast} selection failed: {type(error).__name__}: {error}"
+                found = {"reason": reason[:300], "failed": True}
+            record["contrasts"][contrast] = found
     write_series_table(rows + (nifti_rows or []), series_table)
     return record
 
@@ -397,7 +402,8 @@ def inventory_subject(
     ``subject_dir``); ``name`` is the unit's name in the ``series.choose`` config
     (default: the folder's or archive's name). ``contrasts`` (``T2w``, ``FLAIR``) are
     selected too when the T1 is: the record's ``contrasts`` maps each to
-    ``{"selected": ...}`` or ``{"reason": ...}`` (``mriaudit.contrasts.select``).
+    ``{"selected": ...}`` or ``{"reason": ...}`` (``mriaudit.contrasts.select``; with
+    ``"failed": true`` where the selection itself broke, which costs the T1 nothing).
     """
     subject_dir, series_table = Path(subject_dir), Path(series_table)
     record = run_stage(

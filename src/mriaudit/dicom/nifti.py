@@ -25,8 +25,6 @@ from mriaudit.dicom.table import SERIES_COLUMNS
 log = logging.getLogger(__name__)
 
 
-#: BraTS' and TCGA's names of a post-contrast T1 (``t1c``, ``t1ce``, ``t1gd``).
-_POST_CONTRAST_T1 = re.compile(r"(?<![a-z0-9])t1(c|ce|gd)(?![a-z0-9])", re.IGNORECASE)
 _NIFTI_NOT_IMAGE = re.compile(r"mask|seg|label|lesion|roi|probseg|dseg", re.IGNORECASE)
 
 
@@ -158,8 +156,7 @@ def choose_nifti(rows: list[dict[str, Any]]) -> tuple[int | None, str]:
     def key(i: int) -> tuple[Any, ...]:
         says_t1 = rows[i]["contrast"] == "T1w"
         # A post-contrast T1 (``T1_POST_GAD``, BraTS ``t1c``) after a native one, as in DICOM.
-        stem = name(i).split(".")[0]
-        post = series_class.post_contrast(None, stem) or bool(_POST_CONTRAST_T1.search(stem))
+        post = series_class.post_contrast(None, name(i).split(".")[0])
         not_image = bool(_NIFTI_NOT_IMAGE.search(name(i)))
         return (
             not says_t1,
