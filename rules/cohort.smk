@@ -17,6 +17,7 @@ rule collect:
         output_dir=output_dir,
         subjects=SUBJECTS,
         flag=config["flag"],
+        contrasts=EXTRA_CONTRASTS,
     threads: 1
     resources:
         mem_mb=mem_per_attempt(1000),

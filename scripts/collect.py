@@ -11,4 +11,5 @@ write_stage_table(
     list(snakemake.params.subjects),
     out_tsv=Path(snakemake.output.table),
     flag=dict(snakemake.params.flag),
+    contrasts=list(snakemake.params.contrasts),
 )

@@ -25,7 +25,7 @@ train_cohort(
     threads=snakemake.threads,
     resolution=snakemake.params.resolution,
     fold_groups=dict(snakemake.params.fold_groups),
-    prescreened=read_prescreen(Path(snakemake.input.stages)),
+    prescreened=read_prescreen(Path(snakemake.input.stages), contrast=snakemake.params.contrast),
     max_subjects=training["max_subjects"],
     scanner_groups=read_scanner_groups(Path(snakemake.input.stages)),
     method=snakemake.params.method,

@@ -6,8 +6,9 @@ session, or a subject when it has no sessions; a session (or subject) with
 T1w images of two or more runs becomes one unit per run. So a 10,000-session
 cohort is 10,000 jobs, as a 10,000-folder one is. A unit's ``entry`` is the
 folder its files are read from (``sub-01/ses-1``); a run unit also names its
-files (the run's T1w images and their sidecars), so the header-driven series
-selection sees that run only.
+files (the run's T1w images and their sidecars, and the session's T2w and
+FLAIR: those of the same run when there are, else all), so the header-driven
+series selection sees that run only.
 
 Indexing costs about 20 s per 10,000 sessions, and every Snakemake process
 (each cluster job included) lists the cohort, so the index is kept as pybids'
@@ -27,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+
+from mriaudit import paths
 
 log = logging.getLogger(__name__)
 
@@ -113,17 +116,27 @@ def list_scans(root: str | Path, *, cache_dir: str | Path | None = None) -> list
     # pybids answers with absolute paths; a relative input_dir must match them.
     root = Path(root).absolute()
     layout = _layout(root, Path(cache_dir) if cache_dir else None)
-    images = layout.get(suffix="T1w", extension=list(IMAGE_EXTENSIONS), return_type="filename")
     # The layout's own entity configs: parse_file_entities would reload them per file.
     configs = list(layout.config.values())
-    runs: dict[tuple[str, str], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
-    for image in sorted(images):
-        found = parse_file_entities(image, config=configs)
-        key = (str(found.get("subject", "")), str(found.get("session", "") or ""))
-        run = found.get("run")
-        runs[key][str(int(run)) if run is not None else ""].append(
-            Path(os.path.relpath(image, root)).as_posix()
+
+    def by_session_and_run(suffixes: list[str]) -> dict[tuple[str, str], dict[str, list[str]]]:
+        images = layout.get(
+            suffix=suffixes, extension=list(IMAGE_EXTENSIONS), return_type="filename"
         )
+        found_runs: dict[tuple[str, str], dict[str, list[str]]] = defaultdict(
+            lambda: defaultdict(list)
+        )
+        for image in sorted(images):
+            found = parse_file_entities(image, config=configs)
+            key = (str(found.get("subject", "")), str(found.get("session", "") or ""))
+            run = found.get("run")
+            found_runs[key][str(int(run)) if run is not None else ""].append(
+                Path(os.path.relpath(image, root)).as_posix()
+            )
+        return found_runs
+
+    runs = by_session_and_run(["T1w"])
+    others = by_session_and_run(list(paths.EXTRA_CONTRASTS))
     units: list[Scan] = []
     for subject_dir in sorted(
         p for p in root.iterdir() if p.name.startswith("sub-") and p.is_dir()
@@ -138,11 +151,17 @@ def list_scans(root: str | Path, *, cache_dir: str | Path | None = None) -> list
             if len(by_run) < 2:
                 units.append(Scan(subject, session, "", entry))
                 continue
-            for run, paths in sorted(
+            contrast_runs = others.get((subject, session), {})
+            for run, t1w_paths in sorted(
                 by_run.items(), key=lambda item: (item[0] == "", item[0].zfill(9))
             ):
+                # The T2w and FLAIR of the same run, else every one of the session: the
+                # contrast's selection ranks them.
+                contrast_paths = contrast_runs.get(run) or [
+                    path for found in contrast_runs.values() for path in found
+                ]
                 files = []
-                for path in paths:
+                for path in t1w_paths + contrast_paths:
                     relative = Path(path).relative_to(entry).as_posix()
                     stem = relative.removesuffix(".gz").removesuffix(".nii")
                     files += [relative, f"{stem}.json"]

@@ -252,6 +252,24 @@ def label_contrasts(labels_path: Path) -> dict[str, str]:
     return {f: c for f, c in zip(table["folder"], named, strict=True) if c}
 
 
+def _contrast_curves(
+    frame: pd.DataFrame, column: str, y: np.ndarray, labelled: np.ndarray, **bootstrap: int
+) -> dict[str, Any]:
+    """AUROC/AUPRC (with CIs) of the score ``column`` over the ``labelled`` rows, truth ``y``;
+    None when one class is absent. Unscored rows (the model could not train) rank
+    lowest: a detector that said nothing."""
+    score = frame[column].to_numpy(dtype=float) if column in frame else np.full(len(frame), np.nan)
+    finite = np.isfinite(score)
+    ranked = np.where(finite, score, float(score[finite].min()) - 1.0 if finite.any() else 0.0)
+    out: dict[str, Any] = {"score": column, "n_scored": int((labelled & finite).sum())}
+    if y.any() and (y == 0).any():
+        curves = _curves(y, ranked[labelled], **bootstrap)
+        out.update({k: curves[k] for k in ("auroc", "auroc_ci", "auprc", "auprc_ci")})
+    else:
+        out.update({"auroc": None, "auroc_ci": None, "auprc": None, "auprc_ci": None})
+    return out
+
+
 def _contrast_metrics(
     frame: pd.DataFrame,
     contrast: str,
@@ -261,32 +279,29 @@ def _contrast_metrics(
     n_bootstrap: int,
     seed: int,
 ) -> dict[str, Any]:
-    """Detection in one contrast beside the T1w: its model's score (``<contrast>_anomaly_score``)
-    and its flags against the anomalies labelled in that contrast, over the labelled
-    subjects whose contrast was audited."""
+    """Detection in one contrast beside the T1w against the anomalies labelled in that
+    contrast, over the labelled subjects whose contrast was audited: its audit score
+    (``<contrast>_audit_score``), its flags, and its model alone (``model_only``:
+    ``<contrast>_anomaly_score``), as the T1w's figures."""
     audited = (frame[contrast_column(contrast, "status")].fillna("").astype(str) == OK).to_numpy()
     labelled = audited & (subject_truth >= 0)
     positive = (subject_truth == 1) & (in_contrast == contrast)
-    column = contrast_column(contrast, "anomaly_score")
-    score = frame[column].to_numpy(dtype=float) if column in frame else np.full(len(frame), np.nan)
-    # Unscored (the model could not train) ranks lowest: a detector that said nothing.
-    finite = np.isfinite(score)
-    ranked = np.where(finite, score, float(score[finite].min()) - 1.0 if finite.any() else 0.0)
     y = positive[labelled].astype(int)
     flags = frame["flag_reasons"].fillna("").astype(str).str.contains(f"{contrast}: ", regex=False)
-    out: dict[str, Any] = {
-        "score": column,
+    bootstrap = {"n_bootstrap": n_bootstrap, "seed": seed}
+    audit = _contrast_curves(
+        frame, contrast_column(contrast, "audit_score"), y, labelled, **bootstrap
+    )
+    model = _contrast_curves(
+        frame, contrast_column(contrast, "anomaly_score"), y, labelled, **bootstrap
+    )
+    return {
+        **audit,
         "n_pos": int(y.sum()),
         "n_neg": int((y == 0).sum()),
-        "n_scored": int((labelled & np.isfinite(score)).sum()),
         "flagged": confusion(y, flags.to_numpy()[labelled]),
+        "model_only": model,
     }
-    if y.any() and (y == 0).any():
-        curves = _curves(y, ranked[labelled], n_bootstrap=n_bootstrap, seed=seed)
-        out.update({k: curves[k] for k in ("auroc", "auroc_ci", "auprc", "auprc_ci")})
-    else:
-        out.update({"auroc": None, "auroc_ci": None, "auprc": None, "auprc_ci": None})
-    return out
 
 
 def evaluate_cohort(

@@ -294,8 +294,8 @@ _T1_FILE_NAME = re.compile(r"(?<![a-z0-9])t1[wn]?(?![a-z0-9])|mp.?rage|spgr|brav
 
 
 #: ``core_skew`` beyond which an image looks T2-weighted, and below which T1-weighted. On
-#: the real NIfTI of ../shared: T1w (native, post-contrast, PD too) -0.39..-0.03, T2w
-#: 0.38..0.61; FLAIR spans -0.37..0.18 and is judged by neither.
+#: the real NIfTI of ../shared: T1w (native, post-contrast, PD too) -0.38..-0.03, T2w
+#: 0.33..0.62; FLAIR spans -0.38..0.19 and is judged by neither.
 T2_LIKE_SKEW = 0.3
 T1_LIKE_SKEW = 0.1
 #: Erosion of the head mask (mm) that leaves the brain's core: no scalp, skull or cortex rim.
@@ -304,7 +304,7 @@ CORE_MM = 15.0
 
 def core_skew(data: np.ndarray, zooms: tuple[float, float, float]) -> float:
     """Bowley skewness ``(q90 + q10 - 2 q50) / (q90 - q10)`` of the intensities in the core
-    of the head (``data`` 3D, ``zooms`` mm; resampled to about 2 mm first), unitless, NaN
+    of the head (``data`` 3D, ``zooms`` mm; block means of about 2 mm first), unitless, NaN
     when there is no head. White matter is the bulk of the core: the brightest tissue of
     a T1-weighted image (a dark tail of CSF: negative), the darkest of a T2-weighted one
     (a bright tail of CSF: positive)."""
@@ -312,7 +312,21 @@ def core_skew(data: np.ndarray, zooms: tuple[float, float, float]) -> float:
     from mriaudit.preprocess import head_mask
 
     steps = [max(1, round(2.0 / z)) if z > 0 else 1 for z in zooms]
-    small = np.nan_to_num(np.asarray(data, dtype=np.float32)[:: steps[0], :: steps[1], :: steps[2]])
+    volume = np.nan_to_num(np.asarray(data, dtype=np.float32))
+    # Block means, not every n-th voxel: the noise averages out (a T2w with an SNR of 4
+    # measured 0.03 from strided samples, 0.14 from block means; real scans moved <= 0.03).
+    whole = [n // s * s for n, s in zip(volume.shape, steps, strict=True)]
+    if min(whole) == 0:
+        return float("nan")
+    blocks = volume[: whole[0], : whole[1], : whole[2]].reshape(
+        whole[0] // steps[0],
+        steps[0],
+        whole[1] // steps[1],
+        steps[1],
+        whole[2] // steps[2],
+        steps[2],
+    )
+    small = blocks.mean(axis=(1, 3, 5))
     spacing = tuple(float(z * s) for z, s in zip(zooms, steps, strict=True))
     if min(small.shape) < 8 or not np.ptp(small) > 0:
         return float("nan")

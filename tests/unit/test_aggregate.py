@@ -563,8 +563,10 @@ def test_flagged_otherwise_reads_the_reasons_column():
         "audit score 6.0 (threshold 3.0) driven by CJV 5.1 robust SD above the cohort (noise)",
         "audit score 6.0 (threshold 3.0); missing slices in the series (3)",
         "failed at convert: dcm2niix failed",
+        # Another contrast's reasons say nothing of the T1w: its audit pool keeps the subject.
+        "T2w: audit score 8.1 (threshold 3.0) driven by Ghost ratio; FLAIR: failed: no data",
     ]
-    assert aggregate.flagged_otherwise(reasons).tolist() == [False, False, True, True]
+    assert aggregate.flagged_otherwise(reasons).tolist() == [False, False, True, True, False]
 
 
 def test_stage_table_names_each_subjects_first_problem(tmp_path):

@@ -53,8 +53,14 @@ def test_sessions_and_runs_are_units_of_their_own(tmp_path):
     assert units["sub-01_ses-2"].entry == "sub-01/ses-2" and units["sub-01_ses-2"].session == "2"
     run = units["sub-02_run-2"]
     assert (run.bids_id, run.run, run.entry) == ("02_run-2", "2", "sub-02")
-    # A run sees its own files only: not the other run, not the T2w.
-    assert run.files == ("anat/sub-02_run-2_T1w.nii.gz", "anat/sub-02_run-2_T1w.json")
+    # A run sees its own T1w only, not the other run's; and the session's T2w, which has
+    # no run of its own.
+    assert run.files == (
+        "anat/sub-02_run-2_T1w.nii.gz",
+        "anat/sub-02_run-2_T1w.json",
+        "anat/sub-02_T2w.nii.gz",
+        "anat/sub-02_T2w.json",
+    )
     assert units["sub-03"].files == () and units["sub-03"].bids_id == "03"
     assert units["sub-04"].processed  # no image: audited, and reported as having none
     # Outputs follow the BIDS layout of the input.

@@ -11,11 +11,13 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from mriaudit import aggregate, dicom, paths, records, tables, template, thumbnails
 from mriaudit.aggregate.reasons import contrast_reasons
 from mriaudit.contrasts import choose_nifti
 from mriaudit.contrasts.coregister import MIN_ALIGNMENT_GAIN, gradient_alignment
+from mriaudit.contrasts.iqms import FLAIR_UNDEFINED, TISSUE_ORDER, template_transform
 from mriaudit.dicom import inventory
 from mriaudit.model.score import score_cohort
 from mriaudit.model.train import train_cohort
@@ -173,12 +175,27 @@ def test_a_t2_of_another_person_is_flagged_with_a_cross_contrast_reason(shared_d
         assert registered.shape == reference.shape
         np.testing.assert_allclose(registered.affine, reference.affine, atol=1e-4)
     assert same["T2w"]["metrics"]["reg_similarity"] > 0.2  # T2-like in template space
+    # Each contrast's IQMs on its own tissue classes, through the composed transform.
+    for contrast in CONTRASTS:
+        saved = records.read_record(paths.contrast_record(out, "same", contrast))
+        medians = saved["details"]["tissue_medians"]
+        assert sorted(medians, key=medians.get) == list(TISSUE_ORDER[contrast])
+        assert saved["metrics"]["iqm_tpm_overlap_gm"] > 0.4
+        assert saved["metrics"]["iqm_snr_total"] > 3 and saved["metrics"]["iqm_cjv"] > 0
+        # Skull-stripped: no air, so no air measures.
+        assert saved["metrics"]["iqm_snrd_total"] is None and saved["metrics"]["iqm_cnr"] is None
+    flair = records.read_record(paths.contrast_record(out, "same", "FLAIR"))["metrics"]
+    assert all(flair[name] is None for name in FLAIR_UNDEFINED)  # its CSF is nulled
 
     clinical = done["clinical"]
     assert clinical["inventory"]["selected"]["files"][0].endswith("_t1.nii.gz")  # not t1c
     for contrast in CONTRASTS:
         assert clinical[contrast]["status"] == "ok", clinical[contrast]
         assert "contrast_mismatch" not in clinical[contrast]["findings"]
+        # With the skull and the air around it: the air's measures too.
+        measures = records.read_record(paths.contrast_record(out, "clinical", contrast))["metrics"]
+        assert measures["iqm_snrd_total"] > 3 and 0 < measures["iqm_efc"] < 1
+        assert measures["iqm_bg_peak"] is not None and measures["iqm_inu_range"] > 0
 
     other = done["other"]["T2w"]
     assert other["status"] == "ok" and "contrast_mismatch" in other["findings"]
@@ -392,9 +409,16 @@ def test_a_contrasts_model_flags_the_subject_for_that_contrast(built_cohort, tmp
     assert z["sub-12"] == pytest.approx(
         (3.0 - median) / (1.4826 * np.median(np.abs(np.array([raws[s] for s in normals]) - median)))
     )
+    # No IQMs in these records: the model is the FLAIR's audit score's only evidence.
+    audit_score = frame["flair_audit_score"]
+    assert audit_score["sub-12"] > 10
+    assert (audit_score[[f"sub-{s}" for s in normals]] < 3.0).all()
     reasons = frame.at["sub-12", "flag_reasons"]
-    assert "FLAIR: anomaly z=" in reasons and "at (30, -20, 20) mm, 2.1 ml" in reasons
-    assert not any("FLAIR: anomaly" in r for r in frame.drop(index="sub-12")["flag_reasons"])
+    assert re.search(
+        r"FLAIR: audit score [0-9.]+ \(threshold [0-9.]+\) driven by model anomaly", reasons
+    )
+    assert "robust SD above the cohort at (30, -20, 20) mm, 2.1 ml" in reasons
+    assert not any("FLAIR: " in r for r in frame.drop(index="sub-12")["flag_reasons"])
     # The T1w's scores are the T1w's alone.
     pd.testing.assert_series_equal(frame["audit_score"], before["audit_score"].reindex(frame.index))
 
@@ -414,3 +438,94 @@ def test_a_broken_contrast_selection_costs_the_t1_nothing(dicom_series, tmp_path
         "reason": "T2w selection failed: RuntimeError: a header no one foresaw",
         "failed": True,
     }
+
+
+def _write_t2w_iqms(out: Path, labels: list[str], *, ghosted: str, tissue_outlier: str) -> None:
+    """T2w records with summary IQMs spread as a normal cohort's (the quantiles of a
+    Gaussian, shuffled per measure); ``ghosted``'s ghost ratio 20x, ``tissue_outlier``'s
+    grey-matter SNR far out."""
+    rng = np.random.default_rng(3)
+    spread = stats.norm.ppf((np.arange(len(labels)) + 0.5) / len(labels))
+
+    def normal(centre: float, sd: float) -> list[float]:
+        return list(centre + sd * rng.permutation(spread))
+
+    columns = {
+        "iqm_snr_total": normal(12.0, 0.5),
+        "iqm_cnr": normal(2.4, 0.1),
+        "iqm_efc": normal(0.5, 0.01),
+        "iqm_ghost_ratio": normal(0.01, 0.002),
+        "iqm_inu_range": normal(0.3, 0.02),
+        "iqm_snr_gm": normal(12.0, 0.5),
+    }
+    for i, label in enumerate(labels):
+        metrics = {name: float(values[i]) for name, values in columns.items()}
+        # A per-tissue SNR far out: not one of audit.CONTRAST_MEASURES.
+        metrics["iqm_snr_gm"] = 2.0 if label == tissue_outlier else metrics["iqm_snr_gm"]
+        metrics["iqm_ghost_ratio"] = 0.2 if label == ghosted else metrics["iqm_ghost_ratio"]
+        _write_contrast(
+            out, label, "T2w", records.make_record("contrast", metrics=metrics, contrast="T2w")
+        )
+
+
+def test_a_contrasts_iqms_flag_it_with_their_cause(built_cohort, tmp_path):  # noqa: F811 (fixture)
+    """A contrast's audit score fuses its summary IQMs as the T1w's does: a ghosted T2w is
+    flagged with the measure that saw it; a per-tissue SNR, which hangs on the
+    contrast's tissue classes, does not enter."""
+    cohort = copy_cohort(built_cohort, tmp_path)
+    out = cohort["out"]
+    before = run_aggregate(cohort).set_index("folder")
+    labels = [f"{i:02d}" for i in range(1, 11)] + ["12"]
+    _write_t2w_iqms(out, labels, ghosted="03", tissue_outlier="05")
+    frame = run_aggregate(cohort).set_index("folder")
+    score = frame["t2w_audit_score"]
+    assert score["sub-03"] > 10
+    assert (score[[f"sub-{s}" for s in labels if s != "03"]] < 3.0).all()
+    assert np.isnan(score["sub-11"])  # no T2w record: not audited
+    reasons = frame.at["sub-03", "flag_reasons"]
+    assert re.search(r"T2w: audit score [0-9.]+ \(threshold 3\.0\) driven by Ghost ratio", reasons)
+    assert "(ghosting along the phase-encode direction)" in reasons
+    assert "T2w" not in frame.at["sub-05", "flag_reasons"]
+    assert frame.at["sub-05", "t2w_iqm_snr_gm"] == 2.0  # kept in the table all the same
+    # The T1w's audit is the T1w's alone.
+    pd.testing.assert_series_equal(frame["audit_score"], before["audit_score"].reindex(frame.index))
+
+    # The ghosted T2w does not train the T2w's model; the T1w's model is not told of it.
+    ids = [p.name[4:] for p in sorted(out.glob("sub-*")) if p.is_dir()]
+    stage_table = tmp_path / "stages.tsv"
+    aggregate.write_stage_table(out, ids, out_tsv=stage_table, contrasts=["T2w"])
+    t1w, t2w = (
+        aggregate.read_prescreen(stage_table),
+        aggregate.read_prescreen(stage_table, contrast="T2w"),
+    )
+    assert t2w["03"].startswith("T2w: audit score ") and t2w["03"].endswith("without the model")
+    assert "03" not in t1w and "05" not in t2w
+    assert set(t1w) <= set(t2w)  # a T1w kept out keeps its contrasts out: their template space
+
+
+def test_the_composed_template_transform_maps_points_as_the_two_do(tmp_path):
+    """template -> T1w, then T1w -> contrast, as one affine ``.mat`` the IQMs read."""
+    import ants
+
+    rng = np.random.default_rng(0)
+
+    def affine(name: str) -> tuple[Path, ants.ANTsTransform]:
+        matrix = np.eye(3) + rng.normal(0, 0.05, (3, 3))
+        transform = ants.create_ants_transform(
+            transform_type="AffineTransform",
+            dimension=3,
+            matrix=matrix,
+            offset=rng.normal(0, 5, 3),
+        )
+        path = tmp_path / f"{name}.mat"
+        ants.write_transform(transform, str(path))
+        return path, ants.read_transform(str(path))
+
+    t1w_path, to_t1w_space = affine("t1w_to_template")
+    contrast_path, to_contrast = affine("to_t1w")
+    composed = ants.read_transform(
+        str(template_transform(contrast_path, t1w_path, tmp_path / "out" / "composed.mat"))
+    )
+    for point in [(0.0, 0.0, 0.0), (30.0, -20.0, 45.0), (-60.0, 70.0, -10.0)]:
+        expected = to_contrast.apply_to_point(to_t1w_space.apply_to_point(point))
+        np.testing.assert_allclose(composed.apply_to_point(point), expected, atol=1e-3)

@@ -21,6 +21,7 @@ from mriaudit import audit, paths, robust
 from mriaudit.aggregate.reasons import (
     _STATUS_PREFIX,
     AUDIT_REASON,
+    CONTRAST_FINDINGS,
     FLAGGING_FINDINGS,
     NOTE_FINDINGS,
     _component_reason,
@@ -226,28 +227,55 @@ def present_contrasts(extras: list[dict[str, Any]]) -> set[str]:
     }
 
 
-def _contrast_model_flags(
-    contrast: str, extras: list[dict[str, Any]], settings: dict[str, float]
-) -> np.ndarray:
-    """The robust z of ``contrast``'s model scores against its reference subjects, (n,),
-    as the T1w's ``anomaly_score``; a subject at the threshold (``audit.audit_threshold``
-    of these scores) gets the reason in its ``contrast_flags``."""
+def _contrast_frame(frame: pd.DataFrame, contrast: str) -> pd.DataFrame:
+    """``contrast``'s measures that its audit judges (``audit.CONTRAST_MEASURES``), named
+    as the T1w's (``iqm_snr_total``, ``anomaly_raw``), beside the T1w's ``hdr_*`` (the
+    scanner groups: the contrast was acquired in the same session)."""
+    columns = {c: frame[c] for c in frame.columns if c.startswith("hdr_")}
+    for name in audit.CONTRAST_MEASURES:
+        if contrast_column(contrast, name) in frame:
+            columns[name] = frame[contrast_column(contrast, name)]
+    return pd.DataFrame(columns, index=frame.index)
+
+
+def _contrast_audit(
+    contrast: str,
+    frame: pd.DataFrame,
+    extras: list[dict[str, Any]],
+    settings: dict[str, float],
+) -> tuple[np.ndarray, np.ndarray]:
+    """The audit of ``contrast`` beside the T1w, as the T1w's: its IQMs, its model's score
+    and its template similarity fused into its own audit score (``audit.audit_scores``
+    over the subjects whose contrast is ok, those with a hard contrast finding out of
+    the pool). A subject at its threshold gets the reason in its ``contrast_flags``
+    ("T2w: audit score 6.1 (threshold 3.0) driven by ..."). Returns the model's robust z
+    against its reference subjects, as the T1w's ``anomaly_score``, and the audit score,
+    each (n,)."""
     entries = [extra.get("contrasts", {}).get(contrast, {}) for extra in extras]
     raw = np.array([_as_float(e.get("anomaly_raw")) for e in entries])
     status = np.array([str(e.get("status", "")) for e in entries])
-    scored = np.isfinite(raw)
     in_reference = np.array([bool(e.get("in_reference")) for e in entries])
-    reference = reference_mask(status, in_reference, scored)
+    reference = reference_mask(status, in_reference, np.isfinite(raw))
     z, _, _ = robust_z(raw, reference)
-    threshold = audit.audit_threshold(
-        z, reference, audit_z=settings["audit_z"], fp_budget=settings["fp_budget"]
-    )
+    usable = (status == OK) & ~np.array([bool(e.get("skipped")) for e in entries])
+    hard = np.array([bool(set(e.get("findings") or []) & set(CONTRAST_FINDINGS)) for e in entries])
+    result = _audit(_contrast_frame(frame, contrast), usable, hard, settings)
+    _, titles = iqm_tables()
+    # The T1w's words for a low white-matter-to-maximum ratio name the T1w.
+    causes = iqm_causes() | {"wm2max": f"bright outliers or not a {contrast} contrast"}
     for i, extra in enumerate(extras):
-        if np.isfinite(z[i]) and z[i] >= threshold:
-            text = f"{contrast}: anomaly z={z[i]:.1f} (threshold {threshold:.1f})"
-            region = _top_region_text(entries[i].get("top_regions") or [])
-            extra["contrast_flags"].append(f"{text} at {region}" if region else text)
-    return np.where(scored, z, np.nan)
+        if not (np.isfinite(result.score[i]) and result.score[i] >= result.threshold):
+            continue
+        region = _top_region_text(entries[i].get("top_regions") or [])
+        drivers = []
+        for column, value in _drivers(result, i, component_z=settings["component_z"]):
+            words = _component_reason(column, value, titles, causes)
+            drivers.append(f"{words} at {region}" if column == "anomaly_raw" and region else words)
+        text = f"{contrast}: {AUDIT_REASON}{result.score[i]:.1f} (threshold {result.threshold:.1f})"
+        extra["contrast_flags"].append(
+            text + (" driven by " + " and ".join(drivers) if drivers else "")
+        )
+    return np.where(np.isfinite(raw), z, np.nan), result.score
 
 
 def _judge(
@@ -300,7 +328,7 @@ def _judge(
     # another contrast says nothing of its T1w, so it flags the subject after the audit.
     hard = np.array([bool(extra["flag_reasons"]) for extra in extras], dtype=bool)
     contrast_scores = {
-        contrast: _contrast_model_flags(contrast, extras, settings) for contrast in present
+        contrast: _contrast_audit(contrast, frame, extras, settings) for contrast in present
     }
     result = _audit(frame, ok, hard, settings)
     _, titles = iqm_tables()
@@ -333,8 +361,9 @@ def _judge(
     frame["flag_reasons"] = reasons_col
     frame["findings"] = findings_col
     frame["notes"] = notes_col
-    for contrast, z in contrast_scores.items():
+    for contrast, (z, audit_score) in contrast_scores.items():
         frame[contrast_column(contrast, "anomaly_score")] = z
+        frame[contrast_column(contrast, "audit_score")] = audit_score
     absent = [
         column
         for contrast in paths.EXTRA_CONTRASTS

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mriaudit import audit
+from mriaudit import audit, paths
 from mriaudit.aggregate.rows import _as_float
 from mriaudit.records import FAILED, NO_SERIES, OK
 
@@ -120,10 +120,15 @@ AUDIT_REASON = "audit score "
 
 
 def flagged_otherwise(flag_reasons: Sequence[str]) -> np.ndarray:
-    """(n,) bool: the ``flag_reasons`` of scores.tsv hold a hard finding (a reason besides the audit score's)."""
+    """(n,) bool: the ``flag_reasons`` of scores.tsv hold a hard finding of the T1w (a
+    reason besides the audit score's and the other contrasts', which start "T2w: ")."""
+    others = tuple(f"{contrast}: " for contrast in paths.EXTRA_CONTRASTS)
     return np.array(
         [
-            any(part and not part.startswith(AUDIT_REASON) for part in str(text).split("; "))
+            any(
+                part and not part.startswith((AUDIT_REASON, *others))
+                for part in str(text).split("; ")
+            )
             for text in flag_reasons
         ],
         dtype=bool,

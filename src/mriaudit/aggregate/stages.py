@@ -17,15 +17,16 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from mriaudit import paths
+from mriaudit import audit, paths
 from mriaudit.aggregate.judge import _audit, flag_settings
-from mriaudit.aggregate.reasons import AUDIT_REASON, FLAGGING_FINDINGS
+from mriaudit.aggregate.reasons import AUDIT_REASON, CONTRAST_FINDINGS, FLAGGING_FINDINGS
 from mriaudit.aggregate.rows import (
     IO_THREADS,
     METRIC_PREFIXES,
     _first_problem,
     _plain,
     _read_record,
+    contrast_column,
 )
 from mriaudit.records import OK
 from mriaudit.tables import read_tsv, write_tsv
@@ -34,7 +35,12 @@ log = logging.getLogger(__name__)
 
 
 def write_stage_table(
-    out_dir: Path, bids_ids: Sequence[str], *, out_tsv: Path, flag: dict[str, Any] | None = None
+    out_dir: Path,
+    bids_ids: Sequence[str],
+    *,
+    out_tsv: Path,
+    flag: dict[str, Any] | None = None,
+    contrasts: Sequence[str] = (),
 ) -> pd.DataFrame:
     """The status of each ``paths.PREPROCESS_STAGES`` record of each subject, and its first problem.
 
@@ -47,6 +53,10 @@ def write_stage_table(
     the normative model: a noisy, ghosted or folded image is not normal
     anatomy, and a reference made of them widens what the model calls normal.
     The model and cohort rules start from this table instead of the subjects' files.
+    Each of ``contrasts`` (those beside the T1w) gets its own ``<contrast>_prescreen``
+    (``t2w_prescreen``): its hard findings, or its audit score without its model
+    (``audit.CONTRAST_MEASURES``) at the threshold; a ghosted T2w does not train the
+    T2w's model.
     """
     stages = paths.PREPROCESS_STAGES
 
@@ -72,7 +82,16 @@ def write_stage_table(
         loaded_rows = list(pool.map(row, bids_ids))
     columns = ["bids_id", *stages, "status", "failed_stage", "reason"]
     frame = pd.DataFrame([r for r, _, _ in loaded_rows], columns=columns)
-    frame["prescreen"], frame["scanner_group"] = _prescreen(frame, loaded_rows, flag_settings(flag))
+    settings = flag_settings(flag)
+    frame["prescreen"], frame["scanner_group"] = _prescreen(frame, loaded_rows, settings)
+    hdr = pd.DataFrame(
+        [{k: _plain(v) for k, v in m.items() if k.startswith("hdr_")} for _, m, _ in loaded_rows],
+        index=frame.index,
+    )
+    for contrast in contrasts:
+        frame[contrast_column(contrast, "prescreen")] = _contrast_prescreen(
+            out_dir, list(frame["bids_id"]), contrast, hdr, settings
+        )
     write_tsv(frame, Path(out_tsv))
     log.info(
         "%d subjects, %d ok after %s", len(frame), int((frame["status"] == OK).sum()), stages[-1]
@@ -80,12 +99,22 @@ def write_stage_table(
     return frame
 
 
-def read_prescreen(stage_table: Path) -> dict[str, str]:
-    """``{bids_id: reason}`` of the rows of ``stages.tsv`` whose ``prescreen`` is set."""
+def read_prescreen(stage_table: Path, *, contrast: str = "T1w") -> dict[str, str]:
+    """``{bids_id: reason}`` of the rows of ``stages.tsv`` whose ``prescreen`` is set; for
+    another ``contrast`` than the T1w, also those whose ``<contrast>_prescreen`` is (its
+    template space hangs on the T1w's)."""
     frame = read_tsv(stage_table, text=True)
-    if "prescreen" not in frame:
-        return {}
-    return {s: r for s, r in zip(frame["bids_id"], frame["prescreen"], strict=True) if r}
+    columns = ["prescreen"]
+    if contrast != "T1w":
+        columns.insert(0, contrast_column(contrast, "prescreen"))
+    found: dict[str, str] = {}
+    for column in columns:
+        if column not in frame:
+            continue
+        for subject, reason in zip(frame["bids_id"], frame[column], strict=True):
+            if reason and subject not in found:
+                found[subject] = reason if column == "prescreen" else f"{contrast}: {reason}"
+    return found
 
 
 def read_scanner_groups(stage_table: Path) -> dict[str, str]:
@@ -94,6 +123,64 @@ def read_scanner_groups(stage_table: Path) -> dict[str, str]:
     if "scanner_group" not in frame:
         return {}
     return dict(zip(frame["bids_id"], frame["scanner_group"], strict=True))
+
+
+def _contrast_prescreen(
+    out_dir: Path,
+    bids_ids: list[str],
+    contrast: str,
+    hdr: pd.DataFrame,
+    settings: dict[str, float],
+) -> list[str]:
+    """Per subject, why the audit of ``contrast`` without its model flags it ("" when it
+    does not, or when the subject has no such image)."""
+
+    def read(bids_id: str) -> dict[str, Any] | None:
+        return _read_record(paths.contrast_record(out_dir, bids_id, contrast), contrast)
+
+    with ThreadPoolExecutor(max_workers=IO_THREADS) as pool:
+        loaded = list(pool.map(read, bids_ids))
+    measures = [name for name in audit.CONTRAST_MEASURES if name != "anomaly_raw"]
+    metrics = pd.DataFrame(
+        [
+            {name: _plain(((r or {}).get("metrics") or {}).get(name)) for name in measures}
+            for r in loaded
+        ],
+        index=hdr.index,
+    )
+    ok = np.array([(r or {}).get("status") == OK for r in loaded], dtype=bool)
+    hard_reasons = [
+        next(
+            (
+                CONTRAST_FINDINGS[c]
+                for c in (r or {}).get("findings") or []
+                if c in CONTRAST_FINDINGS
+            ),
+            "",
+        )
+        for r in loaded
+    ]
+    hard = np.array([bool(reason) for reason in hard_reasons], dtype=bool)
+    result = _audit(pd.concat([hdr, metrics], axis=1), ok, hard | ~ok, settings)
+    return _prescreen_reasons(result, ok, hard_reasons, [""] * len(loaded))
+
+
+def _prescreen_reasons(
+    result: audit.AuditResult, ok: np.ndarray, hard_reasons: list[str], not_ok: list[str]
+) -> list[str]:
+    """Per row: ``not_ok``'s reason when not ok, else its hard finding, else the audit
+    score without the model at its threshold, else ""."""
+    reasons = []
+    for i, hard_reason in enumerate(hard_reasons):
+        if not ok[i]:
+            reasons.append(not_ok[i])
+        elif hard_reason:
+            reasons.append(hard_reason)
+        elif np.isfinite(result.score[i]) and result.score[i] >= result.threshold:
+            reasons.append(f"{AUDIT_REASON}{result.score[i]:.1f} without the model")
+        else:
+            reasons.append("")
+    return reasons
 
 
 def _prescreen(
@@ -117,14 +204,5 @@ def _prescreen(
     ]
     hard = np.array([bool(r) for r in hard_reasons], dtype=bool) | ~ok
     result = _audit(metrics, ok, hard, settings)
-    reasons = []
-    for i in range(len(frame)):
-        if not ok[i]:
-            reasons.append(f"status {frame.at[i, 'status']}")
-        elif hard_reasons[i]:
-            reasons.append(hard_reasons[i])
-        elif np.isfinite(result.score[i]) and result.score[i] >= result.threshold:
-            reasons.append(f"{AUDIT_REASON}{result.score[i]:.1f} without the model")
-        else:
-            reasons.append("")
-    return reasons, list(result.groups)
+    not_ok = [f"status {status}" for status in frame["status"]]
+    return _prescreen_reasons(result, ok, hard_reasons, not_ok), list(result.groups)

@@ -12,11 +12,16 @@ Findings (status stays ``ok``):
   or another session's with the head changed;
 - ``contrast_unexpected``: a T2w whose intensities look T1-weighted (white
   matter the bulk and brightest of the brain's core: ``series.core_skew``; T2w
-  0.34-0.60 on the real scans of ../shared, T1w and PD -0.41 to -0.03, a
-  post-contrast T1 named T2w -0.15), or whose image in template space
+  0.33-0.62 on the real scans of ../shared, T1w and PD -0.38 to -0.03, a
+  post-contrast T1 named T2w -0.14), or whose image in template space
   correlates with the T1 template the way a T1 does (``preprocess.qc``'s T2w
   check): a T1 labelled or exported as T2;
 - ``registration_failed``: the contrast shows no anatomy in template space.
+
+The contrast's IQMs (``contrasts.iqms``: MRIQC's definitions on its own native
+grid and tissue classes, its N4 field's spread) join the record's metrics; the
+aggregate fuses them with its model's score into its own audit score
+(``audit.CONTRAST_MEASURES``).
 
 FLAIR has no template check: its CSF is dark as in a T1 while white matter is
 darker than grey matter as in a T2, so its correlation with the T1 template
@@ -34,6 +39,7 @@ import numpy as np
 
 from mriaudit import records, series, template, thumbnails
 from mriaudit.contrasts.coregister import MIN_ALIGNMENT_GAIN, coregister, to_template
+from mriaudit.contrasts.iqms import contrast_iqms, template_transform
 from mriaudit.dicom.convert import convert_selected
 from mriaudit.preprocess.bias import bias_field_stats, n4_bias_field
 from mriaudit.preprocess.images import (
@@ -89,6 +95,37 @@ def _template_checks(
     return metrics, findings, warnings
 
 
+def _iqms(
+    raw: np.ndarray,
+    corrected: np.ndarray,
+    mask: np.ndarray,
+    affine: np.ndarray,
+    *,
+    contrast: str,
+    transforms: tuple[Path, Path],
+    inu: dict[str, float],
+    workdir: Path,
+    resolution: int,
+) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
+    """The contrast's IQMs (``contrasts.iqms``) through the template transform composed
+    of its co-registration and the T1w's (``transforms``: to the T1w, the T1w's to the
+    template); none needing the tissues when the T1w's is missing (failed registration)."""
+    to_t1w, t1w_to_template = transforms
+    transform = None
+    if Path(t1w_to_template).is_file() and Path(t1w_to_template).stat().st_size:
+        transform = template_transform(to_t1w, t1w_to_template, workdir / "to_template.mat")
+    return contrast_iqms(
+        raw,
+        corrected,
+        mask > 0,
+        affine,
+        contrast=contrast,
+        transform=transform,
+        inu=inu,
+        resolution=resolution,
+    )
+
+
 def contrast_subject(
     subject_dir: Path,
     *,
@@ -118,7 +155,8 @@ def contrast_subject(
     (``mriaudit.thumbnails``). Metrics: the ``conv_*`` of the
     conversion, ``n4_p05``/``n4_p95``, ``coreg_alignment`` (0-1, see
     ``coregister``) and its gain above chance ``coreg_alignment_gain``,
-    ``coreg_overlap`` (0-1), ``core_skew`` (``series.core_skew``),
+    ``coreg_overlap`` (0-1), ``core_skew`` (``series.core_skew``), the ``iqm_*``
+    of ``contrasts.iqms`` (their tissue details in the record's ``details``),
     ``reg_mutual_information`` (nats) and, for T2w, ``reg_similarity``. Findings: see the module. ``no_series``
     when the subject has no such series; skipped when an ``upstream`` record (the
     T1w's registration, first) is not ``ok``; no template-space checks when the
@@ -158,6 +196,18 @@ def contrast_subject(
             coreg = coregister(corrected, image.affine, t1_data, t1_image.affine, workdir=workdir)
             out_to_t1w.parent.mkdir(parents=True, exist_ok=True)
             out_to_t1w.write_bytes(coreg.transform.read_bytes())
+            stats = bias_field_stats(field, mask)
+            iqms, iqm_warnings, iqm_details = _iqms(
+                data,
+                corrected,
+                mask,
+                image.affine,
+                contrast=contrast,
+                transforms=(out_to_t1w, t1w_transform),
+                inu=stats,
+                workdir=workdir,
+                resolution=resolution,
+            )
             registered = to_template(
                 corrected,
                 image.affine,
@@ -176,16 +226,16 @@ def contrast_subject(
                 ),
             ]
         )
-        stats = bias_field_stats(field, mask)
         metrics = {
             **converted["metrics"],
             **{k: v for k, v in stats.items() if k.startswith("n4_")},
+            **iqms,
             "coreg_alignment": round(coreg.alignment, 4) if np.isfinite(coreg.alignment) else None,
             "coreg_alignment_gain": round(coreg.gain, 4) if np.isfinite(coreg.gain) else None,
             "coreg_overlap": round(coreg.overlap, 4),
         }
         findings: list[str] = []
-        warnings = [*converted["warnings"], *pictures]
+        warnings = [*converted["warnings"], *iqm_warnings, *pictures]
         skew = series.core_skew(data, tuple(float(z) for z in spacing))
         metrics["core_skew"] = round(skew, 4) if np.isfinite(skew) else None
         if contrast == "T2w" and series.contrast_look(skew) == "T1w":
@@ -224,6 +274,7 @@ def contrast_subject(
             findings=findings,
             metrics=metrics,
             warnings=warnings,
+            details=iqm_details,
             contrast=contrast,
             selected=chosen["selected"].get("why") or chosen["selected"].get("description", ""),
             source=converted.get("source", ""),

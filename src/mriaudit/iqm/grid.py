@@ -126,7 +126,7 @@ def native_arrays(
     return grid, raw, data, head
 
 
-def _point_affine(tx: ants.ANTsTransform) -> np.ndarray:
+def point_affine(tx: ants.ANTsTransform) -> np.ndarray:
     """4x4 matrix of a linear ANTs transform's point mapping (LPS mm -> LPS mm)."""
     origin = np.asarray(tx.apply_to_point((0.0, 0.0, 0.0)), dtype=np.float64)
     matrix = np.eye(4)
@@ -144,7 +144,7 @@ def _read_transform(path: Path) -> tuple[np.ndarray | None, str]:
         return None, "no registration transform (registration failed or skipped)"
     try:
         tx = ants.read_transform(str(path))
-        native_to_mni = np.linalg.inv(_point_affine(tx))
+        native_to_mni = np.linalg.inv(point_affine(tx))
     except (RuntimeError, ValueError, np.linalg.LinAlgError) as error:
         return None, f"unreadable registration transform: {error}".strip().splitlines()[0]
     # ANTs maps fixed (MNI) points to moving (native) points, both in LPS.
