@@ -100,20 +100,26 @@ def write_stage_table(
 
 
 def read_prescreen(stage_table: Path, *, contrast: str = "T1w") -> dict[str, str]:
-    """``{bids_id: reason}`` of the rows of ``stages.tsv`` whose ``prescreen`` is set; for
-    another ``contrast`` than the T1w, also those whose ``<contrast>_prescreen`` is (its
-    template space hangs on the T1w's)."""
+    """``{bids_id: reason}`` of the rows of ``stages.tsv`` whose ``prescreen`` is set.
+
+    For another ``contrast`` than the T1w: those whose ``<contrast>_prescreen`` is, and
+    those the T1w's keeps out for its status or a hard finding (the contrast reaches the
+    template through the T1w's registration), not for the T1w's audit score: a noisy T1w
+    says nothing of its T2w, and a small cohort would be left without a reference.
+    """
     frame = read_tsv(stage_table, text=True)
-    columns = ["prescreen"]
-    if contrast != "T1w":
-        columns.insert(0, contrast_column(contrast, "prescreen"))
     found: dict[str, str] = {}
-    for column in columns:
-        if column not in frame:
-            continue
-        for subject, reason in zip(frame["bids_id"], frame[column], strict=True):
-            if reason and subject not in found:
-                found[subject] = reason if column == "prescreen" else f"{contrast}: {reason}"
+    own = contrast_column(contrast, "prescreen")
+    if contrast != "T1w" and own in frame:
+        found = {
+            s: f"{contrast}: {r}" for s, r in zip(frame["bids_id"], frame[own], strict=True) if r
+        }
+    if "prescreen" in frame:
+        for subject, reason in zip(frame["bids_id"], frame["prescreen"], strict=True):
+            if not reason or subject in found:
+                continue
+            if contrast == "T1w" or not reason.startswith(AUDIT_REASON):
+                found[subject] = reason
     return found
 
 
