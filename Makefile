@@ -53,11 +53,14 @@ test: venv lint browser
 
 # Per-stage cost of one 1 mm T1 and the cohort steps at 10,000 subjects (results/bench/bench.json),
 # detection on the real-head cohort, per anomaly kind (results/bench/detection/detection-<method>.json),
-# then every model.method on the real heads and the demo, one table (results/bench/methods/methods.json).
+# then every model.method on the real heads and the demo, one table (results/bench/methods/methods.json),
+# then the T2w and FLAIR per anomaly kind on the real heads and against real lesions
+# (results/bench/contrasts/contrasts.json).
 bench: venv
 	$(BIN)/python -m mriaudit.bench --out results/bench
 	$(BIN)/python -m mriaudit.bench_detection --work results/bench/detection
 	$(BIN)/python -m mriaudit.bench_methods --work results/bench/methods
+	$(BIN)/python -m mriaudit.bench_contrasts --work results/bench/contrasts
 
 # Rank agreement of the IQMs with MRIQC 24's own functions on a degraded real head
 # (docs/MRIQC.md; about 20 min on 2 cores). MRIQC lives in its own venv, never in .venv:

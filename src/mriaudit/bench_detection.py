@@ -261,17 +261,32 @@ def run(
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m mriaudit.bench_detection", description=__doc__.split("\n")[0]
-    )
-    parser.add_argument("--work", type=Path, default=Path("results/bench/detection"))
+def cohort_parser(
+    prog: str, description: str, *, work: str, renditions: int
+) -> argparse.ArgumentParser:
+    """The options of a benchmark on a rendered real-head cohort (``--work``,
+    ``--shared-data``, ``--renditions``, ``--per-kind``, ``--seed``, ``--voxel-size``,
+    ``--cores``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--work", type=Path, default=Path(work))
     parser.add_argument("--shared-data", type=Path, default=PROJECT.parent / "shared" / "data")
-    parser.add_argument("--renditions", type=int, default=3, help="renditions per person")
+    parser.add_argument(
+        "--renditions", type=int, default=renditions, help="normal renditions per person"
+    )
     parser.add_argument("--per-kind", type=int, default=2, help="subjects per anomaly kind")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--voxel-size", type=float, default=1.2)
     parser.add_argument("--cores", type=int, default=2)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = cohort_parser(
+        "python -m mriaudit.bench_detection",
+        __doc__.split("\n")[0],
+        work="results/bench/detection",
+        renditions=3,
+    )
     parser.add_argument("--reading", choices=list(READINGS), action="append")
     parser.add_argument(
         "--method",

@@ -113,8 +113,15 @@ def contrast_to_t1w(out: str | Path, sub: str, contrast: str) -> Path:
     return _anat(out, sub, f"from-{_extra_contrast(contrast)}_to-T1w_mode-image_xfm.mat")
 
 
+def contrast_to_template(out: str | Path, sub: str, contrast: str) -> Path:
+    """Affine of a contrast registered to the template directly, when its subject has no
+    usable T1w (ITK/ANTs ``.mat``, template points to the contrast's points)."""
+    return _anat(out, sub, f"from-{_extra_contrast(contrast)}_to-{SPACE}_mode-image_xfm.mat")
+
+
 def contrast_preproc(out: str | Path, sub: str, contrast: str, *, res: int) -> Path:
-    """A bias-corrected contrast on the template grid, through its T1w's transform."""
+    """A bias-corrected contrast on the template grid, through its T1w's transform (or its
+    own, :func:`contrast_to_template`, without a usable T1w)."""
     return _anat(out, sub, f"{_template(res)}_desc-preproc_{_extra_contrast(contrast)}.nii.gz")
 
 

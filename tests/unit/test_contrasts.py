@@ -215,6 +215,67 @@ def test_a_t2_of_another_person_is_flagged_with_a_cross_contrast_reason(shared_d
     assert "contrast_mismatch" not in relabelled["findings"]
 
 
+def test_a_contrast_without_a_t1w_is_registered_to_the_template_on_its_own(shared_data, tmp_path):
+    """BraTS' T2w and FLAIR without their T1: no T1w series is the subject's finding, and
+    each contrast is registered to the template directly, judged as its own contrast."""
+    brats = shared_data / "nifti" / "BraTS-GLI-00001-000"
+    folder = _real_subject(
+        tmp_path / "in",
+        "brats",
+        {
+            "sub-x_T2w.nii.gz": brats / "BraTS-GLI-00001-000-t2w.nii.gz",
+            "sub-x_FLAIR.nii.gz": brats / "BraTS-GLI-00001-000-t2f.nii.gz",
+        },
+    )
+    out = tmp_path / "out"
+    done = preprocess_subject(folder, out_dir=out, bids_id="brats", rules={}, contrasts=CONTRASTS)
+    assert done["inventory"]["status"] == "no_series"
+    assert "no T1w" in done["inventory"]["reason"]
+    assert done["register"]["status"] == "no_series"
+    reference = template.load_template(resolution=2)
+    brain = template.load_brain_mask(resolution=2).get_fdata() > 0
+    for contrast in CONTRASTS:
+        record = records.read_record(paths.contrast_record(out, "brats", contrast))
+        assert record["status"] == "ok" and record["findings"] == [], record
+        assert record["registration"] == "direct" and "no T1w" in record["registration_why"]
+        assert any("registered to the template directly" in w for w in record["warnings"])
+        metrics = record["metrics"]
+        assert 0.6 <= metrics["reg_scale"] <= 1.0 and metrics["reg_mutual_information"] > 0.1
+        assert "coreg_alignment_gain" not in metrics
+        assert paths.contrast_to_template(out, "brats", contrast).is_file()
+        assert not paths.contrast_to_t1w(out, "brats", contrast).exists()
+        registered = nib.load(paths.contrast_preproc(out, "brats", contrast, res=2))
+        np.testing.assert_allclose(registered.affine, reference.affine, atol=1e-4)
+        data = registered.get_fdata()
+        assert (data[brain] > 0).mean() > 0.9  # the brain lies on the template's brain
+        # The IQMs' tissue classes came through the contrast's own transform.
+        medians = record["details"]["tissue_medians"]
+        assert sorted(medians, key=medians.get) == list(TISSUE_ORDER[contrast])
+        flags, notes = contrast_reasons(contrast, {**record, "registration": "direct"})
+        assert flags == []
+        assert notes == [f"{contrast} registered to the template on its own: no usable T1w"]
+    t2w = records.read_record(paths.contrast_record(out, "brats", "T2w"))["metrics"]
+    assert t2w["reg_similarity"] > 0.2  # judged as a T2w: anti-correlated with the T1 template
+    flair = records.read_record(paths.contrast_record(out, "brats", "FLAIR"))["metrics"]
+    assert flair["reg_similarity"] is None  # a FLAIR's correlation says nothing
+
+
+def test_a_failed_direct_registration_says_so_in_its_own_words():
+    entry = {
+        "status": "ok",
+        "findings": ["registration_failed"],
+        "metrics": {"reg_mutual_information": 0.01},
+        "registration": "direct",
+    }
+    flags, _ = contrast_reasons("FLAIR", entry)
+    assert flags == [
+        "FLAIR: its registration to the MNI152 template failed (no usable T1w) "
+        "(mutual information 0.01)"
+    ]
+    flags, notes = contrast_reasons("FLAIR", {**entry, "registration": "via_t1w"})
+    assert "after co-registration to the T1w" in flags[0] and notes == []
+
+
 def _write_contrast(out: Path, label: str, contrast: str, record: dict) -> None:
     records.write_json(paths.contrast_record(out, label, contrast), record)
 
@@ -302,12 +363,24 @@ def test_the_report_shows_each_contrast_beside_the_t1w(built_cohort, tmp_path): 
         "T2w",
         records.make_record("contrast", status="no_series", reason="no T2w series"),
     )
+    # A T2w registered to the template on its own: its subject has no T1w series.
+    _write_contrast(
+        out,
+        "empty",
+        "T2w",
+        records.make_record("contrast", metrics={"reg_scale": 0.8}, registration="direct"),
+    )
     picture = np.zeros((8, 24), dtype=np.uint8)
     thumbnails.save_picture(picture, paths.contrast_native_thumbnail(out, "01", "T2w"))
-    run_aggregate(cohort)
+    frame = run_aggregate(cohort)
+    alone = frame.set_index("folder").loc["sub-empty"]
+    assert alone["status"] == "no_series" and alone["flagged"]
+    assert alone["t2w_status"] == "ok" and alone["t2w_reg_scale"] == 0.8
+    alone = alone["notes"]
+    assert "T2w registered to the template on its own: no usable T1w" in alone
     html = render(cohort, with_metrics=False)
     summary = re.search(r'<tr data-contrast="T2w">(.*?)</tr>', html).group(1)
-    assert re.findall(r"<td>([^<]*)</td>", summary) == ["T2w", "1", "1", "0", "1", "1"]
+    assert re.findall(r"<td>([^<]*)</td>", summary) == ["T2w", "2", "2", "1", "0", "1", "1"]
     data = json.loads(
         re.search(
             r'<script type="application/json" id="cohort-data">(.*?)</script>', html, re.S

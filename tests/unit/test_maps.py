@@ -102,15 +102,16 @@ def ref_calibrated_map(raw, calibration, mask, *, scoring) -> np.ndarray:
     return value
 
 
-def ref_focal_and_diffuse(anomaly, mask, *, sigmas, relative=False):
+def ref_focal_and_diffuse(anomaly, mask, *, sigmas, relative=False, floors=None):
+    floors = floors or [maps.CONTRAST_FLOOR] * len(sigmas)
     focals = []
-    for sigma in sigmas:
+    for sigma, floor in zip(sigmas, floors, strict=True):
         values = (ndimage.gaussian_filter(anomaly, sigma) if sigma > 0 else anomaly)[mask]
         peak = float(values.max())
         if relative:
             centre = float(np.median(values))
             spread = mad_sd(values)
-            peak = (peak - centre) / max(spread, maps.CONTRAST_FLOOR)
+            peak = (peak - centre) / max(spread, floor)
         focals.append(peak)
     return focals, float(anomaly[mask].mean())
 
@@ -309,6 +310,65 @@ def test_summaries_equal_numpy(cohort, relative):
     )
     assert batched.shape == (2, len(sigmas)) and diffuses.shape == (2,)
     np.testing.assert_allclose(batched[1].numpy(), focal, rtol=1e-6)
+    # A model's own floors replace CONTRAST_FLOOR where they are higher.
+    floors = [1.0] * len(sigmas)
+    floored, _ = maps.focal_and_diffuse(
+        anomaly, cohort["mask"], sigmas=sigmas, relative=relative, floors=floors
+    )
+    ref_floored, _ = ref_focal_and_diffuse(
+        anomaly, cohort["mask"], sigmas=sigmas, relative=relative, floors=floors
+    )
+    np.testing.assert_allclose(floored, ref_floored, rtol=1e-5)
+    if relative:
+        assert max(floored) < max(focal)
+
+
+def test_map_spreads_are_the_contrast_denominator(cohort):
+    raw = ref_raw_map(cohort["lesion"], cohort["atlas"], scoring=SCORING)
+    anomaly = ref_calibrated_map(raw, cohort["calibration"], cohort["mask"], scoring=SCORING)
+    sigmas = [0.0, 2.0]
+    expected = [
+        mad_sd((ndimage.gaussian_filter(anomaly, s) if s > 0 else anomaly)[cohort["mask"]])
+        for s in sigmas
+    ]
+    np.testing.assert_allclose(
+        maps.map_spreads(anomaly, cohort["mask"], sigmas=sigmas), expected, rtol=1e-5
+    )
+
+
+def test_contrast_floors_keep_an_almost_empty_normal_map_below_a_lesion():
+    """A map the model reconstructs unusually well is almost empty: its ordinary peak over
+    its own tiny spread rivalled a lesion's contrast under the fixed floor (the demo's
+    FLAIR). The model's floor, half its reference maps' median spread, ranks them."""
+    rng = np.random.default_rng(3)
+    shape, mask = (24, 24, 24), np.ones((24, 24, 24), bool)
+    sigmas = [1.5]
+    references = [
+        np.abs(8.0 * ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape), 1.0)).astype(np.float32)
+        for _ in range(6)
+    ]
+    spreads = [maps.map_spreads(m, mask, sigmas=sigmas) for m in references]
+    floors = maps.contrast_floors(spreads, fraction=0.5)
+    assert floors[0] == pytest.approx(0.5 * np.median(spreads), rel=1e-9)
+    assert floors[0] > maps.CONTRAST_FLOOR
+
+    def ball(radius):
+        return np.linalg.norm(np.indices(shape) - 12, axis=0) <= radius
+
+    empty = np.zeros(shape, np.float32)
+    empty[ball(2)] = 1.5  # one ordinary residual, nothing else
+    lesion = references[0].copy()
+    lesion[ball(3)] += 3.0
+
+    def contrast(anomaly, floors):
+        return maps.focal_and_diffuse(anomaly, mask, sigmas=sigmas, relative=True, floors=floors)
+
+    assert contrast(empty, None)[0][0] > contrast(lesion, None)[0][0]
+    assert contrast(empty, floors)[0][0] < contrast(lesion, floors)[0][0]
+    # The absolute floor stays under a model's floor; bad input says what it needs.
+    assert maps.contrast_floors([[0.001]], fraction=0.5) == [maps.CONTRAST_FLOOR]
+    with pytest.raises(ValueError, match="subjects, scales"):
+        maps.contrast_floors([], fraction=0.5)
 
 
 def test_subject_metrics_and_map_equal_the_scipy_scoring(cohort):

@@ -263,8 +263,23 @@ def test_registration_problems_of_a_t2():
     assert problems(0.25) == []
     assert "low similarity" in problems(0.1)[0]
     assert "opposite contrast to T2w" in problems(-0.45)[0]
-    with pytest.raises(ValueError, match="unknown contrast 'FLAIR'"):
-        preprocess.contrast_check("FLAIR")
+    with pytest.raises(ValueError, match="unknown contrast 'PD'"):
+        preprocess.contrast_check("PD")
+
+
+def test_registration_problems_of_a_flair_leave_its_correlation_alone():
+    # Neither sign of its correlation with the T1 template says a FLAIR is wrong.
+    for similarity in (-0.4, 0.0, 0.2, np.nan):
+        assert (
+            preprocess.registration_problems(
+                similarity=similarity, scale=0.8, information=0.14, contrast="FLAIR"
+            )
+            == []
+        )
+    problems = preprocess.registration_problems(
+        similarity=np.nan, scale=1.9, information=0.01, contrast="FLAIR"
+    )
+    assert "no anatomy" in problems[0] and "scale" in problems[1] and len(problems) == 2
 
 
 def test_similarity_mask_leaves_out_the_brain_rim_for_t2():

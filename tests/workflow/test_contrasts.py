@@ -51,10 +51,20 @@ def test_every_contrast_is_audited_and_an_anomaly_flags_its_own_contrast(contras
     out, table = contrast_run
     with_t1 = table[table["status"] == "ok"]
     assert len(with_t1) == 10
+    # The T1w of the wrong contrast fails its registration: its T2w and FLAIR are
+    # registered to the template on their own, and the row says so.
+    alone = with_t1["findings"].str.contains("registration_failed")
+    assert alone.sum() == 1
+    for contrast in ("T2w", "FLAIR"):
+        note = f"{contrast} registered to the template on its own: no usable T1w"
+        assert with_t1.loc[alone, "notes"].str.contains(note, regex=False).all()
+        assert not with_t1.loc[~alone, "notes"].str.contains(note, regex=False).any()
     for contrast in ("t2w", "flair"):
         assert set(with_t1[f"{contrast}_status"]) == {"ok"}
         # Every subject's contrasts are its own head: no cross-contrast flag.
-        assert (pd.to_numeric(with_t1[f"{contrast}_coreg_alignment_gain"]) > 0.17).all()
+        gain = pd.to_numeric(with_t1.loc[~alone, f"{contrast}_coreg_alignment_gain"])
+        assert (gain > 0.17).all()
+        assert pd.to_numeric(with_t1.loc[alone, f"{contrast}_reg_scale"]).between(0.6, 1.6).all()
     assert not table["findings"].str.contains("contrast_mismatch|contrast_unexpected").any()
     for contrast in ("T2w", "FLAIR"):
         (row,) = table[table["contrast"] == contrast].to_dict("records")

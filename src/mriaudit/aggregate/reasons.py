@@ -50,19 +50,29 @@ CONTRAST_FINDINGS: dict[str, str] = {
     "contrast_mismatch": "does not match the subject's T1w (another person or session?)",
     "contrast_unexpected": "labelled T2w but its contrast is T1-like",
     "registration_failed": "no anatomy in template space after co-registration to the T1w",
+    "header_orientation": "header orientation disagrees with the anatomy (wrong patient position?)",
+}
+#: The note of a contrast registered to the template without its T1w (after its name).
+ON_ITS_OWN = "registered to the template on its own: no usable T1w"
+#: The words of a finding of a contrast registered to the template on its own (no
+#: usable T1w), where they differ.
+DIRECT_FINDINGS: dict[str, str] = {
+    "registration_failed": "its registration to the MNI152 template failed (no usable T1w)",
 }
 # A contrast finding's evidence in its reason: (metric, words).
 _CONTRAST_EVIDENCE: dict[str, tuple[str, str]] = {
     "contrast_mismatch": ("coreg_alignment_gain", "edge alignment above chance"),
     "contrast_unexpected": ("core_skew", "core skew"),
     "registration_failed": ("reg_mutual_information", "mutual information"),
+    "header_orientation": ("", ""),
 }
 
 
 def contrast_reasons(contrast: str, entry: dict[str, Any]) -> tuple[list[str], list[str]]:
     """``(flag reasons, notes)`` of one contrast beside the T1w (``entry``: its status,
-    reason, findings and metrics as ``rows._subject_row`` keeps them). A contrast the
-    subject lacks is a note; one skipped because the T1w failed says nothing more."""
+    reason, findings, metrics and registration as ``rows._subject_row`` keeps them). A
+    contrast the subject lacks is a note, and so is one registered to the template
+    without its T1w; one skipped because the inventory failed says nothing more."""
     status = entry.get("status")
     if entry.get("skipped"):
         return [], []
@@ -70,17 +80,20 @@ def contrast_reasons(contrast: str, entry: dict[str, Any]) -> tuple[list[str], l
         return [], [str(entry.get("reason") or f"no {contrast} series")]
     if status != OK:
         return [f"{contrast}: failed: {entry.get('reason', '')}"], []
+    direct = entry.get("registration") == "direct"
     reasons = []
     for code in entry.get("findings") or []:
         if code not in CONTRAST_FINDINGS:
             continue
-        text = f"{contrast}: {CONTRAST_FINDINGS[code]}"
-        metric, words = _CONTRAST_EVIDENCE[code]
-        value = _as_float((entry.get("metrics") or {}).get(metric))
+        words = (DIRECT_FINDINGS if direct else {}).get(code, CONTRAST_FINDINGS[code])
+        text = f"{contrast}: {words}"
+        metric, evidence = _CONTRAST_EVIDENCE[code]
+        value = _as_float((entry.get("metrics") or {}).get(metric)) if metric else math.nan
         if math.isfinite(value):
-            text += f" ({words} {value:.2f})"
+            text += f" ({evidence} {value:.2f})"
         reasons.append(text)
-    return reasons, []
+    notes = [f"{contrast} {ON_ITS_OWN}"] if direct else []
+    return reasons, notes
 
 
 # Counts that make a finding's reason concrete.

@@ -177,6 +177,7 @@ def _subject_row(
                 "skipped": bool(record.get("skipped")),
                 "findings": [str(code) for code in record.get("findings") or []],
                 "metrics": record.get("metrics") or {},
+                "registration": str(record.get("registration") or ""),
                 **_contrast_score(record),
             }
             for contrast, record in contrasts.items()

@@ -5,6 +5,13 @@ stages in the same ``preprocess`` job. A subject without the contrast gets
 ``no_series`` with what it holds instead ("no FLAIR series (proton-density (PD):
 1; not audited as FLAIR)"): a finding, not a failure of the subject.
 
+A contrast reaches the template through its subject's T1w: rigidly co-registered
+to it, then through the T1w's affine. A subject without a usable T1w (none, or
+one whose conversion, N4 or registration failed) has the contrast registered to
+the template directly (``registration.register_to_template``, judged as that
+contrast: ``qc.CONTRAST_CHECKS``), and the record says so (``registration``:
+``direct``, with why).
+
 Findings (status stays ``ok``):
 
 - ``contrast_mismatch``: the contrast and the T1w do not show one head after a
@@ -31,7 +38,6 @@ says neither (-0.37 to 0.18 on the real scans of ../shared).
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +64,7 @@ from mriaudit.preprocess.qc import (
     mutual_information,
     similarity_mask,
 )
+from mriaudit.preprocess.registration import register_to_template
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +89,7 @@ def _template_checks(
             f"{information:.3f})"
         )
     check = CONTRAST_CHECKS.get(contrast)
-    if check is not None:
+    if check is not None and check.correlates:
         compared = similarity_mask(brain, fixed.affine, contrast=contrast)
         similarity = check.sign * masked_correlation(registered, template_data, compared)
         metrics["reg_similarity"] = round(similarity, 4) if np.isfinite(similarity) else None
@@ -102,18 +109,19 @@ def _iqms(
     affine: np.ndarray,
     *,
     contrast: str,
-    transforms: tuple[Path, Path],
+    transforms: tuple[Path, ...],
     inu: dict[str, float],
     workdir: Path,
     resolution: int,
 ) -> tuple[dict[str, Any], list[str], dict[str, Any]]:
-    """The contrast's IQMs (``contrasts.iqms``) through the template transform composed
-    of its co-registration and the T1w's (``transforms``: to the T1w, the T1w's to the
-    template); none needing the tissues when the T1w's is missing (failed registration)."""
-    to_t1w, t1w_to_template = transforms
+    """The contrast's IQMs (``contrasts.iqms``) through its template transform:
+    ``transforms`` is its own (registered directly), or its co-registration and the
+    T1w's, composed; none needing the tissues when the T1w's is missing."""
     transform = None
-    if Path(t1w_to_template).is_file() and Path(t1w_to_template).stat().st_size:
-        transform = template_transform(to_t1w, t1w_to_template, workdir / "to_template.mat")
+    if len(transforms) == 1:
+        transform = transforms[0]
+    elif Path(transforms[1]).is_file() and Path(transforms[1]).stat().st_size:
+        transform = template_transform(*transforms, workdir / "to_template.mat")
     return contrast_iqms(
         raw,
         corrected,
@@ -126,19 +134,106 @@ def _iqms(
     )
 
 
+def _inventory_status(inventory_record: Path) -> str:
+    try:
+        return str(records.read_record(inventory_record).get("status"))
+    except (OSError, ValueError):
+        return ""  # unreadable: run_stage says so as the contrast's reason
+
+
+def _usable_t1w(t1w_register: Path) -> str:
+    """Why the subject's T1w cannot carry its contrasts to the template ("" when it can:
+    its registration is ``ok`` and not failed)."""
+    try:
+        record = records.read_record(t1w_register)
+    except (OSError, ValueError) as error:
+        return f"its T1w registration record cannot be read ({type(error).__name__})"
+    if record.get("status") != records.OK:
+        return record.get("reason") or f"its T1w is {record.get('status')}"
+    if "registration_failed" in (record.get("findings") or []):
+        return "its T1w's registration failed"
+    return ""
+
+
+def _via_t1w(
+    corrected: np.ndarray,
+    affine: np.ndarray,
+    *,
+    contrast: str,
+    t1w_n4: Path,
+    t1w_transform: Path,
+    out_to_t1w: Path,
+    fixed: Any,
+    workdir: Path,
+    handoff: Handoff | None,
+) -> tuple[np.ndarray, tuple[Path, ...], dict[str, Any], list[str], list[str]]:
+    """Co-register to the T1w, then to the template through the T1w's transform.
+
+    Returns the template-space image, the transforms (to the T1w, the T1w's), the
+    ``coreg_*`` metrics, findings (``contrast_mismatch``) and their warnings."""
+    t1_image, t1_data = load_volume(t1w_n4, handoff=handoff)
+    coreg = coregister(corrected, affine, t1_data, t1_image.affine, workdir=workdir)
+    out_to_t1w.parent.mkdir(parents=True, exist_ok=True)
+    out_to_t1w.write_bytes(coreg.transform.read_bytes())
+    registered = to_template(
+        corrected,
+        affine,
+        to_t1w=out_to_t1w,
+        t1w_to_template=t1w_transform,
+        template=ants_image(fixed.get_fdata(dtype=np.float32), fixed.affine),
+    )
+    metrics = {
+        "coreg_alignment": round(coreg.alignment, 4) if np.isfinite(coreg.alignment) else None,
+        "coreg_alignment_gain": round(coreg.gain, 4) if np.isfinite(coreg.gain) else None,
+        "coreg_overlap": round(coreg.overlap, 4),
+    }
+    findings, warnings = [], []
+    if not np.isfinite(coreg.gain) or coreg.gain < MIN_ALIGNMENT_GAIN:
+        findings.append("contrast_mismatch")
+        warnings.append(
+            f"contrast_mismatch: the {contrast} does not match the subject's T1w after "
+            f"co-registration (edge alignment above chance {coreg.gain:.2f} < "
+            f"{MIN_ALIGNMENT_GAIN}): another person's or another session's series?"
+        )
+    return registered, (out_to_t1w, t1w_transform), metrics, findings, warnings
+
+
+def _direct(
+    corrected: np.ndarray,
+    affine: np.ndarray,
+    *,
+    contrast: str,
+    why: str,
+    out_to_template: Path,
+    resolution: int,
+    workdir: Path,
+) -> tuple[np.ndarray, tuple[Path, ...], dict[str, Any], list[str], list[str]]:
+    """Register to the template on its own, judged as ``contrast`` (no usable T1w:
+    ``why``). Returns what :func:`_via_t1w` does: the image, its transform, the
+    ``reg_*`` metrics, findings and warnings."""
+    direct = register_to_template(
+        corrected, affine, contrast=contrast, resolution=resolution, workdir=workdir
+    )
+    out_to_template.parent.mkdir(parents=True, exist_ok=True)
+    out_to_template.write_bytes(direct.transform.read_bytes())
+    warnings = [f"registered to the template directly: no usable T1w ({why})", *direct.warnings]
+    return direct.registered, (out_to_template,), dict(direct.metrics), direct.findings, warnings
+
+
 def contrast_subject(
     subject_dir: Path,
     *,
     contrast: str,
     inventory_record: Path,
+    t1w_register: Path,
     t1w_n4: Path,
     t1w_transform: Path,
     out_image: Path,
     out_sidecar: Path,
     out_to_t1w: Path,
+    out_to_template: Path,
     out_preproc: Path,
     record_path: Path,
-    upstream: Sequence[Path],
     out_pictures: tuple[Path, Path] | None = None,
     resolution: int = 2,
     threads: int = 1,
@@ -147,20 +242,23 @@ def contrast_subject(
     """Audit the subject's ``contrast`` (``T2w`` or ``FLAIR``) series the inventory chose.
 
     Converts it (``out_image``, ``out_sidecar``: ``dicom.convert_selected``),
-    corrects its bias field (N4 in its head mask, kept in memory), registers it
+    corrects its bias field (N4 in its head mask, kept in memory) and brings it onto
+    the template grid of ``resolution`` mm (``out_preproc``, float32): when the T1w's
+    registration record ``t1w_register`` is ``ok`` and not failed, registered
     rigidly to the subject's bias-corrected T1w ``t1w_n4`` (``out_to_t1w``) and
-    resamples it onto the template grid of ``resolution`` mm through the T1w's
-    ``t1w_transform`` (``out_preproc``, float32); ``out_pictures``: the report's
-    pictures of the converted image and of the template-space one
-    (``mriaudit.thumbnails``). Metrics: the ``conv_*`` of the
-    conversion, ``n4_p05``/``n4_p95``, ``coreg_alignment`` (0-1, see
-    ``coregister``) and its gain above chance ``coreg_alignment_gain``,
-    ``coreg_overlap`` (0-1), ``core_skew`` (``series.core_skew``), the ``iqm_*``
-    of ``contrasts.iqms`` (their tissue details in the record's ``details``),
-    ``reg_mutual_information`` (nats) and, for T2w, ``reg_similarity``. Findings: see the module. ``no_series``
-    when the subject has no such series; skipped when an ``upstream`` record (the
-    T1w's registration, first) is not ``ok``; no template-space checks when the
-    T1w's registration failed. Returns the record.
+    resampled through the T1w's ``t1w_transform``; otherwise registered to the
+    template directly (``out_to_template``; ``registration.register_to_template``).
+    ``out_pictures``: the report's pictures of the converted image and of the
+    template-space one (``mriaudit.thumbnails``). Metrics: the ``conv_*`` of the
+    conversion, ``n4_p05``/``n4_p95``, ``core_skew`` (``series.core_skew``), the
+    ``iqm_*`` of ``contrasts.iqms`` (their tissue details in the record's
+    ``details``), ``reg_mutual_information`` (nats) and, for T2w, ``reg_similarity``;
+    through the T1w ``coreg_alignment`` (0-1, see ``coregister``), its gain above
+    chance ``coreg_alignment_gain`` and ``coreg_overlap`` (0-1); directly
+    ``reg_scale``. The record's ``registration`` is ``via_t1w`` or ``direct`` (then
+    ``registration_why``). Findings: see the module; directly, also
+    ``header_orientation``. ``no_series`` when the subject has no such series
+    (the T1w may have none); skipped when the inventory failed. Returns the record.
     """
 
     def work() -> dict[str, Any]:
@@ -188,32 +286,48 @@ def contrast_subject(
             raise records.StageError(message)
         spacing = voxel_sizes(image.affine)
         mask = head_mask(data, spacing_mm=spacing)
-        t1_image, t1_data = load_volume(t1w_n4, handoff=handoff)
         fixed = template.load_template(resolution=resolution)
+        without_t1w = _usable_t1w(t1w_register)
+        findings: list[str] = []
+        warnings = [*converted["warnings"]]
         with ants_environment(threads=threads) as workdir:
             field = n4_bias_field(data, mask, spacing_mm=spacing)
             corrected = data / field
-            coreg = coregister(corrected, image.affine, t1_data, t1_image.affine, workdir=workdir)
-            out_to_t1w.parent.mkdir(parents=True, exist_ok=True)
-            out_to_t1w.write_bytes(coreg.transform.read_bytes())
             stats = bias_field_stats(field, mask)
+            if without_t1w:
+                registered, transforms, route, found, said = _direct(
+                    corrected,
+                    image.affine,
+                    contrast=contrast,
+                    why=without_t1w,
+                    out_to_template=out_to_template,
+                    resolution=resolution,
+                    workdir=workdir,
+                )
+            else:
+                registered, transforms, route, found, said = _via_t1w(
+                    corrected,
+                    image.affine,
+                    contrast=contrast,
+                    t1w_n4=t1w_n4,
+                    t1w_transform=t1w_transform,
+                    out_to_t1w=out_to_t1w,
+                    fixed=fixed,
+                    workdir=workdir,
+                    handoff=handoff,
+                )
+            findings += found
+            warnings += said
             iqms, iqm_warnings, iqm_details = _iqms(
                 data,
                 corrected,
                 mask,
                 image.affine,
                 contrast=contrast,
-                transforms=(out_to_t1w, t1w_transform),
+                transforms=transforms,
                 inu=stats,
                 workdir=workdir,
                 resolution=resolution,
-            )
-            registered = to_template(
-                corrected,
-                image.affine,
-                to_t1w=out_to_t1w,
-                t1w_to_template=t1w_transform,
-                template=ants_image(fixed.get_fdata(dtype=np.float32), fixed.affine),
             )
         save_on_template(registered, fixed.affine, out_preproc, dtype=np.float32)
         pictures = (
@@ -230,12 +344,9 @@ def contrast_subject(
             **converted["metrics"],
             **{k: v for k, v in stats.items() if k.startswith("n4_")},
             **iqms,
-            "coreg_alignment": round(coreg.alignment, 4) if np.isfinite(coreg.alignment) else None,
-            "coreg_alignment_gain": round(coreg.gain, 4) if np.isfinite(coreg.gain) else None,
-            "coreg_overlap": round(coreg.overlap, 4),
+            **route,
         }
-        findings: list[str] = []
-        warnings = [*converted["warnings"], *iqm_warnings, *pictures]
+        warnings += [*iqm_warnings, *pictures]
         skew = series.core_skew(data, tuple(float(z) for z in spacing))
         metrics["core_skew"] = round(skew, 4) if np.isfinite(skew) else None
         if contrast == "T2w" and series.contrast_look(skew) == "T1w":
@@ -244,18 +355,10 @@ def contrast_subject(
                 f"contrast_unexpected: labelled T2w but its intensities look T1-weighted "
                 f"(CSF darker than white matter; core skew {skew:.2f} < {series.T1_LIKE_SKEW})"
             )
-        if not np.isfinite(coreg.gain) or coreg.gain < MIN_ALIGNMENT_GAIN:
-            findings.append("contrast_mismatch")
-            warnings.append(
-                f"contrast_mismatch: the {contrast} does not match the subject's T1w after "
-                f"co-registration (edge alignment above chance {coreg.gain:.2f} < "
-                f"{MIN_ALIGNMENT_GAIN}): another person's or another session's series?"
-            )
-        t1w_register = records.read_record(upstream[0]) if upstream else {}
-        if "registration_failed" in (t1w_register.get("findings") or []):
-            # The contrast reached template space through a failed T1w registration:
-            # what it shows there says nothing of the contrast itself.
-            warnings.append("template-space checks skipped: the T1w's registration failed")
+        if "registration_failed" in findings:
+            # What a failed registration put on the template grid says nothing of the
+            # contrast; the direct registration's own checks said why it failed.
+            warnings.append("template-space checks skipped: the registration failed")
         else:
             template_metrics, template_findings, template_warnings = _template_checks(
                 registered,
@@ -278,13 +381,25 @@ def contrast_subject(
             contrast=contrast,
             selected=chosen["selected"].get("why") or chosen["selected"].get("description", ""),
             source=converted.get("source", ""),
+            registration="direct" if without_t1w else "via_t1w",
+            **({"registration_why": without_t1w} if without_t1w else {}),
         )
 
-    record = records.run_stage(
+    return records.run_stage(
         CONTRAST_STAGE,
         work,
+        # A T1w of no series still lets the inventory choose the contrast; a failed
+        # inventory skips it, with the inventory's reason.
+        upstream=[]
+        if _inventory_status(inventory_record) in (records.OK, records.NO_SERIES)
+        else [inventory_record],
         record_path=record_path,
-        image_outputs=[out_image, out_sidecar, out_to_t1w, out_preproc, *(out_pictures or ())],
-        upstream=upstream,
+        image_outputs=[
+            out_image,
+            out_sidecar,
+            out_to_t1w,
+            out_to_template,
+            out_preproc,
+            *(out_pictures or ()),
+        ],
     )
-    return record

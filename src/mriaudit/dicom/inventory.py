@@ -333,7 +333,8 @@ def _inventory(
             metrics=_base_metrics(scan, len(rows)),
             warnings=warnings_,
         )
-    if record["status"] == OK and contrasts:
+    # A subject without a T1w still has its other contrasts audited (on their own).
+    if record["status"] in (OK, NO_SERIES) and contrasts:
         record["contrasts"] = {}
         for contrast in contrasts:
             try:
@@ -401,7 +402,7 @@ def inventory_subject(
     ``only`` restricts the inventory to those files (a BIDS run's own; relative to
     ``subject_dir``); ``name`` is the unit's name in the ``series.choose`` config
     (default: the folder's or archive's name). ``contrasts`` (``T2w``, ``FLAIR``) are
-    selected too when the T1 is: the record's ``contrasts`` maps each to
+    selected too, with or without a T1: the record's ``contrasts`` maps each to
     ``{"selected": ...}`` or ``{"reason": ...}`` (``mriaudit.contrasts.select``; with
     ``"failed": true`` where the selection itself broke, which costs the T1 nothing).
     """

@@ -37,7 +37,8 @@ SSIM_C1, SSIM_C2 = 0.01**2, 0.03**2
 #: Gaussian window of the local SSIM, in sigmas (the focal summaries use scipy's 4.0).
 SSIM_TRUNCATE = 2.5
 #: Smallest spread of a subject's own smoothed map for the focal contrast (map units,
-#: robust SD): normal maps spread 0.06-0.6, so only an almost empty map reaches it.
+#: robust SD), under any model's own floor (:func:`contrast_floors`) and for checkpoints
+#: without one: T1w maps spread 0.06-0.6, so only an almost empty map reaches it.
 CONTRAST_FLOOR = 0.05
 
 
@@ -175,37 +176,80 @@ def _median(values: torch.Tensor) -> torch.Tensor:
     return (low + values.kthvalue(m // 2 + 1, dim=-1).values) / 2
 
 
+def _smoothed(maps: torch.Tensor, inside: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Values (N, M) inside the mask of maps (N, X, Y, Z) smoothed with ``sigma`` voxels."""
+    smoothed = filters.gaussian_filter(maps, sigma=sigma) if sigma > 0 else maps
+    return smoothed[:, inside]
+
+
+def _centre_spread(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Median and robust SD (1.4826 * MAD) of values (N, M) along M, float64."""
+    centre = _median(values)
+    spread = MAD_TO_SD * _median((values - centre[:, None]).abs()).double()
+    return centre.double(), spread
+
+
+def _flat_maps(anomaly: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if not bool(mask.any()):
+        message = "the scoring mask is empty"
+        raise ValueError(message)
+    maps = anomaly.reshape(-1, *anomaly.shape[-3:])
+    return maps, mask.to(device=maps.device, dtype=torch.bool)
+
+
 def summaries(
     anomaly: torch.Tensor,
     mask: torch.Tensor,
     *,
     sigmas: Sequence[float],
     relative: bool = False,
+    floors: Sequence[float] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Focal and diffuse summaries of maps (..., X, Y, Z) inside ``mask`` (bool, X, Y, Z).
 
     Returns ``focal`` (..., len(sigmas)) and ``diffuse`` (...), float64, on the
-    maps' device; see :func:`focal_and_diffuse`.
+    maps' device; see :func:`focal_and_diffuse`. ``floors``: the smallest spread of
+    the focal contrast per scale (map units; :data:`CONTRAST_FLOOR` when None).
     """
-    if not bool(mask.any()):
-        message = "the scoring mask is empty"
-        raise ValueError(message)
     lead = anomaly.shape[:-3]
-    maps = anomaly.reshape(-1, *anomaly.shape[-3:])
-    inside = mask.to(device=maps.device, dtype=torch.bool)
+    maps, inside = _flat_maps(anomaly, mask)
+    floors = [CONTRAST_FLOOR] * len(sigmas) if floors is None else floors
     focal = []
-    for sigma in sigmas:
-        smoothed = filters.gaussian_filter(maps, sigma=sigma) if sigma > 0 else maps
-        values = smoothed[:, inside]
+    for sigma, floor in zip(sigmas, floors, strict=True):
+        values = _smoothed(maps, inside, sigma)
         peak = values.amax(dim=1).double()
         if relative:
-            centre = _median(values)
-            spread = MAD_TO_SD * _median((values - centre[:, None]).abs()).double()
-            peak = (peak - centre.double()) / spread.clamp_min(CONTRAST_FLOOR)
+            centre, spread = _centre_spread(values)
+            peak = (peak - centre) / spread.clamp_min(float(floor))
         focal.append(peak)
     inside_values = maps[:, inside]
     diffuse = inside_values.sum(dim=1, dtype=torch.float64) / inside_values.shape[1]
     return torch.stack(focal, dim=1).reshape(*lead, len(sigmas)), diffuse.reshape(lead)
+
+
+def map_spreads(
+    anomaly: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor, *, sigmas: Sequence[float]
+) -> list[float]:
+    """Robust SD (1.4826 * MAD, map units) of one map (X, Y, Z) inside ``mask`` smoothed
+    at each focal scale: the denominator of the focal contrast before its floor."""
+    maps, inside = _flat_maps(_tensor(anomaly).float(), _tensor(mask))
+    return [float(_centre_spread(_smoothed(maps, inside, s))[1][0]) for s in sigmas]
+
+
+def contrast_floors(spreads: Sequence[Sequence[float]], *, fraction: float) -> list[float]:
+    """A model's floor of the focal contrast's spread per scale: ``fraction`` of the median
+    spread (:func:`map_spreads`) of its reference maps (rows: subjects; columns: scales),
+    and at least :data:`CONTRAST_FLOOR`.
+
+    A map almost empty everywhere (a subject the model reconstructs unusually well)
+    would otherwise divide an ordinary peak by a near-zero spread; which maps come out
+    near empty depends on the contrast (T1w maps spread 0.06-0.6, FLAIR's down to 0.03).
+    """
+    table = np.asarray(spreads, dtype=float)
+    if table.ndim != 2 or table.shape[0] == 0:
+        message = f"contrast floors need spreads of shape (subjects, scales), got {table.shape}"
+        raise ValueError(message)
+    return [max(CONTRAST_FLOOR, fraction * float(m)) for m in np.median(table, axis=0)]
 
 
 def focal_and_diffuse(
@@ -214,6 +258,7 @@ def focal_and_diffuse(
     *,
     sigmas: Sequence[float],
     relative: bool = False,
+    floors: Sequence[float] | None = None,
 ) -> tuple[list[float], float]:
     """Summaries of one map (X, Y, Z) inside ``mask`` (higher = more anomalous).
 
@@ -221,23 +266,31 @@ def focal_and_diffuse(
     many voxels (0: unsmoothed; truncated at 4 sigmas, borders reflected), the
     upper tail that a lesion raises; the scale that matches the lesion's size
     gives its strongest evidence. ``relative``: the peak's contrast instead,
-    ``(peak - median) / max(1.4826 * MAD, CONTRAST_FLOOR)`` of the smoothed map
-    inside ``mask`` (unitless), which a map raised everywhere (an unusual head)
-    does not raise. ``diffuse``: the mean of the map, which noise, ghosting or a
-    wrong contrast raise everywhere while their peaks stay ordinary.
+    ``(peak - median) / max(1.4826 * MAD, floor)`` of the smoothed map inside
+    ``mask`` (unitless; ``floors`` per scale, :data:`CONTRAST_FLOOR` by default),
+    which a map raised everywhere (an unusual head) does not raise. ``diffuse``:
+    the mean of the map, which noise, ghosting or a wrong contrast raise everywhere
+    while their peaks stay ordinary.
     """
     focal, diffuse = summaries(
-        _tensor(anomaly).float(), _tensor(mask), sigmas=sigmas, relative=relative
+        _tensor(anomaly).float(), _tensor(mask), sigmas=sigmas, relative=relative, floors=floors
     )
     return [float(v) for v in focal.tolist()], float(diffuse)
 
 
 def subject_summaries(
-    anomaly: np.ndarray | torch.Tensor, mask: np.ndarray | torch.Tensor, *, scoring: dict[str, Any]
+    anomaly: np.ndarray | torch.Tensor,
+    mask: np.ndarray | torch.Tensor,
+    *,
+    scoring: dict[str, Any],
+    floors: Sequence[float] | None = None,
 ) -> tuple[list[float], float]:
-    """:func:`focal_and_diffuse` as a checkpoint's ``scoring`` asks for it."""
+    """:func:`focal_and_diffuse` as a checkpoint's ``scoring`` asks for it, with its
+    calibration's ``floors``."""
     relative = scoring.get("focal_summary", "peak") == "contrast"
-    return focal_and_diffuse(anomaly, mask, sigmas=focal_sigmas(scoring), relative=relative)
+    return focal_and_diffuse(
+        anomaly, mask, sigmas=focal_sigmas(scoring), relative=relative, floors=floors
+    )
 
 
 def robust_scale(values: Sequence[float]) -> list[float]:

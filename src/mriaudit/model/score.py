@@ -77,6 +77,10 @@ DEFAULT_SCORING: dict[str, Any] = {
     # lesion one place: on real heads the peaks of normal people overlapped a 9 mm
     # lesion's, their contrasts did not.
     "focal_summary": "contrast",
+    # The contrast's smallest spread per scale, as a fraction of the median spread of
+    # the model's reference maps: some FLAIR maps came out almost empty (spread 0.03),
+    # and an ordinary peak over that spread ranked a normal FLAIR above a 5.6 mm lesion.
+    "contrast_floor_fraction": 0.5,
     # Regions: connected voxels above this percentile of the map inside the mask.
     "region_percentile": 99.5,
     # Floor of the calibration spread, as a fraction of its median in the mask.

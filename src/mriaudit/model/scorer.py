@@ -239,7 +239,13 @@ class Scorer:
                 raw = raw_terms(self.models[fold], chosen, scoring=scoring, slices=slices)
                 calibration = self.calibration[fold]
                 anomaly = maps.calibrated_map(raw, calibration, mask, scoring=scoring)
-                focal, diffuse = maps.summaries(anomaly, mask, sigmas=sigmas, relative=relative)
+                focal, diffuse = maps.summaries(
+                    anomaly,
+                    mask,
+                    sigmas=sigmas,
+                    relative=relative,
+                    floors=calibration.get("contrast_floor"),
+                )
                 if every:
                     total += anomaly
                 else:

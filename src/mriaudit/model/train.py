@@ -48,7 +48,9 @@ from mriaudit.model.device import resolve_device, resolve_precision, seed_everyt
 from mriaudit.model.maps import (
     calibrated_map,
     calibration_stats,
+    contrast_floors,
     focal_sigmas,
+    map_spreads,
     robust_scale,
     scoring_mask,
     subject_summaries,
@@ -127,18 +129,33 @@ def _calibrate(
         )
     # Subject summaries of the calibration subjects, each from its own fold's model
     # and calibration, exactly as score_subject will compute them.
+    sigmas = focal_sigmas(options.scoring)
+    anomalies = {
+        subject: calibrated_map(
+            raw[subject].astype(np.float32), calibration[f], mask, scoring=options.scoring
+        )
+        for f, members in chosen.items()
+        for subject in members
+    }
+    fraction = options.scoring.get("contrast_floor_fraction")
+    if options.scoring.get("focal_summary") == "contrast" and fraction is not None:
+        spreads = {s: map_spreads(a, mask, sigmas=sigmas) for s, a in anomalies.items()}
+        for k in range(folds):
+            others = [spreads[s] for f, members in chosen.items() if f != k for s in members]
+            calibration[k]["contrast_floor"] = contrast_floors(others, fraction=float(fraction))
     summaries: dict[str, tuple[float, float]] = {}
     for f, members in chosen.items():
         for subject in members:
-            anomaly = calibrated_map(
-                raw[subject].astype(np.float32), calibration[f], mask, scoring=options.scoring
+            summaries[subject] = subject_summaries(
+                anomalies[subject],
+                mask,
+                scoring=options.scoring,
+                floors=calibration[f].get("contrast_floor"),
             )
-            summaries[subject] = subject_summaries(anomaly, mask, scoring=options.scoring)
     for k in range(folds):
         others = [summaries[s] for f, members in chosen.items() if f != k for s in members]
         calibration[k]["focal"] = [
-            robust_scale([focals[i] for focals, _ in others])
-            for i in range(len(focal_sigmas(options.scoring)))
+            robust_scale([focals[i] for focals, _ in others]) for i in range(len(sigmas))
         ]
         calibration[k]["diffuse"] = robust_scale([diffuse for _, diffuse in others])
     return calibration

@@ -31,8 +31,14 @@ class ContrastCheck:
 
     sign: float
     erosion_mm: float
-    min_similarity: float
-    settled_similarity: float
+    min_similarity: float | None
+    settled_similarity: float | None
+
+    @property
+    def correlates(self) -> bool:
+        """Whether the contrast's correlation with the T1 template says anything
+        (False: only its mutual information and the affine's scale are judged)."""
+        return self.min_similarity is not None
 
 
 # Calibrated on the real scans of ../shared (affine, 2 mm grid).
@@ -49,6 +55,11 @@ class ContrastCheck:
 CONTRAST_CHECKS: dict[str, ContrastCheck] = {
     "T1w": ContrastCheck(sign=1.0, erosion_mm=0.0, min_similarity=0.3, settled_similarity=0.45),
     "T2w": ContrastCheck(sign=-1.0, erosion_mm=6.0, min_similarity=0.2, settled_similarity=0.3),
+    # FLAIR: CSF dark as in a T1, white matter darker than grey matter as in a T2; its
+    # correlation with the T1 template says neither (-0.37 to 0.18 on the real FLAIR of
+    # ../shared), so a FLAIR registered without its T1w is judged by mutual information
+    # and scale only, and no turned start can prove itself better than the header's.
+    "FLAIR": ContrastCheck(sign=1.0, erosion_mm=0.0, min_similarity=None, settled_similarity=None),
 }
 CONTRASTS: tuple[str, ...] = tuple(CONTRAST_CHECKS)
 # Volume scale (template to subject): 0.61-0.96 on the same scans, since the
@@ -123,6 +134,19 @@ def similarity_mask(brain: np.ndarray, affine: np.ndarray, *, contrast: str) -> 
     return ndi.distance_transform_edt(inside, sampling=voxel_sizes(affine)) > depth
 
 
+def _similarity_problems(similarity: float, check: ContrastCheck, contrast: str) -> list[str]:
+    if not np.isfinite(similarity):
+        return ["registered image is constant inside the template brain mask"]
+    if similarity < -check.min_similarity:
+        return [
+            f"registered image has the opposite contrast to {contrast} (similarity "
+            f"{similarity:.2f}): inverted or other contrast, or a failed registration"
+        ]
+    if similarity < check.min_similarity:
+        return [f"low similarity to the template ({similarity:.2f} < {check.min_similarity})"]
+    return []
+
+
 def registration_problems(
     *,
     similarity: float,
@@ -135,7 +159,8 @@ def registration_problems(
     ``similarity`` is ``reg_similarity`` (signed correlation with the template,
     see ``ContrastCheck``; higher is better), ``scale`` is ``reg_scale`` and
     ``information`` ``reg_mutual_information`` (nats, higher is better).
-    ``contrast`` is the contrast the image should have (``CONTRASTS``).
+    ``contrast`` is the contrast the image should have (``CONTRASTS``); the
+    similarity is not judged where it says nothing (``ContrastCheck.correlates``).
     """
     check = contrast_check(contrast)
     problems = []
@@ -143,17 +168,8 @@ def registration_problems(
         problems.append(
             f"no anatomy to register (mutual information with the template {information:.3f})"
         )
-    if not np.isfinite(similarity):
-        problems.append("registered image is constant inside the template brain mask")
-    elif similarity < -check.min_similarity:
-        problems.append(
-            f"registered image has the opposite contrast to {contrast} (similarity "
-            f"{similarity:.2f}): inverted or other contrast, or a failed registration"
-        )
-    elif similarity < check.min_similarity:
-        problems.append(
-            f"low similarity to the template ({similarity:.2f} < {check.min_similarity})"
-        )
+    if check.correlates:
+        problems += _similarity_problems(similarity, check, contrast)
     low, high = SCALE_RANGE
     if not np.isfinite(scale) or not low <= scale <= high:
         problems.append(f"implausible volume scale {scale:.2f} (expected {low} to {high})")

@@ -256,8 +256,12 @@ def _attempt(
         fixed, moving, [str(transform)], interpolator="linear"
     ).numpy()
     template_data = fixed.numpy()
-    sign = contrast_check(criteria.contrast).sign
-    similarity = sign * masked_correlation(registered, template_data, criteria.compared)
+    check = contrast_check(criteria.contrast)
+    similarity = (
+        check.sign * masked_correlation(registered, template_data, criteria.compared)
+        if check.correlates
+        else float("nan")
+    )
     brain = criteria.brain
     information = mutual_information(registered[brain], template_data[brain])
     scale = affine_scale(transform_matrix(transform))
@@ -329,8 +333,11 @@ def _register_moving(
         failed = [f"ANTs error: {error}"]
         return _attempt(fallback, "none", moving, fixed, criteria, failed), None
     attempt = _attempt(transform, start, moving, fixed, criteria)
-    settled = not attempt.problems and attempt.similarity >= check.settled_similarity
     hopeless = attempt.information < NO_ANATOMY_INFORMATION
+    if not check.correlates:
+        # Nothing would tell a turned start from the header's (FLAIR): keep the header's.
+        return attempt, None
+    settled = not attempt.problems and attempt.similarity >= check.settled_similarity
     if settled or hopeless or attempt.similarity < -check.min_similarity:
         return attempt, None
     try:
@@ -347,6 +354,76 @@ def _register_moving(
     if not turned.problems and turned.similarity > baseline + HEADER_ROTATION_MARGIN:
         return turned, name
     return attempt, None
+
+
+@dataclass(frozen=True)
+class Registration:
+    """An image registered to the template: what ``register_to_template`` returns.
+
+    ``transform``: the ANTs affine (template to image, ``.mat``, inside the caller's
+    work folder); ``registered``: the image anti-aliased to the grid and resampled
+    onto it (float32, the template grid's shape); ``metrics``: ``reg_similarity``,
+    ``reg_scale``, ``reg_mutual_information``; ``findings`` and their ``warnings``
+    (``registration_failed``, ``header_orientation``); ``start``: the start that won.
+    """
+
+    transform: Path
+    registered: np.ndarray
+    metrics: dict[str, Any]
+    findings: list[str]
+    warnings: list[str]
+    start: str
+
+
+def register_to_template(
+    data: np.ndarray,
+    affine: np.ndarray,
+    *,
+    contrast: str,
+    resolution: int,
+    workdir: Path,
+) -> Registration:
+    """Affine registration of an image (X, Y, Z; ``affine`` voxel to RAS mm) to MNI152,
+    judged as ``contrast`` (``CONTRAST_CHECKS``), in an ANTs ``workdir``
+    (``ants_environment``). See ``register_subject`` for the metrics and findings."""
+    fixed_nii = template.load_template(resolution=resolution)
+    template_data = fixed_nii.get_fdata(dtype=np.float32)
+    brain = template.load_brain_mask(resolution=resolution).get_fdata() > 0
+    compared = similarity_mask(brain, fixed_nii.affine, contrast=contrast)
+    criteria = _Criteria(brain=brain, compared=compared, contrast=contrast)
+    fixed = ants_image(template_data, fixed_nii.affine)
+    fixed_mask = ants_image(brain.astype(np.float32), fixed_nii.affine)
+    moving = _smooth_to(ants_image(data, affine), float(resolution))
+    if is_flat(data):
+        fallback = _centre_transform(moving, fixed, workdir / "centre.mat")
+        attempt = _attempt(
+            fallback, "none", moving, fixed, criteria, ["image is empty or constant"]
+        )
+        header_error = None
+    else:
+        attempt, header_error = _register_moving(
+            moving, fixed, fixed_mask, criteria, workdir=workdir, resolution=resolution
+        )
+    similarity = attempt.similarity
+    metrics = {
+        "reg_similarity": round(similarity, 4) if np.isfinite(similarity) else None,
+        "reg_scale": round(attempt.scale, 4),
+        "reg_mutual_information": round(attempt.information, 4),
+    }
+    findings: list[str] = []
+    warnings: list[str] = []
+    if header_error is not None:
+        findings.append("header_orientation")
+        warnings.append(
+            f"header_orientation: the anatomy is {header_error} from where the header "
+            "places it (patient position entered wrong?); registered from the turned start"
+        )
+    if attempt.problems:
+        findings.append("registration_failed")
+        warnings.append("registration_failed: " + "; ".join(attempt.problems))
+    return Registration(
+        attempt.transform, attempt.registered, metrics, findings, warnings, attempt.start
+    )
 
 
 def register_subject(
@@ -371,11 +448,11 @@ def register_subject(
 
     The similarity metric (mutual information) is contrast-independent; the
     check of the result depends on the ``contrast`` the image should have
-    (``CONTRAST_CHECKS``: ``T1w`` or ``T2w``).
+    (``CONTRAST_CHECKS``: ``T1w``, ``T2w`` or ``FLAIR``).
 
     Metrics: ``reg_similarity`` (Pearson correlation with the T1 template inside
     its brain mask, negated and without the brain's 6 mm rim for T2w; higher is
-    better; null for a constant result),
+    better; null for a constant result and for FLAIR, whose correlation says nothing),
     ``reg_scale`` (volume scale of the affine, template to subject; 0.6-1.0 for
     adults) and ``reg_mutual_information`` (nats, inside the brain mask; higher
     is better, contrast-independent). The record's ``registration_start`` names
@@ -394,57 +471,27 @@ def register_subject(
     def work() -> dict[str, Any]:
         image, data = load_volume(in_image, handoff=handoff)
         fixed_nii = template.load_template(resolution=resolution)
-        template_data = fixed_nii.get_fdata(dtype=np.float32)
         brain = template.load_brain_mask(resolution=resolution).get_fdata() > 0
-        compared = similarity_mask(brain, fixed_nii.affine, contrast=contrast)
-        criteria = _Criteria(brain=brain, compared=compared, contrast=contrast)
-        findings: list[str] = []
-        warnings: list[str] = []
         with ants_environment(threads=threads) as workdir:
-            fixed = ants_image(template_data, fixed_nii.affine)
-            fixed_mask = ants_image(brain.astype(np.float32), fixed_nii.affine)
-            moving = _smooth_to(ants_image(data, image.affine), float(resolution))
-            if is_flat(data):
-                fallback = _centre_transform(moving, fixed, workdir / "centre.mat")
-                attempt = _attempt(
-                    fallback, "none", moving, fixed, criteria, ["image is empty or constant"]
-                )
-                header_error = None
-            else:
-                attempt, header_error = _register_moving(
-                    moving, fixed, fixed_mask, criteria, workdir=workdir, resolution=resolution
-                )
+            result = register_to_template(
+                data, image.affine, contrast=contrast, resolution=resolution, workdir=workdir
+            )
             out_transform.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(attempt.transform, out_transform)
+            shutil.copyfile(result.transform, out_transform)
         background = handoff is not None
         save_on_template(
-            attempt.registered, fixed_nii.affine, out_image, dtype=np.float32, background=background
+            result.registered, fixed_nii.affine, out_image, dtype=np.float32, background=background
         )
         save_on_template(brain, fixed_nii.affine, out_mask, dtype=np.uint8, background=background)
-        similarity = attempt.similarity
-        metrics = {
-            "reg_similarity": round(similarity, 4) if np.isfinite(similarity) else None,
-            "reg_scale": round(attempt.scale, 4),
-            "reg_mutual_information": round(attempt.information, 4),
-        }
-        if header_error is not None:
-            findings.append("header_orientation")
-            warnings.append(
-                f"header_orientation: the anatomy is {header_error} from where the header "
-                "places it (patient position entered wrong?); registered from the turned start"
-            )
-        if attempt.problems:
-            findings.append("registration_failed")
-            warnings.append("registration_failed: " + "; ".join(attempt.problems))
-        for line in warnings:
+        for line in result.warnings:
             log.warning("%s", line)
-        log.info("register: %s", metrics)
+        log.info("register: %s", result.metrics)
         return records.make_record(
             REGISTER_STAGE,
-            findings=findings,
-            metrics=metrics,
-            warnings=warnings,
-            registration_start=attempt.start,
+            findings=result.findings,
+            metrics=result.metrics,
+            warnings=result.warnings,
+            registration_start=result.start,
             contrast=contrast,
         )
 

@@ -11,6 +11,7 @@ from typing import Any
 import pandas as pd
 
 from mriaudit import paths
+from mriaudit.aggregate.reasons import ON_ITS_OWN
 from mriaudit.aggregate.rows import contrast_column
 
 
@@ -33,17 +34,25 @@ def present(frame: pd.DataFrame) -> list[str]:
 
 
 def summary(frame: pd.DataFrame) -> list[dict[str, Any]]:
-    """Per contrast: subjects with a series, audited ok, without one, failed, and those
-    whose flag reasons name the contrast."""
+    """Per contrast: subjects with a series, audited ok (and of those, registered to the
+    template on their own: no usable T1w), without one, failed, and those whose flag
+    reasons name the contrast."""
     rows = []
+    notes = frame["notes"].fillna("").astype(str) if "notes" in frame else None
     for contrast in present(frame):
         status = frame[contrast_column(contrast, "status")].fillna("").astype(str)
         reasons = frame["flag_reasons"].fillna("").astype(str)
+        alone = (
+            0
+            if notes is None
+            else int(notes.str.contains(f"{contrast} {ON_ITS_OWN}", regex=False).sum())
+        )
         rows.append(
             {
                 "contrast": contrast,
                 "series": int((status.isin(["ok", "failed"])).sum()),
                 "ok": int((status == "ok").sum()),
+                "alone": alone,
                 "missing": int((status == "no_series").sum()),
                 "failed": int((status == "failed").sum()),
                 "flagged": int(reasons.str.contains(f"{contrast}: ", regex=False).sum()),
