@@ -234,13 +234,16 @@ def contrast_figures(
                 else round(float((normal_audit < value).mean()), 3),
             }
         )
-    healthy = [r["audit_score"] for r in figures["real"] if r["truth"] == 0 and r["audit_score"]]
-    lesioned = [r for r in figures["real"] if r["truth"] == 1 and r["audit_score"] is not None]
-    figures["real_lesions_above_real_healthy"] = (
-        None
-        if not healthy
-        else {"above": sum(r["audit_score"] > max(healthy) for r in lesioned), "of": len(lesioned)}
-    )
+    # Each score's ranking of the real lesions against the real healthy scan.
+    figures["real_lesions_above_real_healthy"] = {}
+    for name in ("audit_score", "anomaly_score"):
+        healthy = [r[name] for r in figures["real"] if r["truth"] == 0 and r[name] is not None]
+        lesioned = [r[name] for r in figures["real"] if r["truth"] == 1 and r[name] is not None]
+        figures["real_lesions_above_real_healthy"][name] = (
+            {"above": sum(v > max(healthy) for v in lesioned), "of": len(lesioned)}
+            if healthy
+            else None
+        )
     return figures
 
 
@@ -281,11 +284,13 @@ def table(result: dict[str, Any]) -> str:
                 f"{_cell(row['audit_score']):>8}{_cell(row['above_rendered_normals']):>7}"
                 f"  {'flagged' if row['flagged'] else '-'}  ({row['what']})"
             )
-        above = figures["real_lesions_above_real_healthy"]
-        if above is not None:
-            lines.append(
-                f"  real lesions above the real healthy scan: {above['above']} of {above['of']}"
-            )
+        for name, above in figures["real_lesions_above_real_healthy"].items():
+            if above is not None:
+                lines.append(
+                    f"  real lesions above the real healthy scan by {name}: "
+                    f"{above['above']} of {above['of']}"
+                )
+
         lines.append("")
     lines.append(f"PD beside a T1: T2w {result['pd']['t2w_status']} ({result['pd']['t2w_reason']})")
     return "\n".join(lines)

@@ -76,7 +76,10 @@ def test_contrast_figures_rank_real_lesions_among_rendered_normals():
     assert not real_rows["real-stroke-arc"]["flagged"]
     assert real_rows["real-stroke-clinical"]["above_rendered_normals"] == 1.0
     assert real_rows["real-stroke-arc"]["above_rendered_normals"] == 0.75
-    assert figures["real_lesions_above_real_healthy"] == {"above": 1, "of": 2}
+    assert figures["real_lesions_above_real_healthy"] == {
+        "audit_score": {"above": 1, "of": 2},
+        "anomaly_score": {"above": 1, "of": 2},
+    }
 
 
 def test_the_real_scans_are_copied_as_exported(shared_data, tmp_path):
