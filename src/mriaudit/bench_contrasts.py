@@ -39,7 +39,14 @@ import pandas as pd
 
 from mriaudit import demo, heads
 from mriaudit.aggregate import read_scores
-from mriaudit.bench_detection import cohort_parser, run_workflow, scores_for
+from mriaudit.bench_detection import (
+    cohort_options,
+    cohort_parser,
+    run_workflow,
+    scores_for,
+    shared_root,
+    write_result,
+)
 from mriaudit.demo.plan import CONTRAST_ANOMALIES, SubjectPlan
 
 log = logging.getLogger(__name__)
@@ -362,24 +369,11 @@ def main(argv: list[str] | None = None) -> int:
         renditions=2,
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    data_root = heads.unpack_shared(args.shared_data, args.work)
+    data_root = shared_root(args, what="contrast")
     if data_root is None:
-        print(f"contrast benchmark skipped: no real data at {args.shared_data}")
         return 0
-    result = run(
-        args.work,
-        data_root,
-        renditions=args.renditions,
-        per_kind=args.per_kind,
-        seed=args.seed,
-        voxel_size_mm=args.voxel_size,
-        cores=args.cores,
-    )
-    written = args.work / "contrasts.json"
-    written.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result))
-    print(f"written: {written}")
+    result = run(args.work, data_root, **cohort_options(args))
+    write_result(result, args.work / "contrasts.json", table(result))
     return 0
 
 

@@ -280,6 +280,34 @@ def cohort_parser(
     return parser
 
 
+def cohort_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The keyword options of a benchmark's ``run`` from :func:`cohort_parser`'s arguments."""
+    return {
+        "renditions": args.renditions,
+        "per_kind": args.per_kind,
+        "seed": args.seed,
+        "voxel_size_mm": args.voxel_size,
+        "cores": args.cores,
+    }
+
+
+def shared_root(args: argparse.Namespace, *, what: str) -> Path | None:
+    """Set up logging and unpack ../shared's data under the work folder; None (and a
+    line saying the ``what`` benchmark is skipped) when there is none."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    data_root = heads.unpack_shared(args.shared_data, args.work)
+    if data_root is None:
+        print(f"{what} benchmark skipped: no real data at {args.shared_data}")
+    return data_root
+
+
+def write_result(result: dict[str, Any], written: Path, text: str) -> None:
+    """Write a benchmark's figures as JSON and print them as ``text``."""
+    written.write_text(json.dumps(result, indent=2) + "\n")
+    print(text)
+    print(f"written: {written}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = cohort_parser(
         "python -m mriaudit.bench_detection",
@@ -295,26 +323,17 @@ def main(argv: list[str] | None = None) -> int:
         help="the normative model (config model.method)",
     )
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    data_root = heads.unpack_shared(args.shared_data, args.work)
+    data_root = shared_root(args, what="detection")
     if data_root is None:
-        print(f"detection benchmark skipped: no real heads at {args.shared_data}")
         return 0
     result = run(
         args.work,
         data_root,
-        renditions=args.renditions,
-        per_kind=args.per_kind,
-        seed=args.seed,
-        voxel_size_mm=args.voxel_size,
-        cores=args.cores,
+        **cohort_options(args),
         readings=tuple(args.reading or READINGS),
         method=args.method,
     )
-    written = args.work / f"detection-{args.method}.json"
-    written.write_text(json.dumps(result, indent=2) + "\n")
-    print(table(result))
-    print(f"written: {written}")
+    write_result(result, args.work / f"detection-{args.method}.json", table(result))
     return 0
 
 
